@@ -1,0 +1,128 @@
+"""The few workarounds megatron-core 0.16.1 needs to run on a machine without CUDA.
+
+Everything here is applied once, by ``apply()``, which ``import megatron_lsh`` calls. Each patch
+says which megatron-core code it answers. With CUDA present only the first one (a library bug
+that also hits GPUs without Transformer Engine) is applied; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_APPLIED = False
+
+
+def apply() -> None:
+    """Apply the workarounds; safe to call any number of times."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    _APPLIED = True
+    _define_missing_te_general_gemm()
+    if torch.cuda.is_available():
+        return
+    _cpu_device_queries()
+    _cpu_alltoall_dispatcher_sync()
+    _cpu_causal_mask()
+    _cpu_rng_tracker()
+    logger.debug("megatron-core CPU workarounds applied")
+
+
+def _define_missing_te_general_gemm() -> None:
+    # moe_utils.RouterGatingLinearFunction tests `te_general_gemm is not None`, but the name is
+    # only imported when Transformer Engine is: without TE it raises NameError, GPU or not.
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _cpu_device_queries() -> None:
+    # RoPE, TopKRouter.gating, tensor_parallel.mappings (all-to-all / all-gather output buffers),
+    # GlobalMemoryBuffer and the linear layers allocate on `torch.cuda.current_device()`;
+    # dist_checkpointing and parallel_state call `torch.cuda.synchronize()`.
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda device=None: None
+
+
+def _cpu_alltoall_dispatcher_sync() -> None:
+    # MoEAlltoAllTokenDispatcher.__init__ creates `torch.cuda.Stream()` unless the class attribute
+    # is set, and `_maybe_dtoh_and_synchronize` moves split sizes to the host on that stream. On
+    # CPU the split sizes only need to become numpy arrays (all_to_all_single rejects tensors).
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = "no-cuda-stream-on-cpu"
+
+    def host_split_sizes(self, point, tokens_per_expert=None):
+        if not self.drop_and_pad and point == self.cuda_dtoh_point:
+            for name in ("input_splits", "output_splits", "output_splits_tp"):
+                value = getattr(self, name)
+                if torch.is_tensor(value):
+                    setattr(self, name, value.numpy())
+        return tokens_per_expert
+
+    MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = host_split_sizes
+
+
+def _cpu_causal_mask() -> None:
+    # transformer.utils.get_default_causal_mask hard-codes device="cuda"; fused_softmax imports it
+    # by name, so both references are replaced.
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as transformer_utils
+
+    def get_default_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+    transformer_utils.get_default_causal_mask = get_default_causal_mask
+    fused_softmax.get_default_causal_mask = get_default_causal_mask
+
+
+def _cpu_rng_tracker() -> None:
+    # tensor_parallel.random: model_parallel_cuda_manual_seed and CudaRNGStatesTracker.fork (used by
+    # attention dropout and expert init) read and write CUDA generator states.
+    from megatron.core.tensor_parallel import random as tp_random
+
+    class CPURNGStatesTracker(tp_random.CudaRNGStatesTracker):
+        """Named RNG streams over torch's default CPU generator.
+
+        `fork(name)` swaps the named state in and back out, so expert weights initialised under
+        the expert-parallel fork differ across expert-parallel ranks, as on GPUs.
+        """
+
+        def __init__(self, *args, **kwargs):
+            super().__init__()
+
+        def add(self, name, seed):
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self._is_initialized = True
+            self.seeds_.add(seed)
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=tp_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer_state = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer_state)
+
+    original_initialize = tp_random.initialize_rng_tracker
+
+    def initialize_rng_tracker(*args, **kwargs):
+        original_initialize(*args, **kwargs)
+        if not isinstance(tp_random._CUDA_RNG_STATE_TRACKER, CPURNGStatesTracker):
+            tp_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
+
+    tp_random.initialize_rng_tracker = initialize_rng_tracker

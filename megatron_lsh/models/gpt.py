@@ -1,0 +1,41 @@
+"""GPT-MoE: megatron-core's GPTModel whose MoE layers use the LSH dispatcher."""
+
+from __future__ import annotations
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_lsh.moe.layer import with_lsh_moe
+
+
+def gpt_moe_block_spec(config: TransformerConfig, use_transformer_engine: bool = False):
+    """megatron-core's GPT decoder block spec (MoE every ``config.moe_layer_freq`` layers),
+    with LSHMoELayer in place of MoELayer."""
+    return with_lsh_moe(
+        get_gpt_decoder_block_spec(
+            config,
+            use_transformer_engine=use_transformer_engine,
+            normalization=config.normalization,
+        )
+    )
+
+
+def build_gpt_moe_model(
+    config: TransformerConfig,
+    vocab_size: int,
+    max_sequence_length: int,
+    position_embedding_type: str = "rope",
+    share_embeddings_and_output_weights: bool = True,
+    use_transformer_engine: bool = False,
+) -> GPTModel:
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=gpt_moe_block_spec(config, use_transformer_engine),
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length,
+        pre_process=True,
+        post_process=True,
+        share_embeddings_and_output_weights=share_embeddings_and_output_weights,
+        position_embedding_type=position_embedding_type,
+    )

@@ -1,0 +1,33 @@
+"""LSH-compressed expert-parallel dispatch for megatron-core MoE layers."""
+
+from megatron_lsh.moe.config import LSH_DISPATCHER_TYPES, LSHConfigError, LSHTransformerConfig
+from megatron_lsh.moe.dispatcher import LSHAlltoAllTokenDispatcher
+from megatron_lsh.moe.layer import (
+    LSHMoELayer,
+    get_gpt_lsh_layer_local_spec,
+    get_lsh_moe_module_spec,
+    lsh_moe_layers,
+    set_lsh_iteration,
+    with_lsh_moe,
+)
+from megatron_lsh.moe.stats import (
+    CompressionStats,
+    CompressionStatsTracker,
+    get_compression_tracker,
+)
+
+__all__ = [
+    "LSH_DISPATCHER_TYPES",
+    "CompressionStats",
+    "CompressionStatsTracker",
+    "LSHAlltoAllTokenDispatcher",
+    "LSHConfigError",
+    "LSHMoELayer",
+    "LSHTransformerConfig",
+    "get_compression_tracker",
+    "get_gpt_lsh_layer_local_spec",
+    "get_lsh_moe_module_spec",
+    "lsh_moe_layers",
+    "set_lsh_iteration",
+    "with_lsh_moe",
+]

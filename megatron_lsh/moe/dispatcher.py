@@ -1,0 +1,227 @@
+"""LSHAlltoAllTokenDispatcher: megatron-core's all-to-all dispatcher, sending centroids.
+
+Per MoE layer and rank, after routing and the first permutation (rows grouped by destination
+expert), rows bound for the same expert are hashed and averaged per bucket. The dispatch
+all-to-all carries one centroid per cluster, experts run on centroids, and the combine
+all-to-all returns one output per centroid. Each token then gets its cluster's output, plus its
+own residual x - c when error compensation is on, times its own routing probability.
+
+Routing probabilities never cross the wire: megatron-core applies them inside the experts per
+row, which is wrong for a centroid standing for tokens with different probabilities, so the
+experts get ones and each token's probability is applied here, on its source rank.
+
+Everything between the two all-to-alls (sorting by local expert, expert tensor parallelism,
+the expert computation) is megatron-core's, unchanged: it sees fewer rows.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from megatron.core import utils
+from megatron.core.tensor_parallel import all_to_all
+from megatron.core.transformer.moe.moe_utils import ProcessGroupCollection, permute
+from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_lsh.lsh import GroupedClusters, build_hash_family, cluster_tokens, expand_to_tokens
+from megatron_lsh.lsh.hashing import LSHFamily, derive_seed
+from megatron_lsh.moe.config import LSHConfigError
+from megatron_lsh.moe.stats import CompressionStats, get_compression_tracker
+
+_LSH_SETTINGS = (
+    "lsh_hash_type",
+    "lsh_num_hashes",
+    "lsh_num_buckets",
+    "lsh_error_compensation",
+    "lsh_seed",
+    "lsh_redraw_interval",
+)
+
+
+class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
+    """All-to-all token dispatcher whose both all-to-alls carry LSH centroids.
+
+    Same constructor as MoEAlltoAllTokenDispatcher; the LSH settings come from the config
+    (an LSHTransformerConfig). Statistics of every dispatch go to ``last_stats`` and to the
+    process-wide tracker (``megatron_lsh.moe.get_compression_tracker()``).
+    """
+
+    def __init__(
+        self,
+        num_local_experts: int,
+        local_expert_indices: List[int],
+        config: TransformerConfig,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+    ) -> None:
+        missing = [name for name in _LSH_SETTINGS if not hasattr(config, name)]
+        if missing:
+            raise LSHConfigError(
+                f"LSHAlltoAllTokenDispatcher needs an LSHTransformerConfig; the config lacks "
+                f"{', '.join(missing)}"
+            )
+        super().__init__(num_local_experts, local_expert_indices, config, pg_collection)
+        self.ep_rank = utils.get_pg_rank(self.ep_group)
+        self.layer_number: Optional[int] = None
+        self.layer_name = "moe"
+        self.iteration = 0
+        self.last_stats: Optional[CompressionStats] = None
+        self._hash_family: Optional[LSHFamily] = None
+        self._hash_family_key = None
+        # State of one forward pass, between dispatch_preprocess and combine_postprocess.
+        self._clusters: Optional[GroupedClusters] = None
+        self._token_rows: Optional[torch.Tensor] = None
+        self._token_row_probs: Optional[torch.Tensor] = None
+        self._token_rows_per_expert: Optional[torch.Tensor] = None
+
+    def set_layer_number(self, layer_number: int, layer_name: Optional[str] = None) -> None:
+        """Each layer hashes with its own projections and records stats under its own name."""
+        self.layer_number = layer_number
+        self.layer_name = layer_name or f"layer_{layer_number}"
+
+    def set_iteration(self, iteration: int) -> None:
+        """The training iteration, which picks the projections when they are redrawn."""
+        self.iteration = iteration
+
+    def hash_family(self, dim: int) -> LSHFamily:
+        """The projections in force: a function of seed, layer and draw only, equal on all ranks."""
+        interval = self.config.lsh_redraw_interval
+        draw = self.iteration // interval if interval else 0
+        key = (dim, self.layer_number, draw)
+        if self._hash_family_key != key:
+            self._hash_family = build_hash_family(
+                self.config.lsh_hash_type,
+                dim,
+                self.config.lsh_num_hashes,
+                self.config.lsh_num_buckets,
+                seed=derive_seed(self.config.lsh_seed, self.layer_number, draw),
+            )
+            self._hash_family_key = key
+        return self._hash_family
+
+    def dispatch_preprocess(
+        self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor
+    ):
+        """Permute tokens by expert, cluster them, and compute splits from centroid counts.
+
+        Returns the centroids (grouped by destination expert) and a probs tensor of ones:
+        probabilities are applied per token in ``combine_postprocess``.
+        """
+        assert probs.dim() == 2, "Expected 2D tensor for probs"
+        assert routing_map.dim() == 2, "Expected 2D tensor for token2expert mask"
+        assert routing_map.dtype == torch.bool, "Expected bool tensor for mask"
+        self.hidden_shape = hidden_states.shape
+        self.probs = probs
+        self.routing_map = routing_map
+        hidden_states = hidden_states.view(-1, self.hidden_shape[-1])
+        self.hidden_shape_before_permute = hidden_states.shape
+        if self.shared_experts is not None:
+            self.shared_experts.pre_forward_comm(hidden_states.view(self.hidden_shape))
+
+        rows_per_expert = routing_map.sum(dim=0)
+        if self.config.moe_expert_capacity_factor is None:
+            num_rows = routing_map.size(0) * self.config.moe_router_topk
+        else:  # dropped tokens make the row count data-dependent
+            num_rows = int(rows_per_expert.sum())
+        token_rows, token_row_probs, self.reversed_local_input_permutation_mapping = permute(
+            hidden_states,
+            routing_map,
+            probs=probs,
+            num_out_tokens=num_rows,
+            fused=self.config.moe_permute_fusion,
+        )
+        if self.config.moe_apply_probs_on_input:
+            token_rows = (token_row_probs.unsqueeze(-1) * token_rows).to(token_rows.dtype)
+            token_row_probs = torch.ones_like(token_row_probs)
+
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(self.num_experts, device=token_rows.device),
+            rows_per_expert,
+            output_size=num_rows,
+        )
+        family = self.hash_family(token_rows.size(-1))
+        clusters = cluster_tokens(
+            token_rows,
+            family.bucket_ids(token_rows),
+            expert_of_row,
+            self.num_experts,
+            family.total_buckets,
+        )
+        self._clusters = clusters
+        # Kept for the residual x - c only when compensation needs it.
+        self._token_rows = token_rows if self.config.lsh_error_compensation else None
+        self._token_row_probs = token_row_probs
+        self._token_rows_per_expert = rows_per_expert
+
+        # megatron-core's own metadata step (splits, per-expert counts, the count all-gather),
+        # fed a routing map with one row per centroid.
+        centroid_routing_map = torch.nn.functional.one_hot(
+            clusters.cluster_groups, self.num_experts
+        ).bool()
+        self.tokens_per_expert = self.preprocess(centroid_routing_map)
+        self.tokens_per_expert = self._maybe_dtoh_and_synchronize(
+            "before_permutation_1", self.tokens_per_expert
+        )
+        centroid_probs = torch.ones(
+            clusters.num_clusters, dtype=probs.dtype, device=clusters.centroids.device
+        )
+        return clusters.centroids, centroid_probs
+
+    def token_dispatch(self, centroids, centroid_probs):
+        """Send centroids to their experts' ranks; probs stay home, the experts get ones."""
+        self.tokens_per_expert = self._maybe_dtoh_and_synchronize(
+            "before_ep_alltoall", self.tokens_per_expert
+        )
+        global_centroids = all_to_all(
+            self.ep_group, centroids, self.output_splits, self.input_splits
+        )
+        global_probs = torch.ones(
+            global_centroids.size(0), dtype=centroid_probs.dtype, device=global_centroids.device
+        )
+        self._record_stats(centroids, centroid_probs)
+        return global_centroids, global_probs
+
+    def combine_postprocess(self, centroid_outputs):
+        """One output per token row from its centroid's output, weighted by its own prob."""
+        clusters, token_rows, token_row_probs = (
+            self._clusters,
+            self._token_rows,
+            self._token_row_probs,
+        )
+        self._clusters = self._token_rows = self._token_row_probs = None
+        row_outputs = expand_to_tokens(centroid_outputs, clusters, token_rows)
+        row_outputs = (row_outputs * token_row_probs.unsqueeze(-1)).to(centroid_outputs.dtype)
+        return super().combine_postprocess(row_outputs)
+
+    def _rows_to_other_ranks(self, rows_per_rank) -> int:
+        return int(sum(rows_per_rank)) - int(rows_per_rank[self.ep_rank])
+
+    def _record_stats(self, centroids: torch.Tensor, centroid_probs: torch.Tensor) -> None:
+        clusters = self._clusters
+        row_bytes = centroids.size(-1) * centroids.element_size()
+        if self.ep_size > 1:
+            token_rows_per_rank = (
+                self._token_rows_per_expert.view(self.ep_size, self.num_local_experts)
+                .sum(dim=1)
+                .tolist()
+            )
+            remote_token_rows = self._rows_to_other_ranks(token_rows_per_rank)
+            remote_centroid_rows = self._rows_to_other_ranks(
+                clusters.clusters_per_group.view(self.ep_size, self.num_local_experts)
+                .sum(dim=1)
+                .tolist()
+            )
+        else:
+            remote_token_rows = remote_centroid_rows = 0
+        stats = CompressionStats(
+            tokens=clusters.num_tokens,
+            centroids=clusters.num_clusters,
+            dispatch_bytes=remote_centroid_rows * row_bytes,
+            dispatch_bytes_stock=remote_token_rows * (row_bytes + centroid_probs.element_size()),
+            combine_bytes=remote_centroid_rows * row_bytes,
+            combine_bytes_stock=remote_token_rows * row_bytes,
+        )
+        self._token_rows_per_expert = None
+        self.last_stats = stats
+        get_compression_tracker().record(self.layer_name, stats)

@@ -1,0 +1,127 @@
+"""LSHMoELayer and the layer specs that put it into megatron-core models."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from typing import Optional
+
+import torch
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_lsh.moe.dispatcher import LSHAlltoAllTokenDispatcher
+
+
+class LSHMoELayer(MoELayer):
+    """megatron-core's MoELayer with the LSH dispatcher when ``config.lsh_enabled``.
+
+    With LSH disabled (or a plain TransformerConfig) it is exactly MoELayer.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: Optional[MoESubmodules] = None,
+        layer_number: Optional[int] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+    ):
+        # TransformerLayer passes pg_collection only to exactly MoELayer, not to subclasses.
+        if pg_collection is None:
+            pg_collection = get_default_pg_collection()
+        super().__init__(config, submodules, layer_number, pg_collection)
+        if getattr(config, "lsh_enabled", False):
+            self.token_dispatcher = LSHAlltoAllTokenDispatcher(
+                self.num_local_experts,
+                self.local_expert_indices,
+                config=self.config,
+                pg_collection=pg_collection,
+            )
+            if self.use_shared_expert and self.shared_expert_overlap:
+                self.token_dispatcher.set_shared_experts(self.shared_experts)
+
+    @property
+    def lsh_dispatcher(self) -> Optional[LSHAlltoAllTokenDispatcher]:
+        dispatcher = self.token_dispatcher
+        return dispatcher if isinstance(dispatcher, LSHAlltoAllTokenDispatcher) else None
+
+    def set_layer_number(self, layer_number: int, layer_name: Optional[str] = None):
+        super().set_layer_number(layer_number)
+        if self.lsh_dispatcher is not None:
+            self.lsh_dispatcher.set_layer_number(layer_number, layer_name)
+
+
+def lsh_moe_layers(model: torch.nn.Module):
+    """The LSH MoE layers of a model (of a list of model chunks too), in module order."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, LSHMoELayer)]
+
+
+def set_lsh_iteration(model: torch.nn.Module, iteration: int) -> None:
+    """Tell every LSH layer the training iteration (it picks redrawn projections)."""
+    for layer in lsh_moe_layers(model):
+        if layer.lsh_dispatcher is not None:
+            layer.lsh_dispatcher.set_iteration(iteration)
+
+
+def with_lsh_moe(spec):
+    """A copy of any layer or block spec with every MoELayer replaced by LSHMoELayer."""
+    return _replace_moe_layer(copy.deepcopy(spec))
+
+
+def _replace_moe_layer(node):
+    if isinstance(node, ModuleSpec):
+        if node.module is MoELayer:
+            node.module = LSHMoELayer
+        node.submodules = _replace_moe_layer(node.submodules)
+    elif isinstance(node, (list, tuple)):
+        node = type(node)(_replace_moe_layer(item) for item in node)
+    elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+        for field in dataclasses.fields(node):
+            setattr(node, field.name, _replace_moe_layer(getattr(node, field.name)))
+    return node
+
+
+def get_lsh_moe_module_spec(
+    num_experts: int, use_te: bool = False, moe_grouped_gemm: bool = False
+) -> ModuleSpec:
+    """megatron-core's MoE module spec, with LSHMoELayer."""
+    return with_lsh_moe(
+        get_moe_module_spec(use_te=use_te, num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm)
+    )
+
+
+def get_gpt_lsh_layer_local_spec(
+    num_experts: Optional[int] = None,
+    moe_grouped_gemm: bool = False,
+    qk_layernorm: bool = False,
+    normalization: Optional[str] = None,
+) -> ModuleSpec:
+    """megatron-core's local (no Transformer Engine) GPT layer spec, with LSHMoELayer."""
+    return with_lsh_moe(
+        get_gpt_layer_local_spec(
+            num_experts=num_experts,
+            moe_grouped_gemm=moe_grouped_gemm,
+            qk_layernorm=qk_layernorm,
+            normalization=normalization,
+        )
+    )
+
+
+class _LSHMoELayerMLPFilter(logging.Filter):
+    """TransformerLayer logs 'Unknown MLP type: <class ...ModuleSpec>' for every MoELayer
+    subclass, ours included; it names the spec's type, not the module's, so it says nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(
+            "Unknown MLP type: <class 'megatron.core.transformer.spec_utils.ModuleSpec'>"
+        )
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_LSHMoELayerMLPFilter())

@@ -1,0 +1,104 @@
+"""Compression statistics of LSH dispatch, per MoE layer, for training loops to log.
+
+Every LSH dispatch records one ``CompressionStats`` under its layer's name in the process-wide
+tracker. Counts add up over micro-batches until the loop takes them with ``take()``; bytes are
+those crossing between expert-parallel ranks (a rank's rows for its own experts never leave it).
+Combine bytes are counted at the rank the outputs return to, so a rank's dispatch and combine
+figures describe the same rows, and sums over ranks give the total traffic of each all-to-all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Dict, Optional
+
+import torch
+
+
+@dataclass
+class CompressionStats:
+    tokens: int = 0
+    """Token rows entering dispatch (tokens x top-k)."""
+    centroids: int = 0
+    """Rows LSH sent instead (one per cluster)."""
+    dispatch_bytes: int = 0
+    """Bytes the dispatch all-to-all sent to other ranks."""
+    dispatch_bytes_stock: int = 0
+    """Bytes megatron-core's dispatcher would have sent: token rows and their routing probs."""
+    combine_bytes: int = 0
+    """Bytes the combine all-to-all returned from other ranks."""
+    combine_bytes_stock: int = 0
+    """Bytes megatron-core's combine would have returned."""
+
+    @property
+    def compression_rate(self) -> float:
+        """Centroids / tokens: 1.0 is no compression, lower is better."""
+        return self.centroids / self.tokens if self.tokens else 1.0
+
+    @property
+    def dispatch_bytes_ratio(self) -> float:
+        return self.dispatch_bytes / self.dispatch_bytes_stock if self.dispatch_bytes_stock else 1.0
+
+    @property
+    def combine_bytes_ratio(self) -> float:
+        return self.combine_bytes / self.combine_bytes_stock if self.combine_bytes_stock else 1.0
+
+    def __add__(self, other: "CompressionStats") -> "CompressionStats":
+        return CompressionStats(
+            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+        )
+
+    def as_dict(self) -> Dict[str, float]:
+        """Counts and derived ratios, flat, ready for a logger."""
+        return {
+            **asdict(self),
+            "compression_rate": self.compression_rate,
+            "dispatch_bytes_ratio": self.dispatch_bytes_ratio,
+            "combine_bytes_ratio": self.combine_bytes_ratio,
+        }
+
+
+class CompressionStatsTracker:
+    """Per-layer accumulation of CompressionStats between two ``take()`` calls."""
+
+    def __init__(self):
+        self._layers: Dict[str, CompressionStats] = {}
+
+    def record(self, layer: str, stats: CompressionStats) -> None:
+        self._layers[layer] = self._layers.get(layer, CompressionStats()) + stats
+
+    def peek(self) -> Dict[str, CompressionStats]:
+        return dict(self._layers)
+
+    def take(self, group: Optional[torch.distributed.ProcessGroup] = None) -> Dict[str, CompressionStats]:
+        """Return the accumulated stats and start over.
+
+        With ``group``, counts are summed over its ranks (a collective: every rank of the group
+        must call it). All ranks of an expert-parallel model record the same layer names.
+        """
+        layers, self._layers = self._layers, {}
+        if group is None or not torch.distributed.is_initialized():
+            return layers
+        names = sorted(layers)
+        field_names = [f.name for f in fields(CompressionStats)]
+        counts = torch.tensor(
+            [[getattr(layers[n], f) for f in field_names] for n in names],
+            dtype=torch.float64,
+            device="cuda" if torch.cuda.is_available() else "cpu",  # NCCL reduces CUDA tensors
+        ).reshape(len(names), len(field_names))
+        torch.distributed.all_reduce(counts, group=group)
+        return {
+            name: CompressionStats(**{f: int(v) for f, v in zip(field_names, row.tolist())})
+            for name, row in zip(names, counts)
+        }
+
+    def reset(self) -> None:
+        self._layers = {}
+
+
+_TRACKER = CompressionStatsTracker()
+
+
+def get_compression_tracker() -> CompressionStatsTracker:
+    """The process-wide tracker every LSH dispatcher records into."""
+    return _TRACKER

@@ -1,0 +1,1 @@
+"""Training: initialisation, arguments, the train/eval loop and logging."""
