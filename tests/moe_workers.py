@@ -36,60 +36,169 @@ def build_moe_layer(config: LSHTransformerConfig):
     return layer
 
 
-def stock_vs_lsh_unclustered(rank, world_size, num_experts, topk):
-    """Outputs and gradients of the stock layer and of LSH when every row is its own cluster."""
+def stock_vs_lsh_unclustered(rank, world_size, cases):
+    """Per case: outputs and gradients of the stock layer and of LSH when every row is its own
+    cluster, on the same weights and hence the same router output."""
     initialize_distributed(expert_model_parallel_size=world_size, seed=7)
-    # Many fine hashes: random Gaussian tokens never share all 16 codes.
-    lsh_settings = dict(num_moe_experts=num_experts, moe_router_topk=topk, lsh_num_hashes=16,
-                        lsh_num_buckets=8)
-    stock = build_moe_layer(moe_config(world_size, lsh_enabled=False, **lsh_settings))
-    lsh = build_moe_layer(moe_config(world_size, lsh_enabled=True, **lsh_settings))
-    lsh.load_state_dict(stock.state_dict())
-
-    generator = torch.Generator().manual_seed(100 + rank)
-    hidden = torch.randn(16, 2, 64, generator=generator)
-    grad = torch.randn(16, 2, 64, generator=generator)
-    results = {}
-    for name, layer in (("stock", stock), ("lsh", lsh)):
-        x = hidden.clone().requires_grad_(True)
-        out, _ = layer(x)
-        out.backward(grad)
-        results[name] = {
-            "out": out.detach(),
-            "grad_in": x.grad.detach(),
-            "grad_w": {n: p.main_grad if hasattr(p, "main_grad") else p.grad for n, p in layer.named_parameters()},
-        }
-    results["stats"] = lsh.token_dispatcher.last_stats
+    results = []
+    for overrides in cases:
+        # Many fine hashes: random Gaussian tokens never share all 16 codes.
+        settings = dict(lsh_num_hashes=16, lsh_num_buckets=8, **overrides)
+        stock = build_moe_layer(moe_config(world_size, lsh_enabled=False, **settings))
+        lsh = build_moe_layer(moe_config(world_size, lsh_enabled=True, **settings))
+        lsh.load_state_dict(stock.state_dict())
+        generator = torch.Generator().manual_seed(100 + rank)
+        hidden = torch.randn(16, 2, 64, generator=generator)
+        grad = torch.randn(16, 2, 64, generator=generator)
+        result = {"stats": None}
+        for name, layer in (("stock", stock), ("lsh", lsh)):
+            x = hidden.clone().requires_grad_(True)
+            out, _ = layer(x)
+            out.backward(grad)
+            result[name] = {
+                "out": out.detach(),
+                "grad_in": x.grad,
+                "grad_params": {n: p.grad for n, p in layer.named_parameters()},
+            }
+        result["stats"] = lsh.token_dispatcher.last_stats
+        result["params"] = {n: p.detach() for n, p in stock.named_parameters()}
+        results.append(result)
     return results
+
+
+def hand_routed_tokens(rank, world_size, num_experts, topk, distinct_tokens, num_tokens=48):
+    """Tokens drawn from `distinct_tokens` prototypes (all, when None, distinct) and a routing map
+    with exactly `topk` experts per token. Rank 0 routes only to its own experts (and its
+    neighbour's, when it has fewer than top-k), so it sends nothing to some other ranks."""
+    generator = torch.Generator().manual_seed(200 + rank)
+    if distinct_tokens is None:
+        prototype_of_token = torch.arange(num_tokens)
+    else:
+        prototype_of_token = torch.randint(0, distinct_tokens, (num_tokens,), generator=generator)
+    prototypes = torch.randn(num_tokens, 64, generator=torch.Generator().manual_seed(300))
+    tokens = prototypes[prototype_of_token]
+    local_experts = num_experts // world_size
+    allowed = max(local_experts, topk) if rank == 0 else num_experts
+    scores = torch.rand(num_tokens, allowed, generator=generator)
+    chosen = scores.topk(topk, dim=1).indices
+    routing_map = torch.zeros(num_tokens, num_experts, dtype=torch.bool)
+    routing_map.scatter_(1, chosen, True)
+    return tokens, prototype_of_token, routing_map
+
+
+def round_trip(dispatcher, tokens, routing_map, probs):
+    """megatron-core's dispatcher round-trip check: dispatch, multiply by probs, combine."""
+    hidden, row_probs = dispatcher.dispatch_preprocess(tokens.view(-1, 1, 64), routing_map, probs)
+    hidden, row_probs = dispatcher.token_dispatch(hidden, row_probs)
+    hidden, tokens_per_expert, row_probs = dispatcher.dispatch_postprocess(hidden, row_probs)
+    assert int(tokens_per_expert.sum()) == hidden.size(0)
+    hidden = hidden * row_probs.unsqueeze(-1)
+    hidden = dispatcher.combine_preprocess(hidden)
+    hidden = dispatcher.token_combine(hidden)
+    return dispatcher.combine_postprocess(hidden).view(-1, 64)
+
+
+def round_trip_errors(rank, world_size, cases):
+    """Per case (lsh_enabled, compensation, num_experts, topk, distinct tokens, hashes): the
+    largest deviation of the round trip from its input, and the compression rate."""
+    initialize_distributed(expert_model_parallel_size=world_size, seed=7)
+    results = []
+    for lsh_enabled, compensation, num_experts, topk, distinct, hashes in cases:
+        layer = build_moe_layer(
+            moe_config(
+                world_size,
+                lsh_enabled=lsh_enabled,
+                num_moe_experts=num_experts,
+                moe_router_topk=topk,
+                moe_router_pre_softmax=topk == 1,
+                lsh_error_compensation=compensation,
+                lsh_num_hashes=hashes,
+            )
+        )
+        tokens, _, routing_map = hand_routed_tokens(rank, world_size, num_experts, topk, distinct)
+        probs = routing_map.float() / topk
+        restored = round_trip(layer.token_dispatcher, tokens, routing_map, probs)
+        stats = getattr(layer.token_dispatcher, "last_stats", None)
+        results.append(
+            {
+                "error": (restored - tokens).abs().max().item(),
+                "rate": stats.compression_rate if stats else 1.0,
+            }
+        )
+    return results
+
+
+class WireCounter:
+    """Counts the bytes every all_to_all_single hands to ranks other than the caller."""
+
+    def __init__(self, rank):
+        self.rank, self.bytes, self._original = rank, 0, None
+
+    def __enter__(self):
+        self._original = torch.distributed.all_to_all_single
+
+        def counting(output, input, output_split_sizes=None, input_split_sizes=None, **kw):
+            row_bytes = input[0].numel() * input.element_size() if input.numel() else 0
+            splits = list(input_split_sizes) if input_split_sizes is not None else None
+            if splits is not None:
+                self.bytes += (sum(splits) - splits[self.rank]) * row_bytes
+            return self._original(output, input, output_split_sizes, input_split_sizes, **kw)
+
+        torch.distributed.all_to_all_single = counting
+        return self
+
+    def __exit__(self, *exc):
+        torch.distributed.all_to_all_single = self._original
+
+
+def clustered_traffic(rank, world_size, num_experts, topk, distinct):
+    """Bytes on the wire for stock and LSH dispatch of tokens drawn from a few prototypes (plus
+    tiny noise), with the LSH stats and the cluster counts the prototypes imply."""
+    initialize_distributed(expert_model_parallel_size=world_size, seed=7)
+    tokens, prototype_of_token, routing_map = hand_routed_tokens(
+        rank, world_size, num_experts, topk, distinct, num_tokens=256
+    )
+    tokens = tokens + 1e-4 * torch.randn(tokens.shape, generator=torch.Generator().manual_seed(9))
+    probs = routing_map.float() * torch.rand(routing_map.shape, generator=torch.Generator().manual_seed(rank))
+    wire = {}
+    for lsh_enabled in (False, True):
+        layer = build_moe_layer(
+            moe_config(world_size, lsh_enabled=lsh_enabled, num_moe_experts=num_experts,
+                       moe_router_topk=topk, lsh_num_hashes=8)
+        )
+        with WireCounter(rank) as counter:
+            round_trip(layer.token_dispatcher, tokens, routing_map, probs)
+        wire["lsh" if lsh_enabled else "stock"] = counter.bytes
+    local = num_experts // world_size
+    pairs = {(p, e) for t, p in enumerate(prototype_of_token.tolist()) for e in routing_map[t].nonzero().flatten().tolist()}
+    remote_pairs = [pe for pe in pairs if pe[1] // local != rank]
+    remote_rows = int(sum(routing_map[:, e].sum() for e in range(num_experts) if e // local != rank))
+    return {
+        "wire": wire,
+        "stats": layer.token_dispatcher.last_stats,
+        "expected_centroids": len(pairs),
+        "expected_remote_centroids": len(remote_pairs),
+        "expected_remote_rows": remote_rows,
+    }
 
 
 def train_gpt_moe(rank, world_size, lsh_enabled, steps):
     """Train a 2-layer GPT-MoE on a learnable synthetic language; return the global losses."""
+    from megatron_lsh.data.synthetic import counting_sequences
     from megatron_lsh.models import build_gpt_moe_model
     from megatron_lsh.moe import get_compression_tracker
-    from megatron_lsh.training.gradients import allreduce_gradients
+    from megatron_lsh.training.step import lm_train_step
 
     initialize_distributed(expert_model_parallel_size=world_size, seed=1234)
     config = moe_config(world_size, lsh_enabled=lsh_enabled, num_layers=2, moe_aux_loss_coeff=1e-2)
     vocab, seq, batch = 64, 32, 4
     model = build_gpt_moe_model(config, vocab_size=vocab, max_sequence_length=seq)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    # Sequences that count up from a random start in random steps of 1-3: easy to learn.
     generator = torch.Generator().manual_seed(10 + rank)
-    positions = torch.arange(seq).expand(batch, seq)
     losses, rates = [], []
     for _ in range(steps):
-        start = torch.randint(0, vocab, (batch, 1), generator=generator)
-        stride = torch.randint(1, 4, (batch, 1), generator=generator)
-        tokens = (start + stride * torch.arange(seq + 1)) % vocab
-        loss = model(tokens[:, :-1], positions, attention_mask=None, labels=tokens[:, 1:]).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        allreduce_gradients(model.parameters())
-        optimizer.step()
-        global_loss = loss.detach().clone()
-        torch.distributed.all_reduce(global_loss)
-        losses.append(global_loss.item() / world_size)
+        tokens = counting_sequences(batch, seq + 1, vocab, generator)
+        losses.append(lm_train_step(model, optimizer, tokens))
         stats = get_compression_tracker().take(group=torch.distributed.group.WORLD)
         rates.append({name: s.compression_rate for name, s in stats.items()})
     return {"losses": losses, "rates": rates}

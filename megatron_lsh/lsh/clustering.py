@@ -1,8 +1,8 @@
 """Clustering of hashed tokens into centroids, and the way back to one output per token.
 
 Tokens are grouped by (group, bucket): in the dispatcher a group is the destination expert, so
-clusters never cross experts. Centroids are exact means of their members (accumulated in fp32),
-built with ordinary differentiable ops, so gradients reach every member token.
+clusters never cross experts. Centroids are exact means of their members (half precision is
+summed in fp32), built with ordinary differentiable ops, so gradients reach every member token.
 """
 
 from __future__ import annotations
@@ -67,10 +67,12 @@ def cluster_tokens(
     cluster_groups = torch.div(unique_keys, total_buckets, rounding_mode="floor")
     clusters_per_group = torch.bincount(cluster_groups, minlength=num_groups)
 
+    # Half-precision tokens are summed in fp32: a bf16 running sum loses the mean.
+    accumulate_dtype = torch.promote_types(tokens.dtype, torch.float32)
     sums = torch.zeros(
-        unique_keys.numel(), tokens.size(1), dtype=torch.float32, device=tokens.device
-    ).index_add(0, token_to_cluster, tokens.float())
-    centroids = (sums / cluster_sizes.unsqueeze(1).to(torch.float32)).to(tokens.dtype)
+        unique_keys.numel(), tokens.size(1), dtype=accumulate_dtype, device=tokens.device
+    ).index_add(0, token_to_cluster, tokens.to(accumulate_dtype))
+    centroids = (sums / cluster_sizes.unsqueeze(1).to(accumulate_dtype)).to(tokens.dtype)
     return GroupedClusters(
         centroids=centroids,
         token_to_cluster=token_to_cluster,
@@ -91,8 +93,11 @@ def expand_to_tokens(
     E(c) + (x - c), the first-order correction that restores each token's own deviation from
     its centroid. Without, every member of a cluster gets E(c).
     """
-    outputs = centroid_outputs.index_select(0, clusters.token_to_cluster)
     if tokens is None:
-        return outputs
-    residuals = tokens - clusters.centroids.index_select(0, clusters.token_to_cluster)
-    return outputs + residuals.to(outputs.dtype)
+        return centroid_outputs.index_select(0, clusters.token_to_cluster)
+    # E(c) + (x - c) as x + (E(c) - c): the difference is taken once per cluster, so only one
+    # gather and one add touch the (much larger) token rows, forward and backward.
+    accumulate_dtype = torch.promote_types(centroid_outputs.dtype, torch.float32)
+    corrections = centroid_outputs.to(accumulate_dtype) - clusters.centroids.to(accumulate_dtype)
+    per_token = corrections.to(centroid_outputs.dtype).index_select(0, clusters.token_to_cluster)
+    return tokens.to(centroid_outputs.dtype) + per_token

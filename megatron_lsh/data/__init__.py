@@ -1,0 +1,1 @@
+"""Dataset providers over megatron-core's GPT and T5 datasets, and synthetic data."""

@@ -1,0 +1,119 @@
+"""LSHAlltoAllTokenDispatcher on 2 and 4 CPU ranks (gloo, expert parallel = world size)."""
+
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+from tests.moe_workers import (
+    clustered_traffic,
+    round_trip_errors,
+    stock_vs_lsh_unclustered,
+    train_gpt_moe,
+)
+
+PARITY_CASES = [
+    dict(num_moe_experts=4, moe_router_topk=2),
+    dict(num_moe_experts=8, moe_router_topk=2),  # several local experts per rank
+    dict(num_moe_experts=4, moe_router_topk=1, moe_router_pre_softmax=True,
+         moe_apply_probs_on_input=True),
+    dict(num_moe_experts=4, moe_router_topk=2, moe_expert_capacity_factor=0.5),  # drops tokens
+    dict(num_moe_experts=4, moe_router_topk=2, add_bias_linear=True),
+]
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"ep{n}")
+def parity(request):
+    return run_distributed(stock_vs_lsh_unclustered, request.param, PARITY_CASES)
+
+
+@pytest.mark.parametrize("case", range(len(PARITY_CASES)), ids=lambda i: str(PARITY_CASES[i]))
+def test_singleton_clusters_match_stock_outputs_and_gradients(parity, case):
+    for rank_results in parity:
+        result = rank_results[case]
+        assert result["stats"].compression_rate == 1.0  # every row is its own cluster
+        stock, lsh = result["stock"], result["lsh"]
+        torch.testing.assert_close(lsh["out"], stock["out"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(lsh["grad_in"], stock["grad_in"], atol=1e-5, rtol=0)
+        for name, grad in stock["grad_params"].items():
+            torch.testing.assert_close(lsh["grad_params"][name], grad, atol=1e-5, rtol=0)
+
+
+def test_experts_differ_across_ranks_and_the_router_is_shared(parity):
+    first, second = parity[0][0]["params"], parity[1][0]["params"]
+    assert torch.equal(first["router.weight"], second["router.weight"])
+    expert_weight = "experts.local_experts.0.linear_fc1.weight"
+    assert not torch.equal(first[expert_weight], second[expert_weight])
+
+
+# (lsh_enabled, compensation, experts, top-k, distinct tokens or None for all distinct, hashes)
+ROUND_TRIPS = {
+    "stock dispatcher": (False, False, 4, 2, None, 6),
+    "duplicated tokens, exact clusters, no compensation": (True, False, 4, 2, 5, 6),
+    "duplicated tokens, several local experts": (True, False, 8, 2, 5, 6),
+    "duplicated tokens, top-1": (True, False, 4, 1, 3, 6),
+    "distinct tokens merged, compensation restores them": (True, True, 8, 2, None, 1),
+    "distinct tokens merged, no compensation": (True, False, 8, 2, None, 1),
+}
+NOT_RESTORED = {"distinct tokens merged, no compensation"}
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"ep{n}")
+def round_trips(request):
+    errors = run_distributed(round_trip_errors, request.param, list(ROUND_TRIPS.values()))
+    return {name: [rank[i] for rank in errors] for i, name in enumerate(ROUND_TRIPS)}
+
+
+@pytest.mark.parametrize("case", sorted(set(ROUND_TRIPS) - NOT_RESTORED))
+def test_round_trip_restores_the_input(round_trips, case):
+    # Rank 0 routes to the first experts only: a rank sending nothing to some ranks works too.
+    for rank_result in round_trips[case]:
+        assert rank_result["error"] < 1e-5
+
+
+def test_round_trip_of_merged_tokens_without_compensation_gives_centroids(round_trips):
+    for rank_result in round_trips["distinct tokens merged, no compensation"]:
+        assert rank_result["error"] > 0.1
+
+
+def test_round_trip_really_compressed(round_trips):
+    for case, (lsh_enabled, *_) in ROUND_TRIPS.items():
+        if lsh_enabled:
+            assert all(r["rate"] < 0.8 for r in round_trips[case]), case
+
+
+@pytest.mark.parametrize("world_size", [2, 4], ids=lambda n: f"ep{n}")
+def test_bytes_on_the_wire_fall_to_the_compression_rate(world_size):
+    ranks = run_distributed(clustered_traffic, world_size, 8, 2, 6)
+    for r in ranks:
+        stats, row_bytes = r["stats"], 64 * 4
+        # Clusters are exactly the (prototype, expert) pairs.
+        assert stats.centroids == r["expected_centroids"]
+        assert stats.dispatch_bytes == r["expected_remote_centroids"] * row_bytes
+        assert stats.dispatch_bytes_stock == r["expected_remote_rows"] * (row_bytes + 4)
+        assert stats.combine_bytes_stock == r["expected_remote_rows"] * row_bytes
+    # What the collectives really carried, both directions, summed over ranks.
+    lsh_wire = sum(r["wire"]["lsh"] for r in ranks)
+    stock_wire = sum(r["wire"]["stock"] for r in ranks)
+    assert lsh_wire == sum(r["stats"].dispatch_bytes + r["stats"].combine_bytes for r in ranks)
+    assert stock_wire == sum(
+        r["stats"].dispatch_bytes_stock + r["stats"].combine_bytes_stock for r in ranks
+    )
+    rate = sum(r["stats"].centroids for r in ranks) / sum(r["stats"].tokens for r in ranks)
+    assert rate < 0.2
+    assert abs(lsh_wire / stock_wire - rate) < 0.05
+
+
+@pytest.mark.parametrize(
+    "world_size, lsh_enabled",
+    [(2, False), (2, True), (4, True)],
+    ids=["ep2-stock", "ep2-lsh", "ep4-lsh"],
+)
+def test_gpt_moe_trains_with_falling_loss(world_size, lsh_enabled):
+    result = run_distributed(train_gpt_moe, world_size, lsh_enabled, 20)[0]
+    losses = result["losses"]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+    if lsh_enabled:
+        assert set(result["rates"][-1]) == {"layer_1", "layer_2"}
+        assert all(0 < rate < 1 for rate in result["rates"][-1].values())
+    else:
+        assert result["rates"][-1] == {}

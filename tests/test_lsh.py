@@ -1,0 +1,229 @@
+"""megatron_lsh.lsh: hash families, clustering into centroids, and compensation."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_lsh.lsh import (
+    HASH_TYPES,
+    CrossPolytopeHash,
+    SphericalHash,
+    build_hash_family,
+    cluster_tokens,
+    expand_to_tokens,
+)
+
+DIM = 64
+
+
+def gaussian(n, dim=DIM, seed=0, dtype=torch.float32):
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def neighbours(x, cosine, seed):
+    """Vectors at exactly the given cosine similarity to each row of x (same norm)."""
+    noise = gaussian(x.size(0), x.size(1), seed)
+    unit = x / x.norm(dim=1, keepdim=True)
+    orthogonal = noise - (noise * unit).sum(1, keepdim=True) * unit
+    orthogonal = orthogonal / orthogonal.norm(dim=1, keepdim=True)
+    return (cosine * unit + math.sqrt(1 - cosine**2) * orthogonal) * x.norm(dim=1, keepdim=True)
+
+
+def per_hash_collision_rate(family, a, b):
+    return (family.codes(a) == family.codes(b)).double().mean().item()
+
+
+def hoeffding_halfwidth(samples, confidence_failure=1e-6):
+    """Half-width t with P(|rate - p| > t) <= confidence_failure for a mean of bounded samples."""
+    return math.sqrt(math.log(2 / confidence_failure) / (2 * samples))
+
+
+@pytest.mark.parametrize("hash_type", HASH_TYPES)
+def test_near_vectors_collide_far_more_often_than_far_ones(hash_type):
+    # 16 independent functions x 2000 pairs; functions are independent, so per-function
+    # collisions of one pair are independent draws; pairs add more draws.
+    family = build_hash_family(hash_type, DIM, num_hashes=16, num_buckets=8, seed=3)
+    x = gaussian(2000, seed=1)
+    near_rate = per_hash_collision_rate(family, x, neighbours(x, 0.9, seed=2))
+    far_rate = per_hash_collision_rate(family, x, gaussian(2000, seed=4))
+    # Conservative: Hoeffding over the 2000 pairs only, as if functions were not independent.
+    margin = hoeffding_halfwidth(2000)
+    assert near_rate - margin > far_rate + margin, (near_rate, far_rate, margin)
+    # A random pair lands in the same of 8 buckets about 1/8 of the time.
+    assert abs(far_rate - 1 / 8) < margin
+
+
+@pytest.mark.parametrize("hash_type", HASH_TYPES)
+def test_collision_rate_falls_as_vectors_move_apart(hash_type):
+    family = build_hash_family(hash_type, DIM, num_hashes=16, num_buckets=8, seed=5)
+    x = gaussian(2000, seed=6)
+    rates = [
+        per_hash_collision_rate(family, x, neighbours(x, cosine, seed=7))
+        for cosine in (0.99, 0.9, 0.7, 0.4, 0.0)
+    ]
+    margin = hoeffding_halfwidth(2000)
+    assert all(a - margin > b + margin for a, b in zip(rates, rates[1:])), rates
+
+
+def test_more_hashes_split_buckets_finer():
+    x = gaussian(4000, seed=8)
+    distinct = [
+        build_hash_family("cross_polytope", DIM, h, 4, seed=9).bucket_ids(x).unique().numel()
+        for h in (1, 2, 4, 6, 8)
+    ]
+    assert distinct == sorted(distinct) and distinct[0] <= 4 and distinct[-1] > 3000, distinct
+
+
+@pytest.mark.parametrize("hash_type", HASH_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_identical_tokens_always_share_a_bucket(hash_type, dtype):
+    family = build_hash_family(hash_type, DIM, num_hashes=6, num_buckets=4, seed=10)
+    distinct = gaussian(50, seed=11, dtype=dtype)
+    order = torch.randperm(500, generator=torch.Generator().manual_seed(12))
+    tokens = distinct.repeat(10, 1)[order]
+    ids = family.bucket_ids(tokens)
+    source = torch.arange(50).repeat(10)[order]
+    for token in range(50):
+        assert ids[source == token].unique().numel() == 1
+
+
+def test_bucket_ids_cover_the_combined_range_and_match_the_codes():
+    family = CrossPolytopeHash(DIM, num_hashes=3, num_buckets=6, seed=13)
+    assert family.total_buckets == 6**3
+    x = gaussian(3000, seed=14)
+    codes = family.codes(x)
+    assert codes.min() >= 0 and codes.max() < 6
+    expected = codes[:, 0] + 6 * codes[:, 1] + 36 * codes[:, 2]
+    assert torch.equal(family.bucket_ids(x), expected)
+
+
+def test_cross_polytope_code_is_largest_coordinate_with_its_sign():
+    family = CrossPolytopeHash(DIM, num_hashes=1, num_buckets=8, seed=15)
+    x = gaussian(100, seed=16)
+    projected = x @ family._projection
+    expected = torch.cat([projected, -projected], dim=1).argmax(dim=1)
+    assert torch.equal(family.codes(x)[:, 0], expected)
+
+
+def test_spherical_code_is_nearest_random_unit_vector():
+    family = SphericalHash(DIM, num_hashes=1, num_buckets=8, seed=17)
+    directions = family._projection.T
+    assert torch.allclose(directions.norm(dim=1), torch.ones(8))
+    x = gaussian(100, seed=18)
+    cosines = (x / x.norm(dim=1, keepdim=True)) @ directions.T
+    assert torch.equal(family.codes(x)[:, 0], cosines.argmax(dim=1))
+
+
+def test_hashing_is_deterministic_from_the_seed():
+    x = gaussian(500, seed=19)
+    same = [build_hash_family("spherical", DIM, 4, 4, seed=20).bucket_ids(x) for _ in range(2)]
+    other = build_hash_family("spherical", DIM, 4, 4, seed=21).bucket_ids(x)
+    assert torch.equal(same[0], same[1])
+    assert not torch.equal(same[0], other)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("hyperplane", DIM, 4, 4, 0), "unknown LSH hash type"),
+        (("cross_polytope", DIM, 0, 4, 0), "num_hashes"),
+        (("cross_polytope", DIM, 4, 5, 0), "even"),
+        (("spherical", DIM, 4, 1, 0), "num_buckets"),
+        (("spherical", DIM, 40, 16, 0), "int64"),
+    ],
+)
+def test_bad_hash_settings_are_refused(args, message):
+    with pytest.raises(ValueError, match=message):
+        build_hash_family(*args)
+
+
+def test_hashing_refuses_tokens_of_the_wrong_size():
+    family = build_hash_family("cross_polytope", DIM, 2, 4, 0)
+    with pytest.raises(ValueError, match=r"\[N, 64\]"):
+        family.codes(torch.zeros(3, 32))
+
+
+def clustered(tokens, groups, seed=22, num_groups=4, hashes=2):
+    family = build_hash_family("cross_polytope", tokens.size(1), hashes, 4, seed)
+    return cluster_tokens(
+        tokens, family.bucket_ids(tokens), groups, num_groups, family.total_buckets
+    )
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_centroids_are_exact_means_of_their_members(dtype, tolerance):
+    tokens = gaussian(400, seed=23, dtype=dtype)
+    groups = torch.randint(0, 4, (400,), generator=torch.Generator().manual_seed(24))
+    clusters = clustered(tokens, groups)
+    assert clusters.centroids.dtype == dtype
+    assert clusters.cluster_sizes.sum() == 400
+    for c in range(clusters.num_clusters):
+        members = tokens[clusters.token_to_cluster == c].double()
+        assert members.size(0) == clusters.cluster_sizes[c]
+        expected = members.mean(dim=0)
+        assert torch.allclose(clusters.centroids[c].double(), expected, atol=tolerance, rtol=0)
+
+
+def test_clusters_never_cross_groups_and_come_in_group_order():
+    # Every token is identical, so only the group separates them.
+    tokens = torch.ones(30, DIM)
+    groups = torch.tensor([2, 0, 1] * 10)
+    clusters = clustered(tokens, groups)
+    assert clusters.num_clusters == 3
+    assert clusters.cluster_groups.tolist() == [0, 1, 2]
+    assert clusters.clusters_per_group.tolist() == [1, 1, 1, 0]
+    assert torch.equal(clusters.cluster_groups[clusters.token_to_cluster], groups)
+
+
+def test_inverse_map_restores_token_order():
+    tokens = gaussian(300, seed=25)
+    groups = torch.randint(0, 4, (300,), generator=torch.Generator().manual_seed(26))
+    # With fine hashes every token is its own cluster: expanding the centroids gives the tokens.
+    singletons = clustered(tokens, groups, hashes=24)
+    assert singletons.num_clusters == 300
+    assert torch.equal(expand_to_tokens(singletons.centroids, singletons), tokens)
+    # With coarse hashes, each token gets its own cluster's centroid.
+    coarse = clustered(tokens, groups, hashes=1)
+    assert coarse.num_clusters < 300
+    expanded = expand_to_tokens(coarse.centroids, coarse)
+    assert torch.equal(expanded, coarse.centroids[coarse.token_to_cluster])
+
+
+def test_compensation_adds_each_tokens_residual():
+    tokens = gaussian(300, seed=27)
+    groups = torch.zeros(300, dtype=torch.long)
+    clusters = clustered(tokens, groups, hashes=1)
+    # An identity expert: compensation restores every token exactly, without it they collapse.
+    assert torch.allclose(expand_to_tokens(clusters.centroids, clusters, tokens), tokens, atol=1e-6)
+    uncompensated = expand_to_tokens(clusters.centroids, clusters)
+    assert uncompensated.unique(dim=0).size(0) == clusters.num_clusters
+    # Any expert: E(c) + (x - c).
+    outputs = torch.tanh(clusters.centroids)
+    expected = outputs[clusters.token_to_cluster] + tokens - clusters.centroids[clusters.token_to_cluster]
+    assert torch.allclose(expand_to_tokens(outputs, clusters, tokens), expected)
+
+
+@pytest.mark.parametrize("compensate", [True, False])
+def test_gradients_reach_every_token(compensate):
+    tokens = gaussian(200, seed=28).requires_grad_(True)
+    groups = torch.randint(0, 4, (200,), generator=torch.Generator().manual_seed(29))
+    clusters = clustered(tokens, groups, hashes=1)
+    assert clusters.num_clusters < 100  # clusters really merge tokens
+    outputs = torch.tanh(clusters.centroids @ gaussian(DIM, DIM, seed=30))
+    per_token = expand_to_tokens(outputs, clusters, tokens if compensate else None)
+    (per_token * gaussian(200, seed=31)).sum().backward()
+    assert torch.all(tokens.grad.abs().sum(dim=1) > 0)
+
+
+def test_gradients_are_those_of_the_mean_and_the_residual():
+    tokens = gaussian(40, dim=8, seed=32).double().requires_grad_(True)
+    groups = torch.randint(0, 2, (40,), generator=torch.Generator().manual_seed(33))
+    family = build_hash_family("spherical", 8, 1, 3, seed=34)
+    bucket_ids = family.bucket_ids(tokens)
+
+    def compensated(x):
+        clusters = cluster_tokens(x, bucket_ids, groups, 2, family.total_buckets)
+        return expand_to_tokens(torch.sin(clusters.centroids), clusters, x)
+
+    assert torch.autograd.gradcheck(compensated, (tokens,))
