@@ -48,8 +48,9 @@ def stock_vs_lsh_unclustered(rank, world_size, cases):
         lsh = build_moe_layer(moe_config(world_size, lsh_enabled=True, **settings))
         lsh.load_state_dict(stock.state_dict())
         generator = torch.Generator().manual_seed(100 + rank)
-        hidden = torch.randn(16, 2, 64, generator=generator)
-        grad = torch.randn(16, 2, 64, generator=generator)
+        dtype = overrides.get("params_dtype", torch.float32)
+        hidden = torch.randn(16, 2, 64, generator=generator).to(dtype)
+        grad = torch.randn(16, 2, 64, generator=generator).to(dtype)
         result = {"stats": None}
         for name, layer in (("stock", stock), ("lsh", lsh)):
             x = hidden.clone().requires_grad_(True)

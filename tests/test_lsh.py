@@ -227,3 +227,15 @@ def test_gradients_are_those_of_the_mean_and_the_residual():
         return expand_to_tokens(torch.sin(clusters.centroids), clusters, x)
 
     assert torch.autograd.gradcheck(compensated, (tokens,))
+
+
+def test_bf16_compensation_keeps_small_expert_outputs_of_large_tokens():
+    # A singleton cluster: x == c, so E(c) + (x - c) must be E(c) to bf16 precision of E(c),
+    # not of x (a naive x + (E(c) - c) in bf16 loses E(c) when |E(c)| << |x|).
+    tokens = (100 * gaussian(64, seed=35)).to(torch.bfloat16)
+    clusters = clustered(tokens, torch.zeros(64, dtype=torch.long), hashes=24)
+    assert clusters.num_clusters == 64
+    outputs = (0.01 * gaussian(64, seed=36)).to(torch.bfloat16)[: clusters.num_clusters]
+    expanded = expand_to_tokens(outputs, clusters, tokens)
+    assert expanded.dtype == torch.bfloat16
+    assert torch.equal(expanded, outputs[clusters.token_to_cluster])

@@ -96,8 +96,9 @@ def expand_to_tokens(
     if tokens is None:
         return centroid_outputs.index_select(0, clusters.token_to_cluster)
     # E(c) + (x - c) as x + (E(c) - c): the difference is taken once per cluster, so only one
-    # gather and one add touch the (much larger) token rows, forward and backward.
+    # gather and one add touch the (much larger) token rows, forward and backward. Half precision
+    # adds in fp32 and rounds once: x and E(c) - c are large, their sum E(x) may be small.
     accumulate_dtype = torch.promote_types(centroid_outputs.dtype, torch.float32)
     corrections = centroid_outputs.to(accumulate_dtype) - clusters.centroids.to(accumulate_dtype)
-    per_token = corrections.to(centroid_outputs.dtype).index_select(0, clusters.token_to_cluster)
-    return tokens.to(centroid_outputs.dtype) + per_token
+    per_token = corrections.index_select(0, clusters.token_to_cluster)
+    return (tokens.to(accumulate_dtype) + per_token).to(centroid_outputs.dtype)
