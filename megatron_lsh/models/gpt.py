@@ -28,6 +28,7 @@ def build_gpt_moe_model(
     position_embedding_type: str = "rope",
     share_embeddings_and_output_weights: bool = True,
     use_transformer_engine: bool = False,
+    rotary_base: int = 10000,
 ) -> GPTModel:
     return GPTModel(
         config=config,
@@ -38,4 +39,5 @@ def build_gpt_moe_model(
         post_process=True,
         share_embeddings_and_output_weights=share_embeddings_and_output_weights,
         position_embedding_type=position_embedding_type,
+        rotary_base=rotary_base,
     )

@@ -1,10 +1,20 @@
-"""Command-line flags, named as in Megatron-LM."""
+"""Command-line flags, named as in Megatron-LM, and their validation.
+
+Every check here raises ArgumentError naming the flag and what would fix it, before any model,
+dataset or process group exists.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 
+from megatron_lsh.data.tokenizer import TOKENIZER_TYPES
 from megatron_lsh.lsh import HASH_TYPES
+
+
+class ArgumentError(ValueError):
+    """A flag combination that cannot run; the message names the flag and the fix."""
 
 
 def add_lsh_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -20,9 +30,7 @@ def add_lsh_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument(
         "--lsh-num-hashes", type=int, default=6, help="Hash functions per token (paper: 6)."
     )
-    group.add_argument(
-        "--lsh-num-buckets", type=int, default=4, help="Buckets per hash function."
-    )
+    group.add_argument("--lsh-num-buckets", type=int, default=4, help="Buckets per hash function.")
     group.add_argument(
         "--lsh-error-compensation",
         action=argparse.BooleanOptionalAction,
@@ -50,3 +58,251 @@ def lsh_config_kwargs(args: argparse.Namespace) -> dict:
         lsh_seed=args.lsh_seed,
         lsh_redraw_interval=args.lsh_redraw_interval,
     )
+
+
+def add_model_args(parser):
+    g = parser.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, required=True)
+    g.add_argument("--hidden-size", type=int, required=True)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="Default: 4 x hidden size.")
+    g.add_argument("--num-attention-heads", type=int, required=True)
+    g.add_argument("--kv-channels", type=int, default=None)
+    g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--max-position-embeddings", type=int, default=None, help="Default: seq length.")
+    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="rope")
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--swiglu", action="store_true", help="SwiGLU MLPs (gated, SiLU).")
+    g.add_argument("--disable-bias-linear", action="store_true")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer only.")
+    return parser
+
+
+def add_moe_args(parser):
+    g = parser.add_argument_group("mixture of experts")
+    g.add_argument("--num-experts", type=int, default=None)
+    g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="Default: ffn hidden size.")
+    g.add_argument(
+        "--moe-layer-freq",
+        type=_layer_freq,
+        default=1,
+        help="N for an MoE layer every N layers, or a pattern like '[1,0,1,0]'.",
+    )
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    g.add_argument("--moe-z-loss-coeff", type=float, default=None)
+    g.add_argument(
+        "--moe-router-load-balancing-type",
+        choices=["aux_loss", "seq_aux_loss", "sinkhorn", "none"],
+        default="aux_loss",
+    )
+    g.add_argument("--moe-router-pre-softmax", action="store_true")
+    g.add_argument("--moe-token-dispatcher-type", choices=["alltoall", "allgather"], default="alltoall")
+    g.add_argument("--moe-expert-capacity-factor", type=float, default=None)
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    return parser
+
+
+def _layer_freq(value: str):
+    value = value.strip()
+    if value.startswith("["):
+        try:
+            pattern = [int(v) for v in value.strip("[]").split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--moe-layer-freq {value!r}: expected like '[1,0,1,0]'")
+        if any(v not in (0, 1) for v in pattern):
+            raise argparse.ArgumentTypeError(f"--moe-layer-freq {value!r}: entries must be 0 or 1")
+        return pattern
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--moe-layer-freq {value!r}: an integer or '[1,0,...]'")
+
+
+def add_training_args(parser):
+    g = parser.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, required=True)
+    g.add_argument("--global-batch-size", type=int, default=None, help="Default: micro x data parallel.")
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--exit-interval", type=int, default=None, help="Stop after this iteration.")
+    g.add_argument("--lr", type=float, required=True)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument(
+        "--lr-decay-style",
+        choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
+        default="cosine",
+    )
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="Default: train iters.")
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None)
+    g.add_argument("--lr-wsd-decay-style", choices=["linear", "cosine", "exponential", "minus_sqrt"], default="linear")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping.")
+    g.add_argument("--bf16", action="store_true", help="bf16 parameters and activations, fp32 master weights.")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100)
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    return parser
+
+
+def add_data_args(parser):
+    g = parser.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=None, help="Prefixes, optionally weighted: [w1] p1 [w2] p2 ...")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test proportions of --data-path")
+    g.add_argument("--train-data-path", nargs="+", default=None)
+    g.add_argument("--valid-data-path", nargs="+", default=None)
+    g.add_argument("--test-data-path", nargs="+", default=None)
+    g.add_argument("--mock-data", action="store_true", help="Random tokens; no files needed.")
+    g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--num-workers", type=int, default=2, help="Data loader processes per rank.")
+    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None)
+    g.add_argument("--tokenizer-model", default=None)
+    return parser
+
+
+def add_checkpoint_args(parser):
+    g = parser.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None, help="Checkpoint directory.")
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--load", default=None, help="Resume from the newest complete checkpoint here.")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true", help="Load weights only; start at iteration 0.")
+    return parser
+
+
+def add_logging_args(parser):
+    g = parser.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--wandb-project", default=None)
+    g.add_argument("--wandb-exp-name", default=None)
+    g.add_argument("--wandb-save-dir", default=None)
+    g.add_argument(
+        "--log-a2a-time",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Time the MoE all-to-alls (synchronising the device around them) for the a2a share.",
+    )
+    return parser
+
+
+def build_parser(description: str, extra_args=None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    for add in (add_model_args, add_moe_args, add_training_args, add_data_args,
+                add_checkpoint_args, add_logging_args, add_lsh_args):
+        add(parser)
+    if extra_args is not None:
+        extra_args(parser)
+    return parser
+
+
+def parse_args(description: str, argv=None, extra_args=None) -> argparse.Namespace:
+    args = build_parser(description, extra_args).parse_args(argv)
+    set_defaults(args)
+    return args
+
+
+def set_defaults(args) -> None:
+    args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
+    args.moe_ffn_hidden_size = args.moe_ffn_hidden_size or args.ffn_hidden_size
+    args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    args.lr_decay_iters = args.lr_decay_iters or args.train_iters
+
+
+def _require_files(flag, prefixes):
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            if not os.path.isfile(prefix + suffix):
+                raise ArgumentError(
+                    f"{flag}: {prefix}{suffix} does not exist; pass the prefix that "
+                    "data_tools/preprocess_data.py printed (without .bin/.idx)"
+                )
+
+
+def data_prefixes(paths):
+    """Prefixes of a Megatron blend '[w1] p1 [w2] p2 ...' (weights optional)."""
+    if paths is None:
+        return []
+    try:
+        float(paths[0])
+    except ValueError:
+        return list(paths)
+    return list(paths[1::2])
+
+
+def validate_args(args, world_size: int) -> None:
+    """Everything checkable before start-up; raises ArgumentError naming the flag."""
+    ep = args.expert_model_parallel_size
+    if args.tensor_model_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
+        raise ArgumentError(
+            "--tensor-model-parallel-size and --pipeline-model-parallel-size must be 1: this "
+            "codebase parallelises MoE models over data and experts only"
+        )
+    if args.num_experts is None:
+        raise ArgumentError("--num-experts is required: this trains Mixture-of-Experts models")
+    if ep < 1 or args.num_experts % ep:
+        raise ArgumentError(
+            f"--expert-model-parallel-size {ep} must divide --num-experts {args.num_experts}"
+        )
+    if world_size % ep:
+        raise ArgumentError(
+            f"--expert-model-parallel-size {ep} must divide the number of processes ({world_size})"
+        )
+    if args.moe_router_topk < 1 or args.moe_router_topk > args.num_experts:
+        raise ArgumentError(
+            f"--moe-router-topk {args.moe_router_topk} must be between 1 and --num-experts"
+        )
+    data_parallel = world_size
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * data_parallel
+    per_step = args.micro_batch_size * data_parallel
+    if args.global_batch_size % per_step:
+        raise ArgumentError(
+            f"--global-batch-size {args.global_batch_size} must be a multiple of --micro-batch-size "
+            f"{args.micro_batch_size} x data-parallel size {data_parallel} = {per_step}"
+        )
+    if args.hidden_size % args.num_attention_heads:
+        raise ArgumentError(
+            f"--hidden-size {args.hidden_size} must be divisible by --num-attention-heads "
+            f"{args.num_attention_heads}"
+        )
+    if args.lr_warmup_iters > args.lr_decay_iters:
+        raise ArgumentError("--lr-warmup-iters must not exceed --lr-decay-iters (or --train-iters)")
+    if args.save_interval is not None and args.save is None:
+        raise ArgumentError("--save-interval needs --save DIR")
+    if args.mock_data:
+        if args.tokenizer_type is None:
+            args.tokenizer_type = "NullTokenizer"
+        if args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:
+            raise ArgumentError("--mock-data with the NullTokenizer needs --vocab-size")
+    else:
+        per_split = any([args.train_data_path, args.valid_data_path, args.test_data_path])
+        if per_split and args.data_path:
+            raise ArgumentError("pass either --data-path (with --split) or --train/valid/test-data-path, not both")
+        if not per_split and not args.data_path:
+            raise ArgumentError("no data: pass --data-path (or --train-data-path ...), or --mock-data")
+        if per_split and not args.train_data_path:
+            raise ArgumentError("--valid-data-path / --test-data-path need --train-data-path as well")
+        for flag, paths in (("--data-path", args.data_path), ("--train-data-path", args.train_data_path),
+                            ("--valid-data-path", args.valid_data_path), ("--test-data-path", args.test_data_path)):
+            _require_files(flag, data_prefixes(paths))
+        if args.tokenizer_type is None:
+            raise ArgumentError("--tokenizer-type is required with data files")
+    if args.tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
+        if not args.tokenizer_model:
+            raise ArgumentError(f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model")
+        if not os.path.isfile(args.tokenizer_model):
+            raise ArgumentError(f"--tokenizer-model {args.tokenizer_model}: no such file")

@@ -1,0 +1,48 @@
+"""jsonl documents to megatron-core .bin/.idx files (Megatron-LM's flags).
+
+    python data_tools/preprocess_data.py --input data/corpus/train.jsonl \
+        --output-prefix data/gpt/train --tokenizer-type SentencePieceTokenizer \
+        --tokenizer-model data/tokenizer/spm.model --json-keys text --append-eod --workers 2
+
+Writes OUTPUT_PREFIX_text_document.{bin,idx,json}; pass OUTPUT_PREFIX_text_document to --data-path.
+"""
+
+import argparse
+import sys
+import time
+
+from megatron_lsh.data.preprocess import preprocess_jsonl
+from megatron_lsh.data.tokenizer import TOKENIZER_TYPES, TokenizerError
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="jsonl files, one document per line")
+    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, required=True)
+    p.add_argument("--tokenizer-model", default=None)
+    p.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer only")
+    p.add_argument("--json-keys", nargs="+", default=["text"])
+    p.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.time()
+    try:
+        results = preprocess_jsonl(
+            args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
+            json_keys=args.json_keys, append_eod=args.append_eod, workers=args.workers,
+            vocab_size=args.vocab_size, progress=args.progress,
+        )
+    except (TokenizerError, FileNotFoundError, KeyError) as error:
+        sys.exit(f"error: {error}")
+    for key, r in results.items():
+        print(f"{r['prefix']}: {r['documents']} documents, {r['tokens']:,} tokens ({time.time() - start:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Checkpoints: save/resume with megatron-core dist_checkpointing."""

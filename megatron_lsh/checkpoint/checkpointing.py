@@ -1,0 +1,189 @@
+"""Save and resume with megatron-core's dist_checkpointing.
+
+Layout, Megatron-LM style:
+
+    SAVE/latest_checkpointed_iteration.txt   the newest complete checkpoint's iteration
+    SAVE/iter_0000100/                        model + optimizer (sharded, resumable on another
+                                              expert-parallel layout), scheduler, iteration,
+                                              consumed samples, arguments (common state)
+    SAVE/iter_0000100/rng/rank_00000.pt       each rank's RNG streams
+
+A checkpoint is written into ``iter_N.partial`` and renamed to ``iter_N`` only when every rank has
+finished; the tracker is replaced atomically afterwards. A crash mid-save leaves the previous
+checkpoint and tracker untouched; a leftover ``.partial`` directory is ignored and cleared.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+logger = logging.getLogger(__name__)
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+COMPLETE_MARKER = "complete"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded; the message says which and why."""
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def _is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, COMPLETE_MARKER))
+
+
+def find_latest_checkpoint(root: str) -> Optional[int]:
+    """The iteration of the newest complete checkpoint under root, or None."""
+    if not os.path.isdir(root):
+        return None
+    tracker = os.path.join(root, TRACKER_FILE)
+    if os.path.isfile(tracker):
+        with open(tracker) as f:
+            text = f.read().strip()
+        if text.isdigit() and _is_complete(iteration_dir(root, int(text))):
+            return int(text)
+        logger.warning(f"{tracker} names {text!r}, which is not a complete checkpoint; scanning {root}")
+    complete = [
+        int(name[5:])
+        for name in os.listdir(root)
+        if name.startswith("iter_") and name[5:].isdigit() and _is_complete(os.path.join(root, name))
+    ]
+    return max(complete) if complete else None
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _rng_state() -> dict:
+    return {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state_dict(model, optimizer, is_loading: bool) -> dict:
+    model_state = model.sharded_state_dict(prefix="")
+    state = {"model": model_state}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+    return state
+
+
+def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, consumed_samples: int, args) -> str:
+    """Collective: every rank calls it. Returns the checkpoint directory."""
+    final = iteration_dir(root, iteration)
+    partial = final + ".partial"
+    if _rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)  # dist_checkpointing writes into an existing, empty directory
+    _barrier()
+
+    state = _sharded_state_dict(model, optimizer, is_loading=False)
+    state.update(
+        iteration=iteration,
+        consumed_samples=consumed_samples,
+        scheduler=scheduler.state_dict() if scheduler is not None else None,
+        args=vars(args),
+        world_size=torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+    )
+    dist_checkpointing.save(state, partial)
+    os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
+    torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{_rank():05d}.pt"))
+    _barrier()
+
+    if _rank() == 0:
+        with open(os.path.join(partial, COMPLETE_MARKER), "w") as f:
+            f.write(f"{iteration}\n")
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        tracker = os.path.join(root, TRACKER_FILE)
+        with open(tracker + ".tmp", "w") as f:
+            f.write(f"{iteration}\n")
+        os.replace(tracker + ".tmp", tracker)
+    _barrier()
+    return final
+
+
+@dataclass
+class LoadedCheckpoint:
+    iteration: int
+    consumed_samples: int
+    path: str
+    args: dict
+
+
+def load_checkpoint(
+    root: str, model, optimizer, scheduler, load_optim: bool = True, load_rng: bool = True,
+    finetune: bool = False,
+) -> Optional[LoadedCheckpoint]:
+    """Collective. Restores the newest complete checkpoint under root into model (and optimizer,
+    scheduler, RNG states); None when there is none yet."""
+    iteration = find_latest_checkpoint(root)
+    if iteration is None:
+        return None
+    path = iteration_dir(root, iteration)
+    common = dist_checkpointing.load_common_state_dict(path)
+    saved_args = common.get("args", {})
+    optimizer = optimizer if (load_optim and not finetune) else None
+    if optimizer is not None and bool(saved_args.get("bf16")) != bool(optimizer.fp32_master_weights):
+        raise CheckpointError(
+            f"{path} was saved {'with' if saved_args.get('bf16') else 'without'} --bf16; resume "
+            "with the same setting, or pass --no-load-optim to start a fresh optimizer"
+        )
+    try:
+        state = dist_checkpointing.load(_sharded_state_dict(model, optimizer, is_loading=True), path)
+    except Exception as error:
+        raise CheckpointError(
+            f"cannot load {path} into this model ({type(error).__name__}: {error}); the model "
+            "flags (--num-layers, --hidden-size, --num-experts, ...) must match the saved run"
+        ) from None
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_sharded_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+    if finetune:
+        return LoadedCheckpoint(0, 0, path, saved_args)
+    if load_rng:
+        rng_file = os.path.join(path, "rng", f"rank_{_rank():05d}.pt")
+        same_layout = state.get("world_size") == (
+            torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        )
+        if same_layout and os.path.isfile(rng_file):
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            logger.warning(f"{path}: RNG states not restored (saved with another number of ranks)")
+    return LoadedCheckpoint(state["iteration"], state["consumed_samples"], path, saved_args)

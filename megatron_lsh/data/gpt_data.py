@@ -1,0 +1,144 @@
+"""GPT training data: megatron-core's GPTDataset through BlendedMegatronDatasetBuilder, checks that
+the files are whole and match the tokenizer, and a resumable data-parallel sampler."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
+from megatron.core.datasets.utils import get_blend_from_list
+
+from megatron_lsh.data.preprocess import data_sidecar_path
+
+
+class DataError(ValueError):
+    """Data files that cannot be trained on; the message names the file and the fix."""
+
+
+def check_indexed_dataset(prefix: str, tokenizer, flag: str) -> None:
+    """Refuse truncated files and data made with another tokenizer, before training starts."""
+    bin_path, idx_path = get_bin_path(prefix), get_idx_path(prefix)
+    try:
+        dataset = IndexedDataset(prefix, mmap=True)
+    except Exception as error:
+        raise DataError(
+            f"{flag} {prefix}: cannot read {idx_path} ({type(error).__name__}: {error}); "
+            "re-run data_tools/preprocess_data.py"
+        ) from None
+    index = dataset.index
+    itemsize = np.dtype(index.dtype).itemsize
+    expected = int(index.sequence_pointers[-1] + index.sequence_lengths[-1] * itemsize) if len(index) else 0
+    actual = os.path.getsize(bin_path)
+    if actual != expected:
+        raise DataError(
+            f"{flag} {prefix}: {bin_path} holds {actual} bytes but {idx_path} describes "
+            f"{expected}; the file is {'truncated' if actual < expected else 'not the one indexed'} "
+            "- re-run data_tools/preprocess_data.py"
+        )
+    sidecar = data_sidecar_path(prefix)
+    if os.path.isfile(sidecar):
+        with open(sidecar) as f:
+            made_with = json.load(f)
+        if made_with.get("tokenizer_fingerprint") != tokenizer.fingerprint:
+            raise DataError(
+                f"{flag} {prefix} was tokenized with {made_with.get('tokenizer_model') or made_with.get('tokenizer_type')} "
+                f"(vocabulary {made_with.get('vocab_size')}), not with this --tokenizer-model "
+                f"(vocabulary {tokenizer.vocab_size}); pass the tokenizer the data was made with, "
+                "or re-run data_tools/preprocess_data.py with this one"
+            )
+        return
+    # No record of the tokenizer: at least every id must exist in its vocabulary.
+    tokens = np.memmap(bin_path, dtype=index.dtype, mode="r")
+    largest = int(tokens.max()) if tokens.size else -1
+    if largest >= tokenizer.vocab_size:
+        raise DataError(
+            f"{flag} {prefix} holds token id {largest}, beyond this tokenizer's vocabulary of "
+            f"{tokenizer.vocab_size}; pass the tokenizer the data was made with"
+        )
+
+
+def _blend(paths: Optional[Sequence[str]]):
+    return get_blend_from_list(list(paths)) if paths else None
+
+
+def build_gpt_datasets(args, tokenizer, num_samples: Sequence[int]):
+    """(train, valid, test) datasets holding at least num_samples samples each (None when a
+    split has no data)."""
+    if args.mock_data:
+        blend, blend_per_split, split = None, None, "1,1,1"
+        dataset_class = MockGPTDataset
+    else:
+        per_split = [args.train_data_path, args.valid_data_path, args.test_data_path]
+        for flag, paths in zip(
+            ("--data-path", "--train-data-path", "--valid-data-path", "--test-data-path"),
+            [args.data_path] + per_split,
+        ):
+            blend_ = _blend(paths)
+            for prefix in blend_[0] if blend_ else []:
+                check_indexed_dataset(prefix, tokenizer, flag)
+        if args.data_path:
+            blend, blend_per_split, split = _blend(args.data_path), None, args.split
+        else:
+            blend, blend_per_split, split = None, [_blend(p) for p in per_split], None
+        dataset_class = GPTDataset
+    config = GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=split,
+        path_to_cache=args.data_cache_path,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mmap_bin_files=True,
+    )
+    return BlendedMegatronDatasetBuilder(
+        dataset_class, list(num_samples), lambda: True, config
+    ).build()
+
+
+class DataParallelSampler(torch.utils.data.Sampler):
+    """Megatron's pretraining order: global batches of consecutive sample indices, starting
+    after `consumed_samples`; each data-parallel rank takes its micro-batch slice of them."""
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int):
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+
+    def __len__(self):
+        return (self.total_samples - self.consumed_samples) // (self.micro_batch_size * self.dp_size)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        step = self.micro_batch_size * self.dp_size
+        first = self.dp_rank * self.micro_batch_size
+        for start in range(self.consumed_samples, self.total_samples - step + 1, step):
+            yield list(range(start + first, start + first + self.micro_batch_size))
+
+
+def data_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int,
+                  dp_size: int, num_workers: int) -> Iterator[dict]:
+    sampler = DataParallelSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+        # Its own generator: creating an iterator must not advance the global RNG, or dropout
+        # after a resume (or after an evaluation) would differ from an uninterrupted run.
+        generator=torch.Generator().manual_seed(consumed_samples + dp_rank),
+    )
+    return iter(loader)

@@ -1,0 +1,133 @@
+"""jsonl documents to megatron-core indexed datasets (.bin/.idx), as Megatron-LM's
+tools/preprocess_data.py names them: PREFIX_KEY_document.{bin,idx}.
+
+Beside each pair goes PREFIX_KEY_document.json naming the tokenizer (type, file fingerprint,
+vocabulary size), so training can refuse data made with another tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+from megatron.core.datasets.indexed_dataset import (
+    DType,
+    IndexedDatasetBuilder,
+    get_bin_path,
+    get_idx_path,
+)
+
+from megatron_lsh.data.tokenizer import build_tokenizer
+
+_worker_state: dict = {}
+
+
+def _init_worker(tokenizer_type, tokenizer_model, vocab_size, json_keys, append_eod):
+    _worker_state["tokenizer"] = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size)
+    _worker_state["keys"] = json_keys
+    _worker_state["append_eod"] = append_eod
+
+
+def _encode_line(line: str):
+    """One jsonl line -> {key: token ids} (None for a blank line), and its size in bytes."""
+    size = len(line.encode("utf-8"))
+    if not line.strip():
+        return None, size
+    record = json.loads(line)
+    tokenizer = _worker_state["tokenizer"]
+    encoded = {}
+    for key in _worker_state["keys"]:
+        if key not in record:
+            raise KeyError(f"a document has no key {key!r} (see --json-keys)")
+        ids = tokenizer.tokenize(record[key])
+        if _worker_state["append_eod"]:
+            ids.append(tokenizer.eod)
+        encoded[key] = ids
+    return encoded, size
+
+
+def output_prefix_for(output_prefix: str, key: str) -> str:
+    return f"{output_prefix}_{key}_document"
+
+
+def data_sidecar_path(path_prefix: str) -> str:
+    return f"{path_prefix}.json"
+
+
+def preprocess_jsonl(
+    inputs: Sequence[str],
+    output_prefix: str,
+    tokenizer_type: str,
+    tokenizer_model: str | None,
+    json_keys: Sequence[str] = ("text",),
+    append_eod: bool = True,
+    workers: int = 1,
+    vocab_size: int | None = None,
+    progress: bool = True,
+) -> Dict[str, dict]:
+    """Tokenize every document of the jsonl inputs with `workers` processes, in input order.
+
+    Returns, per key, the output prefix and its document and token counts. Files appear under
+    their final names only once complete.
+    """
+    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size)
+    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    for path in inputs:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--input {path}: no such file")
+    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    prefixes = {key: output_prefix_for(output_prefix, key) for key in json_keys}
+    partial = {key: prefix + ".partial" for key, prefix in prefixes.items()}
+    builders = {key: IndexedDatasetBuilder(get_bin_path(partial[key]), dtype=dtype) for key in json_keys}
+    counts = {key: {"documents": 0, "tokens": 0} for key in json_keys}
+
+    total_bytes = sum(os.path.getsize(p) for p in inputs)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing")
+
+    def lines():
+        for path in inputs:
+            with open(path, encoding="utf-8") as f:
+                yield from f
+
+    initargs = (tokenizer_type, tokenizer_model, vocab_size, list(json_keys), append_eod)
+    context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+    with context.Pool(max(1, workers), initializer=_init_worker, initargs=initargs) as pool:
+        for encoded, size in pool.imap(_encode_line, lines(), chunksize=16):
+            if bar is not None:
+                bar.update(size)
+            if encoded is None:
+                continue
+            for key, ids in encoded.items():
+                if not ids:  # an empty document without --append-eod has nothing to store
+                    continue
+                builders[key].add_document(np.asarray(ids, dtype=dtype), [len(ids)])
+                counts[key]["documents"] += 1
+                counts[key]["tokens"] += len(ids)
+    if bar is not None:
+        bar.close()
+
+    results = {}
+    for key, builder in builders.items():
+        builder.finalize(get_idx_path(partial[key]))
+        os.replace(get_bin_path(partial[key]), get_bin_path(prefixes[key]))
+        os.replace(get_idx_path(partial[key]), get_idx_path(prefixes[key]))
+        sidecar = {
+            "tokenizer_type": tokenizer_type,
+            "tokenizer_model": os.path.abspath(tokenizer_model) if tokenizer_model else None,
+            "tokenizer_fingerprint": tokenizer.fingerprint,
+            "vocab_size": tokenizer.vocab_size,
+            "append_eod": append_eod,
+            **counts[key],
+        }
+        with open(data_sidecar_path(prefixes[key]), "w") as f:
+            json.dump(sidecar, f, indent=2)
+        results[key] = {"prefix": prefixes[key], **counts[key]}
+    return results

@@ -1,0 +1,53 @@
+"""Wall time spent in expert-parallel all-to-alls, forward and backward, stock or LSH.
+
+Both dispatchers send through megatron-core's ``tensor_parallel.mappings._AllToAll``; timing its
+forward and backward covers every all-to-all of a step, including those autograd runs. On GPUs
+the device is synchronised around each one so the time is the collective's own, which removes
+any overlap: switch it off with --no-log-a2a-time for the fastest runs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from megatron.core.tensor_parallel import mappings
+
+_seconds = 0.0
+_installed = False
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def install() -> None:
+    """Start timing (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    forward, backward = mappings._AllToAll.forward, mappings._AllToAll.backward
+
+    def timed(fn):
+        def wrapper(ctx, *args):
+            global _seconds
+            _sync()
+            start = time.perf_counter()
+            result = fn(ctx, *args)
+            _sync()
+            _seconds += time.perf_counter() - start
+            return result
+
+        return staticmethod(wrapper)
+
+    mappings._AllToAll.forward = timed(forward)
+    mappings._AllToAll.backward = timed(backward)
+
+
+def take_seconds() -> float:
+    """Seconds spent in all-to-alls since the last call."""
+    global _seconds
+    seconds, _seconds = _seconds, 0.0
+    return seconds

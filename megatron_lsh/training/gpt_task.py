@@ -1,0 +1,42 @@
+"""GPT-MoE pretraining: the model, data and loss the shared loop needs."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_lsh.data.gpt_data import build_gpt_datasets
+from megatron_lsh.models import build_gpt_moe_model
+from megatron_lsh.training.loop import ModelTask
+
+
+def build_model(args, config, vocab_size):
+    return build_gpt_moe_model(
+        config,
+        vocab_size=vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        position_embedding_type=args.position_embedding_type,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        rotary_base=args.rotary_base,
+    )
+
+
+def forward_step(batch, model):
+    """Mean next-token loss over the unmasked tokens of one micro-batch."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    loss_mask = batch["loss_mask"].to(device, non_blocking=True).float()
+    position_ids = batch["position_ids"].to(device, non_blocking=True)
+    per_token = model(tokens, position_ids, None, labels=labels)
+    tokens_counted = loss_mask.sum()
+    loss = (per_token.float() * loss_mask).sum() / tokens_counted.clamp(min=1)
+    return loss, tokens_counted
+
+
+GPT_TASK = ModelTask(
+    name="GPT-MoE",
+    build_model=build_model,
+    build_datasets=build_gpt_datasets,
+    forward_step=forward_step,
+    tokens_per_sample=lambda args: args.seq_length,
+)

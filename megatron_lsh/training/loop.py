@@ -1,0 +1,377 @@
+"""The pretraining loop shared by GPT-MoE and T5-MoE: set-up, gradient accumulation over
+megatron-core DDP, clipping, the LR schedule, periodic evaluation, logging and checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+    reduce_aux_losses_tracker_across_ranks,
+)
+
+from megatron_lsh.checkpoint.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
+from megatron_lsh.data.gpt_data import DataError, data_iterator
+from megatron_lsh.data.tokenizer import TokenizerError, build_tokenizer
+from megatron_lsh.moe import CompressionStats, get_compression_tracker, set_lsh_iteration
+from megatron_lsh.training import a2a_timer
+from megatron_lsh.training.arguments import ArgumentError, validate_args
+from megatron_lsh.training.config import transformer_config_from_args
+from megatron_lsh.training.initialize import destroy_distributed, initialize_distributed
+from megatron_lsh.training.metrics_logger import MetricsLogger, timestamp
+from megatron_lsh.training.optimizer import TrainingOptimizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelTask:
+    """What differs between model families."""
+
+    name: str
+    build_model: Callable  # (args, config, padded_vocab_size) -> megatron module
+    build_datasets: Callable  # (args, tokenizer, [n_train, n_valid, n_test]) -> (train, valid, test)
+    forward_step: Callable  # (batch, model) -> (mean loss over tokens, number of tokens)
+    tokens_per_sample: Callable  # (args) -> tokens one sample contributes to throughput
+    validate: Optional[Callable] = None  # (args) -> None, raising ArgumentError
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
+    """Megatron pads the embedding table to a multiple of --make-vocab-size-divisible-by."""
+    return int(math.ceil(vocab_size / divisible_by) * divisible_by)
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def _all_reduce_mean(values, group=None) -> list:
+    if not torch.distributed.is_initialized():
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.all_reduce(tensor, group=group)
+    return (tensor / torch.distributed.get_world_size(group)).tolist()
+
+
+def moe_aux_loss_metrics(num_microbatches: int) -> Dict[str, float]:
+    """megatron-core's per-layer router losses (load balancing, z-loss), averaged over MoE layers."""
+    tracker = get_moe_layer_wise_logging_tracker()
+    if not tracker:
+        return {}
+    reduce_aux_losses_tracker_across_ranks()
+    metrics = {}
+    for name, entry in tracker.items():
+        values = entry["values"].float() / num_microbatches
+        moe_layers = values[values != 0]
+        if moe_layers.numel():
+            metrics[name] = moe_layers.mean().item()
+    clear_aux_losses_tracker()
+    return metrics
+
+
+def compression_metrics(stats: Dict[str, CompressionStats], prefix: str = "") -> Dict[str, float]:
+    if not stats:
+        return {}
+    total = sum(stats.values(), CompressionStats())
+    metrics = {
+        f"{prefix}lsh compression rate": total.compression_rate,
+        f"{prefix}a2a dispatch bytes ratio": total.dispatch_bytes_ratio,
+        f"{prefix}a2a combine bytes ratio": total.combine_bytes_ratio,
+        f"{prefix}a2a bytes sent": float(total.dispatch_bytes + total.combine_bytes),
+        f"{prefix}a2a bytes stock": float(total.dispatch_bytes_stock + total.combine_bytes_stock),
+    }
+    for layer, s in sorted(stats.items()):
+        metrics[f"{prefix}lsh compression rate/{layer}"] = s.compression_rate
+        metrics[f"{prefix}a2a bytes sent/{layer}"] = float(s.dispatch_bytes + s.combine_bytes)
+    return metrics
+
+
+class Trainer:
+    def __init__(self, task: ModelTask, args):
+        self.task = task
+        self.args = args
+        self.start_time = time.time()
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        validate_args(args, world_size)
+        if task.validate is not None:
+            task.validate(args)
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        initialize_distributed(
+            expert_model_parallel_size=args.expert_model_parallel_size,
+            seed=args.seed,
+            timeout_minutes=args.distributed_timeout_minutes,
+        )
+        self.rank = torch.distributed.get_rank()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.num_microbatches = args.global_batch_size // (args.micro_batch_size * self.dp_size)
+        self.log = MetricsLogger(args, enabled=self.rank == 0, run_config=vars(args))
+
+        self.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+        self.config = transformer_config_from_args(args)
+        vocab = padded_vocab_size(self.tokenizer.vocab_size, args.make_vocab_size_divisible_by)
+        self.model = task.build_model(args, self.config, vocab)
+        self.ddp = DistributedDataParallel(
+            config=self.config,
+            ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+            ),
+            module=self.model,
+        )
+        self.optimizer = TrainingOptimizer(
+            self.model,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_eps,
+            fp32_master_weights=args.bf16,
+        )
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if args.lr_warmup_iters else args.lr,
+            max_lr=args.lr,
+            min_lr=args.min_lr,
+            lr_warmup_steps=args.lr_warmup_iters,
+            lr_decay_steps=args.lr_decay_iters,
+            lr_decay_style=args.lr_decay_style,
+            start_wd=args.weight_decay,
+            end_wd=args.weight_decay,
+            wd_incr_steps=args.train_iters,
+            wd_incr_style="constant",
+            wsd_decay_steps=args.lr_wsd_decay_iters,
+            lr_wsd_decay_style=args.lr_wsd_decay_style,
+        )
+        self.iteration = 0
+        self.consumed_samples = 0
+        if args.load:
+            loaded = load_checkpoint(
+                args.load, self.model, self.optimizer, self.scheduler,
+                load_optim=not args.no_load_optim, load_rng=not args.no_load_rng, finetune=args.finetune,
+            )
+            if loaded is None:
+                self.log.console(f"no checkpoint in {args.load} yet: training from scratch")
+            else:
+                if args.no_load_optim or args.finetune:
+                    self.optimizer.reload_model_params()
+                self.iteration, self.consumed_samples = loaded.iteration, loaded.consumed_samples
+                self.log.console(f"loaded {loaded.path}: resuming at iteration {self.iteration}")
+
+        parameters = sum(p.numel() for p in self.model.parameters())
+        self.log.console(
+            f"{task.name}: {parameters / 1e6:.2f}M parameters on rank 0 (experts: "
+            f"{args.num_experts // args.expert_model_parallel_size} of {args.num_experts} local), "
+            f"vocabulary {self.tokenizer.vocab_size} (padded {vocab}), "
+            f"{self.num_microbatches} micro-batches of {args.micro_batch_size} x {self.dp_size} ranks "
+            f"per step, LSH {'on' if args.lsh_enabled else 'off'}"
+        )
+        eval_runs = args.train_iters // args.eval_interval + 1 if args.eval_iters else 0
+        num_samples = [
+            args.train_iters * args.global_batch_size,
+            args.eval_iters * args.global_batch_size * max(eval_runs, 1),
+            args.eval_iters * args.global_batch_size,
+        ]
+        self.train_ds, self.valid_ds, self.test_ds = task.build_datasets(args, self.tokenizer, num_samples)
+        if self.train_ds is None:
+            raise DataError("no training data: check --split or --train-data-path")
+        self.train_iter = data_iterator(
+            self.train_ds, self.consumed_samples, args.micro_batch_size, self.dp_rank, self.dp_size,
+            args.num_workers,
+        )
+        if args.log_a2a_time:
+            a2a_timer.install()
+
+    # -- one optimiser step ------------------------------------------------------------------
+
+    def train_step(self) -> Dict[str, float]:
+        args = self.args
+        set_lsh_iteration(self.model, self.iteration)
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=device) / self.num_microbatches)
+        losses = []
+        for _ in range(self.num_microbatches):
+            batch = next(self.train_iter)
+            loss, _ = self.task.forward_step(batch, self.ddp)
+            (loss / self.num_microbatches).backward()
+            losses.append(loss.detach())
+        self.ddp.finish_grad_sync()
+        self.optimizer.prepare_grads()
+        grad_norm = self.optimizer.clip_grads(args.clip_grad)
+        loss = torch.stack(losses).mean().item()
+        if not math.isfinite(grad_norm) or not math.isfinite(loss):
+            raise TrainingError(
+                f"loss {loss} / grad norm {grad_norm} is not finite at iteration {self.iteration + 1}; "
+                "lower --lr, raise --lr-warmup-iters, or resume from an earlier checkpoint"
+            )
+        self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.iteration += 1
+        self.consumed_samples += args.global_batch_size
+        return {"lm loss": loss, "grad norm": grad_norm}
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, dataset, name: str) -> Optional[Dict[str, float]]:
+        args = self.args
+        if dataset is None or args.eval_iters == 0:
+            return None
+        tracker = get_compression_tracker()
+        pending_train_stats = tracker.take()
+        self.ddp.eval()
+        # Always the same leading samples, so every evaluation is comparable.
+        iterator = data_iterator(dataset, 0, args.micro_batch_size, self.dp_rank, self.dp_size, args.num_workers)
+        loss_sum, token_count = 0.0, 0.0
+        for _ in range(args.eval_iters * self.num_microbatches):
+            loss, tokens = self.task.forward_step(next(iterator), self.ddp)
+            loss_sum += loss.item() * float(tokens)
+            token_count += float(tokens)
+        self.ddp.train()
+        loss_sum, token_count = (v * self.dp_size for v in _all_reduce_mean([loss_sum, token_count]))
+        eval_stats = tracker.take(group=torch.distributed.group.WORLD)
+        for layer, stats in pending_train_stats.items():
+            tracker.record(layer, stats)
+        loss = loss_sum / max(token_count, 1.0)
+        metrics = {f"{name} lm loss": loss, f"{name} lm loss PPL": math.exp(min(loss, 50.0))}
+        metrics.update(compression_metrics(eval_stats, prefix=f"{name} "))
+        return metrics
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def tokens_seen(self) -> int:
+        return self.consumed_samples * self.task.tokens_per_sample(self.args)
+
+    def train(self) -> None:
+        args = self.args
+        interval: Dict[str, list] = {"lm loss": [], "grad norm": [], "step seconds": []}
+        interval_start = time.time()
+        a2a_timer.take_seconds()
+        stop_at = min(args.train_iters, args.exit_interval or args.train_iters)
+        if self.iteration == 0 and args.eval_interval:
+            self._evaluate_and_log()
+        while self.iteration < stop_at:
+            step_start = time.time()
+            metrics = self.train_step()
+            interval["step seconds"].append(time.time() - step_start)
+            for key in ("lm loss", "grad norm"):
+                interval[key].append(metrics[key])
+            if self.iteration % args.log_interval == 0 or self.iteration == stop_at:
+                self._log_interval(interval, time.time() - interval_start)
+                interval = {key: [] for key in interval}
+                interval_start = time.time()
+            if args.eval_interval and self.iteration % args.eval_interval == 0 and self.iteration != stop_at:
+                self._evaluate_and_log()
+            if args.save and args.save_interval and self.iteration % args.save_interval == 0:
+                self.save()
+        if self.iteration >= args.train_iters or args.eval_interval:
+            self._evaluate_and_log()
+        if self.iteration >= args.train_iters and self.test_ds is not None:
+            self._evaluate_and_log(dataset=self.test_ds, name="test")
+        if args.save and not (args.save_interval and self.iteration % args.save_interval == 0):
+            self.save()
+        self.log.console(f"[{timestamp()}] done: iteration {self.iteration}, {time.time() - self.start_time:.0f}s")
+        self.log.close()
+
+    def save(self) -> None:
+        start = time.time()
+        path = save_checkpoint(
+            self.args.save, self.iteration, self.model, self.optimizer, self.scheduler,
+            self.consumed_samples, self.args,
+        )
+        self.log.console(f"saved checkpoint {path} ({time.time() - start:.1f}s)")
+
+    def _evaluate_and_log(self, dataset=None, name="validation") -> None:
+        metrics = self.evaluate(self.valid_ds if dataset is None else dataset, name)
+        if metrics is None:
+            return
+        loss, ppl = metrics[f"{name} lm loss"], metrics[f"{name} lm loss PPL"]
+        line = f" {name} loss at iteration {self.iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |"
+        if f"{name} lsh compression rate" in metrics:
+            line += f" lsh compression rate: {metrics[f'{name} lsh compression rate']:.3f} |"
+        self.log.console("-" * len(line) + "\n" + line + "\n" + "-" * len(line))
+        self.log.log(metrics, self.iteration, self.tokens_seen(), time.time() - self.start_time)
+
+    def _log_interval(self, interval: Dict[str, list], elapsed: float) -> None:
+        args = self.args
+        steps = len(interval["lm loss"])
+        step_seconds = sum(interval["step seconds"])
+        a2a_seconds = a2a_timer.take_seconds()
+        lm_loss, grad_norm = (sum(interval[k]) / steps for k in ("lm loss", "grad norm"))
+        step_seconds, a2a_seconds = _all_reduce_mean([step_seconds, a2a_seconds])
+        tokens = steps * args.global_batch_size * self.task.tokens_per_sample(args)
+        metrics = {
+            "lm loss": lm_loss,
+            "learning rate": self.optimizer.param_groups[0]["lr"],
+            "grad norm": grad_norm,
+            "iteration time ms": 1000 * elapsed / steps,
+            "tokens per second": tokens / elapsed,
+        }
+        metrics.update(moe_aux_loss_metrics(self.num_microbatches * steps))
+        if args.log_a2a_time:
+            metrics["a2a share of step time"] = a2a_seconds / step_seconds if step_seconds else 0.0
+        metrics.update(compression_metrics(get_compression_tracker().take(group=torch.distributed.group.WORLD)))
+        line = (
+            f" [{timestamp()}] iteration {self.iteration:8d}/{args.train_iters:8d} |"
+            f" consumed samples: {self.consumed_samples:12d} |"
+            f" elapsed time per iteration (ms): {metrics['iteration time ms']:.1f} |"
+            f" learning rate: {metrics['learning rate']:.6E} |"
+            f" global batch size: {args.global_batch_size:5d} |"
+            f" lm loss: {lm_loss:.6E} |"
+        )
+        for name in ("load_balancing_loss", "z_loss"):
+            if name in metrics:
+                line += f" {name}: {metrics[name]:.6E} |"
+        line += f" grad norm: {grad_norm:.3f} | tokens per second: {metrics['tokens per second']:.0f} |"
+        if "lsh compression rate" in metrics:
+            line += (
+                f" lsh compression rate: {metrics['lsh compression rate']:.3f} |"
+                f" a2a bytes: {metrics['a2a dispatch bytes ratio']:.3f}x stock |"
+            )
+        if "a2a share of step time" in metrics:
+            line += f" a2a share: {100 * metrics['a2a share of step time']:.1f}% |"
+        self.log.console(line)
+        self.log.log(metrics, self.iteration, self.tokens_seen(), time.time() - self.start_time)
+
+
+def _configure_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # megatron-core narrates every dataset index it builds at INFO; keep its warnings.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+
+
+def pretrain(task: ModelTask, args) -> None:
+    """Entry point of the pretrain_*.py scripts: clear one-line errors for bad input."""
+    _configure_logging(int(os.environ.get("RANK", "0")))
+    try:
+        trainer = Trainer(task, args)
+        trainer.train()
+    except (ArgumentError, DataError, TokenizerError) as error:
+        # Every rank sees the same flags and files: one message, from rank 0.
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        destroy_distributed()
+        sys.exit(2)
+    except (CheckpointError, TrainingError) as error:
+        print(f"error (rank {os.environ.get('RANK', '0')}): {error}", file=sys.stderr, flush=True)
+        destroy_distributed()
+        sys.exit(2)
+    destroy_distributed()

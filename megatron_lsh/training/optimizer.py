@@ -1,0 +1,178 @@
+"""AdamW over megatron-core DDP gradients, with fp32 master weights for bf16 models, global
+gradient-norm clipping across expert-parallel ranks, and a sharded (dist_checkpointing) state.
+
+megatron-core's own optimizers allocate CUDA tensors unconditionally; this one is plain torch and
+runs on CPU and GPU alike. It follows megatron-core's conventions: no weight decay on biases and
+norm weights, gradients taken from ``param.main_grad``, one shared Adam step count.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import chain
+from typing import Dict, List
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.optimizer import (
+    get_param_id_to_sharded_param_map,
+    make_sharded_optimizer_tensor,
+    optim_state_to_sharding_state,
+)
+
+
+def _is_expert(param: torch.nn.Parameter) -> bool:
+    # megatron-core marks expert-parallel weights allreduce=False (reduced over expert-DP only).
+    return not getattr(param, "allreduce", True)
+
+
+class TrainingOptimizer:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        lr: float,
+        weight_decay: float,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        fp32_master_weights: bool = False,
+    ):
+        decay, no_decay = [], []
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim == 1 or name.endswith(".bias") else decay).append(param)
+        self.model_groups: List[List[torch.nn.Parameter]] = [decay, no_decay]
+        self.fp32_master_weights = fp32_master_weights
+        if fp32_master_weights:
+            self.main_groups = [
+                [p.detach().clone().float().requires_grad_(True) for p in group]
+                for group in self.model_groups
+            ]
+        else:
+            self.main_groups = self.model_groups
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": self.main_groups[0], "wd_mult": 1.0},
+                {"params": self.main_groups[1], "wd_mult": 0.0},
+            ],
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+        )
+
+    @property
+    def param_groups(self):
+        """For megatron-core's OptimizerParamScheduler, which sets lr and weight decay."""
+        return self.optimizer.param_groups
+
+    def _pairs(self):
+        return zip(chain.from_iterable(self.model_groups), chain.from_iterable(self.main_groups))
+
+    def zero_grad(self) -> None:
+        for _, main in self._pairs():
+            main.grad = None
+
+    def prepare_grads(self) -> None:
+        """Point the optimizer's parameters at the reduced gradients (DDP's main_grad)."""
+        for model_param, main_param in self._pairs():
+            grad = getattr(model_param, "main_grad", None)
+            if grad is None:
+                grad = model_param.grad
+            main_param.grad = None if grad is None else grad.to(main_param.dtype)
+
+    def grad_norm(self) -> float:
+        """L2 norm of the whole model's gradient: dense parameters (equal on every rank) once,
+        expert parameters summed over the expert-parallel ranks that hold different experts."""
+        dense_sq = torch.zeros((), dtype=torch.float32)
+        expert_sq = torch.zeros((), dtype=torch.float32)
+        for model_param, main_param in self._pairs():
+            if main_param.grad is None:
+                continue
+            sq = main_param.grad.detach().float().pow(2).sum().cpu()
+            if _is_expert(model_param):
+                expert_sq += sq
+            else:
+                dense_sq += sq
+        if parallel_state.get_expert_model_parallel_world_size() > 1:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            expert_sq = expert_sq.to(device)
+            torch.distributed.all_reduce(
+                expert_sq, group=parallel_state.get_expert_model_parallel_group()
+            )
+            expert_sq = expert_sq.cpu()
+        return math.sqrt(float(dense_sq + expert_sq))
+
+    def clip_grads(self, max_norm: float) -> float:
+        """Scale gradients so their global norm is at most max_norm (0: no clipping); returns
+        the norm before clipping."""
+        norm = self.grad_norm()
+        if max_norm > 0 and norm > max_norm:
+            scale = max_norm / (norm + 1e-6)
+            for _, main_param in self._pairs():
+                if main_param.grad is not None:
+                    main_param.grad.mul_(scale)
+        return norm
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.optimizer.step()
+        if self.fp32_master_weights:
+            for model_param, main_param in self._pairs():
+                model_param.copy_(main_param)
+
+    @torch.no_grad()
+    def reload_model_params(self) -> None:
+        """Take the master weights from the model again (after loading weights only)."""
+        if self.fp32_master_weights:
+            for model_param, main_param in self._pairs():
+                main_param.copy_(model_param)
+
+    # -- checkpointing -----------------------------------------------------------------------
+
+    def _init_state(self) -> None:
+        """Adam state tensors before the first step, so a checkpoint has somewhere to load into."""
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                if not self.optimizer.state[param]:
+                    self.optimizer.state[param] = {
+                        "step": torch.tensor(0.0),
+                        "exp_avg": torch.zeros_like(param),
+                        "exp_avg_sq": torch.zeros_like(param),
+                    }
+
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False) -> Dict:
+        """The optimizer state as ShardedTensors laid out like the model's parameters, so a
+        checkpoint can be resumed on another expert-parallel layout."""
+        if is_loading:
+            self._init_state()
+        state = self.optimizer.state_dict()
+        id_to_sharded = get_param_id_to_sharded_param_map(
+            model_sharded_state_dict, chain.from_iterable(self.model_groups)
+        )
+        steps = {float(s["step"]) for s in state["state"].values() if "step" in s}
+        if len(steps) > 1:
+            raise RuntimeError(f"Adam step differs between parameters: {sorted(steps)}")
+        optim_state_to_sharding_state(state, id_to_sharded, exclude_keys="step")
+        if steps:
+            state["state"]["common_step"] = torch.tensor(steps.pop())
+        result = {"optimizer": state}
+        if self.fp32_master_weights:
+            result["fp32_params"] = [
+                make_sharded_optimizer_tensor(id_to_sharded[i], main, prefix="optimizer.state.fp32_param")
+                for i, (_, main) in enumerate(self._pairs())
+            ]
+        return result
+
+    def load_sharded_state_dict(self, loaded: Dict) -> None:
+        state = loaded["optimizer"]
+        step = state["state"].pop("common_step", None)
+        if step is not None:
+            for param_state in state["state"].values():
+                param_state["step"] = step.clone().float()
+        self.optimizer.load_state_dict(state)
+        if self.fp32_master_weights:
+            with torch.no_grad():
+                for (model_param, main_param), saved in zip(self._pairs(), loaded["fp32_params"]):
+                    main_param.copy_(saved)
+                    model_param.copy_(saved)
