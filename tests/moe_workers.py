@@ -184,22 +184,26 @@ def clustered_traffic(rank, world_size, num_experts, topk, distinct):
 
 
 def train_gpt_moe(rank, world_size, lsh_enabled, steps):
-    """Train a 2-layer GPT-MoE on a learnable synthetic language; return the global losses."""
-    from megatron_lsh.data.synthetic import counting_sequences
-    from megatron_lsh.models import build_gpt_moe_model
-    from megatron_lsh.moe import get_compression_tracker
-    from megatron_lsh.training.step import lm_train_step
+    """The GPT-MoE pretraining loop (pretrain_gpt_moe.py's) on mock data: the logged losses and
+    per-layer compression rates."""
+    from megatron_lsh.training.arguments import parse_args
+    from megatron_lsh.training.gpt_task import GPT_TASK
+    from megatron_lsh.training.loop import Trainer
 
-    initialize_distributed(expert_model_parallel_size=world_size, seed=1234)
-    config = moe_config(world_size, lsh_enabled=lsh_enabled, num_layers=2, moe_aux_loss_coeff=1e-2)
-    vocab, seq, batch = 64, 32, 4
-    model = build_gpt_moe_model(config, vocab_size=vocab, max_sequence_length=seq)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(10 + rank)
-    losses, rates = [], []
-    for _ in range(steps):
-        tokens = counting_sequences(batch, seq + 1, vocab, generator)
-        losses.append(lm_train_step(model, optimizer, tokens))
-        stats = get_compression_tracker().take(group=torch.distributed.group.WORLD)
-        rates.append({name: s.compression_rate for name, s in stats.items()})
-    return {"losses": losses, "rates": rates}
+    argv = [
+        "--mock-data", "--vocab-size", "64", "--seq-length", "32", "--num-layers", "2",
+        "--hidden-size", "64", "--num-attention-heads", "4", "--num-experts", "4",
+        "--moe-router-topk", "2", "--moe-aux-loss-coeff", "1e-2",
+        "--expert-model-parallel-size", str(world_size), "--micro-batch-size", "4",
+        "--train-iters", str(steps), "--lr", "3e-3", "--lr-decay-style", "constant",
+        "--log-interval", "1", "--eval-iters", "0", "--num-workers", "0",
+        "--lsh" if lsh_enabled else "--no-lsh",
+    ]
+    trainer = Trainer(GPT_TASK, parse_args("test", argv))
+    trainer.train()
+    rows = [row for row in trainer.history if "lm loss" in row]
+    prefix = "lsh compression rate/"
+    return {
+        "losses": [row["lm loss"] for row in rows],
+        "rates": [{k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix)} for row in rows],
+    }

@@ -1,18 +1,8 @@
-"""A synthetic language for smoke tests and demonstrations: no files, learnable in seconds."""
+"""Synthetic data for benchmarks: no files needed."""
 
 from __future__ import annotations
 
 import torch
-
-
-def counting_sequences(
-    batch_size: int, length: int, vocab_size: int, generator: torch.Generator
-) -> torch.Tensor:
-    """[batch, length] token ids counting up modulo the vocabulary from a random start in a
-    random stride of 1 to 3: the next token follows from the two before it."""
-    start = torch.randint(0, vocab_size, (batch_size, 1), generator=generator)
-    stride = torch.randint(1, 4, (batch_size, 1), generator=generator)
-    return (start + stride * torch.arange(length)) % vocab_size
 
 
 def clustered_hidden_states(

@@ -279,8 +279,15 @@ def validate_args(args, world_size: int) -> None:
             f"--hidden-size {args.hidden_size} must be divisible by --num-attention-heads "
             f"{args.num_attention_heads}"
         )
-    if args.lr_warmup_iters > args.lr_decay_iters:
-        raise ArgumentError("--lr-warmup-iters must not exceed --lr-decay-iters (or --train-iters)")
+    if args.lr_warmup_iters >= args.lr_decay_iters:
+        raise ArgumentError(
+            f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than --lr-decay-iters "
+            f"{args.lr_decay_iters} (which defaults to --train-iters)"
+        )
+    if args.lr_decay_style == "WSD" and args.lr_wsd_decay_iters is None:
+        raise ArgumentError("--lr-decay-style WSD needs --lr-wsd-decay-iters")
+    if not 0 <= args.min_lr <= args.lr:
+        raise ArgumentError(f"--min-lr {args.min_lr} must be between 0 and --lr {args.lr}")
     if args.save_interval is not None and args.save is None:
         raise ArgumentError("--save-interval needs --save DIR")
     if args.mock_data:

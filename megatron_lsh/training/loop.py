@@ -107,6 +107,8 @@ class Trainer:
         validate_args(args, world_size)
         if task.validate is not None:
             task.validate(args)
+        # Built before any process group exists, so a bad model flag stops every rank alike.
+        self.config = transformer_config_from_args(args)
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         os.environ.setdefault("RANK", "0")
@@ -123,7 +125,6 @@ class Trainer:
         self.log = MetricsLogger(args, enabled=self.rank == 0, run_config=vars(args))
 
         self.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
-        self.config = transformer_config_from_args(args)
         vocab = padded_vocab_size(self.tokenizer.vocab_size, args.make_vocab_size_divisible_by)
         self.model = task.build_model(args, self.config, vocab)
         self.ddp = DistributedDataParallel(
@@ -158,6 +159,7 @@ class Trainer:
         )
         self.iteration = 0
         self.consumed_samples = 0
+        self.history: list = []  # every logged row of metrics, for callers and tests
         if args.load:
             loaded = load_checkpoint(
                 args.load, self.model, self.optimizer, self.scheduler,
@@ -306,6 +308,7 @@ class Trainer:
             line += f" lsh compression rate: {metrics[f'{name} lsh compression rate']:.3f} |"
         self.log.console("-" * len(line) + "\n" + line + "\n" + "-" * len(line))
         self.log.log(metrics, self.iteration, self.tokens_seen(), time.time() - self.start_time)
+        self.history.append({"iteration": self.iteration, **metrics})
 
     def _log_interval(self, interval: Dict[str, list], elapsed: float) -> None:
         args = self.args
@@ -347,6 +350,7 @@ class Trainer:
             line += f" a2a share: {100 * metrics['a2a share of step time']:.1f}% |"
         self.log.console(line)
         self.log.log(metrics, self.iteration, self.tokens_seen(), time.time() - self.start_time)
+        self.history.append({"iteration": self.iteration, **metrics})
 
 
 def _configure_logging(rank: int) -> None:

@@ -1,0 +1,247 @@
+"""pretrain_gpt_moe.py end to end: 2 CPU ranks with torchrun, as a user launches it."""
+
+import glob
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.distributed import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+LOSS_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.* lm loss: ([0-9.E+-]+) \|")
+
+
+def model_flags(corpus, **overrides):
+    flags = {
+        "--num-layers": "2", "--hidden-size": "64", "--num-attention-heads": "4",
+        "--seq-length": "64", "--micro-batch-size": "4", "--global-batch-size": "16",
+        "--num-experts": "4", "--moe-router-topk": "2", "--moe-aux-loss-coeff": "1e-2",
+        "--expert-model-parallel-size": "2", "--lr": "2e-3", "--lr-warmup-iters": "3",
+        "--train-data-path": corpus["train"], "--valid-data-path": corpus["valid"],
+        "--tokenizer-type": "SentencePieceTokenizer", "--tokenizer-model": corpus["tokenizer"],
+        "--num-workers": "0", "--eval-iters": "2",
+    }
+    flags.update(overrides)
+    return [str(item) for pair in flags.items() for item in pair if item is not None]
+
+
+def environment(**extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), WANDB_MODE="offline", **extra)
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def torchrun_command(flags, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(free_port()), str(REPO / "pretrain_gpt_moe.py"), *flags]
+
+
+def torchrun(flags, nproc=2, timeout=600):
+    result = subprocess.run(torchrun_command(flags, nproc), cwd=REPO, env=environment(),
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout
+
+
+def losses(output):
+    return {int(it): float(loss) for it, loss in LOSS_LINE.findall(output)}
+
+
+@pytest.fixture(scope="module")
+def logged_run(corpus, tmp_path_factory):
+    work = tmp_path_factory.mktemp("run")
+    output = torchrun(model_flags(
+        corpus, **{"--train-iters": "30", "--log-interval": "5", "--eval-interval": "10",
+                   "--tensorboard-dir": str(work / "tb"), "--wandb-project": "test",
+                   "--wandb-save-dir": str(work / "wandb"), "--save": str(work / "ckpt")}))
+    return output, work
+
+
+def test_two_ranks_train_thirty_steps_with_falling_loss(logged_run):
+    output, _ = logged_run
+    logged = losses(output)
+    assert sorted(logged) == [5, 10, 15, 20, 25, 30]
+    assert logged[30] < logged[5] - 0.5, logged
+    perplexities = [float(p) for p in re.findall(r"validation loss at iteration \d+ \|.* lm loss PPL: ([0-9.E+-]+)", output)]
+    assert len(perplexities) == 4 and perplexities[-1] < perplexities[0]
+    assert "lsh compression rate" in output and "a2a share" in output
+
+
+TRACKED = ["lm loss", "learning rate", "grad norm", "tokens per second", "validation lm loss PPL",
+           "lsh compression rate", "lsh compression rate/layer_1", "a2a bytes sent/layer_2",
+           "a2a share of step time", "load_balancing_loss"]
+
+
+def test_tensorboard_holds_every_metric_against_iteration_tokens_and_time(logged_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, work = logged_run
+    events = EventAccumulator(str(work / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for name in TRACKED:
+        for tag in (name, f"{name} vs tokens", f"{name} vs time"):
+            assert tag in tags, tag
+    steps = [e.step for e in events.Scalars("lm loss")]
+    tokens = [e.step for e in events.Scalars("lm loss vs tokens")]
+    assert steps == [5, 10, 15, 20, 25, 30]
+    assert tokens == [s * 16 * 64 for s in steps]
+
+
+def read_offline_wandb_history(run_dir):
+    """History rows of an offline run file: a 7-byte header, then LevelDB-log records (32 KiB
+    blocks; 7-byte record headers: crc, length, type full/first/middle/last) of protobufs."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(glob.glob(os.path.join(run_dir, "*.wandb"))[0]).read_bytes()
+    payloads, pending, position, block = [], b"", 7, 32768
+    while position + 7 <= len(data):
+        if block - position % block < 7:
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        chunk = data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind == 0:
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            payloads.append(pending)
+    rows = []
+    for payload in payloads:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): item.value_json for item in record.history.item})
+    return rows
+
+
+def test_offline_wandb_run_holds_the_metrics(logged_run):
+    _, work = logged_run
+    runs = glob.glob(str(work / "wandb" / "wandb" / "offline-run-*"))
+    assert len(runs) == 1
+    rows = read_offline_wandb_history(runs[0])
+    keys = set().union(*rows)
+    for name in TRACKED:
+        for key in (name, f"by_tokens/{name}", f"by_time/{name}"):
+            assert key in keys, key
+    assert {"iteration", "consumed_tokens", "wall_clock_seconds"} <= keys
+
+
+def test_checkpoint_tracker_names_the_final_complete_checkpoint(logged_run):
+    _, work = logged_run
+    assert (work / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "30"
+    assert (work / "ckpt" / "iter_0000030" / "complete").is_file()
+
+
+def kill_with_descendants(pid):
+    """SIGKILL torchrun and every worker (workers run in sessions of their own)."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    for process in parent.children(recursive=True) + [parent]:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def test_kill_and_resume_gives_the_same_losses(corpus, tmp_path):
+    flags = lambda save: model_flags(corpus, **{  # noqa: E731
+        "--train-iters": "12", "--log-interval": "1", "--eval-interval": "100",
+        "--save": str(save), "--load": str(save), "--save-interval": "4"})
+    uninterrupted = losses(torchrun(flags(tmp_path / "a")))
+
+    # Start the same run and kill every process right after the iteration-8 checkpoint.
+    process = subprocess.Popen(torchrun_command(flags(tmp_path / "b")), cwd=REPO, env=environment(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if "saved checkpoint" in line and "iter_0000008" in line:
+            kill_with_descendants(process.pid)
+            break
+    process.wait(timeout=60)
+    assert (tmp_path / "b" / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
+
+    resumed_output = torchrun(flags(tmp_path / "b"))
+    assert "resuming at iteration 8" in resumed_output
+    resumed = losses(resumed_output)
+    assert sorted(resumed) == [9, 10, 11, 12]
+    assert all(resumed[i] == uninterrupted[i] for i in resumed), (resumed, uninterrupted)
+
+
+def test_partial_checkpoint_from_a_crashed_save_is_ignored(corpus, tmp_path):
+    from megatron_lsh.checkpoint.checkpointing import find_latest_checkpoint
+
+    save = tmp_path / "ckpt"
+    torchrun(model_flags(corpus, **{"--train-iters": "4", "--eval-iters": "0", "--log-interval": "2",
+                                    "--save": str(save)}))
+    # What a crash in the middle of saving iteration 8 leaves behind.
+    partial = save / "iter_0000008.partial"
+    partial.mkdir()
+    (partial / "__0_0.distcp").write_bytes(b"half written")
+    assert find_latest_checkpoint(str(save)) == 4
+    output = torchrun(model_flags(corpus, **{"--train-iters": "6", "--eval-iters": "0", "--log-interval": "2",
+                                             "--save": str(save), "--load": str(save)}))
+    assert "resuming at iteration 4" in output
+    assert sorted(losses(output)) == [6]
+
+
+def run_pretrain_expecting_error(flags, world_size=1):
+    """One process, as rank 0 of `world_size`: bad input must stop it before any collective."""
+    flags = [*flags, "--lr-warmup-iters", "0"]
+    env = environment(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    result = subprocess.run([sys.executable, str(REPO / "pretrain_gpt_moe.py"), *flags], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def test_missing_data_files_name_the_flag_and_file(corpus):
+    error = run_pretrain_expecting_error(model_flags(
+        corpus, **{"--train-iters": "2", "--expert-model-parallel-size": "1",
+                   "--valid-data-path": "/nonexistent/valid_text_document"}))
+    assert "--valid-data-path" in error and "/nonexistent/valid_text_document.bin" in error
+
+
+def test_truncated_bin_file_is_refused(corpus, tmp_path):
+    for suffix in (".bin", ".idx", ".json"):
+        data = open(corpus["train"] + suffix, "rb").read()
+        (tmp_path / f"cut{suffix}").write_bytes(data[: len(data) // 2] if suffix == ".bin" else data)
+    error = run_pretrain_expecting_error(model_flags(
+        corpus, **{"--train-iters": "2", "--expert-model-parallel-size": "1",
+                   "--train-data-path": str(tmp_path / "cut")}))
+    assert "--train-data-path" in error and "truncated" in error
+
+
+def test_tokenizer_that_does_not_match_the_data_is_refused(corpus, tmp_path):
+    from megatron_lsh.data.tokenizer import train_sentencepiece
+
+    other = train_sentencepiece((f"unrelated text {i}" for i in range(300)), str(tmp_path / "other"), vocab_size=280)
+    error = run_pretrain_expecting_error(model_flags(
+        corpus, **{"--train-iters": "2", "--expert-model-parallel-size": "1", "--tokenizer-model": other}))
+    assert "tokenized with" in error and "--tokenizer-model" in error
+
+
+@pytest.mark.parametrize(
+    "overrides, world_size, expected",
+    [
+        ({"--global-batch-size": "12"}, 2, "--global-batch-size 12 must be a multiple of --micro-batch-size 4 x data-parallel size 2"),
+        ({"--num-experts": "6", "--expert-model-parallel-size": "4"}, 4, "--expert-model-parallel-size 4 must divide --num-experts 6"),
+        ({"--expert-model-parallel-size": "2"}, 3, "--expert-model-parallel-size 2 must divide the number of processes (3)"),
+        ({"--lsh-num-hashes": "0"}, 2, "--lsh-num-hashes"),
+    ],
+    ids=["global-batch", "experts", "world-size", "lsh-hashes"],
+)
+def test_bad_parallel_and_batch_settings_give_one_clear_error(corpus, overrides, world_size, expected):
+    error = run_pretrain_expecting_error(model_flags(corpus, **{"--train-iters": "2", **overrides}), world_size)
+    assert expected in error
