@@ -1,6 +1,7 @@
 """pretrain_gpt_moe.py end to end: 2 CPU ranks with torchrun, as a user launches it."""
 
 import glob
+import json
 import os
 import re
 import signal
@@ -226,7 +227,9 @@ def test_truncated_bin_file_is_refused(corpus, tmp_path):
 def test_tokenizer_that_does_not_match_the_data_is_refused(corpus, tmp_path):
     from megatron_lsh.data.tokenizer import train_sentencepiece
 
-    other = train_sentencepiece((f"unrelated text {i}" for i in range(300)), str(tmp_path / "other"), vocab_size=290)
+    other = train_sentencepiece(
+        (json.loads(line)["text"] for line in open(corpus["jsonl"]["train"])), str(tmp_path / "other"), vocab_size=290
+    )
     error = run_pretrain_expecting_error(model_flags(
         corpus, **{"--train-iters": "2", "--expert-model-parallel-size": "1", "--tokenizer-model": other}))
     assert "tokenized with" in error and "--tokenizer-model" in error
