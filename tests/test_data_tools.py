@@ -162,7 +162,7 @@ def test_truncated_bin_is_refused_naming_the_file(corpus, tmp_path):
 
 def test_data_from_another_tokenizer_is_refused(corpus, tmp_path):
     other = train_sentencepiece(
-        (json.loads(line)["text"] for line in open(corpus["jsonl"]["train"])), str(tmp_path / "other"), vocab_size=290
+        (json.loads(line)["text"] for line in open(corpus["jsonl"]["train"])), str(tmp_path / "other"), vocab_size=310
     )
     with pytest.raises(DataError, match="tokenized with"):
         check_indexed_dataset(corpus["valid"], SentencePieceTokenizer(other), "--data-path")

@@ -228,7 +228,7 @@ def test_tokenizer_that_does_not_match_the_data_is_refused(corpus, tmp_path):
     from megatron_lsh.data.tokenizer import train_sentencepiece
 
     other = train_sentencepiece(
-        (json.loads(line)["text"] for line in open(corpus["jsonl"]["train"])), str(tmp_path / "other"), vocab_size=290
+        (json.loads(line)["text"] for line in open(corpus["jsonl"]["train"])), str(tmp_path / "other"), vocab_size=310
     )
     error = run_pretrain_expecting_error(model_flags(
         corpus, **{"--train-iters": "2", "--expert-model-parallel-size": "1", "--tokenizer-model": other}))
