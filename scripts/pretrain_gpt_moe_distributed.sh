@@ -5,7 +5,7 @@
 #   NNODES=4 NODE_RANK=0 MASTER_ADDR=node0 GPUS_PER_NODE=8 \
 #   DATA_PATH=data/gpt/train_text_document TOKENIZER_MODEL=data/tokenizer/spm.model \
 #   CHECKPOINT_DIR=checkpoints/gpt-moe bash scripts/pretrain_gpt_moe_distributed.sh [extra flags]
-# Extra flags are passed to pretrain_gpt_moe.py and override the ones below.
+# Extra flags are passed to pretrain_gpt_moe.py and override the ones below; PRECISION=fp32 drops --bf16.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -72,8 +72,10 @@ TRAINING_ARGS=(
     --weight-decay 0.1
     --adam-beta2 0.95
     --clip-grad 1.0
-    --bf16
 )
+if [ "${PRECISION:-bf16}" = bf16 ]; then
+    TRAINING_ARGS+=(--bf16)
+fi
 
 DATA_ARGS=(
     --data-path $DATA_PATH
