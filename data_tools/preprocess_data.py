@@ -5,6 +5,7 @@
         --tokenizer-model data/tokenizer/spm.model --json-keys text --append-eod --workers 2
 
 Writes OUTPUT_PREFIX_text_document.{bin,idx,json}; pass OUTPUT_PREFIX_text_document to --data-path.
+For T5 add --split-sentences (and a tokenizer with sentinels): OUTPUT_PREFIX_text_sentence.
 """
 
 import argparse
@@ -24,6 +25,8 @@ def parse_args(argv=None):
     p.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer only")
     p.add_argument("--json-keys", nargs="+", default=["text"])
     p.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")
+    p.add_argument("--split-sentences", action="store_true",
+                   help="store each document as sentences (for T5 span corruption); output PREFIX_KEY_sentence")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p.parse_args(argv)
@@ -36,7 +39,7 @@ def main(argv=None):
         results = preprocess_jsonl(
             args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
             json_keys=args.json_keys, append_eod=args.append_eod, workers=args.workers,
-            vocab_size=args.vocab_size, progress=args.progress,
+            vocab_size=args.vocab_size, progress=args.progress, split_sentences=args.split_sentences,
         )
     except (TokenizerError, FileNotFoundError, KeyError) as error:
         sys.exit(f"error: {error}")

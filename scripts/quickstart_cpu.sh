@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
-# From a fresh machine to a trained GPT-MoE with LSH on CPU: corpus, tokenizer, preprocessing and
-# training on 2 processes (expert parallel 2), about 15 minutes on 2 cores. Prints validation
+# From a fresh machine to a trained MoE model with LSH on CPU: corpus, tokenizer, preprocessing
+# and training on 2 processes (expert parallel 2), about 15 minutes on 2 cores. Prints validation
 # perplexity and compression as it goes. Re-running resumes from the last checkpoint.
 #
-#   bash scripts/quickstart_cpu.sh [extra pretrain_gpt_moe.py flags, e.g. --no-lsh]
-# Environment: WORK (default runs/quickstart), TRAIN_ITERS (default 1100).
+#   bash scripts/quickstart_cpu.sh            # GPT-MoE
+#   MODEL=t5 bash scripts/quickstart_cpu.sh   # T5-MoE (span corruption, Switch-style top-1)
+#   bash scripts/quickstart_cpu.sh --no-lsh   # extra flags go to the pretraining script
+# Environment: MODEL (gpt or t5), WORK (default runs/quickstart), TRAIN_ITERS (default 1100).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+MODEL=${MODEL:-gpt}
 WORK=${WORK:-runs/quickstart}
 TRAIN_ITERS=${TRAIN_ITERS:-1100}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+case "$MODEL" in
+    gpt) TOKENIZER=spm; SPLIT_ARGS=(); SUFFIX=document ;;
+    t5) TOKENIZER=spm_t5; SPLIT_ARGS=(--split-sentences); SUFFIX=sentence ;;
+    *) echo "MODEL must be gpt or t5, not $MODEL" >&2; exit 2 ;;
+esac
 
 step() { printf '\n== %s\n' "$*"; }
 
@@ -21,41 +29,52 @@ else
 fi
 
 step "2/4 tokenizer: SentencePiece, 8000 pieces"
-if [ ! -f "$WORK/tokenizer/spm.model" ]; then
+if [ ! -f "$WORK/tokenizer/$TOKENIZER.model" ]; then
+    EXTRA_IDS=()
+    [ "$MODEL" = t5 ] && EXTRA_IDS=(--vocab-extra-ids 100)
     python data_tools/train_tokenizer.py --input "$WORK/corpus/train.jsonl" --vocab-size 8000 \
-        --output-prefix "$WORK/tokenizer/spm"
+        "${EXTRA_IDS[@]}" --output-prefix "$WORK/tokenizer/$TOKENIZER"
 else
-    echo "reusing $WORK/tokenizer/spm.model"
+    echo "reusing $WORK/tokenizer/$TOKENIZER.model"
 fi
 
 step "3/4 preprocessing to .bin/.idx"
 for split in train valid; do
-    if [ ! -f "$WORK/gpt/${split}_text_document.idx" ]; then
+    if [ ! -f "$WORK/$MODEL/${split}_text_$SUFFIX.idx" ]; then
         python data_tools/preprocess_data.py --input "$WORK/corpus/$split.jsonl" \
-            --output-prefix "$WORK/gpt/$split" --tokenizer-type SentencePieceTokenizer \
-            --tokenizer-model "$WORK/tokenizer/spm.model" --json-keys text --append-eod --workers 2
+            --output-prefix "$WORK/$MODEL/$split" --tokenizer-type SentencePieceTokenizer \
+            --tokenizer-model "$WORK/tokenizer/$TOKENIZER.model" --json-keys text --append-eod \
+            "${SPLIT_ARGS[@]}" --workers 2
     else
-        echo "reusing $WORK/gpt/${split}_text_document"
+        echo "reusing $WORK/$MODEL/${split}_text_$SUFFIX"
     fi
 done
 
-step "4/4 training: GPT-MoE, 4 layers, 8 experts top-2 in every other layer, LSH on, 2 CPU ranks"
-torchrun --nproc_per_node 2 pretrain_gpt_moe.py \
-    --num-layers 4 --hidden-size 128 --num-attention-heads 4 \
-    --seq-length 256 --max-position-embeddings 256 --position-embedding-type rope \
-    --attention-dropout 0.0 --hidden-dropout 0.0 \
-    --num-experts 8 --moe-router-topk 2 --moe-layer-freq 2 --moe-aux-loss-coeff 1e-2 \
-    --expert-model-parallel-size 2 --moe-token-dispatcher-type alltoall \
-    --lsh --lsh-hash-type cross_polytope --lsh-num-hashes 6 --lsh-num-buckets 4 \
-    --micro-batch-size 8 --global-batch-size 16 --train-iters "$TRAIN_ITERS" \
-    --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 50 --weight-decay 0.1 \
-    --clip-grad 1.0 \
-    --train-data-path "$WORK/gpt/train_text_document" --valid-data-path "$WORK/gpt/valid_text_document" \
-    --tokenizer-type SentencePieceTokenizer --tokenizer-model "$WORK/tokenizer/spm.model" \
-    --num-workers 0 --log-interval 50 --eval-interval 200 --eval-iters 8 \
-    --save "$WORK/checkpoints" --load "$WORK/checkpoints" --save-interval 400 \
-    --tensorboard-dir "$WORK/tensorboard" \
-    --wandb-project megatron-lsh-quickstart --wandb-exp-name "gpt-moe-lsh-cpu" --wandb-save-dir "$WORK" \
-    "$@"
+COMMON_ARGS=(
+    --hidden-size 128 --num-attention-heads 4 --attention-dropout 0.0 --hidden-dropout 0.0
+    --num-experts 8 --moe-layer-freq 2 --moe-aux-loss-coeff 1e-2
+    --expert-model-parallel-size 2 --moe-token-dispatcher-type alltoall
+    --lsh --lsh-hash-type cross_polytope --lsh-num-hashes 6 --lsh-num-buckets 4
+    --micro-batch-size 8 --global-batch-size 16 --train-iters "$TRAIN_ITERS"
+    --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 50 --weight-decay 0.1
+    --clip-grad 1.0
+    --train-data-path "$WORK/$MODEL/train_text_$SUFFIX" --valid-data-path "$WORK/$MODEL/valid_text_$SUFFIX"
+    --tokenizer-type SentencePieceTokenizer --tokenizer-model "$WORK/tokenizer/$TOKENIZER.model"
+    --num-workers 0 --log-interval 50 --eval-interval 200 --eval-iters 8
+    --save "$WORK/checkpoints-$MODEL" --load "$WORK/checkpoints-$MODEL" --save-interval 400
+    --tensorboard-dir "$WORK/tensorboard-$MODEL"
+    --wandb-project megatron-lsh-quickstart --wandb-exp-name "$MODEL-moe-lsh-cpu" --wandb-save-dir "$WORK"
+)
+if [ "$MODEL" = gpt ]; then
+    step "4/4 training: GPT-MoE, 4 layers, 8 experts top-2 in every other layer, LSH on, 2 CPU ranks"
+    torchrun --nproc_per_node 2 pretrain_gpt_moe.py "${COMMON_ARGS[@]}" \
+        --num-layers 4 --seq-length 256 --position-embedding-type rope --moe-router-topk 2 "$@"
+else
+    step "4/4 training: T5-MoE, 2+2 layers, 8 experts top-1 (Switch) in every other layer, LSH on, 2 CPU ranks"
+    torchrun --nproc_per_node 2 pretrain_t5_moe.py "${COMMON_ARGS[@]}" \
+        --encoder-num-layers 2 --decoder-num-layers 2 --encoder-seq-length 256 --decoder-seq-length 80 \
+        --position-embedding-type relative --normalization RMSNorm --moe-router-topk 1 "$@"
+fi
 
-printf '\nDone. Checkpoints: %s/checkpoints, tensorboard: tensorboard --logdir %s/tensorboard\n' "$WORK" "$WORK"
+printf '\nDone. Checkpoints: %s/checkpoints-%s, tensorboard: tensorboard --logdir %s/tensorboard-%s\n' \
+    "$WORK" "$MODEL" "$WORK" "$MODEL"

@@ -39,7 +39,8 @@ def write_corpus(directory: Path, train_docs: int = 300, valid_docs: int = 30, s
 
 
 def build_corpus(directory: Path) -> dict:
-    """jsonl, a 300-piece tokenizer, and preprocessed train/valid prefixes under directory."""
+    """jsonl, a 300-piece tokenizer, and preprocessed train/valid prefixes under directory; for T5
+    also a tokenizer with 40 sentinels and sentence-split train/valid prefixes."""
     from megatron_lsh.data.preprocess import preprocess_jsonl
     from megatron_lsh.data.tokenizer import train_sentencepiece
 
@@ -56,4 +57,16 @@ def build_corpus(directory: Path) -> dict:
             workers=2, progress=False,
         )
         prefixes[split] = result["text"]["prefix"]
-    return {"jsonl": jsonl, "tokenizer": model, **prefixes}
+    t5_model = train_sentencepiece(
+        (json.loads(line)["text"] for line in open(jsonl["train"])),
+        str(directory / "tokenizer" / "spm_t5"),
+        vocab_size=340,
+        vocab_extra_ids=40,
+    )
+    for split in ("train", "valid"):
+        result = preprocess_jsonl(
+            [str(jsonl[split])], str(directory / "t5" / split), "SentencePieceTokenizer", t5_model,
+            workers=2, progress=False, split_sentences=True,
+        )
+        prefixes[f"t5_{split}"] = result["text"]["prefix"]
+    return {"jsonl": jsonl, "tokenizer": model, "t5_tokenizer": t5_model, **prefixes}

@@ -4,55 +4,18 @@ import glob
 import json
 import os
 import re
-import signal
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.distributed import free_port
-
-REPO = Path(__file__).resolve().parent.parent
-LOSS_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.* lm loss: ([0-9.E+-]+) \|")
-
-
-def model_flags(corpus, **overrides):
-    flags = {
-        "--num-layers": "2", "--hidden-size": "64", "--num-attention-heads": "4",
-        "--seq-length": "64", "--micro-batch-size": "4", "--global-batch-size": "16",
-        "--num-experts": "4", "--moe-router-topk": "2", "--moe-aux-loss-coeff": "1e-2",
-        "--expert-model-parallel-size": "2", "--lr": "2e-3", "--lr-warmup-iters": "3",
-        "--train-data-path": corpus["train"], "--valid-data-path": corpus["valid"],
-        "--tokenizer-type": "SentencePieceTokenizer", "--tokenizer-model": corpus["tokenizer"],
-        "--num-workers": "0", "--eval-iters": "2",
-    }
-    flags.update(overrides)
-    return [str(item) for pair in flags.items() for item in pair if item is not None]
-
-
-def environment(**extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), WANDB_MODE="offline", **extra)
-    env.pop("WANDB_API_KEY", None)
-    return env
-
-
-def torchrun_command(flags, nproc=2):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(free_port()), str(REPO / "pretrain_gpt_moe.py"), *flags]
-
-
-def torchrun(flags, nproc=2, timeout=600):
-    result = subprocess.run(torchrun_command(flags, nproc), cwd=REPO, env=environment(),
-                            capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result.stdout
-
-
-def losses(output):
-    return {int(it): float(loss) for it, loss in LOSS_LINE.findall(output)}
-
+from tests.launch import (
+    kill_at_checkpoint_and_resume,
+    losses,
+    model_flags,
+    run_pretrain_expecting_error,
+    torchrun,
+)
 
 @pytest.fixture(scope="module")
 def logged_run(corpus, tmp_path_factory):
@@ -141,37 +104,11 @@ def test_checkpoint_tracker_names_the_final_complete_checkpoint(logged_run):
     assert (work / "ckpt" / "iter_0000030" / "complete").is_file()
 
 
-def kill_with_descendants(pid):
-    """SIGKILL torchrun and every worker (workers run in sessions of their own)."""
-    import psutil
-
-    parent = psutil.Process(pid)
-    for process in parent.children(recursive=True) + [parent]:
-        try:
-            process.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-
-
 def test_kill_and_resume_gives_the_same_losses(corpus, tmp_path):
     flags = lambda save: model_flags(corpus, **{  # noqa: E731
         "--train-iters": "12", "--log-interval": "1", "--eval-interval": "100",
         "--save": str(save), "--load": str(save), "--save-interval": "4"})
-    uninterrupted = losses(torchrun(flags(tmp_path / "a")))
-
-    # Start the same run and kill every process right after the iteration-8 checkpoint.
-    process = subprocess.Popen(torchrun_command(flags(tmp_path / "b")), cwd=REPO, env=environment(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:
-        if "saved checkpoint" in line and "iter_0000008" in line:
-            kill_with_descendants(process.pid)
-            break
-    process.wait(timeout=60)
-    assert (tmp_path / "b" / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
-
-    resumed_output = torchrun(flags(tmp_path / "b"))
-    assert "resuming at iteration 8" in resumed_output
-    resumed = losses(resumed_output)
+    uninterrupted, resumed = kill_at_checkpoint_and_resume(flags, tmp_path, killed_after=8)
     assert sorted(resumed) == [9, 10, 11, 12]
     assert all(resumed[i] == uninterrupted[i] for i in resumed), (resumed, uninterrupted)
 
@@ -191,20 +128,6 @@ def test_partial_checkpoint_from_a_crashed_save_is_ignored(corpus, tmp_path):
                                              "--save": str(save), "--load": str(save)}))
     assert "resuming at iteration 4" in output
     assert sorted(losses(output)) == [6]
-
-
-def run_pretrain_expecting_error(flags, world_size=1):
-    """One process, as rank 0 of `world_size`: bad input must stop it before any collective."""
-    flags = [*flags, "--lr-warmup-iters", "0"]
-    env = environment(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    result = subprocess.run([sys.executable, str(REPO / "pretrain_gpt_moe.py"), *flags], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr
-    return errors[0]
 
 
 def test_missing_data_files_name_the_flag_and_file(corpus):

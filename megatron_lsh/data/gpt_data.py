@@ -67,6 +67,22 @@ def _blend(paths: Optional[Sequence[str]]):
     return get_blend_from_list(list(paths)) if paths else None
 
 
+def blends_from_args(args, tokenizer):
+    """(blend, blend_per_split, split) for megatron-core's dataset config, after checking every
+    data file named by --data-path or --train/valid/test-data-path."""
+    per_split = [args.train_data_path, args.valid_data_path, args.test_data_path]
+    for flag, paths in zip(
+        ("--data-path", "--train-data-path", "--valid-data-path", "--test-data-path"),
+        [args.data_path] + per_split,
+    ):
+        blend = _blend(paths)
+        for prefix in blend[0] if blend else []:
+            check_indexed_dataset(prefix, tokenizer, flag)
+    if args.data_path:
+        return _blend(args.data_path), None, args.split
+    return None, [_blend(p) for p in per_split], None
+
+
 def build_gpt_datasets(args, tokenizer, num_samples: Sequence[int]):
     """(train, valid, test) datasets holding at least num_samples samples each (None when a
     split has no data)."""
@@ -74,18 +90,7 @@ def build_gpt_datasets(args, tokenizer, num_samples: Sequence[int]):
         blend, blend_per_split, split = None, None, "1,1,1"
         dataset_class = MockGPTDataset
     else:
-        per_split = [args.train_data_path, args.valid_data_path, args.test_data_path]
-        for flag, paths in zip(
-            ("--data-path", "--train-data-path", "--valid-data-path", "--test-data-path"),
-            [args.data_path] + per_split,
-        ):
-            blend_ = _blend(paths)
-            for prefix in blend_[0] if blend_ else []:
-                check_indexed_dataset(prefix, tokenizer, flag)
-        if args.data_path:
-            blend, blend_per_split, split = _blend(args.data_path), None, args.split
-        else:
-            blend, blend_per_split, split = None, [_blend(p) for p in per_split], None
+        blend, blend_per_split, split = blends_from_args(args, tokenizer)
         dataset_class = GPTDataset
     config = GPTDatasetConfig(
         random_seed=args.seed,

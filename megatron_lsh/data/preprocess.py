@@ -1,5 +1,7 @@
 """jsonl documents to megatron-core indexed datasets (.bin/.idx), as Megatron-LM's
-tools/preprocess_data.py names them: PREFIX_KEY_document.{bin,idx}.
+tools/preprocess_data.py names them: PREFIX_KEY_document.{bin,idx} (PREFIX_KEY_sentence.* with
+--split-sentences, each document then stored as a run of sentences, which T5's span-corruption
+sampler packs into samples).
 
 Beside each pair goes PREFIX_KEY_document.json naming the tokenizer (type, file fingerprint,
 vocabulary size), so training can refuse data made with another tokenizer.
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -25,15 +28,24 @@ from megatron_lsh.data.tokenizer import build_tokenizer
 
 _worker_state: dict = {}
 
+# A sentence ends at . ! ? ; or : followed by space, or at a line break (a line of verse).
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?;:])[ \t]+|\n\s*")
 
-def _init_worker(tokenizer_type, tokenizer_model, vocab_size, json_keys, append_eod):
+
+def split_sentences(text: str) -> List[str]:
+    return [part.strip() for part in _SENTENCE_BREAK.split(text) if part.strip()]
+
+
+def _init_worker(tokenizer_type, tokenizer_model, vocab_size, json_keys, append_eod, sentences):
     _worker_state["tokenizer"] = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size)
     _worker_state["keys"] = json_keys
     _worker_state["append_eod"] = append_eod
+    _worker_state["sentences"] = sentences
 
 
 def _encode_line(line: str):
-    """One jsonl line -> {key: token ids} (None for a blank line), and its size in bytes."""
+    """One jsonl line -> {key: [token ids of each sentence]} (one "sentence" per document unless
+    splitting sentences; None for a blank line), and the line's size in bytes."""
     size = len(line.encode("utf-8"))
     if not line.strip():
         return None, size
@@ -43,15 +55,18 @@ def _encode_line(line: str):
     for key in _worker_state["keys"]:
         if key not in record:
             raise KeyError(f"a document has no key {key!r} (see --json-keys)")
-        ids = tokenizer.tokenize(record[key])
+        texts = split_sentences(record[key]) if _worker_state["sentences"] else [record[key]]
+        pieces = [ids for ids in (tokenizer.tokenize(t) for t in texts) if ids]
         if _worker_state["append_eod"]:
-            ids.append(tokenizer.eod)
-        encoded[key] = ids
+            if not pieces:
+                pieces = [[]]
+            pieces[-1].append(tokenizer.eod)
+        encoded[key] = pieces
     return encoded, size
 
 
-def output_prefix_for(output_prefix: str, key: str) -> str:
-    return f"{output_prefix}_{key}_document"
+def output_prefix_for(output_prefix: str, key: str, split_sentences: bool = False) -> str:
+    return f"{output_prefix}_{key}_{'sentence' if split_sentences else 'document'}"
 
 
 def data_sidecar_path(path_prefix: str) -> str:
@@ -68,6 +83,7 @@ def preprocess_jsonl(
     workers: int = 1,
     vocab_size: int | None = None,
     progress: bool = True,
+    split_sentences: bool = False,
 ) -> Dict[str, dict]:
     """Tokenize every document of the jsonl inputs with `workers` processes, in input order.
 
@@ -80,7 +96,7 @@ def preprocess_jsonl(
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--input {path}: no such file")
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
-    prefixes = {key: output_prefix_for(output_prefix, key) for key in json_keys}
+    prefixes = {key: output_prefix_for(output_prefix, key, split_sentences) for key in json_keys}
     partial = {key: prefix + ".partial" for key, prefix in prefixes.items()}
     builders = {key: IndexedDatasetBuilder(get_bin_path(partial[key]), dtype=dtype) for key in json_keys}
     counts = {key: {"documents": 0, "tokens": 0} for key in json_keys}
@@ -97,7 +113,7 @@ def preprocess_jsonl(
             with open(path, encoding="utf-8") as f:
                 yield from f
 
-    initargs = (tokenizer_type, tokenizer_model, vocab_size, list(json_keys), append_eod)
+    initargs = (tokenizer_type, tokenizer_model, vocab_size, list(json_keys), append_eod, split_sentences)
     context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
     with context.Pool(max(1, workers), initializer=_init_worker, initargs=initargs) as pool:
         for encoded, size in pool.imap(_encode_line, lines(), chunksize=16):
@@ -105,10 +121,11 @@ def preprocess_jsonl(
                 bar.update(size)
             if encoded is None:
                 continue
-            for key, ids in encoded.items():
-                if not ids:  # an empty document without --append-eod has nothing to store
+            for key, pieces in encoded.items():
+                if not pieces:  # an empty document without --append-eod has nothing to store
                     continue
-                builders[key].add_document(np.asarray(ids, dtype=dtype), [len(ids)])
+                ids = np.concatenate([np.asarray(p, dtype=dtype) for p in pieces])
+                builders[key].add_document(ids, [len(p) for p in pieces])
                 counts[key]["documents"] += 1
                 counts[key]["tokens"] += len(ids)
     if bar is not None:
@@ -125,6 +142,7 @@ def preprocess_jsonl(
             "tokenizer_fingerprint": tokenizer.fingerprint,
             "vocab_size": tokenizer.vocab_size,
             "append_eod": append_eod,
+            "split_sentences": split_sentences,
             **counts[key],
         }
         with open(data_sidecar_path(prefixes[key]), "w") as f:

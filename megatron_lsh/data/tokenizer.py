@@ -88,6 +88,16 @@ class SentencePieceTokenizer:
         """Documents end with the end-of-sequence token."""
         return self.eos
 
+    # megatron-core's masked-LM sampler skips [CLS]/[SEP]; SentencePiece text has neither.
+    cls = None
+    sep = None
+
+    @property
+    def mask(self) -> int:
+        """The id megatron-core's span corruption writes over masked tokens before T5 replaces
+        each span by a sentinel; it never reaches the model."""
+        return self.unk
+
     @cached_property
     def additional_special_tokens_ids(self) -> List[int]:
         """Ids of the T5 sentinels <extra_id_0>, <extra_id_1>, ... the model holds."""

@@ -85,17 +85,18 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self.iteration = iteration
 
     def hash_family(self, dim: int) -> LSHFamily:
-        """The projections in force: a function of seed, layer and draw only, equal on all ranks."""
+        """The projections in force: a function of seed, layer name and draw only, equal on all
+        ranks."""
         interval = self.config.lsh_redraw_interval
         draw = self.iteration // interval if interval else 0
-        key = (dim, self.layer_number, draw)
+        key = (dim, self.layer_name, draw)
         if self._hash_family_key != key:
             self._hash_family = build_hash_family(
                 self.config.lsh_hash_type,
                 dim,
                 self.config.lsh_num_hashes,
                 self.config.lsh_num_buckets,
-                seed=derive_seed(self.config.lsh_seed, self.layer_number, draw),
+                seed=derive_seed(self.config.lsh_seed, self.layer_name, draw),
             )
             self._hash_family_key = key
         return self._hash_family

@@ -62,14 +62,19 @@ def lsh_config_kwargs(args: argparse.Namespace) -> dict:
 
 def add_model_args(parser):
     g = parser.add_argument_group("model")
-    g.add_argument("--num-layers", type=int, required=True)
+    g.add_argument("--num-layers", type=int, default=None, help="T5: both stacks, unless set apart.")
     g.add_argument("--hidden-size", type=int, required=True)
     g.add_argument("--ffn-hidden-size", type=int, default=None, help="Default: 4 x hidden size.")
     g.add_argument("--num-attention-heads", type=int, required=True)
     g.add_argument("--kv-channels", type=int, default=None)
-    g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--seq-length", type=int, default=None, help="GPT sequence length (T5: encoder's).")
     g.add_argument("--max-position-embeddings", type=int, default=None, help="Default: seq length.")
-    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="rope")
+    g.add_argument(
+        "--position-embedding-type",
+        choices=["learned_absolute", "rope", "relative"],
+        default=None,
+        help="Default: rope for GPT, relative (T5 buckets) for T5.",
+    )
     g.add_argument("--rotary-base", type=int, default=10000)
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
@@ -218,8 +223,20 @@ def parse_args(description: str, argv=None, extra_args=None) -> argparse.Namespa
 def set_defaults(args) -> None:
     args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
     args.moe_ffn_hidden_size = args.moe_ffn_hidden_size or args.ffn_hidden_size
-    args.max_position_embeddings = args.max_position_embeddings or args.seq_length
     args.lr_decay_iters = args.lr_decay_iters or args.train_iters
+
+
+def validate_gpt_args(args) -> None:
+    if args.num_layers is None or args.seq_length is None:
+        raise ArgumentError("GPT needs --num-layers and --seq-length")
+    args.position_embedding_type = args.position_embedding_type or "rope"
+    if args.position_embedding_type == "relative":
+        raise ArgumentError("--position-embedding-type relative is T5's; GPT takes rope or learned_absolute")
+    args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    if args.seq_length > args.max_position_embeddings and args.position_embedding_type == "learned_absolute":
+        raise ArgumentError(
+            f"--seq-length {args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}"
+        )
 
 
 def _require_files(flag, prefixes):

@@ -6,6 +6,7 @@ import torch
 
 from megatron_lsh.data.gpt_data import build_gpt_datasets
 from megatron_lsh.models import build_gpt_moe_model
+from megatron_lsh.training.arguments import validate_gpt_args
 from megatron_lsh.training.loop import ModelTask
 
 
@@ -39,4 +40,5 @@ GPT_TASK = ModelTask(
     build_datasets=build_gpt_datasets,
     forward_step=forward_step,
     tokens_per_sample=lambda args: args.seq_length,
+    validate=validate_gpt_args,
 )

@@ -46,6 +46,8 @@ class ModelTask:
     forward_step: Callable  # (batch, model) -> (mean loss over tokens, number of tokens)
     tokens_per_sample: Callable  # (args) -> tokens one sample contributes to throughput
     validate: Optional[Callable] = None  # (args) -> None, raising ArgumentError
+    # (args) -> {group name: 0-based router-loss slots}, to log router losses per group too
+    router_loss_groups: Optional[Callable] = None
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
@@ -65,8 +67,9 @@ def _all_reduce_mean(values, group=None) -> list:
     return (tensor / torch.distributed.get_world_size(group)).tolist()
 
 
-def moe_aux_loss_metrics(num_microbatches: int) -> Dict[str, float]:
-    """megatron-core's per-layer router losses (load balancing, z-loss), averaged over MoE layers."""
+def moe_aux_loss_metrics(num_microbatches: int, groups: Optional[Dict[str, range]] = None) -> Dict[str, float]:
+    """megatron-core's per-layer router losses (load balancing, z-loss), averaged over the MoE
+    layers, and over each group of layers (e.g. T5's encoder and decoder) when given."""
     tracker = get_moe_layer_wise_logging_tracker()
     if not tracker:
         return {}
@@ -75,8 +78,14 @@ def moe_aux_loss_metrics(num_microbatches: int) -> Dict[str, float]:
     for name, entry in tracker.items():
         values = entry["values"].float() / num_microbatches
         moe_layers = values[values != 0]
-        if moe_layers.numel():
-            metrics[name] = moe_layers.mean().item()
+        if not moe_layers.numel():
+            continue
+        metrics[name] = moe_layers.mean().item()
+        for group, slots in (groups or {}).items():
+            in_group = values[list(slots)]
+            in_group = in_group[in_group != 0]
+            if in_group.numel():
+                metrics[f"{name}/{group}"] = in_group.mean().item()
     clear_aux_losses_tracker()
     return metrics
 
@@ -325,7 +334,8 @@ class Trainer:
             "iteration time ms": 1000 * elapsed / steps,
             "tokens per second": tokens / elapsed,
         }
-        metrics.update(moe_aux_loss_metrics(self.num_microbatches * steps))
+        groups = self.task.router_loss_groups(args) if self.task.router_loss_groups else None
+        metrics.update(moe_aux_loss_metrics(self.num_microbatches * steps, groups))
         if args.log_a2a_time:
             metrics["a2a share of step time"] = a2a_seconds / step_seconds if step_seconds else 0.0
         metrics.update(compression_metrics(get_compression_tracker().take(group=torch.distributed.group.WORLD)))

@@ -1,0 +1,137 @@
+"""T5-MoE pretraining: span corruption over the shared loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from megatron.core.datasets.t5_dataset import T5MaskedWordPieceDataset
+
+from megatron_lsh.data.t5_data import build_t5_datasets
+from megatron_lsh.data.tokenizer import build_tokenizer
+from megatron_lsh.models.t5 import build_t5_moe_model, moe_layer_patterns
+from megatron_lsh.training.arguments import ArgumentError
+from megatron_lsh.training.loop import ModelTask
+
+
+def add_t5_args(parser):
+    g = parser.add_argument_group("T5")
+    g.add_argument("--encoder-num-layers", type=int, default=None, help="Default: --num-layers.")
+    g.add_argument("--decoder-num-layers", type=int, default=None, help="Default: --num-layers.")
+    g.add_argument("--encoder-seq-length", type=int, default=None, help="Default: --seq-length.")
+    g.add_argument("--decoder-seq-length", type=int, default=None)
+    g.add_argument("--vocab-extra-ids", type=int, default=100, help="Sentinels the tokenizer must hold.")
+    g.add_argument("--mask-prob", type=float, default=0.15)
+    g.add_argument("--short-seq-prob", type=float, default=0.1)
+    g.add_argument("--relative-attention-num-buckets", type=int, default=32)
+    g.add_argument("--relative-attention-max-distance", type=int, default=128)
+    return parser
+
+
+def max_masked_tokens(args) -> int:
+    """The most tokens megatron-core's span corruption masks in one sample (the encoder holds
+    the sample plus <s> and </s>)."""
+    return math.ceil(args.mask_prob * (args.encoder_seq_length - 2))
+
+
+def validate_t5_args(args) -> None:
+    args.encoder_num_layers = args.encoder_num_layers or args.num_layers
+    args.decoder_num_layers = args.decoder_num_layers or args.num_layers
+    if not args.encoder_num_layers or not args.decoder_num_layers:
+        raise ArgumentError("T5 needs --num-layers, or --encoder-num-layers and --decoder-num-layers")
+    args.num_layers = args.decoder_num_layers  # the decoder's config; the encoder's is derived
+    args.encoder_seq_length = args.encoder_seq_length or args.seq_length
+    if not args.encoder_seq_length or not args.decoder_seq_length:
+        raise ArgumentError("T5 needs --encoder-seq-length (or --seq-length) and --decoder-seq-length")
+    args.seq_length = args.encoder_seq_length
+    if args.mock_data:
+        raise ArgumentError("--mock-data is GPT's; T5 trains on --data-path files made with --split-sentences")
+    if not 0 < args.mask_prob < 1:
+        raise ArgumentError(f"--mask-prob {args.mask_prob} must be between 0 and 1")
+    if args.encoder_seq_length < 8:
+        raise ArgumentError(f"--encoder-seq-length {args.encoder_seq_length} is too short for span corruption (at least 8)")
+    masked = max_masked_tokens(args)
+    # The decoder reads <s>, then each span's sentinel and tokens: at most 1 + 2 x masked tokens.
+    needed = 1 + 2 * masked
+    if args.decoder_seq_length < needed:
+        raise ArgumentError(
+            f"--decoder-seq-length {args.decoder_seq_length} is too short for --encoder-seq-length "
+            f"{args.encoder_seq_length} at --mask-prob {args.mask_prob}: up to {masked} masked "
+            f"tokens need up to {needed} decoder positions; raise it to {needed} or shorten the encoder"
+        )
+    if args.vocab_extra_ids < masked:
+        raise ArgumentError(
+            f"--vocab-extra-ids {args.vocab_extra_ids} sentinels cannot mark up to {masked} masked "
+            f"spans of --encoder-seq-length {args.encoder_seq_length}; shorten the encoder or use "
+            "a tokenizer with more sentinels"
+        )
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+    sentinels = len(getattr(tokenizer, "additional_special_tokens_ids", []))
+    if sentinels < args.vocab_extra_ids:
+        raise ArgumentError(
+            f"--tokenizer-model {args.tokenizer_model} holds {sentinels} sentinel pieces but "
+            f"--vocab-extra-ids is {args.vocab_extra_ids}; train it with "
+            f"data_tools/train_tokenizer.py --vocab-extra-ids {args.vocab_extra_ids}"
+        )
+    args.position_embedding_type = args.position_embedding_type or "relative"
+    if args.position_embedding_type == "learned_absolute":
+        args.max_position_embeddings = args.max_position_embeddings or max(args.encoder_seq_length, args.decoder_seq_length)
+        if max(args.encoder_seq_length, args.decoder_seq_length) > args.max_position_embeddings:
+            raise ArgumentError("--encoder/--decoder-seq-length exceed --max-position-embeddings")
+    else:
+        args.max_position_embeddings = args.max_position_embeddings or max(args.encoder_seq_length, args.decoder_seq_length)
+    try:
+        moe_layer_patterns(args.moe_layer_freq, args.encoder_num_layers, args.decoder_num_layers)
+    except ValueError as error:
+        raise ArgumentError(str(error)) from None
+
+
+def build_model(args, config, vocab_size):
+    encoder_config = dataclasses.replace(config, num_layers=args.encoder_num_layers)
+    return build_t5_moe_model(
+        config,
+        encoder_config,
+        vocab_size=vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        position_embedding_type=args.position_embedding_type,
+        relative_attention_num_buckets=args.relative_attention_num_buckets,
+        relative_attention_max_distance=args.relative_attention_max_distance,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+    )
+
+
+def forward_step(batch, model):
+    """Mean loss over the decoder's target tokens of one micro-batch."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    encoder_tokens = batch["text_enc"].long()
+    decoder_tokens = batch["text_dec"].long()
+    encoder_mask, decoder_mask, cross_mask = T5MaskedWordPieceDataset.config_attention_mask(
+        encoder_tokens, decoder_tokens, batch["enc_mask"], batch["dec_mask"], use_local=True
+    )
+    per_token = model(
+        encoder_tokens.to(device),
+        decoder_tokens.to(device),
+        encoder_mask.to(device),
+        decoder_mask.to(device),
+        cross_mask.to(device),
+        lm_labels=batch["labels"].long().to(device),
+    )
+    loss_mask = batch["loss_mask"].to(device).float()
+    tokens_counted = loss_mask.sum()
+    loss = (per_token.float() * loss_mask).sum() / tokens_counted.clamp(min=1)
+    return loss, tokens_counted
+
+
+T5_TASK = ModelTask(
+    name="T5-MoE",
+    build_model=build_model,
+    build_datasets=build_t5_datasets,
+    forward_step=forward_step,
+    tokens_per_sample=lambda args: args.encoder_seq_length + args.decoder_seq_length,
+    validate=validate_t5_args,
+    router_loss_groups=lambda args: {
+        "encoder": range(0, args.encoder_num_layers),
+        "decoder": range(args.encoder_num_layers, args.encoder_num_layers + args.decoder_num_layers),
+    },
+)

@@ -1,0 +1,51 @@
+# Sourced by the pretrain_*_distributed.sh launchers: what every model's launch shares.
+#   Node layout, Megatron-LM style: GPUS_PER_NODE (default: the GPUs here, or 1), NNODES (1),
+#   NODE_RANK (0), MASTER_ADDR (localhost), MASTER_PORT (6000).
+#   CHECKPOINT_DIR (checkpoints/$MODEL_NAME), TENSORBOARD_DIR ($CHECKPOINT_DIR/tensorboard),
+#   WANDB_PROJECT / WANDB_EXP_NAME (optional), PRECISION (bf16 or fp32),
+#   EXPERT_PARALLEL (default: every process), LSH_NUM_HASHES (6).
+GPUS_PER_NODE=${GPUS_PER_NODE:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-localhost}
+MASTER_PORT=${MASTER_PORT:-6000}
+WORLD_SIZE=$((GPUS_PER_NODE * NNODES))
+DISTRIBUTED_ARGS=(
+    --nproc_per_node "$GPUS_PER_NODE"
+    --nnodes "$NNODES"
+    --node_rank "$NODE_RANK"
+    --master_addr "$MASTER_ADDR"
+    --master_port "$MASTER_PORT"
+)
+
+DATA_PATH=${DATA_PATH:?set DATA_PATH to a preprocessed prefix (data_tools/preprocess_data.py)}
+TOKENIZER_MODEL=${TOKENIZER_MODEL:?set TOKENIZER_MODEL to a SentencePiece .model}
+CHECKPOINT_DIR=${CHECKPOINT_DIR:-checkpoints/$MODEL_NAME}
+TENSORBOARD_DIR=${TENSORBOARD_DIR:-$CHECKPOINT_DIR/tensorboard}
+EXPERT_PARALLEL=${EXPERT_PARALLEL:-$WORLD_SIZE}
+
+LSH_ARGS=(
+    --lsh
+    --lsh-hash-type cross_polytope
+    --lsh-num-hashes "${LSH_NUM_HASHES:-6}"
+    --lsh-num-buckets 4
+    --lsh-error-compensation
+)
+
+PRECISION_ARGS=()
+if [ "${PRECISION:-bf16}" = bf16 ]; then
+    PRECISION_ARGS+=(--bf16)
+fi
+
+EVAL_AND_LOGGING_ARGS=(
+    --log-interval 10
+    --eval-interval 500
+    --eval-iters 20
+    --save "$CHECKPOINT_DIR"
+    --load "$CHECKPOINT_DIR"
+    --save-interval 1000
+    --tensorboard-dir "$TENSORBOARD_DIR"
+)
+if [ -n "${WANDB_PROJECT:-}" ]; then
+    EVAL_AND_LOGGING_ARGS+=(--wandb-project "$WANDB_PROJECT" --wandb-exp-name "${WANDB_EXP_NAME:-$MODEL_NAME}")
+fi

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# T5-MoE pretraining on the GPUs (or CPU processes: GPUS_PER_NODE=2 PRECISION=fp32) of this machine.
+#   DATA_PATH=... TOKENIZER_MODEL=... bash scripts/pretrain_t5_moe_single_node.sh [extra flags]
+set -euo pipefail
+NNODES=1 NODE_RANK=0 MASTER_ADDR=localhost exec bash "$(dirname "$0")/pretrain_t5_moe_distributed.sh" "$@"
