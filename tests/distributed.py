@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -28,7 +29,9 @@ def _worker(rank, world_size, port, fn, args, results):
         import torch
 
         torch.set_num_threads(1)
-        results.put((rank, "ok", fn(rank, world_size, *args)))
+        # Plain pickle bytes: torch's queue pickling would share tensors through file
+        # descriptors that vanish when this process exits before the parent reads them.
+        results.put((rank, "ok", pickle.dumps(fn(rank, world_size, *args))))
     except BaseException:  # report any failure to the parent, which raises it
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -68,7 +71,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0):
             rank, status, value = results.get()
             if status == "error":
                 raise RuntimeError(f"rank {rank} of {fn.__name__} failed:\n{value}")
-            outcomes[rank] = value
+            outcomes[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=30)
