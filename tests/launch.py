@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.distributed import free_port
+from megatron_lsh.training.initialize import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 LOSS_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.* lm loss: ([0-9.E+-]+) \|")

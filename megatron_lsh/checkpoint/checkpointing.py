@@ -7,6 +7,7 @@ Layout, Megatron-LM style:
                                               expert-parallel layout), scheduler, iteration,
                                               consumed samples, arguments (common state)
     SAVE/iter_0000100/rng/rank_00000.pt       each rank's RNG streams
+    SAVE/tokenizer.model                      the run's tokenizer
 
 A checkpoint is written into ``iter_N.partial`` and renamed to ``iter_N`` only when every rank has
 finished; the tracker is replaced atomically afterwards. A crash mid-save leaves the previous
@@ -30,6 +31,7 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 logger = logging.getLogger(__name__)
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
+TOKENIZER_COPY = "tokenizer.model"
 COMPLETE_MARKER = "complete"
 
 
@@ -100,7 +102,8 @@ def _sharded_state_dict(model, optimizer, is_loading: bool) -> dict:
     return state
 
 
-def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, consumed_samples: int, args) -> str:
+def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, consumed_samples: int, args,
+                    task_name: str) -> str:
     """Collective: every rank calls it. Returns the checkpoint directory."""
     final = iteration_dir(root, iteration)
     partial = final + ".partial"
@@ -108,6 +111,11 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, cons
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)  # dist_checkpointing writes into an existing, empty directory
+        # The run's tokenizer travels with its checkpoints, for conversion and evaluation.
+        tokenizer = getattr(args, "tokenizer_model", None)
+        if tokenizer and not os.path.isfile(os.path.join(root, TOKENIZER_COPY)):
+            shutil.copy(tokenizer, os.path.join(root, TOKENIZER_COPY + ".tmp"))
+            os.replace(os.path.join(root, TOKENIZER_COPY + ".tmp"), os.path.join(root, TOKENIZER_COPY))
     _barrier()
 
     state = _sharded_state_dict(model, optimizer, is_loading=False)
@@ -116,6 +124,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, cons
         consumed_samples=consumed_samples,
         scheduler=scheduler.state_dict() if scheduler is not None else None,
         args=vars(args),
+        task=task_name,
         world_size=torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
     )
     dist_checkpointing.save(state, partial)

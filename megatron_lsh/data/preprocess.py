@@ -114,9 +114,16 @@ def preprocess_jsonl(
                 yield from f
 
     initargs = (tokenizer_type, tokenizer_model, vocab_size, list(json_keys), append_eod, split_sentences)
-    context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
-    with context.Pool(max(1, workers), initializer=_init_worker, initargs=initargs) as pool:
-        for encoded, size in pool.imap(_encode_line, lines(), chunksize=16):
+    if workers > 1:
+        context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+        pool = context.Pool(workers, initializer=_init_worker, initargs=initargs)
+        encoded_lines = pool.imap(_encode_line, lines(), chunksize=16)
+    else:  # in this process: no fork (safe after process groups and threads exist)
+        pool = None
+        _init_worker(*initargs)
+        encoded_lines = map(_encode_line, lines())
+    try:
+        for encoded, size in encoded_lines:
             if bar is not None:
                 bar.update(size)
             if encoded is None:
@@ -128,6 +135,10 @@ def preprocess_jsonl(
                 builders[key].add_document(ids, [len(p) for p in pieces])
                 counts[key]["documents"] += 1
                 counts[key]["tokens"] += len(ids)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     if bar is not None:
         bar.close()
 

@@ -76,9 +76,18 @@ def add_model_args(parser):
         help="Default: rope for GPT, relative (T5 buckets) for T5.",
     )
     g.add_argument("--rotary-base", type=int, default=10000)
-    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default=None, help="Default: LayerNorm.")
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--swiglu", action="store_true", help="SwiGLU MLPs (gated, SiLU).")
+    g.add_argument("--activation", choices=["gelu", "relu", "silu"], default=None,
+                   help="MLP activation (default gelu; SiLU gating with --swiglu).")
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--num-query-groups", type=int, default=None)
+    g.add_argument("--attention-softmax-scale", type=float, default=None,
+                   help="Scale of q.k (default 1/sqrt(head size); T5/Switch use 1.0).")
+    g.add_argument("--hf-architecture", choices=["mixtral", "switch_transformers"], default=None,
+                   help="Set every flag the Hugging Face architecture needs, so that "
+                        "megatron_lsh.checkpoint.convert can export the checkpoint.")
     g.add_argument("--disable-bias-linear", action="store_true")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--attention-dropout", type=float, default=0.1)
@@ -92,7 +101,7 @@ def add_model_args(parser):
 def add_moe_args(parser):
     g = parser.add_argument_group("mixture of experts")
     g.add_argument("--num-experts", type=int, default=None)
-    g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-router-topk", type=int, default=None, help="Default: 2.")
     g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="Default: ffn hidden size.")
     g.add_argument(
         "--moe-layer-freq",
@@ -214,6 +223,12 @@ def build_parser(description: str, extra_args=None) -> argparse.ArgumentParser:
     return parser
 
 
+def flag_defaults(extra_args=None) -> dict:
+    """Every flag's default, to complete the arguments saved by an older run."""
+    parser = build_parser("defaults", extra_args)
+    return {a.dest: a.default for a in parser._actions if a.dest != "help"}
+
+
 def parse_args(description: str, argv=None, extra_args=None) -> argparse.Namespace:
     args = build_parser(description, extra_args).parse_args(argv)
     set_defaults(args)
@@ -229,6 +244,10 @@ def set_defaults(args) -> None:
 def validate_gpt_args(args) -> None:
     if args.num_layers is None or args.seq_length is None:
         raise ArgumentError("GPT needs --num-layers and --seq-length")
+    if args.hf_architecture:
+        from megatron_lsh.checkpoint.hf_architectures import apply_architecture
+
+        apply_architecture(args, args.hf_architecture, "gpt")
     args.position_embedding_type = args.position_embedding_type or "rope"
     if args.position_embedding_type == "relative":
         raise ArgumentError("--position-embedding-type relative is T5's; GPT takes rope or learned_absolute")
@@ -263,6 +282,16 @@ def data_prefixes(paths):
 def validate_args(args, world_size: int) -> None:
     """Everything checkable before start-up; raises ArgumentError naming the flag."""
     ep = args.expert_model_parallel_size
+    args.moe_router_topk = args.moe_router_topk or 2
+    args.normalization = args.normalization or "LayerNorm"
+    if args.group_query_attention and not args.num_query_groups:
+        raise ArgumentError("--group-query-attention needs --num-query-groups")
+    if args.num_query_groups and args.num_attention_heads % args.num_query_groups:
+        raise ArgumentError(
+            f"--num-query-groups {args.num_query_groups} must divide --num-attention-heads {args.num_attention_heads}"
+        )
+    if args.swiglu and args.activation not in (None, "silu"):
+        raise ArgumentError(f"--swiglu gates with SiLU; drop --activation {args.activation}")
     if args.tensor_model_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
         raise ArgumentError(
             "--tensor-model-parallel-size and --pipeline-model-parallel-size must be 1: this "

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from megatron_lsh.moe import LSHConfigError, LSHTransformerConfig
 from megatron_lsh.training.arguments import ArgumentError, lsh_config_kwargs
 
+_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
 # Flag names of the LSHTransformerConfig settings, for error messages.
 _FLAG_OF_SETTING = {
     "lsh_hash_type": "--lsh-hash-type",
@@ -35,7 +37,9 @@ def transformer_config_from_args(args, **overrides) -> LSHTransformerConfig:
         layernorm_epsilon=args.norm_epsilon,
         add_bias_linear=not args.disable_bias_linear,
         gated_linear_unit=args.swiglu,
-        activation_func=F.silu if args.swiglu else F.gelu,
+        activation_func=_ACTIVATIONS[args.activation or ("silu" if args.swiglu else "gelu")],
+        softmax_scale=args.attention_softmax_scale,
+        num_query_groups=args.num_query_groups if args.group_query_attention else None,
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,

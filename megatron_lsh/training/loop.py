@@ -113,9 +113,10 @@ class Trainer:
         self.args = args
         self.start_time = time.time()
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        validate_args(args, world_size)
+        # Model-specific defaults and presets first, then the checks every model shares.
         if task.validate is not None:
             task.validate(args)
+        validate_args(args, world_size)
         # Built before any process group exists, so a bad model flag stops every rank alike.
         self.config = transformer_config_from_args(args)
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -303,7 +304,7 @@ class Trainer:
         start = time.time()
         path = save_checkpoint(
             self.args.save, self.iteration, self.model, self.optimizer, self.scheduler,
-            self.consumed_samples, self.args,
+            self.consumed_samples, self.args, self.task.name,
         )
         self.log.console(f"saved checkpoint {path} ({time.time() - start:.1f}s)")
 

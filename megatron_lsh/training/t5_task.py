@@ -41,6 +41,10 @@ def validate_t5_args(args) -> None:
     if not args.encoder_num_layers or not args.decoder_num_layers:
         raise ArgumentError("T5 needs --num-layers, or --encoder-num-layers and --decoder-num-layers")
     args.num_layers = args.decoder_num_layers  # the decoder's config; the encoder's is derived
+    if args.hf_architecture:
+        from megatron_lsh.checkpoint.hf_architectures import apply_architecture
+
+        apply_architecture(args, args.hf_architecture, "t5")
     args.encoder_seq_length = args.encoder_seq_length or args.seq_length
     if not args.encoder_seq_length or not args.decoder_seq_length:
         raise ArgumentError("T5 needs --encoder-seq-length (or --seq-length) and --decoder-seq-length")
@@ -66,6 +70,8 @@ def validate_t5_args(args) -> None:
             f"spans of --encoder-seq-length {args.encoder_seq_length}; shorten the encoder or use "
             "a tokenizer with more sentinels"
         )
+    if args.tokenizer_type is None:
+        raise ArgumentError("T5 needs --tokenizer-type SentencePieceTokenizer and a --tokenizer-model with sentinels")
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
     sentinels = len(getattr(tokenizer, "additional_special_tokens_ids", []))
     if sentinels < args.vocab_extra_ids:

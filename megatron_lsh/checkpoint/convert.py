@@ -1,0 +1,78 @@
+"""Convert a megatron-lsh checkpoint to a Hugging Face model directory.
+
+    python -m megatron_lsh.checkpoint.convert --load checkpoints/gpt-moe --output hf/gpt-moe
+
+Merges the expert-parallel shards of the newest complete checkpoint and writes config.json,
+safetensors weights and the tokenizer: a GPT-MoE as MixtralForCausalLM, a T5-MoE as
+SwitchTransformersForConditionalGeneration, loadable with ``AutoModelForCausalLM`` /
+``AutoModelForSeq2SeqLM.from_pretrained`` and no custom code. LSH is a training-time
+approximation of the all-to-all; the export is the exact MoE. Runs on one process (CPU is fine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from megatron_lsh.checkpoint.checkpointing import CheckpointError
+from megatron_lsh.checkpoint.hf_architectures import NotExportableError, check_exportable
+from megatron_lsh.checkpoint.hf_export import (
+    mixtral_config,
+    mixtral_state_dict,
+    save_safetensors,
+    switch_config,
+    switch_state_dict,
+)
+from megatron_lsh.checkpoint.hf_tokenizer import save_hf_tokenizer
+from megatron_lsh.checkpoint.loading import load_for_inference, saved_run
+
+ARCHITECTURE_OF_TASK = {"GPT-MoE": "mixtral", "T5-MoE": "switch_transformers"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_checkpoint(load_dir: str) -> str:
+    """The architecture a checkpoint exports to; NotExportableError naming the flags otherwise."""
+    args, task, _ = saved_run(load_dir)
+    architecture = ARCHITECTURE_OF_TASK[task]
+    check_exportable(args, architecture)
+    return architecture
+
+
+def convert(load_dir: str, output_dir: str, dtype: str = "fp32") -> str:
+    architecture = check_checkpoint(load_dir)
+    loaded = load_for_inference(load_dir)
+    args, tokenizer = loaded.args, loaded.tokenizer
+    state = {k: v for k, v in loaded.model.state_dict().items() if not k.endswith("_extra_state")}
+    vocab = tokenizer.vocab_size
+    if architecture == "mixtral":
+        weights, config = mixtral_state_dict(state, args, vocab), mixtral_config(args, vocab, tokenizer)
+    else:
+        weights, config = switch_state_dict(state, args, vocab), switch_config(args, vocab, tokenizer)
+    config["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    save_safetensors(weights, output_dir, DTYPES[dtype])
+    save_hf_tokenizer(args.tokenizer_model, output_dir, model_max_length=args.max_position_embeddings)
+    return architecture
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load", required=True, help="Checkpoint directory (the --save of training).")
+    parser.add_argument("--output", required=True, help="Hugging Face model directory to write.")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    args = parser.parse_args(argv)
+    try:
+        architecture = convert(args.load, args.output, args.dtype)
+    except (CheckpointError, NotExportableError) as error:
+        sys.exit(f"error: {error}")
+    print(f"wrote {architecture} model to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Validation loss and perplexity of a checkpoint on held-out text, one pass over all of it.
+
+    python -m megatron_lsh.checkpoint.evaluate --load checkpoints/gpt-moe --input held_out.jsonl
+    python -m megatron_lsh.checkpoint.evaluate --load checkpoints/t5-moe --data-path data/t5/valid_text_sentence
+
+GPT: next-token perplexity over windows of the training sequence length. T5: span-corruption
+loss and perplexity of the decoder targets. Runs on one process with every expert merged; the
+exact MoE by default, or with the run's LSH dispatch (--lsh) to see what compression costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from megatron_lsh.checkpoint.checkpointing import CheckpointError
+from megatron_lsh.checkpoint.loading import load_for_inference, saved_run, tokenizer_model_path
+from megatron_lsh.data.gpt_data import DataError, data_iterator
+from megatron_lsh.data.preprocess import preprocess_jsonl
+
+
+def evaluate(load_dir: str, data_path: str | None = None, input_jsonl: str | None = None,
+             micro_batch_size: int = 8, max_samples: int | None = None, lsh: bool = False) -> dict:
+    from megatron_lsh.training.gpt_task import GPT_TASK
+    from megatron_lsh.training.t5_task import T5_TASK
+
+    saved, task_name, _ = saved_run(load_dir)
+    task = {GPT_TASK.name: GPT_TASK, T5_TASK.name: T5_TASK}[task_name]
+    with tempfile.TemporaryDirectory() as scratch:
+        if input_jsonl is not None:  # tokenized before any process group exists
+            data_path = preprocess_jsonl(
+                [input_jsonl], f"{scratch}/held_out", saved["tokenizer_type"],
+                tokenizer_model_path(load_dir, saved), vocab_size=saved.get("vocab_size"),
+                workers=1, progress=False, split_sentences=task is T5_TASK,
+            )["text"]["prefix"]
+        loaded = load_for_inference(load_dir, lsh=lsh)
+        args = loaded.args
+        args.data_path = None
+        args.train_data_path, args.valid_data_path, args.test_data_path = None, [data_path], None
+        args.data_cache_path = f"{scratch}/cache"
+        args.mock_data = False
+        # One pass: about as many samples as the text fills (megatron-core's T5 index needs a count).
+        text = IndexedDataset(data_path)  # keep it alive: sequence_lengths views its memory map
+        tokens_in_text = int(text.sequence_lengths.sum())
+        one_pass = max(1, tokens_in_text // (args.seq_length - (2 if task is T5_TASK else 0)))
+        wanted = one_pass if max_samples is None else min(max_samples, one_pass)
+        _, dataset, _ = task.build_datasets(args, loaded.tokenizer, [0, wanted, 0])
+        samples = min(wanted, len(dataset))
+        iterator = data_iterator(dataset, 0, micro_batch_size, 0, 1, num_workers=0)
+        loss_sum, tokens, start = 0.0, 0.0, time.time()
+        with torch.no_grad():
+            for _ in range(max(1, samples // micro_batch_size)):
+                loss, count = task.forward_step(next(iterator), loaded.model)
+                loss_sum += loss.item() * float(count)
+                tokens += float(count)
+    loss = loss_sum / max(tokens, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(tokens),
+            "samples": samples, "seconds": time.time() - start, "checkpoint": loaded.path}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load", required=True, help="Checkpoint directory (the --save of training).")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="Held-out jsonl documents ({\"text\": ...} per line).")
+    source.add_argument("--data-path", help="A preprocessed prefix made with the run's tokenizer.")
+    parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--max-samples", type=int, default=None, help="Stop after this many samples.")
+    parser.add_argument("--lsh", action="store_true", help="Evaluate with the run's LSH dispatch.")
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate(args.load, args.data_path, args.input, args.micro_batch_size, args.max_samples, args.lsh)
+    except (CheckpointError, DataError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+    print(
+        f"{result['checkpoint']}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
+        f"over {result['tokens']:,} tokens ({result['samples']} samples, {result['seconds']:.0f}s)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""A saved run's model on one process: every expert merged (expert parallel 1), LSH off unless
+asked for, for conversion and evaluation. dist_checkpointing reshards the expert-parallel shards
+by their global expert index."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+import torch
+from megatron.core import dist_checkpointing
+
+from megatron_lsh.checkpoint.checkpointing import (
+    TOKENIZER_COPY,
+    CheckpointError,
+    find_latest_checkpoint,
+    iteration_dir,
+)
+from megatron_lsh.data.tokenizer import build_tokenizer
+from megatron_lsh.training.arguments import flag_defaults
+from megatron_lsh.training.config import transformer_config_from_args
+from megatron_lsh.training.initialize import free_port, initialize_distributed
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    args: argparse.Namespace
+    task_name: str
+    tokenizer: object
+    path: str
+
+
+def saved_run(load_dir: str):
+    """(args as a dict, task name, checkpoint path) of the newest complete checkpoint."""
+    iteration = find_latest_checkpoint(load_dir)
+    if iteration is None:
+        raise CheckpointError(f"--load {load_dir}: no complete checkpoint (iter_*/ with a 'complete' marker)")
+    path = iteration_dir(load_dir, iteration)
+    common = dist_checkpointing.load_common_state_dict(path)
+    if "args" not in common:
+        raise CheckpointError(f"{path} was not written by megatron-lsh's pretraining loop")
+    args = dict(common["args"])
+    # Checkpoints from before the task was recorded: T5 runs are the ones with an encoder.
+    task = common.get("task") or ("T5-MoE" if args.get("encoder_num_layers") else "GPT-MoE")
+    return args, task, path
+
+
+def tokenizer_model_path(load_dir: str, args: dict) -> str:
+    """The tokenizer saved with the run (copied beside its checkpoints), else the one it named."""
+    copy = os.path.join(load_dir, TOKENIZER_COPY)
+    return copy if os.path.isfile(copy) else args.get("tokenizer_model")
+
+
+def load_for_inference(load_dir: str, lsh: bool = False, dtype=torch.float32) -> LoadedModel:
+    from megatron_lsh.training.gpt_task import GPT_TASK
+    from megatron_lsh.training.loop import padded_vocab_size
+    from megatron_lsh.training.t5_task import T5_TASK, add_t5_args
+
+    saved, task_name, path = saved_run(load_dir)
+    task = {GPT_TASK.name: GPT_TASK, T5_TASK.name: T5_TASK}[task_name]
+    # Flags added since the run was saved take their defaults.
+    args = argparse.Namespace(**{**flag_defaults(add_t5_args), **saved})
+    args.expert_model_parallel_size = 1
+    args.lsh_enabled = lsh
+    args.bf16 = dtype == torch.bfloat16
+    args.tokenizer_model = tokenizer_model_path(load_dir, saved)
+    for key, value in dict(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+    initialize_distributed(expert_model_parallel_size=1, seed=args.seed)
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+    config = transformer_config_from_args(args, hidden_dropout=0.0, attention_dropout=0.0)
+    model = task.build_model(args, config, padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by))
+    state = dist_checkpointing.load({"model": model.sharded_state_dict(prefix="")}, path)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return LoadedModel(model, args, task_name, tokenizer, path)
