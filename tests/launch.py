@@ -13,8 +13,15 @@ REPO = Path(__file__).resolve().parent.parent
 LOSS_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.* lm loss: ([0-9.E+-]+) \|")
 
 
+def as_flags(defaults: dict, overrides: dict) -> list:
+    """Command-line flags from a dict; an override of None drops the flag."""
+    merged = {**defaults, **overrides}
+    return [str(item) for flag, value in merged.items() if value is not None for item in (flag, value)]
+
+
 def model_flags(corpus, **overrides):
-    flags = {
+    """A tiny GPT-MoE on the test corpus, 2 ranks, expert parallel 2."""
+    return as_flags({
         "--num-layers": "2", "--hidden-size": "64", "--num-attention-heads": "4",
         "--seq-length": "64", "--micro-batch-size": "4", "--global-batch-size": "16",
         "--num-experts": "4", "--moe-router-topk": "2", "--moe-aux-loss-coeff": "1e-2",
@@ -22,9 +29,7 @@ def model_flags(corpus, **overrides):
         "--train-data-path": corpus["train"], "--valid-data-path": corpus["valid"],
         "--tokenizer-type": "SentencePieceTokenizer", "--tokenizer-model": corpus["tokenizer"],
         "--num-workers": "0", "--eval-iters": "2",
-    }
-    flags.update(overrides)
-    return [str(item) for flag, value in flags.items() if value is not None for item in (flag, value)]
+    }, overrides)
 
 
 def environment(**extra):

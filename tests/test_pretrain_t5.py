@@ -3,14 +3,15 @@
 import pytest
 
 from tests.distributed import run_distributed
-from tests.launch import kill_at_checkpoint_and_resume, losses, run_pretrain_expecting_error, torchrun
+from tests.launch import as_flags, kill_at_checkpoint_and_resume, losses, run_pretrain_expecting_error, torchrun
 from tests.t5_workers import t5_samples
 
 SCRIPT = "pretrain_t5_moe.py"
 
 
 def t5_flags(corpus, **overrides):
-    flags = {
+    """A tiny T5-MoE on the test corpus, 2 ranks, expert parallel 2."""
+    return as_flags({
         "--encoder-num-layers": "2", "--decoder-num-layers": "2", "--hidden-size": "64",
         "--num-attention-heads": "4", "--encoder-seq-length": "64", "--decoder-seq-length": "24",
         "--vocab-extra-ids": "40", "--micro-batch-size": "4", "--global-batch-size": "16",
@@ -19,9 +20,7 @@ def t5_flags(corpus, **overrides):
         "--train-data-path": corpus["t5_train"], "--valid-data-path": corpus["t5_valid"],
         "--tokenizer-type": "SentencePieceTokenizer", "--tokenizer-model": corpus["t5_tokenizer"],
         "--num-workers": "0", "--eval-iters": "2", "--normalization": "RMSNorm",
-    }
-    flags.update(overrides)
-    return [str(item) for flag, value in flags.items() if value is not None for item in (flag, value)]
+    }, overrides)
 
 
 @pytest.fixture(scope="module")

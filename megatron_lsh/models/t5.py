@@ -23,6 +23,7 @@ from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_t
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_lsh.device import compute_device
 from megatron_lsh.models.attention import BiasedDotProductAttention
 from megatron_lsh.moe.layer import get_lsh_moe_module_spec, lsh_moe_layers
 
@@ -126,7 +127,7 @@ def _reserve_router_loss_slots(num_layers: int) -> None:
     i.e. from one stack's depth; decoder routers log after the encoder's layers, so the tracker
     must have room for both stacks before the first forward pass."""
     tracker = get_moe_layer_wise_logging_tracker()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = compute_device()
     for name in _ROUTER_LOSS_NAMES:
         entry = tracker.setdefault(name, {})
         if "values" not in entry or entry["values"].numel() < num_layers:

@@ -14,6 +14,8 @@ from typing import Dict, Optional
 
 import torch
 
+from megatron_lsh.device import compute_device
+
 
 @dataclass
 class CompressionStats:
@@ -84,7 +86,7 @@ class CompressionStatsTracker:
         counts = torch.tensor(
             [[getattr(layers[n], f) for f in field_names] for n in names],
             dtype=torch.float64,
-            device="cuda" if torch.cuda.is_available() else "cpu",  # NCCL reduces CUDA tensors
+            device=compute_device(),  # NCCL reduces CUDA tensors
         ).reshape(len(names), len(field_names))
         torch.distributed.all_reduce(counts, group=group)
         return {

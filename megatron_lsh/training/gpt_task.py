@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_lsh.device import compute_device
 from megatron_lsh.data.gpt_data import build_gpt_datasets
 from megatron_lsh.models import build_gpt_moe_model
 from megatron_lsh.training.arguments import validate_gpt_args
@@ -23,7 +24,7 @@ def build_model(args, config, vocab_size):
 
 def forward_step(batch, model):
     """Mean next-token loss over the unmasked tokens of one micro-batch."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = compute_device()
     tokens = batch["tokens"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device, non_blocking=True).float()

@@ -22,6 +22,7 @@ from megatron.core.transformer.moe.moe_utils import (
     reduce_aux_losses_tracker_across_ranks,
 )
 
+from megatron_lsh.device import compute_device
 from megatron_lsh.checkpoint.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
 from megatron_lsh.data.gpt_data import DataError, data_iterator
 from megatron_lsh.data.tokenizer import TokenizerError, build_tokenizer
@@ -62,7 +63,7 @@ class TrainingError(RuntimeError):
 def _all_reduce_mean(values, group=None) -> list:
     if not torch.distributed.is_initialized():
         return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=compute_device())
     torch.distributed.all_reduce(tensor, group=group)
     return (tensor / torch.distributed.get_world_size(group)).tolist()
 
@@ -214,8 +215,7 @@ class Trainer:
         set_lsh_iteration(self.model, self.iteration)
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=device) / self.num_microbatches)
+        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=compute_device()) / self.num_microbatches)
         losses = []
         for _ in range(self.num_microbatches):
             batch = next(self.train_iter)

@@ -20,6 +20,8 @@ from megatron.core.dist_checkpointing.optimizer import (
     optim_state_to_sharding_state,
 )
 
+from megatron_lsh.device import compute_device
+
 
 def _is_expert(param: torch.nn.Parameter) -> bool:
     # megatron-core marks expert-parallel weights allreduce=False (reduced over expert-DP only).
@@ -95,8 +97,7 @@ class TrainingOptimizer:
             else:
                 dense_sq += sq
         if parallel_state.get_expert_model_parallel_world_size() > 1:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            expert_sq = expert_sq.to(device)
+            expert_sq = expert_sq.to(compute_device())
             torch.distributed.all_reduce(
                 expert_sq, group=parallel_state.get_expert_model_parallel_group()
             )

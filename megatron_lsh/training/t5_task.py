@@ -8,6 +8,7 @@ import math
 import torch
 from megatron.core.datasets.t5_dataset import T5MaskedWordPieceDataset
 
+from megatron_lsh.device import compute_device
 from megatron_lsh.data.t5_data import build_t5_datasets
 from megatron_lsh.data.tokenizer import build_tokenizer
 from megatron_lsh.models.t5 import build_t5_moe_model, moe_layer_patterns
@@ -109,7 +110,7 @@ def build_model(args, config, vocab_size):
 
 def forward_step(batch, model):
     """Mean loss over the decoder's target tokens of one micro-batch."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = compute_device()
     encoder_tokens = batch["text_enc"].long()
     decoder_tokens = batch["text_dec"].long()
     encoder_mask, decoder_mask, cross_mask = T5MaskedWordPieceDataset.config_attention_mask(
