@@ -4,6 +4,8 @@
 #   CHECKPOINT_DIR (checkpoints/$MODEL_NAME), TENSORBOARD_DIR ($CHECKPOINT_DIR/tensorboard),
 #   WANDB_PROJECT / WANDB_EXP_NAME (optional), PRECISION (bf16 or fp32),
 #   EXPERT_PARALLEL (default: every process), LSH_NUM_HASHES (6).
+#   DATA_PATH (required), VALID_DATA_PATH (optional: held-out data instead of a --split),
+#   TOKENIZER_MODEL (required).
 GPUS_PER_NODE=${GPUS_PER_NODE:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}

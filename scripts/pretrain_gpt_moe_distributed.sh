@@ -48,12 +48,12 @@ TRAINING_ARGS=(
     --clip-grad 1.0
 )
 
-DATA_ARGS=(
-    --data-path $DATA_PATH
-    --split 969,30,1
-    --tokenizer-type SentencePieceTokenizer
-    --tokenizer-model "$TOKENIZER_MODEL"
-)
+DATA_ARGS=(--tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL")
+if [ -n "${VALID_DATA_PATH:-}" ]; then  # separate held-out data instead of a split
+    DATA_ARGS+=(--train-data-path $DATA_PATH --valid-data-path $VALID_DATA_PATH)
+else
+    DATA_ARGS+=(--data-path $DATA_PATH --split 969,30,1)
+fi
 
 exec torchrun "${DISTRIBUTED_ARGS[@]}" pretrain_gpt_moe.py \
     "${MODEL_ARGS[@]}" "${MOE_ARGS[@]}" "${LSH_ARGS[@]}" "${TRAINING_ARGS[@]}" \

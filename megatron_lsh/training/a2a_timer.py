@@ -8,6 +8,7 @@ any overlap: switch it off with --no-log-a2a-time for the fastest runs.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -51,3 +52,14 @@ def take_seconds() -> float:
     global _seconds
     seconds, _seconds = _seconds, 0.0
     return seconds
+
+
+@contextlib.contextmanager
+def excluded():
+    """All-to-alls inside this block (an evaluation) do not count towards the step time share."""
+    global _seconds
+    kept = _seconds
+    try:
+        yield
+    finally:
+        _seconds = kept

@@ -309,7 +309,8 @@ class Trainer:
         self.log.console(f"saved checkpoint {path} ({time.time() - start:.1f}s)")
 
     def _evaluate_and_log(self, dataset=None, name="validation") -> None:
-        metrics = self.evaluate(self.valid_ds if dataset is None else dataset, name)
+        with a2a_timer.excluded():
+            metrics = self.evaluate(self.valid_ds if dataset is None else dataset, name)
         if metrics is None:
             return
         loss, ppl = metrics[f"{name} lm loss"], metrics[f"{name} lm loss PPL"]

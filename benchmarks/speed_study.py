@@ -1,0 +1,297 @@
+"""Stock megatron-core all-to-all against LSH, side by side on an emulated 2-node cluster.
+
+    sudo python benchmarks/speed_study.py            # about 20 minutes on 2 cores; writes docs/
+    sudo python benchmarks/speed_study.py --quick    # a few minutes, fewer runs, shorter
+
+Each run trains the same small GPT-MoE on the embedded corpus with scripts/pretrain_gpt_moe_distributed.sh,
+one torchrun per node, each node a network namespace whose link is rate-limited with tc. Per run:
+step time, the all-to-all share of it, the all-to-all bytes megatron-lsh counted (and what stock
+megatron-core would have sent), the bytes the kernel counted on the nodes' links, validation
+perplexity at equal steps, and the wall time to reach the stock run's final perplexity. Output:
+docs/speed_study.md (table and targets) and docs/*.png (perplexity against wall time,
+compression against hashes, step time against bandwidth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from emulated_cluster import ClusterUnavailable, EmulatedCluster
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs"
+
+MODEL_FLAGS = [
+    "--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "256", "--num-attention-heads", "4",
+    "--seq-length", "128", "--max-position-embeddings", "128", "--normalization", "LayerNorm",
+    "--num-experts", "8", "--moe-router-topk", "2", "--moe-layer-freq", "1",
+    "--micro-batch-size", "16", "--global-batch-size", "32", "--lr", "2e-3", "--min-lr", "2e-4",
+    "--lr-warmup-iters", "20", "--weight-decay", "0.1", "--log-interval", "25", "--eval-interval", "25",
+    "--eval-iters", "4", "--num-workers", "0", "--save-interval", "100000",
+]
+
+
+@dataclass
+class Run:
+    name: str
+    flags: List[str]
+    rate_mbit: float
+    hashes: Optional[int] = None
+    hash_type: Optional[str] = None
+    results: Dict = field(default_factory=dict)
+
+
+def lsh(hash_type: str, hashes: int, compensation: bool = True) -> List[str]:
+    return ["--lsh", "--lsh-hash-type", hash_type, "--lsh-num-hashes", str(hashes),
+            "--lsh-num-buckets", "4", "--lsh-error-compensation" if compensation else "--no-lsh-error-compensation"]
+
+
+def plan(quick: bool) -> List[Run]:
+    gbit = 1000
+    runs = [Run("stock", ["--no-lsh"], gbit)]
+    for hashes in ((4, 6) if quick else (2, 4, 6, 8)):
+        runs.append(Run(f"cross-polytope {hashes} hashes", lsh("cross_polytope", hashes), gbit, hashes, "cross_polytope"))
+    for hashes in (() if quick else (4, 6)):
+        runs.append(Run(f"spherical {hashes} hashes", lsh("spherical", hashes), gbit, hashes, "spherical"))
+    runs.append(Run("cross-polytope 6, no compensation", lsh("cross_polytope", 6, compensation=False), gbit))
+    for rate in ((100,) if quick else (100, 10000)):
+        runs.append(Run("stock", ["--no-lsh"], rate))
+        runs.append(Run("cross-polytope 6 hashes", lsh("cross_polytope", 6), rate, 6, "cross_polytope"))
+    return runs
+
+
+def prepare_data(work: Path) -> Dict[str, str]:
+    """The quickstart's corpus, tokenizer and .bin/.idx files, made once under work/data."""
+    data = work / "data"
+    steps = [
+        (data / "corpus" / "valid.jsonl", ["data_tools/prepare_corpus.py", "--output-dir", str(data / "corpus")]),
+        (data / "tokenizer" / "spm.model", ["data_tools/train_tokenizer.py", "--input", str(data / "corpus" / "train.jsonl"),
+                                            "--vocab-size", "8000", "--output-prefix", str(data / "tokenizer" / "spm")]),
+    ]
+    for split in ("train", "valid"):
+        steps.append((data / "gpt" / f"{split}_text_document.idx",
+                      ["data_tools/preprocess_data.py", "--input", str(data / "corpus" / f"{split}.jsonl"),
+                       "--output-prefix", str(data / "gpt" / split), "--tokenizer-type", "SentencePieceTokenizer",
+                       "--tokenizer-model", str(data / "tokenizer" / "spm.model"), "--append-eod", "--workers", "2",
+                       "--no-progress"]))
+    for made, command in steps:
+        if not made.exists():
+            print("  data:", " ".join(command[:1]), flush=True)
+            subprocess.run([sys.executable, *command], cwd=REPO, check=True, capture_output=True)
+    return {"train": str(data / "gpt" / "train_text_document"), "valid": str(data / "gpt" / "valid_text_document"),
+            "tokenizer": str(data / "tokenizer" / "spm.model")}
+
+
+def execute(run: Run, index: int, iters: int, data: Dict[str, str], work: Path) -> None:
+    out = work / "runs" / f"{index:02d}"
+    out.mkdir(parents=True, exist_ok=True)
+    env_common = dict(
+        OMP_NUM_THREADS="1", NNODES="2", GPUS_PER_NODE="1", MASTER_ADDR="10.213.0.1", MASTER_PORT=str(29400 + index),
+        PRECISION="fp32", EXPERT_PARALLEL="2", DATA_PATH=data["train"], VALID_DATA_PATH=data["valid"],
+        TOKENIZER_MODEL=data["tokenizer"], CHECKPOINT_DIR=str(out / "checkpoints"), TENSORBOARD_DIR=str(out / "tensorboard"),
+        PATH=__import__("os").environ["PATH"], PYTHONPATH=str(REPO),
+    )
+    flags = [*MODEL_FLAGS, "--train-iters", str(iters), *run.flags]
+    with EmulatedCluster(num_nodes=2, rate_mbit=run.rate_mbit) as cluster:
+        before = [cluster.interface_bytes(i)["tx_bytes"] for i in range(2)]
+        start = time.time()
+        processes = []
+        for node in range(2):
+            log = open(out / f"node{node}.log", "w")
+            processes.append((cluster.popen(node, ["bash", "scripts/pretrain_gpt_moe_distributed.sh", *flags],
+                                            env={**env_common, "NODE_RANK": str(node)}, cwd=REPO,
+                                            stdout=log, stderr=subprocess.STDOUT), log))
+        try:
+            for process, log in processes:
+                process.wait(timeout=1800)
+        finally:
+            for process, log in processes:
+                if process.poll() is None:
+                    process.kill()
+                log.close()
+        wall = time.time() - start
+        wire = sum(cluster.interface_bytes(i)["tx_bytes"] for i in range(2)) - sum(before)
+    if any(process.returncode != 0 for process, _ in processes):
+        tail = (out / "node0.log").read_text()[-3000:]
+        raise RuntimeError(f"run {run.name} at {run.rate_mbit} Mbit/s failed:\n{tail}")
+    run.results = summarize(out / "tensorboard", iters, wire, wall)
+
+
+def summarize(tensorboard: Path, iters: int, wire_bytes: int, wall: float) -> Dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tensorboard), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+
+    def series(tag):
+        return [(e.step, e.value) for e in events.Scalars(tag)] if tag in tags else []
+
+    steps = [v for _, v in series("iteration time ms")][1:]  # the first interval includes warm-up
+    ppl = series("validation lm loss PPL")
+    ppl_time = series("validation lm loss PPL vs time")
+    sent = sum(v for _, v in series("a2a bytes sent"))
+    stock = sum(v for _, v in series("a2a bytes stock"))
+    return {
+        "step_ms": statistics.median(steps) if steps else float("nan"),
+        "a2a_share": statistics.median([v for _, v in series("a2a share of step time")][1:] or [float("nan")]),
+        "compression": statistics.mean([v for _, v in series("lsh compression rate")] or [1.0]),
+        "a2a_mb_per_iter": (sent or stock) / iters / 1e6,
+        "a2a_stock_mb_per_iter": stock / iters / 1e6 if stock else None,
+        "wire_mb_per_iter": wire_bytes / iters / 1e6,
+        "final_ppl": ppl[-1][1] if ppl else float("nan"),
+        "ppl_curve": ppl_time,
+        "wall_s": wall,
+    }
+
+
+def time_to_reach(curve, target: float) -> Optional[float]:
+    """Wall seconds at which validation perplexity first reaches target (linear between evals)."""
+    previous = None
+    for seconds, value in curve:
+        if value <= target:
+            if previous is None:
+                return float(seconds)
+            (s0, v0) = previous
+            return s0 + (seconds - s0) * (v0 - target) / max(v0 - value, 1e-9)
+        previous = (seconds, value)
+    return None
+
+
+def report(runs: List[Run], iters: int, elapsed: float) -> str:
+    reference = {r.rate_mbit: r for r in runs if r.name == "stock"}
+    main = reference[1000]
+    target = main.results["final_ppl"]
+    stock_time = time_to_reach(main.results["ppl_curve"], target)
+    lines = [
+        "# LSH-MoE against stock megatron-core on an emulated 2-node cluster",
+        "",
+        f"Regenerate with `sudo python benchmarks/speed_study.py` ({elapsed / 60:.0f} minutes for this run). Two network",
+        "namespaces joined by veth pairs through a bridge, every link shaped with tc (token bucket, both directions);",
+        "one torchrun per node (gloo), expert parallel 2. GPT-MoE: 4 layers, hidden 64, 8 experts, top-2, MoE in every",
+        f"layer; {iters} iterations of 32 sequences of 128 tokens on the embedded Shakespeare/Milton corpus; validation on",
+        "held-out works every 25 iterations. Both processes share this machine's 2 CPU cores, so compute is slow next",
+        "to the emulated network: the all-to-all share below is what the links cost at these rates, not a GPU cluster's.",
+        "",
+        "| run | link | step ms | vs stock | a2a share | compression | a2a MB/iter (stock) | wire MB/iter (kernel) | val PPL | vs stock | time to stock's PPL |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        r, base = run.results, reference[run.rate_mbit].results
+        reach = time_to_reach(r["ppl_curve"], target) if run.rate_mbit == 1000 else None
+        reach_text = "-" if run.rate_mbit != 1000 else (f"{reach:.0f} s" if reach is not None else "not reached")
+        stock_mb = f" ({r['a2a_stock_mb_per_iter']:.2f})" if r["a2a_stock_mb_per_iter"] else ""
+        lines.append(
+            f"| {run.name} | {run.rate_mbit / 1000:g} Gbit/s | {r['step_ms']:.0f} | {r['step_ms'] / base['step_ms']:.2f}x | "
+            f"{100 * r['a2a_share']:.0f}% | {r['compression']:.3f} | {r['a2a_mb_per_iter']:.2f}{stock_mb} | "
+            f"{r['wire_mb_per_iter']:.2f} | {r['final_ppl']:.1f} | {r['final_ppl'] / base['final_ppl']:.3f} | {reach_text} |"
+        )
+    lines += ["", "## Targets (measured here, met or not)", ""]
+    best = min((r for r in runs if r.rate_mbit == 1000 and r.name != "stock"), key=lambda r: r.results["step_ms"])
+    cp6 = next((r for r in runs if r.rate_mbit == 1000 and r.name == "cross-polytope 6 hashes"), None)
+    nocomp = next((r for r in runs if "no compensation" in r.name), None)
+    checks = []
+    if cp6:
+        ratio = cp6.results["step_ms"] / main.results["step_ms"]
+        checks.append(("LSH step time at most 0.6x stock at 1 Gbit/s (cross-polytope 6)", f"{ratio:.2f}x", ratio <= 0.6))
+        reach = time_to_reach(cp6.results["ppl_curve"], target)
+        if reach is not None and stock_time:
+            checks.append(("time to target perplexity at least 1.3x faster", f"{stock_time / reach:.2f}x", stock_time / reach >= 1.3))
+        else:
+            checks.append(("time to target perplexity at least 1.3x faster", "target not reached in the run", False))
+        gap = cp6.results["final_ppl"] / main.results["final_ppl"] - 1
+        checks.append(("validation perplexity at equal steps within 3% of stock", f"{100 * gap:+.1f}%", abs(gap) <= 0.03))
+    rates = [r.results["compression"] for r in runs if r.rate_mbit == 1000 and r.hashes in (4, 6) and r.hash_type == "cross_polytope"]
+    if rates:
+        checks.append(("compression rate at most 0.25 at 4 to 6 hashes", ", ".join(f"{v:.3f}" for v in rates), max(rates) <= 0.25))
+    if nocomp and cp6:
+        better = cp6.results["final_ppl"] < nocomp.results["final_ppl"]
+        checks.append(("compensation better than none", f"{cp6.results['final_ppl']:.1f} vs {nocomp.results['final_ppl']:.1f} PPL", better))
+    lines += ["| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {'yes' if met else 'no'} |" for name, value, met in checks]
+    lines += ["", f"Fastest LSH run at 1 Gbit/s: {best.name}, {best.results['step_ms']:.0f} ms per step.", "",
+              "![perplexity against wall-clock time](ppl_vs_time.png)",
+              "![compression rate against hashes](compression_vs_hashes.png)",
+              "![step time against bandwidth](step_time_vs_bandwidth.png)", ""]
+    return "\n".join(lines)
+
+
+def plots(runs: List[Run]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for run in runs:
+        if run.rate_mbit == 1000 and run.results["ppl_curve"]:
+            seconds, values = zip(*run.results["ppl_curve"])
+            axis.plot(seconds, values, marker="o", markersize=3, label=run.name, linewidth=2.5 if run.name == "stock" else 1.2)
+    axis.set(xlabel="wall-clock seconds", ylabel="validation perplexity", yscale="log",
+             title="Validation perplexity against wall time, 1 Gbit/s links")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(DOCS / "ppl_vs_time.png", dpi=120)
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for hash_type in ("cross_polytope", "spherical"):
+        points = sorted((r.hashes, r.results["compression"]) for r in runs
+                        if r.hash_type == hash_type and r.rate_mbit == 1000 and "no compensation" not in r.name)
+        if points:
+            axis.plot(*zip(*points), marker="o", label=hash_type.replace("_", "-"))
+    axis.set(xlabel="hash functions", ylabel="compression rate (centroids / tokens)",
+             title="Compression against hashes (4 buckets each)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(DOCS / "compression_vs_hashes.png", dpi=120)
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name in ("stock", "cross-polytope 6 hashes"):
+        points = sorted((r.rate_mbit / 1000, r.results["step_ms"]) for r in runs if r.name == name)
+        axis.plot(*zip(*points), marker="o", label=name)
+    axis.set(xlabel="link bandwidth (Gbit/s)", ylabel="step time (ms)", xscale="log",
+             title="Step time against bandwidth")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(DOCS / "step_time_vs_bandwidth.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (a smoke test)")
+    parser.add_argument("--iters", type=int, default=None, help="iterations per run (default 150, quick 40)")
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "speed_study")
+    args = parser.parse_args()
+    iters = args.iters or (40 if args.quick else 150)
+    start = time.time()
+    runs = plan(args.quick)
+    print(f"speed study: {len(runs)} runs of {iters} iterations on 2 emulated nodes", flush=True)
+    try:
+        data = prepare_data(args.work)
+        for index, run in enumerate(runs):
+            t = time.time()
+            execute(run, index, iters, data, args.work)
+            r = run.results
+            print(f"  [{index + 1}/{len(runs)}] {run.name} @ {run.rate_mbit / 1000:g} Gbit/s: {r['step_ms']:.0f} ms/step, "
+                  f"a2a {100 * r['a2a_share']:.0f}%, compression {r['compression']:.3f}, PPL {r['final_ppl']:.1f} "
+                  f"({time.time() - t:.0f}s)", flush=True)
+    except ClusterUnavailable as error:
+        sys.exit(f"error: cannot emulate a cluster here: {error}")
+    DOCS.mkdir(exist_ok=True)
+    plots(runs)
+    (DOCS / "speed_study.md").write_text(report(runs, iters, time.time() - start))
+    (args.work / "results.json").write_text(json.dumps(
+        [{"name": r.name, "rate_mbit": r.rate_mbit, **{k: v for k, v in r.results.items()}} for r in runs], indent=2))
+    print(f"wrote {DOCS / 'speed_study.md'} and plots in {time.time() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
