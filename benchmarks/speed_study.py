@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from emulated_cluster import ClusterUnavailable, EmulatedCluster
+from emulated_cluster import ClusterUnavailable, EmulatedCluster  # run as a script from benchmarks/
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
@@ -49,7 +50,7 @@ class Run:
     results: Dict = field(default_factory=dict)
 
 
-def lsh(hash_type: str, hashes: int, compensation: bool = True) -> List[str]:
+def lsh(hash_type: str, hashes: int, compensation: bool = False) -> List[str]:
     return ["--lsh", "--lsh-hash-type", hash_type, "--lsh-num-hashes", str(hashes),
             "--lsh-num-buckets", "4", "--lsh-error-compensation" if compensation else "--no-lsh-error-compensation"]
 
@@ -61,7 +62,7 @@ def plan(quick: bool) -> List[Run]:
         runs.append(Run(f"cross-polytope {hashes} hashes", lsh("cross_polytope", hashes), gbit, hashes, "cross_polytope"))
     for hashes in (() if quick else (4, 6)):
         runs.append(Run(f"spherical {hashes} hashes", lsh("spherical", hashes), gbit, hashes, "spherical"))
-    runs.append(Run("cross-polytope 6, no compensation", lsh("cross_polytope", 6, compensation=False), gbit))
+    runs.append(Run("cross-polytope 6, with compensation", lsh("cross_polytope", 6, compensation=True), gbit))
     for rate in ((100,) if quick else (100, 10000)):
         runs.append(Run("stock", ["--no-lsh"], rate))
         runs.append(Run("cross-polytope 6 hashes", lsh("cross_polytope", 6), rate, 6, "cross_polytope"))
@@ -153,6 +154,33 @@ def summarize(tensorboard: Path, iters: int, wire_bytes: int, wall: float) -> Di
     }
 
 
+def fixed_state_sweep(checkpoint: Path, valid_prefix: str) -> List[Dict]:
+    """LSH settings applied to one model's hidden states (the stock run's final checkpoint): the
+    compression each reaches and the perplexity it costs, with no training dynamics in between."""
+    rows = []
+    settings = [("exact MoE (no LSH)", [])]
+    for hash_type in ("cross_polytope", "spherical"):
+        for hashes in (2, 4, 6, 8):
+            settings.append((f"{hash_type} {hashes}", ["--lsh", "--lsh-hash-type", hash_type, "--lsh-num-hashes", str(hashes),
+                                                       "--no-lsh-error-compensation"]))
+    for hashes in (4, 6):
+        settings.append((f"cross_polytope {hashes}, with compensation",
+                         ["--lsh", "--lsh-hash-type", "cross_polytope", "--lsh-num-hashes", str(hashes),
+                          "--lsh-error-compensation"]))
+    for name, flags in settings:
+        result = subprocess.run(
+            [sys.executable, "-m", "megatron_lsh.checkpoint.evaluate", "--load", str(checkpoint), "--data-path", valid_prefix,
+             "--max-samples", "128", *flags], cwd=REPO, capture_output=True, text=True, check=True)
+        line = result.stdout.strip().splitlines()[-1]
+        perplexity = float(re.search(r"perplexity ([0-9.]+)", line)[1])
+        rate = re.search(r"compression rate ([0-9.]+)", line)
+        rows.append({"setting": name, "perplexity": perplexity, "compression": float(rate[1]) if rate else 1.0,
+                     "hash_type": flags[flags.index("--lsh-hash-type") + 1] if "--lsh-hash-type" in flags else None,
+                     "hashes": int(flags[flags.index("--lsh-num-hashes") + 1]) if "--lsh-num-hashes" in flags else None,
+                     "compensation": "--lsh-error-compensation" in flags})
+    return rows
+
+
 def time_to_reach(curve, target: float) -> Optional[float]:
     """Wall seconds at which validation perplexity first reaches target (linear between evals)."""
     previous = None
@@ -166,7 +194,7 @@ def time_to_reach(curve, target: float) -> Optional[float]:
     return None
 
 
-def report(runs: List[Run], iters: int, elapsed: float) -> str:
+def report(runs: List[Run], fixed: List[Dict], iters: int, elapsed: float) -> str:
     reference = {r.rate_mbit: r for r in runs if r.name == "stock"}
     main = reference[1000]
     target = main.results["final_ppl"]
@@ -181,6 +209,11 @@ def report(runs: List[Run], iters: int, elapsed: float) -> str:
         "held-out works every 25 iterations. Both processes share this machine's 2 CPU cores, so compute is slow next",
         "to the emulated network: the all-to-all share below is what the links cost at these rates, not a GPU cluster's.",
         "",
+        "a2a MB/iter: what megatron-lsh counted for the forward all-to-alls (backward moves as much again), with what",
+        "stock megatron-core would have sent in brackets; the stock dispatcher itself is not instrumented (-). wire",
+        "MB/iter: every byte the kernel counted on the nodes' links (all-to-alls both ways, gradient all-reduce,",
+        "evaluation).",
+        "",
         "| run | link | step ms | vs stock | a2a share | compression | a2a MB/iter (stock) | wire MB/iter (kernel) | val PPL | vs stock | time to stock's PPL |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -189,15 +222,16 @@ def report(runs: List[Run], iters: int, elapsed: float) -> str:
         reach = time_to_reach(r["ppl_curve"], target) if run.rate_mbit == 1000 else None
         reach_text = "-" if run.rate_mbit != 1000 else (f"{reach:.0f} s" if reach is not None else "not reached")
         stock_mb = f" ({r['a2a_stock_mb_per_iter']:.2f})" if r["a2a_stock_mb_per_iter"] else ""
+        sent_mb = f"{r['a2a_mb_per_iter']:.2f}{stock_mb}" if r["a2a_stock_mb_per_iter"] else "-"
         lines.append(
             f"| {run.name} | {run.rate_mbit / 1000:g} Gbit/s | {r['step_ms']:.0f} | {r['step_ms'] / base['step_ms']:.2f}x | "
-            f"{100 * r['a2a_share']:.0f}% | {r['compression']:.3f} | {r['a2a_mb_per_iter']:.2f}{stock_mb} | "
+            f"{100 * r['a2a_share']:.0f}% | {r['compression']:.3f} | {sent_mb} | "
             f"{r['wire_mb_per_iter']:.2f} | {r['final_ppl']:.1f} | {r['final_ppl'] / base['final_ppl']:.3f} | {reach_text} |"
         )
     lines += ["", "## Targets (measured here, met or not)", ""]
     best = min((r for r in runs if r.rate_mbit == 1000 and r.name != "stock"), key=lambda r: r.results["step_ms"])
     cp6 = next((r for r in runs if r.rate_mbit == 1000 and r.name == "cross-polytope 6 hashes"), None)
-    nocomp = next((r for r in runs if "no compensation" in r.name), None)
+    withcomp = next((r for r in runs if "with compensation" in r.name), None)
     checks = []
     if cp6:
         ratio = cp6.results["step_ms"] / main.results["step_ms"]
@@ -212,11 +246,25 @@ def report(runs: List[Run], iters: int, elapsed: float) -> str:
     rates = [r.results["compression"] for r in runs if r.rate_mbit == 1000 and r.hashes in (4, 6) and r.hash_type == "cross_polytope"]
     if rates:
         checks.append(("compression rate at most 0.25 at 4 to 6 hashes", ", ".join(f"{v:.3f}" for v in rates), max(rates) <= 0.25))
-    if nocomp and cp6:
-        better = cp6.results["final_ppl"] < nocomp.results["final_ppl"]
-        checks.append(("compensation better than none", f"{cp6.results['final_ppl']:.1f} vs {nocomp.results['final_ppl']:.1f} PPL", better))
+    if withcomp and cp6:
+        better = withcomp.results["final_ppl"] < cp6.results["final_ppl"]
+        checks.append(("compensation better than none (trained with LSH, cross-polytope 6)",
+                        f"{withcomp.results['final_ppl']:.1f} with vs {cp6.results['final_ppl']:.1f} without (PPL)", better))
+    with_comp = next((row for row in fixed if row["setting"] == "cross_polytope 6, with compensation"), None)
+    without = next((row for row in fixed if row["setting"] == "cross_polytope 6"), None)
+    if with_comp and without:
+        checks.append(("compensation better than none (fixed hidden states, cross-polytope 6)",
+                       f"{with_comp['perplexity']:.1f} with vs {without['perplexity']:.1f} without (PPL)",
+                       with_comp["perplexity"] < without["perplexity"]))
     lines += ["| target | measured | met |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {'yes' if met else 'no'} |" for name, value, met in checks]
+    lines += ["", "## LSH on fixed hidden states", "",
+              "The stock run's final model, evaluated on 128 validation sequences with each LSH setting switched on",
+              "(single process, all experts local): compression and perplexity with no training dynamics in between.",
+              "", "| setting | compression | val PPL | vs exact |", "|---|---|---|---|"]
+    exact = fixed[0]["perplexity"]
+    lines += [f"| {row['setting']} | {row['compression']:.3f} | {row['perplexity']:.1f} | {row['perplexity'] / exact:.2f}x |"
+              for row in fixed]
     lines += ["", f"Fastest LSH run at 1 Gbit/s: {best.name}, {best.results['step_ms']:.0f} ms per step.", "",
               "![perplexity against wall-clock time](ppl_vs_time.png)",
               "![compression rate against hashes](compression_vs_hashes.png)",
@@ -224,7 +272,7 @@ def report(runs: List[Run], iters: int, elapsed: float) -> str:
     return "\n".join(lines)
 
 
-def plots(runs: List[Run]) -> None:
+def plots(runs: List[Run], fixed: List[Dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,13 +291,18 @@ def plots(runs: List[Run]) -> None:
 
     figure, axis = plt.subplots(figsize=(6, 4))
     for hash_type in ("cross_polytope", "spherical"):
-        points = sorted((r.hashes, r.results["compression"]) for r in runs
-                        if r.hash_type == hash_type and r.rate_mbit == 1000 and "no compensation" not in r.name)
-        if points:
-            axis.plot(*zip(*points), marker="o", label=hash_type.replace("_", "-"))
+        trained = sorted((r.hashes, r.results["compression"]) for r in runs
+                         if r.hash_type == hash_type and r.rate_mbit == 1000 and "compensation" not in r.name)
+        same_states = sorted((row["hashes"], row["compression"]) for row in fixed
+                             if row["hash_type"] == hash_type and not row["compensation"])
+        label = hash_type.replace("_", "-")
+        if same_states:
+            axis.plot(*zip(*same_states), marker="o", label=f"{label}, stock model's states")
+        if trained:
+            axis.plot(*zip(*trained), marker="x", linestyle="--", label=f"{label}, own training run")
     axis.set(xlabel="hash functions", ylabel="compression rate (centroids / tokens)",
              title="Compression against hashes (4 buckets each)")
-    axis.legend()
+    axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(DOCS / "compression_vs_hashes.png", dpi=120)
 
@@ -267,10 +320,10 @@ def plots(runs: List[Run]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (a smoke test)")
-    parser.add_argument("--iters", type=int, default=None, help="iterations per run (default 150, quick 40)")
+    parser.add_argument("--iters", type=int, default=None, help="iterations per run (default 120, quick 40)")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "speed_study")
     args = parser.parse_args()
-    iters = args.iters or (40 if args.quick else 150)
+    iters = args.iters or (40 if args.quick else 120)
     start = time.time()
     runs = plan(args.quick)
     print(f"speed study: {len(runs)} runs of {iters} iterations on 2 emulated nodes", flush=True)
@@ -285,9 +338,12 @@ def main() -> None:
                   f"({time.time() - t:.0f}s)", flush=True)
     except ClusterUnavailable as error:
         sys.exit(f"error: cannot emulate a cluster here: {error}")
+    print("  LSH settings on the stock model's final hidden states", flush=True)
+    stock_run = next(index for index, run in enumerate(runs) if run.name == "stock" and run.rate_mbit == 1000)
+    fixed = fixed_state_sweep(args.work / "runs" / f"{stock_run:02d}" / "checkpoints", data["valid"])
     DOCS.mkdir(exist_ok=True)
-    plots(runs)
-    (DOCS / "speed_study.md").write_text(report(runs, iters, time.time() - start))
+    plots(runs, fixed)
+    (DOCS / "speed_study.md").write_text(report(runs, fixed, iters, time.time() - start))
     (args.work / "results.json").write_text(json.dumps(
         [{"name": r.name, "rate_mbit": r.rate_mbit, **{k: v for k, v in r.results.items()}} for r in runs], indent=2))
     print(f"wrote {DOCS / 'speed_study.md'} and plots in {time.time() - start:.0f}s")

@@ -31,7 +31,7 @@ LSH_ARGS=(
     --lsh-hash-type cross_polytope
     --lsh-num-hashes "${LSH_NUM_HASHES:-6}"
     --lsh-num-buckets 4
-    --lsh-error-compensation
+    --no-lsh-error-compensation
 )
 
 PRECISION_ARGS=()

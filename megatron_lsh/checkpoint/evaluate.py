@@ -23,10 +23,16 @@ from megatron_lsh.checkpoint.checkpointing import CheckpointError
 from megatron_lsh.checkpoint.loading import load_for_inference, saved_run, tokenizer_model_path
 from megatron_lsh.data.gpt_data import DataError, data_iterator
 from megatron_lsh.data.preprocess import preprocess_jsonl
+from megatron_lsh.lsh import HASH_TYPES
+from megatron_lsh.moe import CompressionStats, get_compression_tracker
+from megatron_lsh.training.arguments import ArgumentError
 
 
 def evaluate(load_dir: str, data_path: str | None = None, input_jsonl: str | None = None,
-             micro_batch_size: int = 8, max_samples: int | None = None, lsh: bool = False) -> dict:
+             micro_batch_size: int = 8, max_samples: int | None = None, lsh: bool = False,
+             lsh_overrides: dict | None = None) -> dict:
+    """Loss and perplexity over held-out text; with lsh, also the compression rate LSH reached
+    (``lsh_overrides`` such as {"lsh_num_hashes": 4} replace the run's LSH settings)."""
     from megatron_lsh.training.gpt_task import GPT_TASK
     from megatron_lsh.training.t5_task import T5_TASK
 
@@ -39,7 +45,8 @@ def evaluate(load_dir: str, data_path: str | None = None, input_jsonl: str | Non
                 tokenizer_model_path(load_dir, saved), vocab_size=saved.get("vocab_size"),
                 workers=1, progress=False, split_sentences=task is T5_TASK,
             )["text"]["prefix"]
-        loaded = load_for_inference(load_dir, lsh=lsh)
+        loaded = load_for_inference(load_dir, lsh=lsh, lsh_overrides=lsh_overrides)
+        get_compression_tracker().reset()
         args = loaded.args
         args.data_path = None
         args.train_data_path, args.valid_data_path, args.test_data_path = None, [data_path], None
@@ -60,8 +67,10 @@ def evaluate(load_dir: str, data_path: str | None = None, input_jsonl: str | Non
                 loss_sum += loss.item() * float(count)
                 tokens += float(count)
     loss = loss_sum / max(tokens, 1.0)
+    compression = sum(get_compression_tracker().take().values(), CompressionStats())
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(tokens),
-            "samples": samples, "seconds": time.time() - start, "checkpoint": loaded.path}
+            "samples": samples, "seconds": time.time() - start, "checkpoint": loaded.path,
+            "compression_rate": compression.compression_rate if compression.tokens else None}
 
 
 def main(argv=None) -> None:
@@ -73,14 +82,23 @@ def main(argv=None) -> None:
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--max-samples", type=int, default=None, help="Stop after this many samples.")
     parser.add_argument("--lsh", action="store_true", help="Evaluate with the run's LSH dispatch.")
+    parser.add_argument("--lsh-hash-type", choices=HASH_TYPES, default=None, help="With --lsh: instead of the run's.")
+    parser.add_argument("--lsh-num-hashes", type=int, default=None, help="With --lsh: instead of the run's.")
+    parser.add_argument("--lsh-num-buckets", type=int, default=None, help="With --lsh: instead of the run's.")
+    parser.add_argument("--lsh-error-compensation", action=argparse.BooleanOptionalAction, default=None,
+                        help="With --lsh: instead of the run's.")
     args = parser.parse_args(argv)
+    overrides = {key: getattr(args, key) for key in ("lsh_hash_type", "lsh_num_hashes", "lsh_num_buckets",
+                                                     "lsh_error_compensation") if getattr(args, key) is not None}
     try:
-        result = evaluate(args.load, args.data_path, args.input, args.micro_batch_size, args.max_samples, args.lsh)
-    except (CheckpointError, DataError, FileNotFoundError) as error:
+        result = evaluate(args.load, args.data_path, args.input, args.micro_batch_size, args.max_samples, args.lsh,
+                          overrides)
+    except (CheckpointError, DataError, FileNotFoundError, ArgumentError) as error:
         sys.exit(f"error: {error}")
+    compression = f", LSH compression rate {result['compression_rate']:.3f}" if result["compression_rate"] else ""
     print(
         f"{result['checkpoint']}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
-        f"over {result['tokens']:,} tokens ({result['samples']} samples, {result['seconds']:.0f}s)"
+        f"over {result['tokens']:,} tokens ({result['samples']} samples, {result['seconds']:.0f}s){compression}"
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from megatron.core import dist_checkpointing
@@ -53,7 +54,8 @@ def tokenizer_model_path(load_dir: str, args: dict) -> str:
     return copy if os.path.isfile(copy) else args.get("tokenizer_model")
 
 
-def load_for_inference(load_dir: str, lsh: bool = False, dtype=torch.float32) -> LoadedModel:
+def load_for_inference(load_dir: str, lsh: bool = False, dtype=torch.float32,
+                       lsh_overrides: Optional[dict] = None) -> LoadedModel:
     from megatron_lsh.training.gpt_task import GPT_TASK
     from megatron_lsh.training.loop import padded_vocab_size
     from megatron_lsh.training.t5_task import T5_TASK, add_t5_args
@@ -64,6 +66,7 @@ def load_for_inference(load_dir: str, lsh: bool = False, dtype=torch.float32) ->
     args = argparse.Namespace(**{**flag_defaults(add_t5_args), **saved})
     args.expert_model_parallel_size = 1
     args.lsh_enabled = lsh
+    vars(args).update(lsh_overrides or {})
     args.bf16 = dtype == torch.bfloat16
     args.tokenizer_model = tokenizer_model_path(load_dir, saved)
     for key, value in dict(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
