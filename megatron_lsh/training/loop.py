@@ -272,7 +272,6 @@ class Trainer:
     def train(self) -> None:
         args = self.args
         interval: Dict[str, list] = {"lm loss": [], "grad norm": [], "step seconds": []}
-        interval_start = time.time()
         a2a_timer.take_seconds()
         stop_at = min(args.train_iters, args.exit_interval or args.train_iters)
         if self.iteration == 0 and args.eval_interval:
@@ -284,9 +283,8 @@ class Trainer:
             for key in ("lm loss", "grad norm"):
                 interval[key].append(metrics[key])
             if self.iteration % args.log_interval == 0 or self.iteration == stop_at:
-                self._log_interval(interval, time.time() - interval_start)
+                self._log_interval(interval)
                 interval = {key: [] for key in interval}
-                interval_start = time.time()
             if args.eval_interval and self.iteration % args.eval_interval == 0 and self.iteration != stop_at:
                 self._evaluate_and_log()
             if args.save and args.save_interval and self.iteration % args.save_interval == 0:
@@ -321,20 +319,21 @@ class Trainer:
         self.log.log(metrics, self.iteration, self.tokens_seen(), time.time() - self.start_time)
         self.history.append({"iteration": self.iteration, **metrics})
 
-    def _log_interval(self, interval: Dict[str, list], elapsed: float) -> None:
+    def _log_interval(self, interval: Dict[str, list]) -> None:
         args = self.args
         steps = len(interval["lm loss"])
-        step_seconds = sum(interval["step seconds"])
         a2a_seconds = a2a_timer.take_seconds()
         lm_loss, grad_norm = (sum(interval[k]) / steps for k in ("lm loss", "grad norm"))
-        step_seconds, a2a_seconds = _all_reduce_mean([step_seconds, a2a_seconds])
+        # Training steps only (data, forward, backward, optimiser): evaluations and checkpoints
+        # between them do not count, as in Megatron-LM's "elapsed time per iteration".
+        step_seconds, a2a_seconds = _all_reduce_mean([sum(interval["step seconds"]), a2a_seconds])
         tokens = steps * args.global_batch_size * self.task.tokens_per_sample(args)
         metrics = {
             "lm loss": lm_loss,
             "learning rate": self.optimizer.param_groups[0]["lr"],
             "grad norm": grad_norm,
-            "iteration time ms": 1000 * elapsed / steps,
-            "tokens per second": tokens / elapsed,
+            "iteration time ms": 1000 * step_seconds / steps,
+            "tokens per second": tokens / step_seconds,
         }
         groups = self.task.router_loss_groups(args) if self.task.router_loss_groups else None
         metrics.update(moe_aux_loss_metrics(self.num_microbatches * steps, groups))
