@@ -8,7 +8,7 @@ from megatron_lsh.device import compute_device
 from megatron_lsh.data.gpt_data import build_gpt_datasets
 from megatron_lsh.models import build_gpt_moe_model
 from megatron_lsh.training.arguments import validate_gpt_args
-from megatron_lsh.training.loop import ModelTask
+from megatron_lsh.training.loop import ModelTask, masked_token_mean
 
 
 def build_model(args, config, vocab_size):
@@ -27,12 +27,10 @@ def forward_step(batch, model):
     device = compute_device()
     tokens = batch["tokens"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
-    loss_mask = batch["loss_mask"].to(device, non_blocking=True).float()
+    loss_mask = batch["loss_mask"].to(device, non_blocking=True)
     position_ids = batch["position_ids"].to(device, non_blocking=True)
     per_token = model(tokens, position_ids, None, labels=labels)
-    tokens_counted = loss_mask.sum()
-    loss = (per_token.float() * loss_mask).sum() / tokens_counted.clamp(min=1)
-    return loss, tokens_counted
+    return masked_token_mean(per_token, loss_mask)
 
 
 GPT_TASK = ModelTask(

@@ -51,6 +51,14 @@ class ModelTask:
     router_loss_groups: Optional[Callable] = None
 
 
+def masked_token_mean(per_token_loss: torch.Tensor, loss_mask: torch.Tensor):
+    """A forward step's (mean loss over the tokens loss_mask keeps, number of those tokens),
+    computed in fp32 whatever the model's precision."""
+    loss_mask = loss_mask.float()
+    tokens_counted = loss_mask.sum()
+    return (per_token_loss.float() * loss_mask).sum() / tokens_counted.clamp(min=1), tokens_counted
+
+
 def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
     """Megatron pads the embedding table to a multiple of --make-vocab-size-divisible-by."""
     return int(math.ceil(vocab_size / divisible_by) * divisible_by)

@@ -13,7 +13,7 @@ from megatron_lsh.data.t5_data import build_t5_datasets
 from megatron_lsh.data.tokenizer import build_tokenizer
 from megatron_lsh.models.t5 import build_t5_moe_model, moe_layer_patterns
 from megatron_lsh.training.arguments import ArgumentError
-from megatron_lsh.training.loop import ModelTask
+from megatron_lsh.training.loop import ModelTask, masked_token_mean
 
 
 def add_t5_args(parser):
@@ -124,10 +124,8 @@ def forward_step(batch, model):
         cross_mask.to(device),
         lm_labels=batch["labels"].long().to(device),
     )
-    loss_mask = batch["loss_mask"].to(device).float()
-    tokens_counted = loss_mask.sum()
-    loss = (per_token.float() * loss_mask).sum() / tokens_counted.clamp(min=1)
-    return loss, tokens_counted
+    loss_mask = batch["loss_mask"].to(device)
+    return masked_token_mean(per_token, loss_mask)
 
 
 T5_TASK = ModelTask(
