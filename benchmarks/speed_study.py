@@ -271,9 +271,9 @@ def report(runs: List[Run], fixed: List[Dict], iters: int, elapsed: float) -> st
     lines += ["| target | measured | met |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {'yes' if met else 'no'} |" for name, value, met in checks]
     lines += ["", "## Wall time to a target perplexity, 1 Gbit/s", "",
-              "Wall-clock seconds from the start of training (evaluations included, as on the perplexity-against-time",
-              "charts in tensorboard and wandb) until validation perplexity first falls to the target (linear between",
-              "evaluations), and the speedup over stock; targets are multiples of stock's final",
+              "Wall-clock seconds from the start of the run (model and data setup and evaluations included, as on the",
+              "perplexity-against-time charts in tensorboard and wandb) until validation perplexity first falls to the",
+              "target (linear between evaluations), and the speedup over stock; targets are multiples of stock's final",
               f"perplexity ({stock_final:.1f}).", "",
               "| run | " + " | ".join(f"PPL {level * stock_final:.0f} ({level:g}x)" for level in TARGET_LEVELS) + " |",
               "|---|" + "---|" * len(TARGET_LEVELS)]
