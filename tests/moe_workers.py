@@ -8,7 +8,7 @@ import megatron_lsh  # noqa: F401  (CPU workarounds)
 from megatron.core.transformer.spec_utils import build_module
 
 from megatron_lsh.moe import LSHTransformerConfig, get_lsh_moe_module_spec
-from megatron_lsh.training.initialize import initialize_distributed, set_seed
+from megatron_lsh.training.initialize import initialize_distributed
 
 
 def moe_config(ep_size: int, lsh_enabled: bool = True, **overrides) -> LSHTransformerConfig:

@@ -14,7 +14,6 @@ from megatron_lsh.data import corpus as corpus_lib
 from megatron_lsh.data.gpt_data import DataError, DataParallelSampler, build_gpt_datasets, check_indexed_dataset
 from megatron_lsh.data.preprocess import data_sidecar_path, preprocess_jsonl
 from megatron_lsh.data.tokenizer import NullTokenizer, SentencePieceTokenizer, TokenizerError, train_sentencepiece
-from tests.corpus_fixture import write_corpus
 
 
 def fake_archive(path):

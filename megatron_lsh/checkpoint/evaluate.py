@@ -11,7 +11,6 @@ exact MoE by default, or with the run's LSH dispatch (--lsh) to see what compres
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
@@ -20,7 +19,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_lsh.checkpoint.checkpointing import CheckpointError
-from megatron_lsh.checkpoint.loading import load_for_inference, saved_run, tokenizer_model_path
+from megatron_lsh.checkpoint.loading import load_for_inference, saved_run, task_of_run, tokenizer_model_path
 from megatron_lsh.data.gpt_data import DataError, data_iterator
 from megatron_lsh.data.preprocess import preprocess_jsonl
 from megatron_lsh.lsh import HASH_TYPES
@@ -33,11 +32,11 @@ def evaluate(load_dir: str, data_path: str | None = None, input_jsonl: str | Non
              lsh_overrides: dict | None = None) -> dict:
     """Loss and perplexity over held-out text; with lsh, also the compression rate LSH reached
     (``lsh_overrides`` such as {"lsh_num_hashes": 4} replace the run's LSH settings)."""
-    from megatron_lsh.training.gpt_task import GPT_TASK
+    from megatron_lsh.training.loop import perplexity, summed_token_loss
     from megatron_lsh.training.t5_task import T5_TASK
 
     saved, task_name, _ = saved_run(load_dir)
-    task = {GPT_TASK.name: GPT_TASK, T5_TASK.name: T5_TASK}[task_name]
+    task = task_of_run(task_name)
     with tempfile.TemporaryDirectory() as scratch:
         if input_jsonl is not None:  # tokenized before any process group exists
             data_path = preprocess_jsonl(
@@ -60,15 +59,14 @@ def evaluate(load_dir: str, data_path: str | None = None, input_jsonl: str | Non
         _, dataset, _ = task.build_datasets(args, loaded.tokenizer, [0, wanted, 0])
         samples = min(wanted, len(dataset))
         iterator = data_iterator(dataset, 0, micro_batch_size, 0, 1, num_workers=0)
-        loss_sum, tokens, start = 0.0, 0.0, time.time()
+        start = time.time()
         with torch.no_grad():
-            for _ in range(max(1, samples // micro_batch_size)):
-                loss, count = task.forward_step(next(iterator), loaded.model)
-                loss_sum += loss.item() * float(count)
-                tokens += float(count)
+            loss_sum, tokens = summed_token_loss(
+                task.forward_step, loaded.model, iterator, max(1, samples // micro_batch_size)
+            )
     loss = loss_sum / max(tokens, 1.0)
     compression = sum(get_compression_tracker().take().values(), CompressionStats())
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(tokens),
+    return {"loss": loss, "perplexity": perplexity(loss), "tokens": int(tokens),
             "samples": samples, "seconds": time.time() - start, "checkpoint": loaded.path,
             "compression_rate": compression.compression_rate if compression.tokens else None}
 

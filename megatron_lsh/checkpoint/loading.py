@@ -48,6 +48,14 @@ def saved_run(load_dir: str):
     return args, task, path
 
 
+def task_of_run(task_name: str):
+    """The ModelTask a checkpoint's recorded task name stands for."""
+    from megatron_lsh.training.gpt_task import GPT_TASK
+    from megatron_lsh.training.t5_task import T5_TASK
+
+    return {GPT_TASK.name: GPT_TASK, T5_TASK.name: T5_TASK}[task_name]
+
+
 def tokenizer_model_path(load_dir: str, args: dict) -> str:
     """The tokenizer saved with the run (copied beside its checkpoints), else the one it named."""
     copy = os.path.join(load_dir, TOKENIZER_COPY)
@@ -56,12 +64,11 @@ def tokenizer_model_path(load_dir: str, args: dict) -> str:
 
 def load_for_inference(load_dir: str, lsh: bool = False, dtype=torch.float32,
                        lsh_overrides: Optional[dict] = None) -> LoadedModel:
-    from megatron_lsh.training.gpt_task import GPT_TASK
     from megatron_lsh.training.loop import padded_vocab_size
-    from megatron_lsh.training.t5_task import T5_TASK, add_t5_args
+    from megatron_lsh.training.t5_task import add_t5_args
 
     saved, task_name, path = saved_run(load_dir)
-    task = {GPT_TASK.name: GPT_TASK, T5_TASK.name: T5_TASK}[task_name]
+    task = task_of_run(task_name)
     # Flags added since the run was saved take their defaults.
     args = argparse.Namespace(**{**flag_defaults(add_t5_args), **saved})
     args.expert_model_parallel_size = 1

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from megatron_lsh.device import compute_device
 from megatron_lsh.data.gpt_data import build_gpt_datasets
 from megatron_lsh.models import build_gpt_moe_model

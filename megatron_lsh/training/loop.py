@@ -59,6 +59,22 @@ def masked_token_mean(per_token_loss: torch.Tensor, loss_mask: torch.Tensor):
     return (per_token_loss.float() * loss_mask).sum() / tokens_counted.clamp(min=1), tokens_counted
 
 
+def summed_token_loss(forward_step: Callable, model, iterator, micro_batches: int):
+    """(loss summed over tokens, tokens) over micro_batches batches, so that batches holding
+    different numbers of loss tokens weigh by their tokens, not equally."""
+    loss_sum, token_count = 0.0, 0.0
+    for _ in range(micro_batches):
+        loss, tokens = forward_step(next(iterator), model)
+        loss_sum += loss.item() * float(tokens)
+        token_count += float(tokens)
+    return loss_sum, token_count
+
+
+def perplexity(mean_loss: float) -> float:
+    # Capped so an early or diverged model logs a huge number, not an overflow.
+    return math.exp(min(mean_loss, 50.0))
+
+
 def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
     """Megatron pads the embedding table to a multiple of --make-vocab-size-divisible-by."""
     return int(math.ceil(vocab_size / divisible_by) * divisible_by)
@@ -257,18 +273,16 @@ class Trainer:
         self.ddp.eval()
         # Always the same leading samples, so every evaluation is comparable.
         iterator = data_iterator(dataset, 0, args.micro_batch_size, self.dp_rank, self.dp_size, args.num_workers)
-        loss_sum, token_count = 0.0, 0.0
-        for _ in range(args.eval_iters * self.num_microbatches):
-            loss, tokens = self.task.forward_step(next(iterator), self.ddp)
-            loss_sum += loss.item() * float(tokens)
-            token_count += float(tokens)
+        loss_sum, token_count = summed_token_loss(
+            self.task.forward_step, self.ddp, iterator, args.eval_iters * self.num_microbatches
+        )
         self.ddp.train()
         loss_sum, token_count = (v * self.dp_size for v in _all_reduce_mean([loss_sum, token_count]))
         eval_stats = tracker.take(group=torch.distributed.group.WORLD)
         for layer, stats in pending_train_stats.items():
             tracker.record(layer, stats)
         loss = loss_sum / max(token_count, 1.0)
-        metrics = {f"{name} lm loss": loss, f"{name} lm loss PPL": math.exp(min(loss, 50.0))}
+        metrics = {f"{name} lm loss": loss, f"{name} lm loss PPL": perplexity(loss)}
         metrics.update(compression_metrics(eval_stats, prefix=f"{name} "))
         return metrics
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import torch
 from megatron.core.datasets.t5_dataset import T5MaskedWordPieceDataset
 
 from megatron_lsh.device import compute_device
