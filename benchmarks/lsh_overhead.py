@@ -26,8 +26,9 @@ import megatron_lsh  # noqa: F401  (CPU workarounds)
 from megatron.core.transformer.moe.moe_utils import permute
 from megatron.core.transformer.spec_utils import build_module
 from megatron_lsh.data.synthetic import clustered_hidden_states
-from megatron_lsh.lsh import build_hash_family, cluster_tokens, expand_to_tokens
+from megatron_lsh.lsh import build_hash_family, expand_to_tokens, hash_and_cluster
 from megatron_lsh.moe import LSHTransformerConfig, get_lsh_moe_module_spec
+from megatron_lsh.training.arguments import parse_error_bound
 from megatron_lsh.training.initialize import initialize_distributed
 
 
@@ -40,6 +41,8 @@ def parse_args():
     p.add_argument("--lsh-hash-type", default="cross_polytope")
     p.add_argument("--lsh-num-hashes", type=int, default=6)
     p.add_argument("--lsh-num-buckets", type=int, default=4)
+    p.add_argument("--lsh-error-bound", type=parse_error_bound, default=None,
+                   help="Relative error bound (as --lsh-error-bound of training); default: none.")
     p.add_argument("--data", choices=["clustered", "gaussian"], default="clustered")
     p.add_argument("--prototypes", type=int, default=64, help="Clustered data: cluster count.")
     p.add_argument("--relative-noise", type=float, default=0.1, help="Clustered data: spread.")
@@ -102,7 +105,7 @@ def measure(hidden, tokens, args, device, dtype):
     family = build_hash_family(args.lsh_hash_type, hidden, args.lsh_num_hashes, args.lsh_num_buckets, seed=1)
 
     def cluster(r):
-        return cluster_tokens(r, family.bucket_ids(r), expert_of_row, args.num_experts, family.total_buckets)
+        return hash_and_cluster(r, family, expert_of_row, args.num_experts, args.lsh_error_bound)[0]
 
     clusters = cluster(rows)
     centroids_per_expert = clusters.clusters_per_group.cpu()

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from emulated_cluster import ClusterUnavailable, EmulatedCluster  # run as a script from benchmarks/
+from quickstart_data import prepare_data
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
@@ -75,28 +76,6 @@ def plan(quick: bool) -> List[Run]:
         runs.append(Run("stock", ["--no-lsh"], rate))
         runs.append(Run("cross-polytope 6 hashes", lsh("cross_polytope", 6), rate, 6, "cross_polytope"))
     return runs
-
-
-def prepare_data(work: Path) -> Dict[str, str]:
-    """The quickstart's corpus, tokenizer and .bin/.idx files, made once under work/data."""
-    data = work / "data"
-    steps = [
-        (data / "corpus" / "valid.jsonl", ["data_tools/prepare_corpus.py", "--output-dir", str(data / "corpus")]),
-        (data / "tokenizer" / "spm.model", ["data_tools/train_tokenizer.py", "--input", str(data / "corpus" / "train.jsonl"),
-                                            "--vocab-size", "8000", "--output-prefix", str(data / "tokenizer" / "spm")]),
-    ]
-    for split in ("train", "valid"):
-        steps.append((data / "gpt" / f"{split}_text_document.idx",
-                      ["data_tools/preprocess_data.py", "--input", str(data / "corpus" / f"{split}.jsonl"),
-                       "--output-prefix", str(data / "gpt" / split), "--tokenizer-type", "SentencePieceTokenizer",
-                       "--tokenizer-model", str(data / "tokenizer" / "spm.model"), "--append-eod", "--workers", "2",
-                       "--no-progress"]))
-    for made, command in steps:
-        if not made.exists():
-            print("  data:", " ".join(command[:1]), flush=True)
-            subprocess.run([sys.executable, *command], cwd=REPO, check=True, capture_output=True)
-    return {"train": str(data / "gpt" / "train_text_document"), "valid": str(data / "gpt" / "valid_text_document"),
-            "tokenizer": str(data / "tokenizer" / "spm.model")}
 
 
 def execute(run: Run, index: int, iters: int, data: Dict[str, str], work: Path) -> None:
@@ -172,11 +151,11 @@ def fixed_state_sweep(checkpoint: Path, valid_prefix: str) -> List[Dict]:
     for hash_type in ("cross_polytope", "spherical"):
         for hashes in (2, 4, 6, 8):
             settings.append((f"{hash_type} {hashes}", ["--lsh", "--lsh-hash-type", hash_type, "--lsh-num-hashes", str(hashes),
-                                                       "--no-lsh-error-compensation"]))
+                                                       "--lsh-compensation", "none"]))
     for hashes in (4, 6):
         settings.append((f"cross_polytope {hashes}, with compensation",
                          ["--lsh", "--lsh-hash-type", "cross_polytope", "--lsh-num-hashes", str(hashes),
-                          "--lsh-error-compensation"]))
+                          "--lsh-compensation", "residual"]))
     for name, flags in settings:
         result = subprocess.run(
             [sys.executable, "-m", "megatron_lsh.checkpoint.evaluate", "--load", str(checkpoint), "--data-path", valid_prefix,
@@ -187,7 +166,7 @@ def fixed_state_sweep(checkpoint: Path, valid_prefix: str) -> List[Dict]:
         rows.append({"setting": name, "perplexity": perplexity, "compression": float(rate[1]) if rate else 1.0,
                      "hash_type": flags[flags.index("--lsh-hash-type") + 1] if "--lsh-hash-type" in flags else None,
                      "hashes": int(flags[flags.index("--lsh-num-hashes") + 1]) if "--lsh-num-hashes" in flags else None,
-                     "compensation": "--lsh-error-compensation" in flags})
+                     "compensation": "residual" in flags})
     return rows
 
 

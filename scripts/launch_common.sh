@@ -31,7 +31,6 @@ LSH_ARGS=(
     --lsh-hash-type cross_polytope
     --lsh-num-hashes "${LSH_NUM_HASHES:-6}"
     --lsh-num-buckets 4
-    --no-lsh-error-compensation
 )
 
 PRECISION_ARGS=()

@@ -112,7 +112,7 @@ def round_trip_errors(rank, world_size, cases):
                 num_moe_experts=num_experts,
                 moe_router_topk=topk,
                 moe_router_pre_softmax=topk == 1,
-                lsh_error_compensation=compensation,
+                lsh_compensation="residual" if compensation else "none",
                 lsh_num_hashes=hashes,
             )
         )

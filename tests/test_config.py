@@ -14,7 +14,7 @@ def config(**settings):
 def test_defaults_use_the_alltoall_dispatcher_and_cross_polytope_hashing_without_compensation():
     c = config()
     assert c.lsh_enabled and c.moe_token_dispatcher_type == "alltoall"
-    assert (c.lsh_hash_type, c.lsh_num_hashes, c.lsh_error_compensation) == ("cross_polytope", 6, False)
+    assert (c.lsh_hash_type, c.lsh_num_hashes, c.lsh_compensation) == ("cross_polytope", 6, "none")
 
 
 def test_lsh_can_be_switched_off_for_stock_behaviour_with_any_dispatcher():

@@ -7,6 +7,9 @@ import torch
 
 from megatron_lsh.lsh import (
     HASH_TYPES,
+    bounded_bucket_ids,
+    fit_expert_gains,
+    relative_errors,
     CrossPolytopeHash,
     SphericalHash,
     build_hash_family,
@@ -244,3 +247,69 @@ def test_bf16_compensation_keeps_small_expert_outputs_of_large_tokens():
     torch.testing.assert_close(expanded.float(), expected, rtol=2**-8, atol=fp32_step)
     naive = tokens + (outputs[clusters.token_to_cluster] - tokens)
     assert (naive.float() - expected).abs().max() > 0.01
+
+
+def centred_blobs(num_centres=12, per_centre=60, spread=0.15, seed=0):
+    centres = gaussian(num_centres, seed=seed) * 3
+    noise = gaussian(num_centres * per_centre, seed=seed + 1) * spread
+    return centres.repeat_interleave(per_centre, dim=0) + noise
+
+
+def bounded_clusters(tokens, groups, radius, num_groups=2, hashes=6, buckets=4, seed=11):
+    family = build_hash_family("cross_polytope", tokens.size(1), hashes, buckets, seed=seed)
+    assignment = bounded_bucket_ids(tokens, family.codes(tokens), groups, buckets, radius)
+    clusters = cluster_tokens(tokens, assignment.bucket_ids, groups, num_groups, assignment.total_buckets)
+    return assignment, clusters
+
+
+@pytest.mark.parametrize("radius", [0.05, 0.2, 0.5, 1.0])
+def test_no_token_merges_into_a_centroid_beyond_the_error_bound(radius):
+    tokens = torch.cat([centred_blobs(), gaussian(200, seed=9) * 2])  # clusters and scattered outliers
+    groups = torch.randint(0, 2, (tokens.size(0),), generator=torch.Generator().manual_seed(3))
+    assignment, clusters = bounded_clusters(tokens, groups, radius)
+    errors = relative_errors(tokens, clusters)
+    assert errors.max().item() <= radius * (1 + 1e-5)
+    # The reported per-token errors are the distances to the centroids the tokens really got.
+    torch.testing.assert_close(assignment.relative_errors, errors, atol=1e-5, rtol=1e-5)
+    # Clusters never cross groups.
+    assert torch.equal(clusters.cluster_groups.index_select(0, clusters.token_to_cluster), groups)
+
+
+def test_a_looser_bound_merges_more_and_a_tight_one_sends_tokens_as_themselves():
+    tokens = centred_blobs()
+    groups = torch.zeros(tokens.size(0), dtype=torch.long)
+    rates = [bounded_clusters(tokens, groups, r, num_groups=1)[1].num_clusters / tokens.size(0)
+             for r in (0.01, 0.1, 0.3, 3.0)]
+    assert rates == sorted(rates, reverse=True) and rates[0] > rates[-1]
+    tight, clusters = bounded_clusters(tokens, groups, 1e-4, num_groups=1)
+    assert clusters.num_clusters == tokens.size(0) and tight.exact_rows > 0
+    # A loose bound takes whole clusters of the data at coarse levels: about one per centre.
+    assert bounded_clusters(tokens, groups, 3.0, num_groups=1)[1].num_clusters <= 4 * 12
+
+
+def test_bounded_clusters_keep_gradients_reaching_every_token():
+    tokens = centred_blobs().requires_grad_()
+    groups = torch.zeros(tokens.size(0), dtype=torch.long)
+    _, clusters = bounded_clusters(tokens, groups, 0.3, num_groups=1)
+    expand_to_tokens(clusters.centroids * 2, clusters).sum().backward()
+    torch.testing.assert_close(tokens.grad, torch.full_like(tokens, 2.0))
+
+
+def test_expert_gain_recovers_the_slope_of_an_expert_that_scales_its_input():
+    inputs = gaussian(300, seed=2)
+    outputs = torch.cat([3.0 * inputs[:100] + 1.0, -0.5 * inputs[100:290], inputs[290:] * 0 + 7])
+    gains = fit_expert_gains(inputs, outputs, torch.tensor([100, 190, 10, 0]))
+    torch.testing.assert_close(gains, torch.tensor([3.0, -0.5, 0.0, 0.0]), atol=1e-5, rtol=1e-5)
+
+
+def test_scaled_residual_compensation_gives_E_of_c_plus_g_times_the_residual():
+    tokens = gaussian(40, seed=5)
+    groups = torch.arange(40) % 2
+    family = build_hash_family("cross_polytope", DIM, 1, 2, seed=1)
+    clusters = cluster_tokens(tokens, family.bucket_ids(tokens), groups, 2, family.total_buckets)
+    outputs = torch.tanh(clusters.centroids)
+    scale = torch.where(clusters.cluster_groups == 0, 0.5, 2.0)
+    expected = (outputs + scale.unsqueeze(1) * 0).index_select(0, clusters.token_to_cluster) + \
+        scale.index_select(0, clusters.token_to_cluster).unsqueeze(1) * (
+            tokens - clusters.centroids.index_select(0, clusters.token_to_cluster))
+    torch.testing.assert_close(expand_to_tokens(outputs, clusters, tokens, scale), expected)

@@ -24,7 +24,8 @@ from megatron_lsh.data.gpt_data import DataError, data_iterator
 from megatron_lsh.data.preprocess import preprocess_jsonl
 from megatron_lsh.lsh import HASH_TYPES
 from megatron_lsh.moe import CompressionStats, get_compression_tracker
-from megatron_lsh.training.arguments import ArgumentError
+from megatron_lsh.moe.config import COMPENSATIONS
+from megatron_lsh.training.arguments import ArgumentError, parse_error_bound
 
 
 def evaluate(load_dir: str, data_path: str | None = None, input_jsonl: str | None = None,
@@ -83,11 +84,17 @@ def main(argv=None) -> None:
     parser.add_argument("--lsh-hash-type", choices=HASH_TYPES, default=None, help="With --lsh: instead of the run's.")
     parser.add_argument("--lsh-num-hashes", type=int, default=None, help="With --lsh: instead of the run's.")
     parser.add_argument("--lsh-num-buckets", type=int, default=None, help="With --lsh: instead of the run's.")
-    parser.add_argument("--lsh-error-compensation", action=argparse.BooleanOptionalAction, default=None,
-                        help="With --lsh: instead of the run's.")
+    parser.add_argument("--lsh-compensation", choices=COMPENSATIONS, default=None, help="With --lsh: instead of the run's.")
+    parser.add_argument("--lsh-error-bound", default=None,
+                        help="With --lsh: a fixed merge radius ('off': none) instead of the run's bound or controller.")
     args = parser.parse_args(argv)
     overrides = {key: getattr(args, key) for key in ("lsh_hash_type", "lsh_num_hashes", "lsh_num_buckets",
-                                                     "lsh_error_compensation") if getattr(args, key) is not None}
+                                                     "lsh_compensation") if getattr(args, key) is not None}
+    if args.lsh_error_bound is not None:
+        try:
+            overrides["lsh_error_bound"] = parse_error_bound(args.lsh_error_bound)
+        except argparse.ArgumentTypeError as error:
+            parser.error(str(error))
     try:
         result = evaluate(args.load, args.data_path, args.input, args.micro_batch_size, args.max_samples, args.lsh,
                           overrides)

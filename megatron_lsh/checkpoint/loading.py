@@ -19,6 +19,7 @@ from megatron_lsh.checkpoint.checkpointing import (
     iteration_dir,
 )
 from megatron_lsh.data.tokenizer import build_tokenizer
+from megatron_lsh.moe.controller import load_merge_radii
 from megatron_lsh.training.arguments import flag_defaults
 from megatron_lsh.training.config import transformer_config_from_args
 from megatron_lsh.training.initialize import free_port, initialize_distributed
@@ -62,6 +63,17 @@ def tokenizer_model_path(load_dir: str, args: dict) -> str:
     return copy if os.path.isfile(copy) else args.get("tokenizer_model")
 
 
+def _settings_of_older_runs(saved: dict) -> dict:
+    """What a checkpoint saved before an LSH setting existed ran with."""
+    older = {}
+    if "lsh_compensation" not in saved:
+        older["lsh_compensation"] = "residual" if saved.get("lsh_error_compensation") else "none"
+    for setting in ("lsh_error_bound", "lsh_target_compression"):
+        if setting not in saved:
+            older[setting] = None
+    return older
+
+
 def load_for_inference(load_dir: str, lsh: bool = False, dtype=torch.float32,
                        lsh_overrides: Optional[dict] = None) -> LoadedModel:
     from megatron_lsh.training.loop import padded_vocab_size
@@ -69,11 +81,16 @@ def load_for_inference(load_dir: str, lsh: bool = False, dtype=torch.float32,
 
     saved, task_name, path = saved_run(load_dir)
     task = task_of_run(task_name)
-    # Flags added since the run was saved take their defaults.
-    args = argparse.Namespace(**{**flag_defaults(add_t5_args), **saved})
+    # Flags added since the run was saved take their defaults, except the LSH settings that
+    # did not exist then: such a run hashed without a bound or a target.
+    args = argparse.Namespace(**{**flag_defaults(add_t5_args), **_settings_of_older_runs(saved), **saved})
     args.expert_model_parallel_size = 1
     args.lsh_enabled = lsh
-    vars(args).update(lsh_overrides or {})
+    args.lsh_gradient_study = None  # a training-time study; evaluation runs one path
+    lsh_overrides = dict(lsh_overrides or {})
+    if "lsh_error_bound" in lsh_overrides:  # a fixed radius instead of the controller's
+        lsh_overrides.setdefault("lsh_target_compression", None)
+    vars(args).update(lsh_overrides)
     args.bf16 = dtype == torch.bfloat16
     args.tokenizer_model = tokenizer_model_path(load_dir, saved)
     for key, value in dict(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
@@ -86,5 +103,8 @@ def load_for_inference(load_dir: str, lsh: bool = False, dtype=torch.float32,
     model = task.build_model(args, config, padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by))
     state = dist_checkpointing.load({"model": model.sharded_state_dict(prefix="")}, path)
     model.load_state_dict(state["model"])
+    radii = dist_checkpointing.load_common_state_dict(path).get("lsh_merge_radii")
+    if lsh and radii and args.lsh_target_compression is not None:
+        load_merge_radii(model, radii)  # the radii the run's controller had reached
     model.eval()
     return LoadedModel(model, args, task_name, tokenizer, path)

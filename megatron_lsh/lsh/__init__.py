@@ -1,6 +1,15 @@
 """LSH-MoE core: hashing, clustering and residual compensation. Pure torch, no communication."""
 
-from megatron_lsh.lsh.clustering import GroupedClusters, cluster_tokens, expand_to_tokens
+from megatron_lsh.lsh.clustering import (
+    BoundedAssignment,
+    GroupedClusters,
+    bounded_bucket_ids,
+    cluster_tokens,
+    expand_to_tokens,
+    hash_and_cluster,
+    relative_errors,
+)
+from megatron_lsh.lsh.compensation import fit_expert_gains
 from megatron_lsh.lsh.hashing import (
     HASH_TYPES,
     CrossPolytopeHash,
@@ -11,6 +20,11 @@ from megatron_lsh.lsh.hashing import (
 )
 
 __all__ = [
+    "BoundedAssignment",
+    "bounded_bucket_ids",
+    "fit_expert_gains",
+    "hash_and_cluster",
+    "relative_errors",
     "HASH_TYPES",
     "CrossPolytopeHash",
     "GroupedClusters",

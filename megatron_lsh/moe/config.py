@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
+import math
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -12,6 +14,9 @@ from megatron_lsh.lsh.hashing import HASH_TYPES, MAX_TOTAL_BUCKETS
 class LSHConfigError(ValueError):
     """A configuration that LSH-MoE cannot run; the message names the setting to change."""
 
+
+COMPENSATIONS = ("none", "residual", "expert_gain")
+GRADIENT_STUDIES = ("exact_gradients", "exact_values")
 
 # Dispatcher types whose all-to-all LSH compresses.
 LSH_DISPATCHER_TYPES = ("alltoall",)
@@ -40,11 +45,25 @@ class LSHTransformerConfig(TransformerConfig):
     lsh_num_buckets: int = 4
     """Buckets per hash function (even for cross-polytope: b/2 projections and their signs)."""
 
-    lsh_error_compensation: bool = False
-    """Give each token E(c) + (x - c) instead of E(c), c its cluster's centroid (the paper's
-    residual compensation). Off by default: it adds the token's whole deviation from its centroid
-    to an expert output that changes far less than that, and measured worse here
-    (docs/speed_study.md)."""
+    lsh_compensation: str = "none"
+    """What a merged token gets back, c its cluster's centroid: 'none' E(c); 'residual' the
+    paper's E(c) + (x - c); 'expert_gain' E(c) + g_e (x - c), g_e fitted per expert on its own
+    (c, E(c)) pairs (megatron_lsh/lsh/compensation.py). 'none' by default: the others measured
+    no better (docs/quality_study.md)."""
+
+    lsh_error_bound: Optional[float] = None
+    """Bound on ||x - c|| / ||x||: a token merges only into a cluster whose centroid is this
+    close to it, relative to its own norm; clusters that break it are split by further hash
+    functions, and tokens that still break it travel as themselves. None: no bound."""
+
+    lsh_target_compression: Optional[float] = None
+    """Hold this compression rate (centroids / rows) per layer through training: a controller
+    steers each layer's merge radius (the bound above, at most lsh_error_bound) from the rate
+    all-reduced over every rank. None: fixed hashing, the rate goes where the data take it."""
+
+    lsh_gradient_study: Optional[str] = None
+    """Study only (runs the experts twice): 'exact_gradients' trains with LSH forward values and
+    the exact MoE's gradients; 'exact_values' the other way round. Separates the two errors."""
 
     lsh_seed: int = 1234
     """Seed of the hash projections; every rank derives the same projections from it."""
@@ -93,8 +112,39 @@ class LSHTransformerConfig(TransformerConfig):
                 f"lsh_redraw_interval={self.lsh_redraw_interval!r} must be 0 (never) or a "
                 "positive number of iterations"
             )
+        if self.lsh_compensation not in COMPENSATIONS:
+            raise LSHConfigError(
+                f"lsh_compensation={self.lsh_compensation!r} is not supported; "
+                f"use one of {', '.join(repr(c) for c in COMPENSATIONS)}"
+            )
+        bound = self.lsh_error_bound
+        if bound is not None and not (isinstance(bound, (int, float)) and math.isfinite(bound) and bound > 0):
+            raise LSHConfigError(
+                f"lsh_error_bound={bound!r} must be a positive number (a relative distance "
+                "||x - c|| / ||x||, e.g. 0.5), or None for no bound"
+            )
+        target = self.lsh_target_compression
+        if target is not None and not (isinstance(target, (int, float)) and 0 < target <= 1):
+            raise LSHConfigError(
+                f"lsh_target_compression={target!r} must be in (0, 1] (centroids per token row, "
+                "e.g. 0.2), or None for fixed hashing"
+            )
+        if self.lsh_gradient_study not in (None, *GRADIENT_STUDIES):
+            raise LSHConfigError(
+                f"lsh_gradient_study={self.lsh_gradient_study!r} is not supported; use one of "
+                f"{', '.join(repr(s) for s in GRADIENT_STUDIES)} or None"
+            )
         if not self.lsh_enabled:
+            if self.lsh_gradient_study is not None:
+                raise LSHConfigError(
+                    "lsh_gradient_study compares LSH with the exact MoE, so it needs lsh_enabled=True"
+                )
             return
+        if self.lsh_compensation == "expert_gain" and (self.expert_tensor_parallel_size or 1) > 1:
+            raise LSHConfigError(
+                "lsh_compensation='expert_gain' fits gains on whole expert outputs, which expert "
+                "tensor parallelism splits; use expert_tensor_parallel_size=1 or another compensation"
+            )
         if experts is None:
             raise LSHConfigError(
                 "lsh_enabled=True needs an MoE model: set num_moe_experts, or lsh_enabled=False"

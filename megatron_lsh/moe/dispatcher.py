@@ -25,7 +25,13 @@ from megatron.core.transformer.moe.moe_utils import ProcessGroupCollection, perm
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_lsh.lsh import GroupedClusters, build_hash_family, cluster_tokens, expand_to_tokens
+from megatron_lsh.lsh import (
+    GroupedClusters,
+    build_hash_family,
+    expand_to_tokens,
+    fit_expert_gains,
+    hash_and_cluster,
+)
 from megatron_lsh.lsh.hashing import LSHFamily, derive_seed
 from megatron_lsh.moe.config import LSHConfigError
 from megatron_lsh.moe.stats import CompressionStats, get_compression_tracker
@@ -34,10 +40,24 @@ _LSH_SETTINGS = (
     "lsh_hash_type",
     "lsh_num_hashes",
     "lsh_num_buckets",
-    "lsh_error_compensation",
+    "lsh_compensation",
+    "lsh_error_bound",
+    "lsh_target_compression",
     "lsh_seed",
     "lsh_redraw_interval",
 )
+
+
+# Where the controller starts a layer's merge radius when there is a target (within the bound).
+INITIAL_CONTROLLED_RADIUS = 0.5
+
+
+def initial_merge_radius(config) -> Optional[float]:
+    """The bound in force at the first step: the error bound, or the controller's start."""
+    bound, target = config.lsh_error_bound, config.lsh_target_compression
+    if target is not None:
+        return min(INITIAL_CONTROLLED_RADIUS, bound) if bound is not None else INITIAL_CONTROLLED_RADIUS
+    return bound
 
 
 class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
@@ -74,6 +94,15 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self._token_rows: Optional[torch.Tensor] = None
         self._token_row_probs: Optional[torch.Tensor] = None
         self._token_rows_per_expert: Optional[torch.Tensor] = None
+        self._expert_inputs: Optional[torch.Tensor] = None
+        self._expert_gains: Optional[torch.Tensor] = None
+        # The merge radius in force (None: plain hashing, no bound); the compression controller
+        # steers it when there is a target, within lsh_error_bound.
+        self.merge_radius: Optional[float] = initial_merge_radius(config)
+        # Rows and centroids of training forwards since the controller last looked.
+        self.training = True
+        self.window_rows = 0
+        self.window_centroids = 0
 
     def set_layer_number(self, layer_number: int, layer_name: Optional[str] = None) -> None:
         """Each layer hashes with its own projections and records stats under its own name."""
@@ -142,16 +171,16 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             output_size=num_rows,
         )
         family = self.hash_family(token_rows.size(-1))
-        clusters = cluster_tokens(
-            token_rows,
-            family.bucket_ids(token_rows),
-            expert_of_row,
-            self.num_experts,
-            family.total_buckets,
+        clusters, errors, exact_rows = hash_and_cluster(
+            token_rows, family, expert_of_row, self.num_experts, self.merge_radius
         )
+        self._error_stats = (float(errors.sum()), exact_rows)
+        if self.training:
+            self.window_rows += clusters.num_tokens
+            self.window_centroids += clusters.num_clusters
         self._clusters = clusters
         # Kept for the residual x - c only when compensation needs it.
-        self._token_rows = token_rows if self.config.lsh_error_compensation else None
+        self._token_rows = token_rows if self.config.lsh_compensation != "none" else None
         self._token_row_probs = token_row_probs
         self._token_rows_per_expert = rows_per_expert
 
@@ -183,6 +212,28 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self._record_stats(centroids, centroid_probs)
         return global_centroids, global_probs
 
+    def dispatch_postprocess(self, global_centroids, global_probs):
+        dispatched, tokens_per_expert, probs = super().dispatch_postprocess(global_centroids, global_probs)
+        if self.config.lsh_compensation == "expert_gain":
+            self._expert_inputs = (dispatched.detach(), torch.as_tensor(tokens_per_expert).tolist())
+        return dispatched, tokens_per_expert, probs
+
+    def combine_preprocess(self, expert_outputs):
+        """With expert-gain compensation, fit each local expert's gain on the rows it just
+        computed (still sorted by local expert) and share the gains over expert parallel."""
+        if self._expert_inputs is not None:
+            inputs, rows_per_local_expert = self._expert_inputs
+            local_gains = fit_expert_gains(
+                inputs, expert_outputs, torch.tensor(rows_per_local_expert, device=expert_outputs.device)
+            )
+            self._expert_inputs = None
+            if self.ep_size > 1:
+                gathered = [torch.empty_like(local_gains) for _ in range(self.ep_size)]
+                torch.distributed.all_gather(gathered, local_gains, group=self.ep_group)
+                local_gains = torch.cat(gathered)
+            self._expert_gains = local_gains
+        return super().combine_preprocess(expert_outputs)
+
     def combine_postprocess(self, centroid_outputs):
         """One output per token row from its centroid's output, weighted by its own prob."""
         clusters, token_rows, token_row_probs = (
@@ -191,7 +242,13 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             self._token_row_probs,
         )
         self._clusters = self._token_rows = self._token_row_probs = None
-        row_outputs = expand_to_tokens(centroid_outputs, clusters, token_rows)
+        residual_scale = None
+        if self.config.lsh_compensation == "expert_gain":
+            residual_scale = self._expert_gains.to(centroid_outputs.device).index_select(
+                0, clusters.cluster_groups
+            )
+            self._expert_gains = None
+        row_outputs = expand_to_tokens(centroid_outputs, clusters, token_rows, residual_scale)
         row_outputs = (row_outputs * token_row_probs.unsqueeze(-1)).to(centroid_outputs.dtype)
         return super().combine_postprocess(row_outputs)
 
@@ -215,9 +272,12 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             )
         else:
             remote_token_rows = remote_centroid_rows = 0
+        relative_error_sum, exact_rows = self._error_stats
         stats = CompressionStats(
             tokens=clusters.num_tokens,
             centroids=clusters.num_clusters,
+            exact_rows=exact_rows,
+            relative_error_sum=relative_error_sum,
             dispatch_bytes=remote_centroid_rows * row_bytes,
             dispatch_bytes_stock=remote_token_rows * (row_bytes + centroid_probs.element_size()),
             combine_bytes=remote_centroid_rows * row_bytes,

@@ -13,6 +13,7 @@ from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -45,11 +46,47 @@ class LSHMoELayer(MoELayer):
             )
             if self.use_shared_expert and self.shared_expert_overlap:
                 self.token_dispatcher.set_shared_experts(self.shared_experts)
+            # Study only: the stock dispatcher beside ours, to train on one path's values and the
+            # other's gradients.
+            self._exact_dispatcher = None
+            if getattr(config, "lsh_gradient_study", None):
+                self._exact_dispatcher = MoEAlltoAllTokenDispatcher(
+                    self.num_local_experts, self.local_expert_indices, config=self.config,
+                    pg_collection=pg_collection,
+                )
+
+    def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):
+        dispatcher = self.lsh_dispatcher
+        if dispatcher is None:
+            return super().forward(hidden_states, intermediate_tensors, padding_mask)
+        dispatcher.training = self.training
+        study = self.config.lsh_gradient_study
+        if study is None or intermediate_tensors is not None:
+            return super().forward(hidden_states, intermediate_tensors, padding_mask)
+        if not self.training:  # evaluation sees the values the study trains with
+            return self._with_dispatcher(self._exact_dispatcher, hidden_states, padding_mask) \
+                if study == "exact_values" else super().forward(hidden_states, None, padding_mask)
+        lsh_output, bias = super().forward(hidden_states, None, padding_mask)
+        exact_output, _ = self._with_dispatcher(self._exact_dispatcher, hidden_states, padding_mask)
+        if study == "exact_gradients":  # LSH values, the exact MoE's gradients
+            return exact_output + (lsh_output - exact_output).detach(), bias
+        return lsh_output + (exact_output - lsh_output).detach(), bias  # exact values, LSH gradients
+
+    def _with_dispatcher(self, dispatcher, hidden_states, padding_mask):
+        lsh_dispatcher, self.token_dispatcher = self.token_dispatcher, dispatcher
+        try:
+            return super().forward(hidden_states, None, padding_mask)
+        finally:
+            self.token_dispatcher = lsh_dispatcher
 
     @property
     def lsh_dispatcher(self) -> Optional[LSHAlltoAllTokenDispatcher]:
         dispatcher = self.token_dispatcher
         return dispatcher if isinstance(dispatcher, LSHAlltoAllTokenDispatcher) else None
+
+    @property
+    def lsh_layer_name(self) -> Optional[str]:
+        return self.lsh_dispatcher.layer_name if self.lsh_dispatcher is not None else None
 
     def set_layer_number(self, layer_number: int, layer_name: Optional[str] = None):
         super().set_layer_number(layer_number)

@@ -23,6 +23,10 @@ class CompressionStats:
     """Token rows entering dispatch (tokens x top-k)."""
     centroids: int = 0
     """Rows LSH sent instead (one per cluster)."""
+    exact_rows: int = 0
+    """Rows the error bound sent as themselves (no cluster kept them within it)."""
+    relative_error_sum: float = 0.0
+    """Sum over token rows of ||x - c|| / ||x||, the distance to the centroid that replaced x."""
     dispatch_bytes: int = 0
     """Bytes the dispatch all-to-all sent to other ranks."""
     dispatch_bytes_stock: int = 0
@@ -36,6 +40,10 @@ class CompressionStats:
     def compression_rate(self) -> float:
         """Centroids / tokens: 1.0 is no compression, lower is better."""
         return self.centroids / self.tokens if self.tokens else 1.0
+
+    @property
+    def mean_relative_error(self) -> float:
+        return self.relative_error_sum / self.tokens if self.tokens else 0.0
 
     @property
     def dispatch_bytes_ratio(self) -> float:
@@ -55,9 +63,13 @@ class CompressionStats:
         return {
             **asdict(self),
             "compression_rate": self.compression_rate,
+            "mean_relative_error": self.mean_relative_error,
             "dispatch_bytes_ratio": self.dispatch_bytes_ratio,
             "combine_bytes_ratio": self.combine_bytes_ratio,
         }
+
+
+_FIELD_TYPES = {name: type(value) for name, value in asdict(CompressionStats()).items()}
 
 
 class CompressionStatsTracker:
@@ -90,7 +102,7 @@ class CompressionStatsTracker:
         ).reshape(len(names), len(field_names))
         torch.distributed.all_reduce(counts, group=group)
         return {
-            name: CompressionStats(**{f: int(v) for f, v in zip(field_names, row.tolist())})
+            name: CompressionStats(**{f: _FIELD_TYPES[f](v) for f, v in zip(field_names, row.tolist())})
             for name, row in zip(names, counts)
         }
 

@@ -7,14 +7,58 @@ dataset or process group exists.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from megatron_lsh.data.tokenizer import TOKENIZER_TYPES
 from megatron_lsh.lsh import HASH_TYPES
+from megatron_lsh.moe.config import COMPENSATIONS, GRADIENT_STUDIES
 
 
 class ArgumentError(ValueError):
     """A flag combination that cannot run; the message names the flag and the fix."""
+
+
+# The defaults that hold compression and quality over a run (docs/quality_study.md).
+DEFAULT_LSH_ERROR_BOUND = None
+DEFAULT_LSH_TARGET_COMPRESSION = None
+_OFF = ("off", "none")
+
+
+class _ResidualCompensationAction(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, "none" if option_string.startswith("--no-") else "residual")
+
+
+def _optional_positive_float(flag: str):
+    def parse(text: str):
+        if text.lower() in _OFF:
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{flag} must be a positive number or 'off', not {text!r}")
+        return value
+    return parse
+
+
+def _optional_rate(flag: str):
+    def parse(text: str):
+        if text.lower() in _OFF:
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not 0 < value <= 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be a rate in (0, 1] or 'off', not {text!r}")
+        return value
+    return parse
+
+
+parse_error_bound = _optional_positive_float("--lsh-error-bound")
 
 
 def add_lsh_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -32,11 +76,44 @@ def add_lsh_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     group.add_argument("--lsh-num-buckets", type=int, default=4, help="Buckets per hash function.")
     group.add_argument(
+        "--lsh-compensation",
+        choices=COMPENSATIONS,
+        default="none",
+        help="What a merged token gets back, c its centroid: none E(c); residual the paper's "
+             "E(c) + (x - c); expert_gain E(c) + g (x - c), g fitted per expert. Default none "
+             "(the others measured no better: docs/quality_study.md).",
+    )
+    group.add_argument(
         "--lsh-error-compensation",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="Give each token E(c) + (x - c) rather than E(c) (the paper's residual compensation; "
-             "off by default, it measured worse: docs/speed_study.md).",
+        dest="lsh_compensation",
+        action=_ResidualCompensationAction,
+        nargs=0,
+        help="Same as --lsh-compensation residual (--no-lsh-error-compensation: none).",
+    )
+    group.add_argument("--no-lsh-error-compensation", dest="lsh_compensation",
+                       action=_ResidualCompensationAction, nargs=0, help=argparse.SUPPRESS)
+    group.add_argument(
+        "--lsh-error-bound",
+        type=parse_error_bound,
+        default=DEFAULT_LSH_ERROR_BOUND,
+        help="Largest relative distance ||x - c|| / ||x|| at which a token merges into a centroid; "
+             "clusters that break it are split by further hashes, and tokens that still do travel "
+             f"as themselves ('off': no bound). Default {DEFAULT_LSH_ERROR_BOUND}.",
+    )
+    group.add_argument(
+        "--lsh-target-compression",
+        type=_optional_rate("--lsh-target-compression"),
+        default=DEFAULT_LSH_TARGET_COMPRESSION,
+        help="Compression rate (centroids / rows, in (0, 1]) each MoE layer holds through training, "
+             "by steering its merge radius within --lsh-error-bound ('off': fixed hashing). "
+             f"Default {DEFAULT_LSH_TARGET_COMPRESSION}.",
+    )
+    group.add_argument(
+        "--lsh-gradient-study",
+        choices=GRADIENT_STUDIES,
+        default=None,
+        help="Study only, runs the experts twice: exact_gradients trains on LSH values with the "
+             "exact MoE's gradients, exact_values on exact values with LSH's gradients.",
     )
     group.add_argument("--lsh-seed", type=int, default=1234, help="Seed of the projections.")
     group.add_argument(
@@ -55,7 +132,10 @@ def lsh_config_kwargs(args: argparse.Namespace) -> dict:
         lsh_hash_type=args.lsh_hash_type,
         lsh_num_hashes=args.lsh_num_hashes,
         lsh_num_buckets=args.lsh_num_buckets,
-        lsh_error_compensation=args.lsh_error_compensation,
+        lsh_compensation=args.lsh_compensation,
+        lsh_error_bound=args.lsh_error_bound,
+        lsh_target_compression=args.lsh_target_compression,
+        lsh_gradient_study=args.lsh_gradient_study,
         lsh_seed=args.lsh_seed,
         lsh_redraw_interval=args.lsh_redraw_interval,
     )

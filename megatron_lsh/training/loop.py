@@ -27,6 +27,7 @@ from megatron_lsh.checkpoint.checkpointing import CheckpointError, load_checkpoi
 from megatron_lsh.data.gpt_data import DataError, data_iterator
 from megatron_lsh.data.tokenizer import TokenizerError, build_tokenizer
 from megatron_lsh.moe import CompressionStats, get_compression_tracker, set_lsh_iteration
+from megatron_lsh.moe.controller import CompressionController
 from megatron_lsh.training import a2a_timer
 from megatron_lsh.training.arguments import ArgumentError, validate_args
 from megatron_lsh.training.config import transformer_config_from_args
@@ -126,8 +127,11 @@ def compression_metrics(stats: Dict[str, CompressionStats], prefix: str = "") ->
         f"{prefix}a2a bytes sent": float(total.dispatch_bytes + total.combine_bytes),
         f"{prefix}a2a bytes stock": float(total.dispatch_bytes_stock + total.combine_bytes_stock),
     }
+    metrics[f"{prefix}lsh relative error"] = total.mean_relative_error
+    metrics[f"{prefix}lsh exact rows"] = float(total.exact_rows)
     for layer, s in sorted(stats.items()):
         metrics[f"{prefix}lsh compression rate/{layer}"] = s.compression_rate
+        metrics[f"{prefix}lsh relative error/{layer}"] = s.mean_relative_error
         metrics[f"{prefix}a2a bytes sent/{layer}"] = float(s.dispatch_bytes + s.combine_bytes)
     return metrics
 
@@ -192,6 +196,7 @@ class Trainer:
             wsd_decay_steps=args.lr_wsd_decay_iters,
             lr_wsd_decay_style=args.lr_wsd_decay_style,
         )
+        self.lsh_controller = CompressionController.for_model(self.model, self.config)
         self.iteration = 0
         self.consumed_samples = 0
         self.history: list = []  # every logged row of metrics, for callers and tests
@@ -206,6 +211,8 @@ class Trainer:
                 if args.no_load_optim or args.finetune:
                     self.optimizer.reload_model_params()
                 self.iteration, self.consumed_samples = loaded.iteration, loaded.consumed_samples
+                if self.lsh_controller is not None and loaded.lsh_merge_radii:
+                    self.lsh_controller.load_state_dict(loaded.lsh_merge_radii)
                 self.log.console(f"loaded {loaded.path}: resuming at iteration {self.iteration}")
 
         parameters = sum(p.numel() for p in self.model.parameters())
@@ -257,6 +264,8 @@ class Trainer:
             )
         self.optimizer.step()
         self.scheduler.step(increment=1)
+        if self.lsh_controller is not None:
+            self.lsh_controller.update(group=torch.distributed.group.WORLD)
         self.iteration += 1
         self.consumed_samples += args.global_batch_size
         return {"lm loss": loss, "grad norm": grad_norm}
@@ -325,6 +334,7 @@ class Trainer:
         path = save_checkpoint(
             self.args.save, self.iteration, self.model, self.optimizer, self.scheduler,
             self.consumed_samples, self.args, self.task.name,
+            lsh_merge_radii=self.lsh_controller.state_dict() if self.lsh_controller is not None else None,
         )
         self.log.console(f"saved checkpoint {path} ({time.time() - start:.1f}s)")
 
@@ -362,6 +372,9 @@ class Trainer:
         if args.log_a2a_time:
             metrics["a2a share of step time"] = a2a_seconds / step_seconds if step_seconds else 0.0
         metrics.update(compression_metrics(get_compression_tracker().take(group=torch.distributed.group.WORLD)))
+        if self.lsh_controller is not None:
+            metrics.update({f"lsh merge radius/{layer}": radius
+                            for layer, radius in self.lsh_controller.radii().items()})
         line = (
             f" [{timestamp()}] iteration {self.iteration:8d}/{args.train_iters:8d} |"
             f" consumed samples: {self.consumed_samples:12d} |"
@@ -378,6 +391,7 @@ class Trainer:
             line += (
                 f" lsh compression rate: {metrics['lsh compression rate']:.3f} |"
                 f" a2a bytes: {metrics['a2a dispatch bytes ratio']:.3f}x stock |"
+                f" lsh relative error: {metrics['lsh relative error']:.3f} |"
             )
         if "a2a share of step time" in metrics:
             line += f" a2a share: {100 * metrics['a2a share of step time']:.1f}% |"

@@ -1,0 +1,86 @@
+"""Holds each LSH layer's compression rate at a target through training.
+
+As hidden states spread out during training, fewer tokens share a bucket and the rate of fixed
+hashing drifts up (0.23 to 0.48 over the quickstart). The knob here is each layer's merge radius,
+the bound on ||x - c|| / ||x|| under which tokens merge (megatron_lsh/lsh/clustering.py): a
+larger radius merges more. After every training step the controller all-reduces each layer's
+rows and centroids over all ranks and moves the layer's log-radius against the log of the rate's
+error, damped and with a dead band, so noise from batch to batch leaves it alone and every rank
+takes the same decision from the same integers. The radius never exceeds lsh_error_bound: when
+the target would need more error than the bound allows, the rate stays above the target.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+
+from megatron_lsh.device import compute_device
+from megatron_lsh.moe.layer import lsh_moe_layers
+
+# log(rate / target) within this band leaves the radius alone (hysteresis against batch noise).
+DEAD_BAND = 0.03
+# Fraction of the log-rate error corrected per step, and the largest log-radius move per step.
+GAIN = 0.25
+MAX_STEP = 0.1
+# The radius stays in [MIN_RADIUS, lsh_error_bound or MAX_RADIUS]: beyond MAX_RADIUS every
+# token merges at the coarsest level anyway.
+MIN_RADIUS = 1e-3
+MAX_RADIUS = 8.0
+
+
+class CompressionController:
+    def __init__(self, model, target: float, bound: Optional[float]):
+        self.dispatchers = [layer.lsh_dispatcher for layer in lsh_moe_layers(model)
+                            if layer.lsh_dispatcher is not None]
+        self.target = target
+        self.max_radius = bound if bound is not None else MAX_RADIUS
+
+    @classmethod
+    def for_model(cls, model, config) -> Optional["CompressionController"]:
+        """A controller when the config asks for a target rate and LSH is on, else None."""
+        if not getattr(config, "lsh_enabled", False) or config.lsh_target_compression is None:
+            return None
+        return cls(model, config.lsh_target_compression, config.lsh_error_bound)
+
+    def update(self, group=None) -> None:
+        """Collective over ``group`` (default: all ranks): one step of every layer's control."""
+        counts = torch.tensor([[d.window_rows, d.window_centroids] for d in self.dispatchers],
+                              dtype=torch.float64, device=compute_device())
+        for dispatcher in self.dispatchers:
+            dispatcher.window_rows = dispatcher.window_centroids = 0
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts, group=group)
+        for dispatcher, (rows, centroids) in zip(self.dispatchers, counts.tolist()):
+            if rows == 0 or centroids == 0:
+                continue
+            error = math.log(centroids / rows) - math.log(self.target)
+            if abs(error) <= DEAD_BAND:
+                continue
+            step = max(-MAX_STEP, min(MAX_STEP, GAIN * error))
+            radius = math.exp(math.log(dispatcher.merge_radius) + step)
+            dispatcher.merge_radius = min(self.max_radius, max(MIN_RADIUS, radius))
+
+    def radii(self) -> Dict[str, float]:
+        return {d.layer_name: d.merge_radius for d in self.dispatchers}
+
+    def state_dict(self) -> Dict[str, float]:
+        """Plain floats per layer name, for the checkpoint's common state."""
+        return self.radii()
+
+    def load_state_dict(self, state: Dict[str, float]) -> None:
+        missing: List[str] = [d.layer_name for d in self.dispatchers if d.layer_name not in state]
+        if missing:
+            raise KeyError(f"no merge radius saved for {', '.join(missing)}")
+        for dispatcher in self.dispatchers:
+            dispatcher.merge_radius = float(state[dispatcher.layer_name])
+
+
+def load_merge_radii(model, radii: Dict[str, float]) -> None:
+    """Set saved merge radii on a model's LSH layers (evaluation of a controlled run)."""
+    for layer in lsh_moe_layers(model):
+        dispatcher = layer.lsh_dispatcher
+        if dispatcher is not None and dispatcher.layer_name in radii:
+            dispatcher.merge_radius = float(radii[dispatcher.layer_name])
