@@ -157,6 +157,8 @@ def summarize(tensorboard: Path, iters: int) -> Dict:
         "ppl_by_tokens": series("validation lm loss PPL vs tokens"),
         "compression_by_layer": {layer: series(f"lsh compression rate/{layer}") for layer in layers},
         "compression": series("lsh compression rate"),
+        "relative_error": series("lsh relative error"),
+        "merge_radius_by_layer": {layer: series(f"lsh merge radius/{layer}") for layer in layers},
         "bytes_ratio_run": bytes_ratio(0),
         "bytes_ratio_last_10pct": bytes_ratio(tail_from),
         "step_ms": statistics.median(steps) if steps else float("nan"),
@@ -187,6 +189,10 @@ def main() -> None:
         chosen = not wanted or run_key(variant) in wanted or variant.name in wanted
         if args.report_only or (reusable and not args.fresh) or not chosen:
             if previous is not None:
+                # Read the events again: a newer summary may take more from them.
+                events = saved.parent / "tensorboard"
+                if events.exists():
+                    previous.update(summarize(events, previous["iters"]))
                 summaries[run_key(variant)] = previous
             continue
         print(f"[{time.time() - study_start:6.0f}s] {run_key(variant)}: {iters} iterations", flush=True)

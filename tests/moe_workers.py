@@ -44,7 +44,8 @@ def stock_vs_lsh_unclustered(rank, world_size, cases):
     for overrides in cases:
         # Many fine hashes: random Gaussian tokens never share all 16 codes.
         settings = dict(lsh_num_hashes=16, lsh_num_buckets=8, **overrides)
-        stock = build_moe_layer(moe_config(world_size, lsh_enabled=False, **settings))
+        stock_settings = {k: v for k, v in settings.items() if k != "lsh_gradient_study"}
+        stock = build_moe_layer(moe_config(world_size, lsh_enabled=False, **stock_settings))
         lsh = build_moe_layer(moe_config(world_size, lsh_enabled=True, **settings))
         lsh.load_state_dict(stock.state_dict())
         generator = torch.Generator().manual_seed(100 + rank)
@@ -112,7 +113,8 @@ def round_trip_errors(rank, world_size, cases):
                 num_moe_experts=num_experts,
                 moe_router_topk=topk,
                 moe_router_pre_softmax=topk == 1,
-                lsh_compensation="residual" if compensation else "none",
+                lsh_compensation=compensation if isinstance(compensation, str)
+                else ("residual" if compensation else "none"),
                 lsh_num_hashes=hashes,
             )
         )

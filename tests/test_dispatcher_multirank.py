@@ -19,6 +19,11 @@ PARITY_CASES = [
     dict(num_moe_experts=4, moe_router_topk=2, moe_expert_capacity_factor=0.5),  # drops tokens
     dict(num_moe_experts=4, moe_router_topk=2, add_bias_linear=True),
     dict(num_moe_experts=4, moe_router_topk=2, params_dtype=torch.bfloat16, bf16=True),
+    # The error bound's coarse-to-fine path, and expert-gain compensation, with singleton clusters.
+    dict(num_moe_experts=8, moe_router_topk=2, lsh_error_bound=1e-6),
+    dict(num_moe_experts=8, moe_router_topk=2, lsh_compensation="expert_gain"),
+    # The study mode trains on LSH's values with the exact MoE's gradients: with singletons, stock.
+    dict(num_moe_experts=4, moe_router_topk=2, lsh_gradient_study="exact_gradients"),
 ]
 
 
@@ -66,6 +71,8 @@ ROUND_TRIPS = {
     "duplicated tokens, top-1": (True, False, 4, 1, 3, 6),
     "distinct tokens merged, compensation restores them": (True, True, 8, 2, None, 1),
     "distinct tokens merged, no compensation": (True, False, 8, 2, None, 1),
+    # The round trip's expert is the identity: the fitted gain is 1, so E(c) + g (x - c) = x.
+    "distinct tokens merged, expert-gain compensation": (True, "expert_gain", 8, 2, None, 1),
 }
 NOT_RESTORED = {"distinct tokens merged, no compensation"}
 

@@ -171,3 +171,44 @@ def test_tokenizer_that_does_not_match_the_data_is_refused(corpus, tmp_path):
 def test_bad_parallel_and_batch_settings_give_one_clear_error(corpus, overrides, world_size, expected):
     error = run_pretrain_expecting_error(model_flags(corpus, **{"--train-iters": "2", **overrides}), world_size)
     assert expected in error
+
+
+def test_kill_and_resume_with_the_compression_controller_gives_the_same_losses(corpus, tmp_path):
+    # The controller's merge radii travel in the checkpoint: a resumed run merges exactly as the
+    # uninterrupted one would have.
+    flags = lambda save: model_flags(corpus, **{  # noqa: E731
+        "--train-iters": "10", "--log-interval": "1", "--eval-interval": "100",
+        "--lsh-target-compression": "0.3", "--lsh-error-bound": "2.0",
+        "--save": str(save), "--load": str(save), "--save-interval": "5"})
+    uninterrupted, resumed = kill_at_checkpoint_and_resume(flags, tmp_path, killed_after=5)
+    assert sorted(resumed) == [6, 7, 8, 9, 10]
+    assert all(resumed[i] == uninterrupted[i] for i in resumed), (resumed, uninterrupted)
+
+
+def test_the_controller_brings_the_rate_to_the_target_and_logs_each_layers_radius(corpus, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output = torchrun(model_flags(corpus, **{
+        "--train-iters": "40", "--log-interval": "10", "--eval-interval": "100", "--eval-iters": "0",
+        "--lsh-target-compression": "0.3", "--lsh-error-bound": "off", "--tensorboard-dir": str(tmp_path / "tb")}))
+    rates = [float(r) for r in re.findall(r"lsh compression rate: ([0-9.]+)", output)]
+    assert len(rates) == 4 and abs(rates[-1] - 0.3) < 0.06, rates
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    radii = {tag for tag in events.Tags()["scalars"] if tag.startswith("lsh merge radius/") and " vs " not in tag}
+    assert radii == {"lsh merge radius/layer_1", "lsh merge radius/layer_2"}
+
+
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [
+        ("--lsh-target-compression", "1.5", "--lsh-target-compression=1.5 must be in (0, 1]"),
+        ("--lsh-target-compression", "0", "--lsh-target-compression=0.0 must be in (0, 1]"),
+        ("--lsh-error-bound", "-0.5", "--lsh-error-bound=-0.5 must be a positive number"),
+        ("--lsh-error-bound", "0", "--lsh-error-bound=0.0 must be a positive number"),
+    ],
+)
+def test_target_and_bound_out_of_range_stop_the_run_naming_the_flag(corpus, flag, value, expected):
+    error = run_pretrain_expecting_error(model_flags(
+        corpus, **{"--train-iters": "2", "--expert-model-parallel-size": "1", flag: value}))
+    assert expected in error, error

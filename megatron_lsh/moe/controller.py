@@ -12,6 +12,7 @@ the target would need more error than the bound allows, the rate stays above the
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Dict, List, Optional
 
@@ -19,6 +20,8 @@ import torch
 
 from megatron_lsh.device import compute_device
 from megatron_lsh.moe.layer import lsh_moe_layers
+
+logger = logging.getLogger(__name__)
 
 # log(rate / target) within this band leaves the radius alone (hysteresis against batch noise).
 DEAD_BAND = 0.03
@@ -32,18 +35,21 @@ MAX_RADIUS = 8.0
 
 
 class CompressionController:
-    def __init__(self, model, target: float, bound: Optional[float]):
-        self.dispatchers = [layer.lsh_dispatcher for layer in lsh_moe_layers(model)
-                            if layer.lsh_dispatcher is not None]
+    def __init__(self, dispatchers, target: float, bound: Optional[float]):
+        """dispatchers: the LSH dispatchers (anything with layer_name, merge_radius,
+        window_rows and window_centroids) whose rates to hold at target."""
+        self.dispatchers = list(dispatchers)
         self.target = target
         self.max_radius = bound if bound is not None else MAX_RADIUS
+        self._warned_at_bound = set()
 
     @classmethod
     def for_model(cls, model, config) -> Optional["CompressionController"]:
         """A controller when the config asks for a target rate and LSH is on, else None."""
         if not getattr(config, "lsh_enabled", False) or config.lsh_target_compression is None:
             return None
-        return cls(model, config.lsh_target_compression, config.lsh_error_bound)
+        dispatchers = [layer.lsh_dispatcher for layer in lsh_moe_layers(model) if layer.lsh_dispatcher is not None]
+        return cls(dispatchers, config.lsh_target_compression, config.lsh_error_bound)
 
     def update(self, group=None) -> None:
         """Collective over ``group`` (default: all ranks): one step of every layer's control."""
@@ -62,6 +68,14 @@ class CompressionController:
             step = max(-MAX_STEP, min(MAX_STEP, GAIN * error))
             radius = math.exp(math.log(dispatcher.merge_radius) + step)
             dispatcher.merge_radius = min(self.max_radius, max(MIN_RADIUS, radius))
+            if radius > self.max_radius and dispatcher.layer_name not in self._warned_at_bound:
+                self._warned_at_bound.add(dispatcher.layer_name)
+                logger.warning(
+                    f"{dispatcher.layer_name}: compression {centroids / rows:.3f} is above the target "
+                    f"{self.target} with the merge radius at its limit {self.max_radius}"
+                    + (" (--lsh-error-bound)" if self.max_radius != MAX_RADIUS else "")
+                    + "; the bound wins over the target"
+                )
 
     def radii(self) -> Dict[str, float]:
         return {d.layer_name: d.merge_radius for d in self.dispatchers}

@@ -7,7 +7,6 @@ dataset or process group exists.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 
 from megatron_lsh.data.tokenizer import TOKENIZER_TYPES
@@ -30,35 +29,19 @@ class _ResidualCompensationAction(argparse.Action):
         setattr(namespace, self.dest, "none" if option_string.startswith("--no-") else "residual")
 
 
-def _optional_positive_float(flag: str):
+def _number_or_off(flag: str):
+    """A number, or None for 'off'; the range is checked with the model config (one error line)."""
     def parse(text: str):
         if text.lower() in _OFF:
             return None
         try:
-            value = float(text)
+            return float(text)
         except ValueError:
-            value = float("nan")
-        if not (math.isfinite(value) and value > 0):
-            raise argparse.ArgumentTypeError(f"{flag} must be a positive number or 'off', not {text!r}")
-        return value
+            raise argparse.ArgumentTypeError(f"{flag} takes a number or 'off', not {text!r}") from None
     return parse
 
 
-def _optional_rate(flag: str):
-    def parse(text: str):
-        if text.lower() in _OFF:
-            return None
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        if not 0 < value <= 1:
-            raise argparse.ArgumentTypeError(f"{flag} must be a rate in (0, 1] or 'off', not {text!r}")
-        return value
-    return parse
-
-
-parse_error_bound = _optional_positive_float("--lsh-error-bound")
+parse_error_bound = _number_or_off("--lsh-error-bound")
 
 
 def add_lsh_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -102,7 +85,7 @@ def add_lsh_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--lsh-target-compression",
-        type=_optional_rate("--lsh-target-compression"),
+        type=_number_or_off("--lsh-target-compression"),
         default=DEFAULT_LSH_TARGET_COMPRESSION,
         help="Compression rate (centroids / rows, in (0, 1]) each MoE layer holds through training, "
              "by steering its merge radius within --lsh-error-bound ('off': fixed hashing). "

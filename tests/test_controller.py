@@ -1,0 +1,99 @@
+"""The compression controller: holds each layer's rate at the target as the data drift, takes
+the same decision on every rank, and stops at the error bound."""
+
+import math
+from dataclasses import dataclass
+
+import pytest
+
+from megatron_lsh.moe.controller import DEAD_BAND, CompressionController
+from megatron_lsh.moe.dispatcher import initial_merge_radius
+from megatron_lsh.moe import LSHTransformerConfig
+from tests.distributed import run_distributed
+
+
+@dataclass
+class FakeLayer:
+    """A layer whose rate falls as the radius grows, and rises as training spreads its states
+    (the drift seen in the quickstart): rate = spread / (spread + radius), clipped."""
+
+    layer_name: str
+    merge_radius: float
+    spread: float = 0.1
+    window_rows: int = 0
+    window_centroids: int = 0
+
+    def forward(self, rows=8192):
+        rate = min(1.0, self.spread / (self.spread + self.merge_radius))
+        self.window_rows += rows
+        self.window_centroids += max(1, round(rate * rows))
+        return rate
+
+
+def drive(controller, layers, steps, drift=0.0):
+    rates = []
+    for _ in range(steps):
+        rates.append([layer.forward() for layer in layers])
+        controller.update()
+        for layer in layers:
+            layer.spread *= 1 + drift
+    return rates
+
+
+def test_rate_converges_to_the_target_and_holds_while_states_spread_out():
+    layers = [FakeLayer("layer_2", 0.5, spread=0.05), FakeLayer("layer_4", 0.5, spread=0.4)]
+    controller = CompressionController(layers, target=0.2, bound=None)
+    drive(controller, layers, 150)
+    # Spread grows 5x over the next 1600 steps, as hidden states do in training.
+    held = drive(controller, layers, 1600, drift=math.log(5) / 1600)
+    for rates in held[-100:]:
+        for rate in rates:
+            assert abs(math.log(rate / 0.2)) <= DEAD_BAND + 0.02, rates
+
+
+def test_noise_inside_the_dead_band_leaves_the_radius_alone():
+    layer = FakeLayer("layer_2", 0.4, spread=0.1)  # rate 0.2 exactly
+    controller = CompressionController([layer], target=0.2, bound=None)
+    drive(controller, [layer], 20)
+    assert layer.merge_radius == 0.4
+
+
+def test_the_error_bound_caps_the_radius_and_wins_over_the_target():
+    layer = FakeLayer("layer_2", 0.3, spread=1.0)  # would need radius 4 for rate 0.2
+    controller = CompressionController([layer], target=0.2, bound=0.5)
+    rates = drive(controller, [layer], 200)
+    assert layer.merge_radius == 0.5 and rates[-1][0] > 0.6
+
+
+def test_state_round_trips_by_layer_name_and_refuses_a_missing_layer():
+    layers = [FakeLayer("layer_2", 0.7), FakeLayer("layer_4", 0.01)]
+    state = CompressionController(layers, 0.2, None).state_dict()
+    fresh = [FakeLayer("layer_2", 0.5), FakeLayer("layer_4", 0.5)]
+    CompressionController(fresh, 0.2, None).load_state_dict(state)
+    assert [layer.merge_radius for layer in fresh] == [0.7, 0.01]
+    with pytest.raises(KeyError, match="layer_6"):
+        CompressionController([FakeLayer("layer_6", 0.5)], 0.2, None).load_state_dict(state)
+
+
+def test_initial_radius_is_the_bound_without_a_target_and_within_it_with_one():
+    base = dict(num_layers=1, hidden_size=64, num_attention_heads=4, num_moe_experts=4)
+    assert initial_merge_radius(LSHTransformerConfig(**base)) is None
+    assert initial_merge_radius(LSHTransformerConfig(**base, lsh_error_bound=0.3)) == 0.3
+    assert initial_merge_radius(LSHTransformerConfig(**base, lsh_target_compression=0.2, lsh_error_bound=0.1)) == 0.1
+
+
+def _radii_after_updates(rank, world_size):
+    from megatron_lsh.training.initialize import initialize_distributed
+
+    initialize_distributed(expert_model_parallel_size=world_size, seed=1)
+    # Each rank sees different data, so different local rates.
+    layers = [FakeLayer("layer_2", 0.5, spread=0.05 * (rank + 1)), FakeLayer("layer_4", 0.5, spread=0.3 + rank)]
+    controller = CompressionController(layers, target=0.2, bound=None)
+    drive(controller, layers, 30)
+    return controller.radii()
+
+
+def test_every_rank_takes_the_same_decision_from_all_reduced_counts():
+    radii = run_distributed(_radii_after_updates, 2)
+    assert radii[0] == radii[1]
+    assert radii[0]["layer_2"] != 0.5 and radii[0]["layer_4"] != 0.5
