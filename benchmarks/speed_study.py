@@ -60,8 +60,10 @@ class Run:
 
 
 def lsh(hash_type: str, hashes: int, compensation: bool = False) -> List[str]:
+    # Fixed hashing, as the study's rows say: no controller, no bound, whatever the defaults.
     return ["--lsh", "--lsh-hash-type", hash_type, "--lsh-num-hashes", str(hashes),
-            "--lsh-num-buckets", "4", "--lsh-error-compensation" if compensation else "--no-lsh-error-compensation"]
+            "--lsh-num-buckets", "4", "--lsh-compensation", "residual" if compensation else "none",
+            "--lsh-target-compression", "off", "--lsh-error-bound", "off"]
 
 
 def plan(quick: bool) -> List[Run]:
@@ -151,11 +153,11 @@ def fixed_state_sweep(checkpoint: Path, valid_prefix: str) -> List[Dict]:
     for hash_type in ("cross_polytope", "spherical"):
         for hashes in (2, 4, 6, 8):
             settings.append((f"{hash_type} {hashes}", ["--lsh", "--lsh-hash-type", hash_type, "--lsh-num-hashes", str(hashes),
-                                                       "--lsh-compensation", "none"]))
+                                                       "--lsh-compensation", "none", "--lsh-error-bound", "off"]))
     for hashes in (4, 6):
         settings.append((f"cross_polytope {hashes}, with compensation",
                          ["--lsh", "--lsh-hash-type", "cross_polytope", "--lsh-num-hashes", str(hashes),
-                          "--lsh-compensation", "residual"]))
+                          "--lsh-compensation", "residual", "--lsh-error-bound", "off"]))
     for name, flags in settings:
         result = subprocess.run(
             [sys.executable, "-m", "megatron_lsh.checkpoint.evaluate", "--load", str(checkpoint), "--data-path", valid_prefix,

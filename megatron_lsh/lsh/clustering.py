@@ -130,35 +130,29 @@ class BoundedAssignment:
     exact_rows: int
 
 
-def _centroids(tokens: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    sums = torch.zeros(counts.numel(), tokens.size(1), dtype=tokens.dtype, device=tokens.device)
-    return sums.index_add_(0, inverse, tokens) / counts.unsqueeze(1).to(tokens.dtype)
+def _per_cluster(values: torch.Tensor, inverse: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    shape = (num_clusters, *values.shape[1:])
+    return torch.zeros(shape, dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
 
 
-def _check_bound(tokens: torch.Tensor, squared_norms: torch.Tensor, limits: torch.Tensor, keys: torch.Tensor):
-    """(per token: does its cluster keep the bound, distance to its centroid) for the clusters of
-    keys. A cluster's spread, sum ||x - c||^2 = sum ||x||^2 - n ||c||^2, costs no gather: when it
-    exceeds sum (radius ||x||)^2, some member must break the bound, so only the clusters that pass
-    this test are checked member by member."""
-    _, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
-    num_clusters = counts.numel()
-    centroids = _centroids(tokens, inverse, counts)
+def _exact_after_outliers(values, limits_sq, rows, keys):
+    """The tokens ``rows`` of clusters that broke the bound at the finest level: those beyond it
+    travel exact, the rest are re-averaged, and a cluster that still breaks it travels exact.
+    Returns (rows kept, their distances, rows sent exact)."""
+    def distances(members, member_keys):
+        _, inverse, counts = torch.unique(member_keys, return_inverse=True, return_counts=True)
+        points = values.index_select(0, members)
+        centroids = _per_cluster(points, inverse, counts.numel()) / counts.unsqueeze(1).to(points.dtype)
+        return inverse, counts.numel(), (points - centroids.index_select(0, inverse)).square().sum(dim=1)
 
-    def per_cluster(values):
-        return torch.zeros(num_clusters, dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
-
-    sum_squares = per_cluster(squared_norms)
-    spread = sum_squares - counts.to(tokens.dtype) * centroids.square().sum(dim=1)
-    # Slack for cancellation in the spread: a candidate kept wrongly is checked exactly below.
-    candidate_clusters = spread <= per_cluster(limits.square()) * (1 + 1e-3) + 1e-6 * sum_squares
-    candidates = candidate_clusters.index_select(0, inverse).nonzero().squeeze(1)
-    distance = torch.full_like(limits, float("inf"))
-    distance[candidates] = (
-        tokens.index_select(0, candidates) - centroids.index_select(0, inverse.index_select(0, candidates))
-    ).norm(dim=1)
-    broken = torch.zeros(num_clusters, dtype=torch.bool, device=tokens.device)
-    broken.index_fill_(0, inverse[distance > limits], True)
-    return ~broken.index_select(0, inverse), distance
+    _, _, distance_sq = distances(rows, keys)
+    outliers = distance_sq > limits_sq.index_select(0, rows)
+    rest, rest_keys = rows[~outliers], keys[~outliers]
+    inverse, num_clusters, distance_sq = distances(rest, rest_keys)
+    broken = torch.zeros(num_clusters, dtype=torch.bool, device=rows.device)
+    broken.index_fill_(0, inverse[distance_sq > limits_sq.index_select(0, rest)], True)
+    broken_rows = broken.index_select(0, inverse)
+    return rest[~broken_rows], distance_sq[~broken_rows].sqrt(), torch.cat([rows[outliers], rest[broken_rows]])
 
 
 @torch.no_grad()
@@ -177,7 +171,13 @@ def bounded_bucket_ids(
     at the coarsest level where they do, the members of any other cluster go on to the next
     level. After the last level, members beyond the bound travel as themselves and the rest of
     their cluster is checked once more against its new centroid (what still breaks it travels
-    as itself too). Each level is one vectorised pass over the tokens still undecided.
+    as itself too).
+
+    Cost: the finest buckets' sums are taken once over the tokens; each coarser level adds up
+    those sums (a bucket is a union of finest buckets). A cluster's spread, sum ||x - c||^2 =
+    sum ||x||^2 - n ||c||^2, needs no pass over its members: when it exceeds sum (radius ||x||)^2
+    some member must break the bound, so only clusters that pass this test are checked member by
+    member.
 
     Args:
         tokens: [N, hidden]; codes: [N, L] codes in [0, num_buckets); group_ids: [N] experts.
@@ -192,47 +192,65 @@ def bounded_bucket_ids(
     total_buckets = num_hashes * level_buckets + num_tokens
     values = tokens.detach().float()
     squared_norms = values.square().sum(dim=1)
-    norms = squared_norms.sqrt()
-    limits = radius * norms
+    limits_sq = radius**2 * squared_norms
     groups = group_ids.long()
     bucket_ids = torch.empty(num_tokens, dtype=torch.int64, device=device)
     errors = torch.zeros(num_tokens, dtype=torch.float32, device=device)
 
-    def check(rows, local):
-        return _check_bound(values.index_select(0, rows), squared_norms.index_select(0, rows),
-                            limits.index_select(0, rows), groups.index_select(0, rows) * total_buckets + local)
+    # The finest clusters, whose sums make every coarser cluster's.
+    _, fine_of_token, fine_counts = torch.unique(
+        groups * total_buckets + prefixes[:, -1], return_inverse=True, return_counts=True
+    )
+    num_fine = fine_counts.numel()
+    fine_sums = _per_cluster(values, fine_of_token, num_fine)
+    fine_squares = _per_cluster(squared_norms, fine_of_token, num_fine)
+    fine_limits = _per_cluster(limits_sq, fine_of_token, num_fine)
+    representative = torch.full((num_fine,), num_tokens, dtype=torch.long, device=device).scatter_reduce_(
+        0, fine_of_token, torch.arange(num_tokens, device=device), reduce="amin")
+    fine_prefixes, fine_groups = prefixes.index_select(0, representative), groups.index_select(0, representative)
 
-    def take(rows, local, kept, distance):
-        bucket_ids[rows[kept]] = local[kept]
-        errors[rows[kept]] = distance[kept]
-
-    undecided = torch.arange(num_tokens, device=device)
+    undecided = torch.arange(num_fine, device=device)  # finest clusters not yet taken
     for level in range(num_hashes):
-        local = level * level_buckets + prefixes.index_select(0, undecided)[:, level]
-        kept, distance = check(undecided, local)
-        take(undecided, local, kept, distance)
-        undecided = undecided[~kept]
+        local = level * level_buckets + fine_prefixes.index_select(0, undecided)[:, level]
+        _, coarse_of_fine = torch.unique(fine_groups.index_select(0, undecided) * total_buckets + local,
+                                         return_inverse=True)
+        num_coarse = int(coarse_of_fine.max()) + 1
+        counts = _per_cluster(fine_counts.index_select(0, undecided).float(), coarse_of_fine, num_coarse)
+        centroids = _per_cluster(fine_sums.index_select(0, undecided), coarse_of_fine, num_coarse) / counts.unsqueeze(1)
+        squares = _per_cluster(fine_squares.index_select(0, undecided), coarse_of_fine, num_coarse)
+        spread = squares - counts * centroids.square().sum(dim=1)
+        # Slack for cancellation in the spread: a candidate let through wrongly is checked below.
+        candidate = spread <= _per_cluster(fine_limits.index_select(0, undecided), coarse_of_fine, num_coarse) \
+            * (1 + 1e-3) + 1e-6 * squares
+        # Each token of a candidate cluster, checked against its centroid.
+        coarse_of_fine_all = torch.full((num_fine,), -1, dtype=torch.long, device=device)
+        coarse_of_fine_all[undecided] = coarse_of_fine
+        coarse_of_token = coarse_of_fine_all.index_select(0, fine_of_token)
+        rows = ((coarse_of_token >= 0) & candidate.index_select(0, coarse_of_token.clamp(min=0))).nonzero().squeeze(1)
+        row_coarse = coarse_of_token.index_select(0, rows)
+        distance_sq = (values.index_select(0, rows) - centroids.index_select(0, row_coarse)).square().sum(dim=1)
+        broken = torch.zeros(num_coarse, dtype=torch.bool, device=device)
+        broken.index_fill_(0, row_coarse[distance_sq > limits_sq.index_select(0, rows)], True)
+        accepted = candidate & ~broken
+        taken = accepted.index_select(0, row_coarse)
+        taken_rows = rows[taken]
+        bucket_ids[taken_rows] = level * level_buckets + prefixes.index_select(0, taken_rows)[:, level]
+        errors[taken_rows] = distance_sq[taken].sqrt()
+        undecided = undecided[~accepted.index_select(0, coarse_of_fine)]
         if undecided.numel() == 0:
             break
-    exact = torch.zeros(num_tokens, dtype=torch.bool, device=device)
+    exact_rows = torch.empty(0, dtype=torch.long, device=device)
     if undecided.numel():
-        # Last level: the members beyond the bound go exact, the rest re-averaged and re-checked.
-        last = (num_hashes - 1) * level_buckets + prefixes.index_select(0, undecided)[:, -1]
-        _, inverse, counts = torch.unique(groups.index_select(0, undecided) * total_buckets + last,
-                                          return_inverse=True, return_counts=True)
-        rows = values.index_select(0, undecided)
-        distance = (rows - _centroids(rows, inverse, counts).index_select(0, inverse)).norm(dim=1)
-        outliers = distance > limits.index_select(0, undecided)
-        exact[undecided[outliers]] = True
-        rest, rest_local = undecided[~outliers], last[~outliers]
-        if rest.numel():
-            kept, distance = check(rest, rest_local)
-            take(rest, rest_local, kept, distance)
-            exact[rest[~kept]] = True
-    exact_rows = exact.nonzero().squeeze(1)
+        left = torch.zeros(num_fine, dtype=torch.bool, device=device).index_fill_(0, undecided, True)
+        rows = left.index_select(0, fine_of_token).nonzero().squeeze(1)
+        last = (num_hashes - 1) * level_buckets + prefixes.index_select(0, rows)[:, -1]
+        kept, distance, exact_rows = _exact_after_outliers(
+            values, limits_sq, rows, groups.index_select(0, rows) * total_buckets + last)
+        bucket_ids[kept] = (num_hashes - 1) * level_buckets + prefixes.index_select(0, kept)[:, -1]
+        errors[kept] = distance
     bucket_ids[exact_rows] = num_hashes * level_buckets + exact_rows
     errors[exact_rows] = 0.0
-    return BoundedAssignment(bucket_ids, total_buckets, errors / norms.clamp(min=1e-30), int(exact_rows.numel()))
+    return BoundedAssignment(bucket_ids, total_buckets, errors / squared_norms.sqrt().clamp(min=1e-30), int(exact_rows.numel()))
 
 
 @torch.no_grad()
