@@ -7,24 +7,24 @@ from dataclasses import dataclass
 import pytest
 
 from megatron_lsh.moe.controller import DEAD_BAND, CompressionController
-from megatron_lsh.moe.dispatcher import initial_merge_radius
+from megatron_lsh.moe.dispatcher import INITIAL_MERGE_THRESHOLD, initial_merge_threshold
 from megatron_lsh.moe import LSHTransformerConfig
 from tests.distributed import run_distributed
 
 
 @dataclass
 class FakeLayer:
-    """A layer whose rate falls as the radius grows, and rises as training spreads its states
-    (the drift seen in the quickstart): rate = spread / (spread + radius), clipped."""
+    """A layer whose rate falls as the threshold grows, and rises as training spreads its states
+    (the drift seen in the quickstart): rate = spread / (spread + threshold), clipped."""
 
     layer_name: str
-    merge_radius: float
+    merge_threshold: float
     spread: float = 0.1
     window_rows: int = 0
     window_centroids: int = 0
 
     def forward(self, rows=8192):
-        rate = min(1.0, self.spread / (self.spread + self.merge_radius))
+        rate = min(1.0, self.spread / (self.spread + self.merge_threshold))
         self.window_rows += rows
         self.window_centroids += max(1, round(rate * rows))
         return rate
@@ -51,18 +51,21 @@ def test_rate_converges_to_the_target_and_holds_while_states_spread_out():
             assert abs(math.log(rate / 0.2)) <= DEAD_BAND + 0.02, rates
 
 
-def test_noise_inside_the_dead_band_leaves_the_radius_alone():
+def test_noise_inside_the_dead_band_leaves_the_threshold_alone():
     layer = FakeLayer("layer_2", 0.4, spread=0.1)  # rate 0.2 exactly
     controller = CompressionController([layer], target=0.2, bound=None)
     drive(controller, [layer], 20)
-    assert layer.merge_radius == 0.4
+    assert layer.merge_threshold == 0.4
 
 
-def test_the_error_bound_caps_the_radius_and_wins_over_the_target():
-    layer = FakeLayer("layer_2", 0.3, spread=1.0)  # would need radius 4 for rate 0.2
+def test_an_unreachable_target_leaves_the_threshold_at_its_limit_and_says_so(caplog):
+    from megatron_lsh.moe.controller import MAX_THRESHOLD
+
+    layer = FakeLayer("layer_2", 1.0, spread=1e9)  # the rate never falls
     controller = CompressionController([layer], target=0.2, bound=0.5)
-    rates = drive(controller, [layer], 200)
-    assert layer.merge_radius == 0.5 and rates[-1][0] > 0.6
+    drive(controller, [layer], 200)
+    assert layer.merge_threshold == MAX_THRESHOLD
+    assert "--lsh-error-bound 0.5" in caplog.text
 
 
 def test_state_round_trips_by_layer_name_and_refuses_a_missing_layer():
@@ -70,19 +73,19 @@ def test_state_round_trips_by_layer_name_and_refuses_a_missing_layer():
     state = CompressionController(layers, 0.2, None).state_dict()
     fresh = [FakeLayer("layer_2", 0.5), FakeLayer("layer_4", 0.5)]
     CompressionController(fresh, 0.2, None).load_state_dict(state)
-    assert [layer.merge_radius for layer in fresh] == [0.7, 0.01]
+    assert [layer.merge_threshold for layer in fresh] == [0.7, 0.01]
     with pytest.raises(KeyError, match="layer_6"):
         CompressionController([FakeLayer("layer_6", 0.5)], 0.2, None).load_state_dict(state)
 
 
-def test_initial_radius_is_the_bound_without_a_target_and_within_it_with_one():
+def test_only_a_target_starts_a_merge_threshold():
     base = dict(num_layers=1, hidden_size=64, num_attention_heads=4, num_moe_experts=4)
-    assert initial_merge_radius(LSHTransformerConfig(**base)) is None
-    assert initial_merge_radius(LSHTransformerConfig(**base, lsh_error_bound=0.3)) == 0.3
-    assert initial_merge_radius(LSHTransformerConfig(**base, lsh_target_compression=0.2, lsh_error_bound=0.1)) == 0.1
+    assert initial_merge_threshold(LSHTransformerConfig(**base)) is None
+    assert initial_merge_threshold(LSHTransformerConfig(**base, lsh_error_bound=0.3)) is None
+    assert initial_merge_threshold(LSHTransformerConfig(**base, lsh_target_compression=0.2)) == INITIAL_MERGE_THRESHOLD
 
 
-def _radii_after_updates(rank, world_size):
+def _thresholds_after_updates(rank, world_size):
     from megatron_lsh.training.initialize import initialize_distributed
 
     initialize_distributed(expert_model_parallel_size=world_size, seed=1)
@@ -90,10 +93,10 @@ def _radii_after_updates(rank, world_size):
     layers = [FakeLayer("layer_2", 0.5, spread=0.05 * (rank + 1)), FakeLayer("layer_4", 0.5, spread=0.3 + rank)]
     controller = CompressionController(layers, target=0.2, bound=None)
     drive(controller, layers, 30)
-    return controller.radii()
+    return controller.thresholds()
 
 
 def test_every_rank_takes_the_same_decision_from_all_reduced_counts():
-    radii = run_distributed(_radii_after_updates, 2)
-    assert radii[0] == radii[1]
-    assert radii[0]["layer_2"] != 0.5 and radii[0]["layer_4"] != 0.5
+    thresholds = run_distributed(_thresholds_after_updates, 2)
+    assert thresholds[0] == thresholds[1]
+    assert thresholds[0]["layer_2"] != 0.5 and thresholds[0]["layer_4"] != 0.5

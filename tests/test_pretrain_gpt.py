@@ -174,7 +174,7 @@ def test_bad_parallel_and_batch_settings_give_one_clear_error(corpus, overrides,
 
 
 def test_kill_and_resume_with_the_compression_controller_gives_the_same_losses(corpus, tmp_path):
-    # The controller's merge radii travel in the checkpoint: a resumed run merges exactly as the
+    # The controller's merge thresholds travel in the checkpoint: a resumed run merges exactly as the
     # uninterrupted one would have.
     flags = lambda save: model_flags(corpus, **{  # noqa: E731
         "--train-iters": "10", "--log-interval": "1", "--eval-interval": "100",
@@ -185,7 +185,7 @@ def test_kill_and_resume_with_the_compression_controller_gives_the_same_losses(c
     assert all(resumed[i] == uninterrupted[i] for i in resumed), (resumed, uninterrupted)
 
 
-def test_the_controller_brings_the_rate_to_the_target_and_logs_each_layers_radius(corpus, tmp_path):
+def test_the_controller_brings_the_rate_to_the_target_and_logs_each_layers_threshold(corpus, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     output = torchrun(model_flags(corpus, **{
@@ -195,8 +195,8 @@ def test_the_controller_brings_the_rate_to_the_target_and_logs_each_layers_radiu
     assert len(rates) == 4 and abs(rates[-1] - 0.3) < 0.06, rates
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
-    radii = {tag for tag in events.Tags()["scalars"] if tag.startswith("lsh merge radius/") and " vs " not in tag}
-    assert radii == {"lsh merge radius/layer_1", "lsh merge radius/layer_2"}
+    thresholds = {tag for tag in events.Tags()["scalars"] if tag.startswith("lsh merge threshold/") and " vs " not in tag}
+    assert thresholds == {"lsh merge threshold/layer_1", "lsh merge threshold/layer_2"}
 
 
 @pytest.mark.parametrize(

@@ -103,7 +103,7 @@ def _sharded_state_dict(model, optimizer, is_loading: bool) -> dict:
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, consumed_samples: int, args,
-                    task_name: str, lsh_merge_radii: Optional[dict] = None) -> str:
+                    task_name: str, lsh_merge_thresholds: Optional[dict] = None) -> str:
     """Collective: every rank calls it. Returns the checkpoint directory."""
     final = iteration_dir(root, iteration)
     partial = final + ".partial"
@@ -125,8 +125,8 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, cons
         scheduler=scheduler.state_dict() if scheduler is not None else None,
         args=vars(args),
         task=task_name,
-        # The compression controller's state: each LSH layer's merge radius.
-        lsh_merge_radii=lsh_merge_radii,
+        # The compression controller's state: each LSH layer's merge threshold.
+        lsh_merge_thresholds=lsh_merge_thresholds,
         world_size=torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
     )
     dist_checkpointing.save(state, partial)
@@ -154,7 +154,7 @@ class LoadedCheckpoint:
     consumed_samples: int
     path: str
     args: dict
-    lsh_merge_radii: Optional[dict] = None
+    lsh_merge_thresholds: Optional[dict] = None
 
 
 def load_checkpoint(
@@ -199,4 +199,4 @@ def load_checkpoint(
         else:
             logger.warning(f"{path}: RNG states not restored (saved with another number of ranks)")
     return LoadedCheckpoint(state["iteration"], state["consumed_samples"], path, saved_args,
-                            common.get("lsh_merge_radii"))
+                            common.get("lsh_merge_thresholds"))

@@ -86,7 +86,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lsh-num-buckets", type=int, default=None, help="With --lsh: instead of the run's.")
     parser.add_argument("--lsh-compensation", choices=COMPENSATIONS, default=None, help="With --lsh: instead of the run's.")
     parser.add_argument("--lsh-error-bound", default=None,
-                        help="With --lsh: a fixed merge radius ('off': none) instead of the run's bound or controller.")
+                        help="With --lsh: this error bound ('off': none) and no controller, instead of the run's.")
     args = parser.parse_args(argv)
     overrides = {key: getattr(args, key) for key in ("lsh_hash_type", "lsh_num_hashes", "lsh_num_buckets",
                                                      "lsh_compensation") if getattr(args, key) is not None}

@@ -19,7 +19,7 @@ from megatron_lsh.checkpoint.checkpointing import (
     iteration_dir,
 )
 from megatron_lsh.data.tokenizer import build_tokenizer
-from megatron_lsh.moe.controller import load_merge_radii
+from megatron_lsh.moe.controller import load_merge_thresholds
 from megatron_lsh.training.arguments import flag_defaults
 from megatron_lsh.training.config import transformer_config_from_args
 from megatron_lsh.training.initialize import free_port, initialize_distributed
@@ -88,7 +88,7 @@ def load_for_inference(load_dir: str, lsh: bool = False, dtype=torch.float32,
     args.lsh_enabled = lsh
     args.lsh_gradient_study = None  # a training-time study; evaluation runs one path
     lsh_overrides = dict(lsh_overrides or {})
-    if "lsh_error_bound" in lsh_overrides:  # a fixed radius instead of the controller's
+    if "lsh_error_bound" in lsh_overrides:  # the bound alone, without the run's controller
         lsh_overrides.setdefault("lsh_target_compression", None)
     vars(args).update(lsh_overrides)
     args.bf16 = dtype == torch.bfloat16
@@ -103,8 +103,8 @@ def load_for_inference(load_dir: str, lsh: bool = False, dtype=torch.float32,
     model = task.build_model(args, config, padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by))
     state = dist_checkpointing.load({"model": model.sharded_state_dict(prefix="")}, path)
     model.load_state_dict(state["model"])
-    radii = dist_checkpointing.load_common_state_dict(path).get("lsh_merge_radii")
-    if lsh and radii and args.lsh_target_compression is not None:
-        load_merge_radii(model, radii)  # the radii the run's controller had reached
+    thresholds = dist_checkpointing.load_common_state_dict(path).get("lsh_merge_thresholds")
+    if lsh and thresholds and args.lsh_target_compression is not None:
+        load_merge_thresholds(model, thresholds)  # where the run's controller had brought them
     model.eval()
     return LoadedModel(model, args, task_name, tokenizer, path)

@@ -3,7 +3,7 @@
 from megatron_lsh.lsh.clustering import (
     BoundedAssignment,
     GroupedClusters,
-    bounded_bucket_ids,
+    adaptive_bucket_ids,
     cluster_tokens,
     expand_to_tokens,
     hash_and_cluster,
@@ -21,7 +21,7 @@ from megatron_lsh.lsh.hashing import (
 
 __all__ = [
     "BoundedAssignment",
-    "bounded_bucket_ids",
+    "adaptive_bucket_ids",
     "fit_expert_gains",
     "hash_and_cluster",
     "relative_errors",

@@ -115,18 +115,15 @@ def expand_to_tokens(
 
 @dataclass
 class BoundedAssignment:
-    """Where each token goes under an error bound (see ``bounded_bucket_ids``).
+    """Where each token goes under a merge threshold and/or an error bound (``adaptive_bucket_ids``).
 
-    bucket_ids:      [N] int64 ids in [0, total_buckets): tokens with equal ids (and group) merge.
-    total_buckets:   the id space, for ``cluster_tokens``.
-    relative_errors: [N] ||x - c|| / ||x|| of every token against the centroid it merges into
-                     (0 for tokens sent as themselves), fp32, no gradient.
-    exact_rows:      tokens sent as themselves because every level's cluster broke the bound.
+    bucket_ids:    [N] int64 ids in [0, total_buckets): tokens with equal ids (and group) merge.
+    total_buckets: the id space, for ``cluster_tokens``.
+    exact_rows:    tokens sent as themselves because no cluster kept them within the bound.
     """
 
     bucket_ids: torch.Tensor
     total_buckets: int
-    relative_errors: torch.Tensor
     exact_rows: int
 
 
@@ -138,7 +135,7 @@ def _per_cluster(values: torch.Tensor, inverse: torch.Tensor, num_clusters: int)
 def _exact_after_outliers(values, limits_sq, rows, keys):
     """The tokens ``rows`` of clusters that broke the bound at the finest level: those beyond it
     travel exact, the rest are re-averaged, and a cluster that still breaks it travels exact.
-    Returns (rows kept, their distances, rows sent exact)."""
+    Returns (rows kept, rows sent exact)."""
     def distances(members, member_keys):
         _, inverse, counts = torch.unique(member_keys, return_inverse=True, return_counts=True)
         points = values.index_select(0, members)
@@ -152,36 +149,38 @@ def _exact_after_outliers(values, limits_sq, rows, keys):
     broken = torch.zeros(num_clusters, dtype=torch.bool, device=rows.device)
     broken.index_fill_(0, inverse[distance_sq > limits_sq.index_select(0, rest)], True)
     broken_rows = broken.index_select(0, inverse)
-    return rest[~broken_rows], distance_sq[~broken_rows].sqrt(), torch.cat([rows[outliers], rest[broken_rows]])
+    return rest[~broken_rows], torch.cat([rows[outliers], rest[broken_rows]])
 
 
 @torch.no_grad()
-def bounded_bucket_ids(
+def adaptive_bucket_ids(
     tokens: torch.Tensor,
     codes: torch.Tensor,
     group_ids: torch.Tensor,
     num_buckets: int,
-    radius: float,
+    merge_threshold: Optional[float] = None,
+    error_bound: Optional[float] = None,
 ) -> BoundedAssignment:
-    """Coarse-to-fine buckets under a relative error bound.
+    """Coarse-to-fine buckets: each cluster as coarse as its error allows.
 
-    A token may merge only into a cluster whose centroid c satisfies ||x - c|| <= radius * ||x||
-    for every member x. Level l buckets tokens by the first l of the L hash codes (so a level
-    splits each bucket of the one before); a cluster whose members all keep the bound is taken
-    at the coarsest level where they do, the members of any other cluster go on to the next
-    level. After the last level, members beyond the bound travel as themselves and the rest of
-    their cluster is checked once more against its new centroid (what still breaks it travels
-    as itself too).
+    Level l buckets tokens by the first l of the L hash codes, so a level splits each bucket of
+    the one before. A cluster is taken at the coarsest level where
+      * its relative squared error, sum ||x - c||^2 / mean ||x||^2 over its n members, is at
+        most ``merge_threshold`` (the knob the compression controller turns: splitting the
+        clusters that lose the most first spends centroids where they buy the most), and
+      * with ``error_bound``, every member keeps ||x - c|| <= error_bound * ||x||.
+    Other clusters go on to the next level. At the last level the threshold no longer splits;
+    members beyond the bound travel as themselves and the rest of their cluster is checked once
+    more against its new centroid (what still breaks it travels as itself too).
 
     Cost: the finest buckets' sums are taken once over the tokens; each coarser level adds up
     those sums (a bucket is a union of finest buckets). A cluster's spread, sum ||x - c||^2 =
-    sum ||x||^2 - n ||c||^2, needs no pass over its members: when it exceeds sum (radius ||x||)^2
-    some member must break the bound, so only clusters that pass this test are checked member by
-    member.
+    sum ||x||^2 - n ||c||^2, needs no pass over its members; for the bound, a spread above
+    sum (bound ||x||)^2 proves that a member breaks it, so only the clusters that pass this test
+    are checked member by member.
 
     Args:
         tokens: [N, hidden]; codes: [N, L] codes in [0, num_buckets); group_ids: [N] experts.
-        radius: the bound on ||x - c|| / ||x||.
     """
     num_tokens, num_hashes = codes.shape
     device = codes.device
@@ -192,10 +191,9 @@ def bounded_bucket_ids(
     total_buckets = num_hashes * level_buckets + num_tokens
     values = tokens.detach().float()
     squared_norms = values.square().sum(dim=1)
-    limits_sq = radius**2 * squared_norms
+    limits_sq = (error_bound**2 if error_bound is not None else float("inf")) * squared_norms
     groups = group_ids.long()
     bucket_ids = torch.empty(num_tokens, dtype=torch.int64, device=device)
-    errors = torch.zeros(num_tokens, dtype=torch.float32, device=device)
 
     # The finest clusters, whose sums make every coarser cluster's.
     _, fine_of_token, fine_counts = torch.unique(
@@ -211,6 +209,7 @@ def bounded_bucket_ids(
 
     undecided = torch.arange(num_fine, device=device)  # finest clusters not yet taken
     for level in range(num_hashes):
+        last_level = level == num_hashes - 1
         local = level * level_buckets + fine_prefixes.index_select(0, undecided)[:, level]
         _, coarse_of_fine = torch.unique(fine_groups.index_select(0, undecided) * total_buckets + local,
                                          return_inverse=True)
@@ -218,39 +217,41 @@ def bounded_bucket_ids(
         counts = _per_cluster(fine_counts.index_select(0, undecided).float(), coarse_of_fine, num_coarse)
         centroids = _per_cluster(fine_sums.index_select(0, undecided), coarse_of_fine, num_coarse) / counts.unsqueeze(1)
         squares = _per_cluster(fine_squares.index_select(0, undecided), coarse_of_fine, num_coarse)
-        spread = squares - counts * centroids.square().sum(dim=1)
-        # Slack for cancellation in the spread: a candidate let through wrongly is checked below.
-        candidate = spread <= _per_cluster(fine_limits.index_select(0, undecided), coarse_of_fine, num_coarse) \
-            * (1 + 1e-3) + 1e-6 * squares
-        # Each token of a candidate cluster, checked against its centroid.
-        coarse_of_fine_all = torch.full((num_fine,), -1, dtype=torch.long, device=device)
-        coarse_of_fine_all[undecided] = coarse_of_fine
-        coarse_of_token = coarse_of_fine_all.index_select(0, fine_of_token)
-        rows = ((coarse_of_token >= 0) & candidate.index_select(0, coarse_of_token.clamp(min=0))).nonzero().squeeze(1)
-        row_coarse = coarse_of_token.index_select(0, rows)
-        distance_sq = (values.index_select(0, rows) - centroids.index_select(0, row_coarse)).square().sum(dim=1)
-        broken = torch.zeros(num_coarse, dtype=torch.bool, device=device)
-        broken.index_fill_(0, row_coarse[distance_sq > limits_sq.index_select(0, rows)], True)
-        accepted = candidate & ~broken
-        taken = accepted.index_select(0, row_coarse)
-        taken_rows = rows[taken]
+        spread = (squares - counts * centroids.square().sum(dim=1)).clamp(min=0)
+        candidate = torch.ones(num_coarse, dtype=torch.bool, device=device)
+        if merge_threshold is not None and not last_level:
+            candidate &= counts * spread <= merge_threshold * squares.clamp(min=1e-30)
+        if error_bound is not None:
+            # Slack for cancellation in the spread: a candidate let through wrongly is checked below.
+            candidate &= spread <= _per_cluster(fine_limits.index_select(0, undecided), coarse_of_fine,
+                                                num_coarse) * (1 + 1e-3) + 1e-6 * squares
+            # Each token of a candidate cluster, checked against its centroid.
+            coarse_of_fine_all = torch.full((num_fine,), -1, dtype=torch.long, device=device)
+            coarse_of_fine_all[undecided] = coarse_of_fine
+            coarse_of_token = coarse_of_fine_all.index_select(0, fine_of_token)
+            rows = ((coarse_of_token >= 0) & candidate.index_select(0, coarse_of_token.clamp(min=0))).nonzero().squeeze(1)
+            row_coarse = coarse_of_token.index_select(0, rows)
+            distance_sq = (values.index_select(0, rows) - centroids.index_select(0, row_coarse)).square().sum(dim=1)
+            broken = torch.zeros(num_coarse, dtype=torch.bool, device=device)
+            broken.index_fill_(0, row_coarse[distance_sq > limits_sq.index_select(0, rows)], True)
+            candidate &= ~broken
+        taken_fine = undecided[candidate.index_select(0, coarse_of_fine)]
+        taken_rows = torch.zeros(num_fine, dtype=torch.bool, device=device).index_fill_(0, taken_fine, True) \
+            .index_select(0, fine_of_token).nonzero().squeeze(1)
         bucket_ids[taken_rows] = level * level_buckets + prefixes.index_select(0, taken_rows)[:, level]
-        errors[taken_rows] = distance_sq[taken].sqrt()
-        undecided = undecided[~accepted.index_select(0, coarse_of_fine)]
+        undecided = undecided[~candidate.index_select(0, coarse_of_fine)]
         if undecided.numel() == 0:
             break
     exact_rows = torch.empty(0, dtype=torch.long, device=device)
-    if undecided.numel():
+    if undecided.numel():  # only the bound leaves clusters undecided after the last level
         left = torch.zeros(num_fine, dtype=torch.bool, device=device).index_fill_(0, undecided, True)
         rows = left.index_select(0, fine_of_token).nonzero().squeeze(1)
         last = (num_hashes - 1) * level_buckets + prefixes.index_select(0, rows)[:, -1]
-        kept, distance, exact_rows = _exact_after_outliers(
+        kept, exact_rows = _exact_after_outliers(
             values, limits_sq, rows, groups.index_select(0, rows) * total_buckets + last)
         bucket_ids[kept] = (num_hashes - 1) * level_buckets + prefixes.index_select(0, kept)[:, -1]
-        errors[kept] = distance
     bucket_ids[exact_rows] = num_hashes * level_buckets + exact_rows
-    errors[exact_rows] = 0.0
-    return BoundedAssignment(bucket_ids, total_buckets, errors / squared_norms.sqrt().clamp(min=1e-30), int(exact_rows.numel()))
+    return BoundedAssignment(bucket_ids, total_buckets, int(exact_rows.numel()))
 
 
 @torch.no_grad()
@@ -262,16 +263,17 @@ def relative_errors(tokens: torch.Tensor, clusters: GroupedClusters) -> torch.Te
 
 
 def hash_and_cluster(tokens: torch.Tensor, family, group_ids: torch.Tensor, num_groups: int,
-                     radius: Optional[float] = None):
-    """Clusters of tokens by ``family``'s buckets within each group, under the error bound
-    ``radius`` when given (``bounded_bucket_ids``), else plain buckets of all L hashes.
+                     merge_threshold: Optional[float] = None, error_bound: Optional[float] = None):
+    """Clusters of tokens by ``family``'s buckets within each group: plain buckets of all L
+    hashes, or with a merge threshold and/or an error bound, ``adaptive_bucket_ids``.
 
     Returns (GroupedClusters, [N] relative errors ||x - c|| / ||x|| (no gradient), rows sent as
     themselves because of the bound).
     """
-    if radius is None:
+    if merge_threshold is None and error_bound is None:
         clusters = cluster_tokens(tokens, family.bucket_ids(tokens), group_ids, num_groups, family.total_buckets)
         return clusters, relative_errors(tokens, clusters), 0
-    assignment = bounded_bucket_ids(tokens, family.codes(tokens), group_ids, family.num_buckets, radius)
+    assignment = adaptive_bucket_ids(tokens, family.codes(tokens), group_ids, family.num_buckets,
+                                     merge_threshold, error_bound)
     clusters = cluster_tokens(tokens, assignment.bucket_ids, group_ids, num_groups, assignment.total_buckets)
-    return clusters, assignment.relative_errors, assignment.exact_rows
+    return clusters, relative_errors(tokens, clusters), assignment.exact_rows

@@ -58,8 +58,9 @@ class LSHTransformerConfig(TransformerConfig):
 
     lsh_target_compression: Optional[float] = None
     """Hold this compression rate (centroids / rows) per layer through training: a controller
-    steers each layer's merge radius (the bound above, at most lsh_error_bound) from the rate
-    all-reduced over every rank. None: fixed hashing, the rate goes where the data take it."""
+    steers each layer's merge threshold (how much error a cluster may hold before the next hash
+    splits it) from the rate all-reduced over every rank; lsh_error_bound still holds. None:
+    fixed hashing, the rate goes where the data take it."""
 
     lsh_gradient_study: Optional[str] = None
     """Study only (runs the experts twice): 'exact_gradients' trains with LSH forward values and

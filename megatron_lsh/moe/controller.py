@@ -1,13 +1,14 @@
 """Holds each LSH layer's compression rate at a target through training.
 
 As hidden states spread out during training, fewer tokens share a bucket and the rate of fixed
-hashing drifts up (0.23 to 0.48 over the quickstart). The knob here is each layer's merge radius,
-the bound on ||x - c|| / ||x|| under which tokens merge (megatron_lsh/lsh/clustering.py): a
-larger radius merges more. After every training step the controller all-reduces each layer's
-rows and centroids over all ranks and moves the layer's log-radius against the log of the rate's
+hashing drifts up (0.23 to 0.48 over the quickstart). The knob here is each layer's merge
+threshold: the relative squared error up to which a cluster is kept whole rather than split by
+the next hash (``adaptive_bucket_ids`` in megatron_lsh/lsh/clustering.py); a larger threshold
+merges more. After every training step the controller all-reduces each layer's rows and
+centroids over all ranks and moves the layer's log-threshold against the log of the rate's
 error, damped and with a dead band, so noise from batch to batch leaves it alone and every rank
-takes the same decision from the same integers. The radius never exceeds lsh_error_bound: when
-the target would need more error than the bound allows, the rate stays above the target.
+takes the same decision from the same integers. lsh_error_bound holds whatever the threshold:
+when the target would need more error than the bound allows, the rate stays above the target.
 """
 
 from __future__ import annotations
@@ -23,25 +24,27 @@ from megatron_lsh.moe.layer import lsh_moe_layers
 
 logger = logging.getLogger(__name__)
 
-# log(rate / target) within this band leaves the radius alone (hysteresis against batch noise).
+# log(rate / target) within this band leaves the threshold alone (hysteresis against batch noise).
 DEAD_BAND = 0.03
-# Fraction of the log-rate error corrected per step, and the largest log-radius move per step.
-GAIN = 0.25
-MAX_STEP = 0.1
-# The radius stays in [MIN_RADIUS, lsh_error_bound or MAX_RADIUS]: beyond MAX_RADIUS every
-# token merges at the coarsest level anyway.
-MIN_RADIUS = 1e-3
-MAX_RADIUS = 8.0
+# Fraction of the log-rate error corrected per step, and the largest log-threshold move per step
+# (the rate changes more slowly than the threshold: a cluster's error grows with its size).
+GAIN = 0.5
+MAX_STEP = 0.2
+# The threshold stays in [MIN_THRESHOLD, MAX_THRESHOLD]: below, every cluster splits to the
+# last level; above, every cluster stays at the first.
+MIN_THRESHOLD = 1e-4
+MAX_THRESHOLD = 1e4
 
 
 class CompressionController:
     def __init__(self, dispatchers, target: float, bound: Optional[float]):
-        """dispatchers: the LSH dispatchers (anything with layer_name, merge_radius,
-        window_rows and window_centroids) whose rates to hold at target."""
+        """dispatchers: the LSH dispatchers (anything with layer_name, merge_threshold,
+        window_rows and window_centroids) whose rates to hold at target. bound: the error bound
+        in force, named when it keeps the rate above the target."""
         self.dispatchers = list(dispatchers)
         self.target = target
-        self.max_radius = bound if bound is not None else MAX_RADIUS
-        self._warned_at_bound = set()
+        self.bound = bound
+        self._warned_at_limit = set()
 
     @classmethod
     def for_model(cls, model, config) -> Optional["CompressionController"]:
@@ -66,35 +69,34 @@ class CompressionController:
             if abs(error) <= DEAD_BAND:
                 continue
             step = max(-MAX_STEP, min(MAX_STEP, GAIN * error))
-            radius = math.exp(math.log(dispatcher.merge_radius) + step)
-            dispatcher.merge_radius = min(self.max_radius, max(MIN_RADIUS, radius))
-            if radius > self.max_radius and dispatcher.layer_name not in self._warned_at_bound:
-                self._warned_at_bound.add(dispatcher.layer_name)
+            threshold = math.exp(math.log(dispatcher.merge_threshold) + step)
+            dispatcher.merge_threshold = min(MAX_THRESHOLD, max(MIN_THRESHOLD, threshold))
+            if threshold > MAX_THRESHOLD and dispatcher.layer_name not in self._warned_at_limit:
+                self._warned_at_limit.add(dispatcher.layer_name)
                 logger.warning(
-                    f"{dispatcher.layer_name}: compression {centroids / rows:.3f} is above the target "
-                    f"{self.target} with the merge radius at its limit {self.max_radius}"
-                    + (" (--lsh-error-bound)" if self.max_radius != MAX_RADIUS else "")
-                    + "; the bound wins over the target"
+                    f"{dispatcher.layer_name}: compression {centroids / rows:.3f} stays above the target "
+                    f"{self.target} with every cluster as coarse as "
+                    + (f"--lsh-error-bound {self.bound} allows" if self.bound is not None else "the first hash allows")
                 )
 
-    def radii(self) -> Dict[str, float]:
-        return {d.layer_name: d.merge_radius for d in self.dispatchers}
+    def thresholds(self) -> Dict[str, float]:
+        return {d.layer_name: d.merge_threshold for d in self.dispatchers}
 
     def state_dict(self) -> Dict[str, float]:
         """Plain floats per layer name, for the checkpoint's common state."""
-        return self.radii()
+        return self.thresholds()
 
     def load_state_dict(self, state: Dict[str, float]) -> None:
         missing: List[str] = [d.layer_name for d in self.dispatchers if d.layer_name not in state]
         if missing:
-            raise KeyError(f"no merge radius saved for {', '.join(missing)}")
+            raise KeyError(f"no merge threshold saved for {', '.join(missing)}")
         for dispatcher in self.dispatchers:
-            dispatcher.merge_radius = float(state[dispatcher.layer_name])
+            dispatcher.merge_threshold = float(state[dispatcher.layer_name])
 
 
-def load_merge_radii(model, radii: Dict[str, float]) -> None:
-    """Set saved merge radii on a model's LSH layers (evaluation of a controlled run)."""
+def load_merge_thresholds(model, thresholds: Dict[str, float]) -> None:
+    """Set saved merge thresholds on a model's LSH layers (evaluation of a controlled run)."""
     for layer in lsh_moe_layers(model):
         dispatcher = layer.lsh_dispatcher
-        if dispatcher is not None and dispatcher.layer_name in radii:
-            dispatcher.merge_radius = float(radii[dispatcher.layer_name])
+        if dispatcher is not None and dispatcher.layer_name in thresholds:
+            dispatcher.merge_threshold = float(thresholds[dispatcher.layer_name])

@@ -48,16 +48,13 @@ _LSH_SETTINGS = (
 )
 
 
-# Where the controller starts a layer's merge radius when there is a target (within the bound).
-INITIAL_CONTROLLED_RADIUS = 0.5
+# Where the controller starts each layer's merge threshold (a cluster's relative squared error).
+INITIAL_MERGE_THRESHOLD = 1.0
 
 
-def initial_merge_radius(config) -> Optional[float]:
-    """The bound in force at the first step: the error bound, or the controller's start."""
-    bound, target = config.lsh_error_bound, config.lsh_target_compression
-    if target is not None:
-        return min(INITIAL_CONTROLLED_RADIUS, bound) if bound is not None else INITIAL_CONTROLLED_RADIUS
-    return bound
+def initial_merge_threshold(config) -> Optional[float]:
+    """The merge threshold at the first step: the controller's start with a target, else None."""
+    return INITIAL_MERGE_THRESHOLD if config.lsh_target_compression is not None else None
 
 
 class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
@@ -96,9 +93,9 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self._token_rows_per_expert: Optional[torch.Tensor] = None
         self._expert_inputs: Optional[torch.Tensor] = None
         self._expert_gains: Optional[torch.Tensor] = None
-        # The merge radius in force (None: plain hashing, no bound); the compression controller
-        # steers it when there is a target, within lsh_error_bound.
-        self.merge_radius: Optional[float] = initial_merge_radius(config)
+        # The merge threshold in force (None: no controller), which the compression controller
+        # steers towards the target rate.
+        self.merge_threshold: Optional[float] = initial_merge_threshold(config)
         # Rows and centroids of training forwards since the controller last looked.
         self.training = True
         self.window_rows = 0
@@ -172,7 +169,8 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         )
         family = self.hash_family(token_rows.size(-1))
         clusters, errors, exact_rows = hash_and_cluster(
-            token_rows, family, expert_of_row, self.num_experts, self.merge_radius
+            token_rows, family, expert_of_row, self.num_experts, self.merge_threshold,
+            self.config.lsh_error_bound,
         )
         self._error_stats = (float(errors.sum()), exact_rows)
         if self.training:

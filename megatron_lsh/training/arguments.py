@@ -88,7 +88,7 @@ def add_lsh_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=_number_or_off("--lsh-target-compression"),
         default=DEFAULT_LSH_TARGET_COMPRESSION,
         help="Compression rate (centroids / rows, in (0, 1]) each MoE layer holds through training, "
-             "by steering its merge radius within --lsh-error-bound ('off': fixed hashing). "
+             "by steering how coarse its clusters may be (within --lsh-error-bound; 'off': fixed hashing). "
              f"Default {DEFAULT_LSH_TARGET_COMPRESSION}.",
     )
     group.add_argument(

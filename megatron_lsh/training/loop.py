@@ -211,8 +211,8 @@ class Trainer:
                 if args.no_load_optim or args.finetune:
                     self.optimizer.reload_model_params()
                 self.iteration, self.consumed_samples = loaded.iteration, loaded.consumed_samples
-                if self.lsh_controller is not None and loaded.lsh_merge_radii:
-                    self.lsh_controller.load_state_dict(loaded.lsh_merge_radii)
+                if self.lsh_controller is not None and loaded.lsh_merge_thresholds:
+                    self.lsh_controller.load_state_dict(loaded.lsh_merge_thresholds)
                 self.log.console(f"loaded {loaded.path}: resuming at iteration {self.iteration}")
 
         parameters = sum(p.numel() for p in self.model.parameters())
@@ -334,7 +334,7 @@ class Trainer:
         path = save_checkpoint(
             self.args.save, self.iteration, self.model, self.optimizer, self.scheduler,
             self.consumed_samples, self.args, self.task.name,
-            lsh_merge_radii=self.lsh_controller.state_dict() if self.lsh_controller is not None else None,
+            lsh_merge_thresholds=self.lsh_controller.state_dict() if self.lsh_controller is not None else None,
         )
         self.log.console(f"saved checkpoint {path} ({time.time() - start:.1f}s)")
 
@@ -373,8 +373,8 @@ class Trainer:
             metrics["a2a share of step time"] = a2a_seconds / step_seconds if step_seconds else 0.0
         metrics.update(compression_metrics(get_compression_tracker().take(group=torch.distributed.group.WORLD)))
         if self.lsh_controller is not None:
-            metrics.update({f"lsh merge radius/{layer}": radius
-                            for layer, radius in self.lsh_controller.radii().items()})
+            metrics.update({f"lsh merge threshold/{layer}": threshold
+                            for layer, threshold in self.lsh_controller.thresholds().items()})
         line = (
             f" [{timestamp()}] iteration {self.iteration:8d}/{args.train_iters:8d} |"
             f" consumed samples: {self.consumed_samples:12d} |"
