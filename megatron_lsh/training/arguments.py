@@ -20,7 +20,7 @@ class ArgumentError(ValueError):
 
 # The defaults that hold compression and quality over a run (docs/quality_study.md).
 DEFAULT_LSH_ERROR_BOUND = None
-DEFAULT_LSH_TARGET_COMPRESSION = None
+DEFAULT_LSH_TARGET_COMPRESSION = 0.3
 _OFF = ("off", "none")
 
 
