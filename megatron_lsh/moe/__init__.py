@@ -10,6 +10,7 @@ from megatron_lsh.moe.layer import (
     set_lsh_iteration,
     with_lsh_moe,
 )
+from megatron_lsh.moe.controller import CompressionController
 from megatron_lsh.moe.stats import (
     CompressionStats,
     CompressionStatsTracker,
@@ -18,6 +19,7 @@ from megatron_lsh.moe.stats import (
 
 __all__ = [
     "LSH_DISPATCHER_TYPES",
+    "CompressionController",
     "CompressionStats",
     "CompressionStatsTracker",
     "LSHAlltoAllTokenDispatcher",
