@@ -43,6 +43,9 @@ def parse_args():
     p.add_argument("--lsh-num-buckets", type=int, default=4)
     p.add_argument("--lsh-error-bound", type=parse_error_bound, default=None,
                    help="Relative error bound (as --lsh-error-bound of training); default: none.")
+    p.add_argument("--lsh-merge-threshold", type=float, default=None,
+                   help="Coarse-to-fine clustering at this merge threshold, as the compression controller "
+                        "runs it (--lsh-target-compression); default: plain buckets of all hashes.")
     p.add_argument("--data", choices=["clustered", "gaussian"], default="clustered")
     p.add_argument("--prototypes", type=int, default=64, help="Clustered data: cluster count.")
     p.add_argument("--relative-noise", type=float, default=0.1, help="Clustered data: spread.")
@@ -105,7 +108,8 @@ def measure(hidden, tokens, args, device, dtype):
     family = build_hash_family(args.lsh_hash_type, hidden, args.lsh_num_hashes, args.lsh_num_buckets, seed=1)
 
     def cluster(r):
-        return hash_and_cluster(r, family, expert_of_row, args.num_experts, args.lsh_error_bound)[0]
+        return hash_and_cluster(r, family, expert_of_row, args.num_experts, args.lsh_merge_threshold,
+                                args.lsh_error_bound)[0]
 
     clusters = cluster(rows)
     centroids_per_expert = clusters.clusters_per_group.cpu()
@@ -155,7 +159,8 @@ def main():
     print(
         f"device {device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else f"device {torch.cuda.get_device_name()}",
         f"| {args.dtype} | {args.num_experts} experts, top-{args.moe_router_topk}, ffn 4h | "
-        f"LSH {args.lsh_hash_type}, {args.lsh_num_hashes} hashes x {args.lsh_num_buckets} buckets | data {data}",
+        f"LSH {args.lsh_hash_type}, {args.lsh_num_hashes} hashes x {args.lsh_num_buckets} buckets, merge threshold "
+        f"{args.lsh_merge_threshold or 'none'}, error bound {args.lsh_error_bound or 'none'} | data {data}",
     )
     header = (
         f"{'hidden':>6} {'tokens':>6} {'rows':>6} {'centroids':>9} {'rate':>6} {'bytes':>6} "
