@@ -83,8 +83,6 @@ def plan() -> List[Variant]:
         Variant("cp6 fixed", old, False, "the old default"),
         Variant("target 0.2", with_flags(old, lsh_target_compression="0.2"), False, "the controller alone"),
         Variant("target 0.3", with_flags(old, lsh_target_compression="0.3"), False, "the controller alone"),
-        Variant("target 0.3 bound 0.5", with_flags(old, lsh_target_compression="0.3", lsh_error_bound="0.5"), False,
-                "the controller under an error bound"),
         Variant("cp6 bound 0.3", with_flags(old, lsh_error_bound="0.3"), False, "the error bound"),
         Variant("cp6 exact gradients", with_flags(old, lsh_gradient_study="exact_gradients"), False,
                 "LSH forward values, stock gradients: the forward error alone"),
@@ -96,7 +94,6 @@ def plan() -> List[Variant]:
                 "E(c) + g_e (x - c), g_e fitted on the expert's own (c, E(c)) pairs"),
         Variant("cp6 redrawn every 100", with_flags(old, lsh_redraw_interval="100"), False,
                 "fixed against redrawn projections"),
-        Variant("new default", ["--lsh"], False, "the new default"),
     ]
 
 
