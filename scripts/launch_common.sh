@@ -3,7 +3,8 @@
 #   NODE_RANK (0), MASTER_ADDR (localhost), MASTER_PORT (6000).
 #   CHECKPOINT_DIR (checkpoints/$MODEL_NAME), TENSORBOARD_DIR ($CHECKPOINT_DIR/tensorboard),
 #   WANDB_PROJECT / WANDB_EXP_NAME (optional), PRECISION (bf16 or fp32),
-#   EXPERT_PARALLEL (default: every process), LSH_NUM_HASHES (6).
+#   EXPERT_PARALLEL (default: every process), LSH_NUM_HASHES (6),
+#   LSH_TARGET_COMPRESSION and LSH_ERROR_BOUND (a number or off; unset: the flags' defaults).
 #   DATA_PATH (required), VALID_DATA_PATH (optional: held-out data instead of a --split),
 #   TOKENIZER_MODEL (required).
 GPUS_PER_NODE=${GPUS_PER_NODE:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
@@ -32,6 +33,12 @@ LSH_ARGS=(
     --lsh-num-hashes "${LSH_NUM_HASHES:-6}"
     --lsh-num-buckets 4
 )
+if [ -n "${LSH_TARGET_COMPRESSION:-}" ]; then
+    LSH_ARGS+=(--lsh-target-compression "$LSH_TARGET_COMPRESSION")
+fi
+if [ -n "${LSH_ERROR_BOUND:-}" ]; then
+    LSH_ARGS+=(--lsh-error-bound "$LSH_ERROR_BOUND")
+fi
 
 PRECISION_ARGS=()
 if [ "${PRECISION:-bf16}" = bf16 ]; then
