@@ -181,8 +181,8 @@ def _findings(ablations: Dict[str, Dict], reference: Dict) -> List[str]:
     ranked = sorted((s["bytes_ratio_run"], _relative_error(s), gap(name), name) for name, s in ablations.items()
                     if name != "stock" and _relative_error(s) is not None and "exact" not in name)
     if ranked:
-        lines += ["", "What limits the frontier: the perplexity gap follows the relative error the centroids leave, and "
-                  "the error follows the bytes. The LSH runs by bytes sent (the gradient studies left out):", "",
+        lines += ["", "What limits the frontier: the perplexity gap follows the relative error the centroids leave (the "
+                  "paper's compensation aside: it adds an error of its own), and the error follows the bytes. The LSH runs by bytes sent (the gradient studies left out):", "",
                   "| run | bytes | relative error | gap |", "|---|---|---|---|"]
         lines += [f"| {name} | {b:.3f} | {e:.3f} | {100 * g:+.1f}% |" for b, e, g, name in ranked]
     return lines + [""]
