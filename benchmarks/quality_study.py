@@ -23,13 +23,12 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from quickstart_data import prepare_data  # run as a script from benchmarks/
 
@@ -146,7 +145,6 @@ def summarize(tensorboard: Path, iters: int) -> Dict:
 
     layers = sorted(t.split("/", 1)[1] for t in tags
                     if t.startswith("lsh compression rate/") and " vs " not in t)
-    steps = [v for _, v in series("iteration time ms")][1:]  # the first interval includes start-up
     ppl = series("validation lm loss PPL")
     return {
         "final_ppl": ppl[-1][1] if ppl else float("nan"),
@@ -158,7 +156,6 @@ def summarize(tensorboard: Path, iters: int) -> Dict:
         "merge_radius_by_layer": {layer: series(f"lsh merge radius/{layer}") for layer in layers},
         "bytes_ratio_run": bytes_ratio(0),
         "bytes_ratio_last_10pct": bytes_ratio(tail_from),
-        "step_ms": statistics.median(steps) if steps else float("nan"),
     }
 
 

@@ -19,7 +19,7 @@ from megatron_lsh.checkpoint.checkpointing import (
     iteration_dir,
 )
 from megatron_lsh.data.tokenizer import build_tokenizer
-from megatron_lsh.moe.controller import load_merge_thresholds
+from megatron_lsh.moe.controller import CompressionController
 from megatron_lsh.training.arguments import flag_defaults
 from megatron_lsh.training.config import transformer_config_from_args
 from megatron_lsh.training.initialize import free_port, initialize_distributed
@@ -104,7 +104,8 @@ def load_for_inference(load_dir: str, lsh: bool = False, dtype=torch.float32,
     state = dist_checkpointing.load({"model": model.sharded_state_dict(prefix="")}, path)
     model.load_state_dict(state["model"])
     thresholds = dist_checkpointing.load_common_state_dict(path).get("lsh_merge_thresholds")
-    if lsh and thresholds and args.lsh_target_compression is not None:
-        load_merge_thresholds(model, thresholds)  # where the run's controller had brought them
+    controller = CompressionController.for_model(model, config) if lsh and thresholds else None
+    if controller is not None:
+        controller.load_state_dict(thresholds)  # where the run's controller had brought them
     model.eval()
     return LoadedModel(model, args, task_name, tokenizer, path)

@@ -191,7 +191,7 @@ def adaptive_bucket_ids(
     total_buckets = num_hashes * level_buckets + num_tokens
     values = tokens.detach().float()
     squared_norms = values.square().sum(dim=1)
-    limits_sq = (error_bound**2 if error_bound is not None else float("inf")) * squared_norms
+    limits_sq = error_bound**2 * squared_norms if error_bound is not None else None
     groups = group_ids.long()
     bucket_ids = torch.empty(num_tokens, dtype=torch.int64, device=device)
 
@@ -202,7 +202,7 @@ def adaptive_bucket_ids(
     num_fine = fine_counts.numel()
     fine_sums = _per_cluster(values, fine_of_token, num_fine)
     fine_squares = _per_cluster(squared_norms, fine_of_token, num_fine)
-    fine_limits = _per_cluster(limits_sq, fine_of_token, num_fine)
+    fine_limits = _per_cluster(limits_sq, fine_of_token, num_fine) if error_bound is not None else None
     representative = torch.full((num_fine,), num_tokens, dtype=torch.long, device=device).scatter_reduce_(
         0, fine_of_token, torch.arange(num_tokens, device=device), reduce="amin")
     fine_prefixes, fine_groups = prefixes.index_select(0, representative), groups.index_select(0, representative)

@@ -93,10 +93,3 @@ class CompressionController:
         for dispatcher in self.dispatchers:
             dispatcher.merge_threshold = float(state[dispatcher.layer_name])
 
-
-def load_merge_thresholds(model, thresholds: Dict[str, float]) -> None:
-    """Set saved merge thresholds on a model's LSH layers (evaluation of a controlled run)."""
-    for layer in lsh_moe_layers(model):
-        dispatcher = layer.lsh_dispatcher
-        if dispatcher is not None and dispatcher.layer_name in thresholds:
-            dispatcher.merge_threshold = float(thresholds[dispatcher.layer_name])

@@ -84,10 +84,6 @@ class LSHMoELayer(MoELayer):
         dispatcher = self.token_dispatcher
         return dispatcher if isinstance(dispatcher, LSHAlltoAllTokenDispatcher) else None
 
-    @property
-    def lsh_layer_name(self) -> Optional[str]:
-        return self.lsh_dispatcher.layer_name if self.lsh_dispatcher is not None else None
-
     def set_layer_number(self, layer_number: int, layer_name: Optional[str] = None):
         super().set_layer_number(layer_number)
         if self.lsh_dispatcher is not None:
