@@ -30,6 +30,7 @@ def apply() -> None:
     _cpu_alltoall_dispatcher_sync()
     _cpu_causal_mask()
     _cpu_rng_tracker()
+    _gloo_uneven_gather_and_reduce_scatter()
     logger.debug("megatron-core CPU workarounds applied")
 
 
@@ -126,3 +127,46 @@ def _cpu_rng_tracker() -> None:
             tp_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
 
     tp_random.initialize_rng_tracker = initialize_rng_tracker
+
+
+def _gloo_uneven_gather_and_reduce_scatter() -> None:
+    # tensor_parallel.mappings gathers and reduce-scatters uneven row counts (the all-to-all
+    # dispatcher's expert-tensor-parallel step) with list all_gather / reduce_scatter, which gloo
+    # rejects (all_gather) or lacks (reduce_scatter). Over gloo, pad every rank's rows to the
+    # largest count and use the equal-size collectives; the even-split path is untouched.
+    from megatron.core.tensor_parallel import mappings
+
+    original_gather = mappings._gather_along_first_dim
+    original_reduce_scatter = mappings._reduce_scatter_along_first_dim
+
+    def is_gloo(group) -> bool:
+        return torch.distributed.get_backend(group) == "gloo"
+
+    def padded(rows: torch.Tensor, length: int) -> torch.Tensor:
+        return torch.nn.functional.pad(rows, (0, 0) * (rows.dim() - 1) + (0, length - rows.size(0)))
+
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1 or not is_gloo(group):
+            return original_gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(s) for s in output_split_sizes]
+        longest = max(sizes)
+        if longest == 0:
+            return input_.new_empty((0, *input_.shape[1:]))
+        gathered = torch.empty((group.size() * longest, *input_.shape[1:]), dtype=input_.dtype)
+        torch.distributed.all_gather_into_tensor(gathered, padded(input_.contiguous(), longest), group=group)
+        return torch.cat([chunk[:size] for chunk, size in zip(gathered.split(longest), sizes)])
+
+    def reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1 or not is_gloo(group):
+            return original_reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        sizes = [int(s) for s in input_split_sizes]
+        longest = max(sizes)
+        if longest == 0:
+            return input_.new_empty((0, *input_.shape[1:]))
+        chunks = [padded(chunk, longest) for chunk in input_.split(sizes)]
+        output = torch.empty((longest, *input_.shape[1:]), dtype=input_.dtype)
+        torch.distributed.reduce_scatter_tensor(output, torch.cat(chunks), group=group)
+        return output[: sizes[group.rank()]]
+
+    mappings._gather_along_first_dim = gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim

@@ -36,17 +36,28 @@ def build_moe_layer(config: LSHTransformerConfig):
     return layer
 
 
-def stock_vs_lsh_unclustered(rank, world_size, cases):
+def stock_vs_lsh_unclustered(rank, world_size, cases, tensor_parallel=1, expert_parallel=None,
+                             expert_tensor_parallel=1):
     """Per case: outputs and gradients of the stock layer and of LSH when every row is its own
-    cluster, on the same weights and hence the same router output."""
-    initialize_distributed(expert_model_parallel_size=world_size, seed=7)
+    cluster, on the same weights and hence the same router output. With tensor parallelism the
+    layer runs sequence-parallel, as megatron-core requires for MoE: each rank feeds its own
+    sequence shard. Expert parallel defaults to the world size."""
+    expert_parallel = expert_parallel or world_size
+    initialize_distributed(
+        expert_model_parallel_size=expert_parallel, tensor_model_parallel_size=tensor_parallel,
+        expert_tensor_parallel_size=expert_tensor_parallel, seed=7,
+    )
+    layout = dict(
+        tensor_model_parallel_size=tensor_parallel, sequence_parallel=tensor_parallel > 1,
+        expert_tensor_parallel_size=expert_tensor_parallel,
+    )
     results = []
     for overrides in cases:
         # Many fine hashes: random Gaussian tokens never share all 16 codes.
-        settings = dict(lsh_num_hashes=16, lsh_num_buckets=8, **overrides)
+        settings = dict(lsh_num_hashes=16, lsh_num_buckets=8, **layout, **overrides)
         stock_settings = {k: v for k, v in settings.items() if k != "lsh_gradient_study"}
-        stock = build_moe_layer(moe_config(world_size, lsh_enabled=False, **stock_settings))
-        lsh = build_moe_layer(moe_config(world_size, lsh_enabled=True, **settings))
+        stock = build_moe_layer(moe_config(expert_parallel, lsh_enabled=False, **stock_settings))
+        lsh = build_moe_layer(moe_config(expert_parallel, lsh_enabled=True, **settings))
         lsh.load_state_dict(stock.state_dict())
         generator = torch.Generator().manual_seed(100 + rank)
         dtype = overrides.get("params_dtype", torch.float32)

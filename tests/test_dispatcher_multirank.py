@@ -56,6 +56,40 @@ def test_singleton_clusters_match_stock_outputs_and_gradients(parity, case):
             torch.testing.assert_close(lsh["grad_params"][name], grad, atol=grad_tolerance, rtol=0)
 
 
+# Tensor parallel 2 x expert parallel 2 on 4 ranks (sequence parallel, as megatron-core requires
+# for MoE): experts whole on each rank (expert tensor parallel 1), or split over the tensor-parallel
+# pair (2: the dispatcher all-gathers centroids over it, through compat's gloo shim).
+TP_PARITY_CASES = [
+    dict(num_moe_experts=4, moe_router_topk=2),
+    dict(num_moe_experts=8, moe_router_topk=2),  # several local experts per rank
+    dict(num_moe_experts=4, moe_router_topk=2, moe_expert_capacity_factor=0.5),
+]
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=lambda n: f"tp2-ep2-etp{n}")
+def tensor_parallel_parity(request):
+    return run_distributed(stock_vs_lsh_unclustered, 4, TP_PARITY_CASES, 2, 2, request.param)
+
+
+@pytest.mark.parametrize("case", range(len(TP_PARITY_CASES)), ids=lambda i: str(TP_PARITY_CASES[i]))
+def test_singleton_clusters_match_stock_under_tensor_and_sequence_parallelism(tensor_parallel_parity, case):
+    for rank_results in tensor_parallel_parity:
+        result = rank_results[case]
+        assert result["stats"].compression_rate == 1.0
+        stock, lsh = result["stock"], result["lsh"]
+        torch.testing.assert_close(lsh["out"], stock["out"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(lsh["grad_in"], stock["grad_in"], atol=1e-5, rtol=0)
+        for name, grad in stock["grad_params"].items():
+            torch.testing.assert_close(lsh["grad_params"][name], grad, atol=1e-5, rtol=0)
+
+
+def test_each_tensor_parallel_rank_clusters_its_own_sequence_shard(tensor_parallel_parity):
+    # 16 x 2 tokens per rank, top-2: each rank dispatches its own 64 rows, not the whole sequence.
+    for rank_results in tensor_parallel_parity:
+        assert rank_results[0]["stats"].tokens == 16 * 2 * 2
+        assert rank_results[0]["stats"].dispatch_bytes_stock > 0
+
+
 def test_experts_differ_across_ranks_and_the_router_is_shared(parity):
     first, second = parity[0][0]["params"], parity[1][0]["params"]
     assert torch.equal(first["router.weight"], second["router.weight"])

@@ -6,19 +6,20 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_lsh.models.norm import with_sequence_parallel_norms
 from megatron_lsh.moe.layer import with_lsh_moe
 
 
 def gpt_moe_block_spec(config: TransformerConfig, use_transformer_engine: bool = False):
     """megatron-core's GPT decoder block spec (MoE every ``config.moe_layer_freq`` layers),
-    with LSHMoELayer in place of MoELayer."""
-    return with_lsh_moe(
+    with LSHMoELayer in place of MoELayer and norms that allow sequence parallelism."""
+    return with_sequence_parallel_norms(with_lsh_moe(
         get_gpt_decoder_block_spec(
             config,
             use_transformer_engine=use_transformer_engine,
             normalization=config.normalization,
         )
-    )
+    ))
 
 
 def build_gpt_moe_model(

@@ -105,19 +105,26 @@ def set_lsh_iteration(model: torch.nn.Module, iteration: int) -> None:
 
 def with_lsh_moe(spec):
     """A copy of any layer or block spec with every MoELayer replaced by LSHMoELayer."""
-    return _replace_moe_layer(copy.deepcopy(spec))
+    return replace_modules(spec, {MoELayer: LSHMoELayer})
 
 
-def _replace_moe_layer(node):
+def replace_modules(spec, replacements: dict):
+    """A copy of a layer or block spec (or a list of them) in which every module (or submodule
+    class) that is a key of ``replacements`` becomes its value."""
+    return _replace_modules(copy.deepcopy(spec), replacements)
+
+
+def _replace_modules(node, replacements):
     if isinstance(node, ModuleSpec):
-        if node.module is MoELayer:
-            node.module = LSHMoELayer
-        node.submodules = _replace_moe_layer(node.submodules)
+        node.module = replacements.get(node.module, node.module)
+        node.submodules = _replace_modules(node.submodules, replacements)
+    elif isinstance(node, type):
+        return replacements.get(node, node)
     elif isinstance(node, (list, tuple)):
-        node = type(node)(_replace_moe_layer(item) for item in node)
-    elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+        node = type(node)(_replace_modules(item, replacements) for item in node)
+    elif dataclasses.is_dataclass(node):
         for field in dataclasses.fields(node):
-            setattr(node, field.name, _replace_moe_layer(getattr(node, field.name)))
+            setattr(node, field.name, _replace_modules(getattr(node, field.name), replacements))
     return node
 
 

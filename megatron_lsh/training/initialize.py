@@ -16,6 +16,9 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 def initialize_distributed(
     expert_model_parallel_size: int = 1,
     tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    expert_tensor_parallel_size: int | None = None,
+    virtual_pipeline_model_parallel_size: int | None = None,
     seed: int = 1234,
     backend: str | None = None,
     timeout_minutes: int = 10,
@@ -30,17 +33,23 @@ def initialize_distributed(
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
     world_size = torch.distributed.get_world_size()
-    model_parallel = expert_model_parallel_size * tensor_model_parallel_size
-    if world_size % model_parallel:
+    dense = tensor_model_parallel_size * pipeline_model_parallel_size
+    experts = (expert_tensor_parallel_size or tensor_model_parallel_size) * expert_model_parallel_size \
+        * pipeline_model_parallel_size
+    if world_size % dense or world_size % experts:
         raise ValueError(
-            f"--expert-model-parallel-size ({expert_model_parallel_size}) x "
-            f"--tensor-model-parallel-size ({tensor_model_parallel_size}) must divide the "
-            f"world size ({world_size} processes)"
+            f"tensor ({tensor_model_parallel_size}) x pipeline ({pipeline_model_parallel_size}) "
+            f"and expert-tensor x expert ({expert_tensor_parallel_size}, "
+            f"{expert_model_parallel_size}) x pipeline parallel sizes must divide the world size "
+            f"({world_size} processes)"
         )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
             expert_model_parallel_size=expert_model_parallel_size,
+            expert_tensor_parallel_size=expert_tensor_parallel_size,
         )
     set_seed(seed)
 
