@@ -31,6 +31,7 @@ def apply() -> None:
     _cpu_causal_mask()
     _cpu_rng_tracker()
     _gloo_uneven_gather_and_reduce_scatter()
+    _cpu_pipeline_schedules()
     logger.debug("megatron-core CPU workarounds applied")
 
 
@@ -170,3 +171,20 @@ def _gloo_uneven_gather_and_reduce_scatter() -> None:
 
     mappings._gather_along_first_dim = gather_along_first_dim
     mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim
+
+
+def _cpu_pipeline_schedules() -> None:
+    # pipeline_parallel.schedules allocates its token counters with
+    # torch.zeros([], dtype=torch.int, device="cuda"). Its module sees a torch whose zeros puts
+    # "cuda" tensors on the CPU; every other name is torch's own.
+    from megatron.core.pipeline_parallel import schedules
+
+    class TorchWithCPUZeros:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def zeros(*args, device=None, **kwargs):
+            return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+    schedules.torch = TorchWithCPUZeros()

@@ -14,9 +14,10 @@ LOSS_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.* lm loss: ([0-9.E+-]+) \|"
 
 
 def as_flags(defaults: dict, overrides: dict) -> list:
-    """Command-line flags from a dict; an override of None drops the flag."""
+    """Command-line flags from a dict; an override of None drops the flag, True passes it alone."""
     merged = {**defaults, **overrides}
-    return [str(item) for flag, value in merged.items() if value is not None for item in (flag, value)]
+    return [str(item) for flag, value in merged.items() if value is not None
+            for item in ((flag,) if value is True else (flag, value))]
 
 
 def model_flags(corpus, **overrides):

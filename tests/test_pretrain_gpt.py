@@ -165,8 +165,21 @@ def test_tokenizer_that_does_not_match_the_data_is_refused(corpus, tmp_path):
         ({"--num-experts": "6", "--expert-model-parallel-size": "4"}, 4, "--expert-model-parallel-size 4 must divide --num-experts 6"),
         ({"--expert-model-parallel-size": "2"}, 3, "--expert-model-parallel-size 2 must divide the number of processes (3)"),
         ({"--lsh-num-hashes": "0"}, 2, "--lsh-num-hashes"),
+        ({"--tensor-model-parallel-size": "2"}, 2, "--tensor-model-parallel-size 2 with MoE layers needs --sequence-parallel"),
+        ({"--tensor-model-parallel-size": "2", "--sequence-parallel": True, "--pipeline-model-parallel-size": "2"}, 2,
+         "--tensor-model-parallel-size 2 x --pipeline-model-parallel-size 2 must divide the number of processes (2)"),
+        ({"--tensor-model-parallel-size": "2", "--sequence-parallel": True, "--expert-model-parallel-size": "2"}, 2,
+         "--expert-model-parallel-size 2 x --expert-tensor-parallel-size 2 must divide the number of processes (2)"),
+        ({"--tensor-model-parallel-size": "3", "--sequence-parallel": True, "--expert-model-parallel-size": "1"}, 3,
+         "--num-attention-heads 4 must be divisible by --tensor-model-parallel-size 3"),
+        ({"--pipeline-model-parallel-size": "2", "--num-layers": "3", "--expert-model-parallel-size": "1"}, 2,
+         "--num-layers 3 must be divisible by --pipeline-model-parallel-size 2"),
+        ({"--pipeline-model-parallel-size": "2", "--num-layers-per-virtual-pipeline-stage": "2",
+          "--expert-model-parallel-size": "1"}, 2,
+         "--num-layers-per-virtual-pipeline-stage 2 must divide the 1 layers of each of the 2 pipeline stages"),
     ],
-    ids=["global-batch", "experts", "world-size", "lsh-hashes"],
+    ids=["global-batch", "experts", "world-size", "lsh-hashes", "tp-without-sp", "tp-pp-world",
+         "etp-world", "tp-heads", "pp-layers", "virtual-stages"],
 )
 def test_bad_parallel_and_batch_settings_give_one_clear_error(corpus, overrides, world_size, expected):
     error = run_pretrain_expecting_error(model_flags(corpus, **{"--train-iters": "2", **overrides}), world_size)

@@ -94,12 +94,37 @@ def _set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _chunks(model) -> list:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def _model_keys(model) -> list:
+    """Megatron-LM's keys: "model", or "model0", "model1", ... for interleaved pipeline chunks.
+    Tensors are matched by their global names, so any layout loads any other's."""
+    chunks = _chunks(model)
+    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+
+
 def _sharded_state_dict(model, optimizer, is_loading: bool) -> dict:
-    model_state = model.sharded_state_dict(prefix="")
-    state = {"model": model_state}
+    state = {key: chunk.sharded_state_dict(prefix="") for key, chunk in zip(_model_keys(model), _chunks(model))}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading)
     return state
+
+
+def parallel_layout() -> dict:
+    """This process's place in the parallel layout: RNG states only carry over to the same one."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return {"world_size": 1}
+    return {
+        "world_size": torch.distributed.get_world_size(),
+        "tensor": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
+        "expert": parallel_state.get_expert_model_parallel_world_size(),
+        "expert_tensor": parallel_state.get_expert_tensor_parallel_world_size(),
+    }
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, consumed_samples: int, args,
@@ -128,6 +153,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, cons
         # The compression controller's state: each LSH layer's merge threshold.
         lsh_merge_thresholds=lsh_merge_thresholds,
         world_size=torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+        parallel_layout=parallel_layout(),
     )
     dist_checkpointing.save(state, partial)
     os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
@@ -182,7 +208,8 @@ def load_checkpoint(
             f"cannot load {path} into this model ({type(error).__name__}: {error}); the model "
             "flags (--num-layers, --hidden-size, --num-experts, ...) must match the saved run"
         ) from None
-    model.load_state_dict(state["model"])
+    for key, chunk in zip(_model_keys(model), _chunks(model)):
+        chunk.load_state_dict(state[key])
     if optimizer is not None:
         optimizer.load_sharded_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
@@ -191,12 +218,15 @@ def load_checkpoint(
         return LoadedCheckpoint(0, 0, path, saved_args)
     if load_rng:
         rng_file = os.path.join(path, "rng", f"rank_{_rank():05d}.pt")
-        same_layout = state.get("world_size") == (
-            torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        )
+        saved_layout = state.get("parallel_layout")
+        if saved_layout is None:  # saved before layouts were recorded: data and experts only
+            saved_layout = {"world_size": state.get("world_size")}
+            same_layout = saved_layout["world_size"] == parallel_layout()["world_size"]
+        else:
+            same_layout = saved_layout == parallel_layout()
         if same_layout and os.path.isfile(rng_file):
             _set_rng_state(torch.load(rng_file, weights_only=False))
         else:
-            logger.warning(f"{path}: RNG states not restored (saved with another number of ranks)")
+            logger.warning(f"{path}: RNG states not restored (saved with another parallel layout: {saved_layout})")
     return LoadedCheckpoint(state["iteration"], state["consumed_samples"], path, saved_args,
                             common.get("lsh_merge_thresholds"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -10,14 +12,17 @@ from megatron_lsh.models.norm import with_sequence_parallel_norms
 from megatron_lsh.moe.layer import with_lsh_moe
 
 
-def gpt_moe_block_spec(config: TransformerConfig, use_transformer_engine: bool = False):
-    """megatron-core's GPT decoder block spec (MoE every ``config.moe_layer_freq`` layers),
-    with LSHMoELayer in place of MoELayer and norms that allow sequence parallelism."""
+def gpt_moe_block_spec(config: TransformerConfig, use_transformer_engine: bool = False,
+                       vp_stage: Optional[int] = None):
+    """megatron-core's GPT decoder block spec (MoE every ``config.moe_layer_freq`` layers) for
+    this pipeline stage (and virtual stage), with LSHMoELayer in place of MoELayer and norms
+    that allow sequence parallelism."""
     return with_sequence_parallel_norms(with_lsh_moe(
         get_gpt_decoder_block_spec(
             config,
             use_transformer_engine=use_transformer_engine,
             normalization=config.normalization,
+            vp_stage=vp_stage,
         )
     ))
 
@@ -30,14 +35,20 @@ def build_gpt_moe_model(
     share_embeddings_and_output_weights: bool = True,
     use_transformer_engine: bool = False,
     rotary_base: int = 10000,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: Optional[int] = None,
 ) -> GPTModel:
+    """The whole model, or under pipeline parallelism the chunk of this rank's (virtual) stage:
+    pre_process on the first stage (embedding), post_process on the last (output layer, loss)."""
     return GPTModel(
         config=config,
-        transformer_layer_spec=gpt_moe_block_spec(config, use_transformer_engine),
+        transformer_layer_spec=gpt_moe_block_spec(config, use_transformer_engine, vp_stage),
         vocab_size=vocab_size,
         max_sequence_length=max_sequence_length,
-        pre_process=True,
-        post_process=True,
+        pre_process=pre_process,
+        post_process=post_process,
+        vp_stage=vp_stage,
         share_embeddings_and_output_weights=share_embeddings_and_output_weights,
         position_embedding_type=position_embedding_type,
         rotary_base=rotary_base,

@@ -20,7 +20,9 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron_lsh.device import compute_device
+from megatron_lsh.moe.dispatcher import INITIAL_MERGE_THRESHOLD
 from megatron_lsh.moe.layer import lsh_moe_layers
+from megatron_lsh.moe.stats import layer_names_of_group
 
 logger = logging.getLogger(__name__)
 
@@ -37,59 +39,80 @@ MAX_THRESHOLD = 1e4
 
 
 class CompressionController:
-    def __init__(self, dispatchers, target: float, bound: Optional[float]):
-        """dispatchers: the LSH dispatchers (anything with layer_name, merge_threshold,
-        window_rows and window_centroids) whose rates to hold at target. bound: the error bound
-        in force, named when it keeps the rate above the target."""
+    def __init__(self, dispatchers, target: float, bound: Optional[float], layer_names=None):
+        """dispatchers: this rank's LSH dispatchers (anything with layer_name, merge_threshold,
+        window_rows and window_centroids) whose rates to hold at target. layer_names: every
+        layer of the model, this rank's and other pipeline stages' (default: this rank's).
+        bound: the error bound in force, named when it keeps the rate above the target.
+
+        Every rank follows every layer's threshold: the update is a function of all-reduced
+        counts only, so all ranks agree on all layers and any rank can save them."""
         self.dispatchers = list(dispatchers)
         self.target = target
         self.bound = bound
+        start = self.dispatchers[0].merge_threshold if self.dispatchers else INITIAL_MERGE_THRESHOLD
+        names = set(layer_names or ()) | {d.layer_name for d in self.dispatchers}
+        self._thresholds: Dict[str, float] = {name: start for name in sorted(names)}
+        for dispatcher in self.dispatchers:
+            self._thresholds[dispatcher.layer_name] = dispatcher.merge_threshold
         self._warned_at_limit = set()
 
     @classmethod
-    def for_model(cls, model, config) -> Optional["CompressionController"]:
-        """A controller when the config asks for a target rate and LSH is on, else None."""
+    def for_model(cls, model, config, group=None) -> Optional["CompressionController"]:
+        """A controller when the config asks for a target rate and LSH is on, else None.
+        Collective over ``group`` (default: all ranks), which gathers the layer names."""
         if not getattr(config, "lsh_enabled", False) or config.lsh_target_compression is None:
             return None
         dispatchers = [layer.lsh_dispatcher for layer in lsh_moe_layers(model) if layer.lsh_dispatcher is not None]
-        return cls(dispatchers, config.lsh_target_compression, config.lsh_error_bound)
+        names = layer_names_of_group([d.layer_name for d in dispatchers], group)
+        return cls(dispatchers, config.lsh_target_compression, config.lsh_error_bound, names)
 
     def update(self, group=None) -> None:
         """Collective over ``group`` (default: all ranks): one step of every layer's control."""
-        counts = torch.tensor([[d.window_rows, d.window_centroids] for d in self.dispatchers],
-                              dtype=torch.float64, device=compute_device())
+        local = {d.layer_name: d for d in self.dispatchers}
+        names = list(self._thresholds)
+        counts = torch.tensor(
+            [[local[n].window_rows, local[n].window_centroids] if n in local else [0, 0] for n in names],
+            dtype=torch.float64, device=compute_device(),
+        ).reshape(len(names), 2)
         for dispatcher in self.dispatchers:
             dispatcher.window_rows = dispatcher.window_centroids = 0
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts, group=group)
-        for dispatcher, (rows, centroids) in zip(self.dispatchers, counts.tolist()):
+        for name, (rows, centroids) in zip(names, counts.tolist()):
             if rows == 0 or centroids == 0:
                 continue
             error = math.log(centroids / rows) - math.log(self.target)
             if abs(error) <= DEAD_BAND:
                 continue
             step = max(-MAX_STEP, min(MAX_STEP, GAIN * error))
-            threshold = math.exp(math.log(dispatcher.merge_threshold) + step)
-            dispatcher.merge_threshold = min(MAX_THRESHOLD, max(MIN_THRESHOLD, threshold))
-            if threshold > MAX_THRESHOLD and dispatcher.layer_name not in self._warned_at_limit:
-                self._warned_at_limit.add(dispatcher.layer_name)
+            threshold = math.exp(math.log(self._thresholds[name]) + step)
+            self._thresholds[name] = min(MAX_THRESHOLD, max(MIN_THRESHOLD, threshold))
+            if threshold > MAX_THRESHOLD and name in local and name not in self._warned_at_limit:
+                self._warned_at_limit.add(name)
                 logger.warning(
-                    f"{dispatcher.layer_name}: compression {centroids / rows:.3f} stays above the target "
+                    f"{name}: compression {centroids / rows:.3f} stays above the target "
                     f"{self.target} with every cluster as coarse as "
                     + (f"--lsh-error-bound {self.bound} allows" if self.bound is not None else "the first hash allows")
                 )
+        self._apply()
+
+    def _apply(self) -> None:
+        for dispatcher in self.dispatchers:
+            dispatcher.merge_threshold = self._thresholds[dispatcher.layer_name]
 
     def thresholds(self) -> Dict[str, float]:
-        return {d.layer_name: d.merge_threshold for d in self.dispatchers}
+        """Every layer's threshold, other pipeline stages' included."""
+        return dict(self._thresholds)
 
     def state_dict(self) -> Dict[str, float]:
         """Plain floats per layer name, for the checkpoint's common state."""
         return self.thresholds()
 
     def load_state_dict(self, state: Dict[str, float]) -> None:
-        missing: List[str] = [d.layer_name for d in self.dispatchers if d.layer_name not in state]
+        missing: List[str] = [name for name in self._thresholds if name not in state]
         if missing:
             raise KeyError(f"no merge threshold saved for {', '.join(missing)}")
-        for dispatcher in self.dispatchers:
-            dispatcher.merge_threshold = float(state[dispatcher.layer_name])
-
+        for name in self._thresholds:
+            self._thresholds[name] = float(state[name])
+        self._apply()

@@ -88,15 +88,17 @@ class CompressionStatsTracker:
         """Return the accumulated stats and start over.
 
         With ``group``, counts are summed over its ranks (a collective: every rank of the group
-        must call it). All ranks of an expert-parallel model record the same layer names.
+        must call it) and every rank gets every layer any of them recorded: pipeline stages
+        hold different layers.
         """
         layers, self._layers = self._layers, {}
         if group is None or not torch.distributed.is_initialized():
             return layers
-        names = sorted(layers)
+        names = layer_names_of_group(layers, group)
         field_names = [f.name for f in fields(CompressionStats)]
+        empty = CompressionStats()
         counts = torch.tensor(
-            [[getattr(layers[n], f) for f in field_names] for n in names],
+            [[getattr(layers.get(n, empty), f) for f in field_names] for n in names],
             dtype=torch.float64,
             device=compute_device(),  # NCCL reduces CUDA tensors
         ).reshape(len(names), len(field_names))
@@ -108,6 +110,16 @@ class CompressionStatsTracker:
 
     def reset(self) -> None:
         self._layers = {}
+
+
+def layer_names_of_group(local_names, group=None) -> list:
+    """Collective: the sorted union of every rank's layer names (pipeline stages differ)."""
+    names = set(local_names)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
+        gathered = [None] * torch.distributed.get_world_size(group)
+        torch.distributed.all_gather_object(gathered, sorted(names), group=group)
+        names = set().union(*gathered)
+    return sorted(names)
 
 
 _TRACKER = CompressionStatsTracker()

@@ -184,8 +184,23 @@ def add_moe_args(parser):
     g.add_argument("--moe-token-dispatcher-type", choices=["alltoall", "allgather"], default="alltoall")
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None)
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g = parser.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument(
+        "--sequence-parallel", action="store_true",
+        help="Split the sequence over tensor-parallel ranks outside attention and MLP (megatron-core "
+        "requires it for MoE with tensor parallelism).",
+    )
+    g.add_argument(
+        "--expert-tensor-parallel-size", type=int, default=None,
+        help="Tensor parallelism inside each expert (default: --tensor-model-parallel-size; 1 keeps "
+        "experts whole and spends the tensor-parallel ranks on expert parallelism).",
+    )
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument(
+        "--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+        help="Interleaved pipeline: layers per model chunk (each rank holds several chunks).",
+    )
     return parser
 
 
@@ -343,6 +358,82 @@ def data_prefixes(paths):
     return list(paths[1::2])
 
 
+def validate_parallel_layout(args, world_size: int) -> int:
+    """Check the tensor / sequence / pipeline / expert layout against the model and the number
+    of processes, up front and naming the flag; returns the data-parallel size."""
+    tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
+    if args.expert_tensor_parallel_size is None:
+        args.expert_tensor_parallel_size = tp  # Megatron-LM's default
+    etp = args.expert_tensor_parallel_size
+    for flag, size in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
+                       ("--expert-tensor-parallel-size", etp)):
+        if size < 1:
+            raise ArgumentError(f"{flag} {size} must be at least 1")
+    if tp > 1 and not args.sequence_parallel:
+        raise ArgumentError(
+            f"--tensor-model-parallel-size {tp} with MoE layers needs --sequence-parallel "
+            "(megatron-core's MoE layers take sequence-parallel input under tensor parallelism)"
+        )
+
+    def product(*sizes):  # the flags of a product of sizes, leaving out the 1s
+        named = [f"{flag} {size}" for flag, size in sizes if size > 1] or [f"{sizes[0][0]} 1"]
+        return " x ".join(named)
+
+    if world_size % (tp * pp):
+        raise ArgumentError(
+            f"{product(('--tensor-model-parallel-size', tp), ('--pipeline-model-parallel-size', pp))} "
+            f"must divide the number of processes ({world_size})"
+        )
+    if world_size % (etp * ep * pp):
+        raise ArgumentError(
+            f"{product(('--expert-model-parallel-size', ep), ('--expert-tensor-parallel-size', etp), ('--pipeline-model-parallel-size', pp))} "
+            f"must divide the number of processes ({world_size})"
+        )
+    if tp == 1:
+        args.sequence_parallel = False  # nothing to split, as Megatron-LM does
+    for flag, value in (("--num-attention-heads", args.num_attention_heads),
+                        ("--num-query-groups", args.num_query_groups if args.group_query_attention else None),
+                        ("--ffn-hidden-size", args.ffn_hidden_size)):
+        if value is not None and value % tp:
+            raise ArgumentError(f"{flag} {value} must be divisible by --tensor-model-parallel-size {tp}")
+    moe_ffn = args.moe_ffn_hidden_size or args.ffn_hidden_size
+    if moe_ffn is not None and moe_ffn % etp:
+        raise ArgumentError(
+            f"--moe-ffn-hidden-size {moe_ffn} must be divisible by --expert-tensor-parallel-size {etp}"
+        )
+    if etp > 1 and not args.disable_bias_linear:
+        raise ArgumentError(
+            f"--expert-tensor-parallel-size {etp}: megatron-core's experts take biases only when "
+            "whole; pass --disable-bias-linear or --expert-tensor-parallel-size 1"
+        )
+    if args.sequence_parallel:
+        for flag in ("--seq-length", "--encoder-seq-length", "--decoder-seq-length"):
+            length = getattr(args, flag[2:].replace("-", "_"), None)
+            if length is not None and length % tp:
+                raise ArgumentError(
+                    f"{flag} {length} must be divisible by --tensor-model-parallel-size {tp} under "
+                    "--sequence-parallel"
+                )
+    layers_per_chunk = args.num_layers_per_virtual_pipeline_stage
+    args.virtual_pipeline_model_parallel_size = None
+    if args.num_layers is not None and args.num_layers % pp:
+        raise ArgumentError(
+            f"--num-layers {args.num_layers} must be divisible by --pipeline-model-parallel-size {pp}"
+        )
+    if layers_per_chunk is not None:
+        if pp < 2:
+            raise ArgumentError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+        per_stage = args.num_layers // pp
+        if layers_per_chunk < 1 or per_stage % layers_per_chunk:
+            raise ArgumentError(
+                f"--num-layers-per-virtual-pipeline-stage {layers_per_chunk} must divide the "
+                f"{per_stage} layers of each of the {pp} pipeline stages"
+            )
+        if per_stage // layers_per_chunk > 1:
+            args.virtual_pipeline_model_parallel_size = per_stage // layers_per_chunk
+    return world_size // (tp * pp)
+
+
 def validate_args(args, world_size: int) -> None:
     """Everything checkable before start-up; raises ArgumentError naming the flag."""
     ep = args.expert_model_parallel_size
@@ -356,26 +447,17 @@ def validate_args(args, world_size: int) -> None:
         )
     if args.swiglu and args.activation not in (None, "silu"):
         raise ArgumentError(f"--swiglu gates with SiLU; drop --activation {args.activation}")
-    if args.tensor_model_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
-        raise ArgumentError(
-            "--tensor-model-parallel-size and --pipeline-model-parallel-size must be 1: this "
-            "codebase parallelises MoE models over data and experts only"
-        )
     if args.num_experts is None:
         raise ArgumentError("--num-experts is required: this trains Mixture-of-Experts models")
     if ep < 1 or args.num_experts % ep:
         raise ArgumentError(
             f"--expert-model-parallel-size {ep} must divide --num-experts {args.num_experts}"
         )
-    if world_size % ep:
-        raise ArgumentError(
-            f"--expert-model-parallel-size {ep} must divide the number of processes ({world_size})"
-        )
+    data_parallel = validate_parallel_layout(args, world_size)
     if args.moe_router_topk < 1 or args.moe_router_topk > args.num_experts:
         raise ArgumentError(
             f"--moe-router-topk {args.moe_router_topk} must be between 1 and --num-experts"
         )
-    data_parallel = world_size
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * data_parallel
     per_step = args.micro_batch_size * data_parallel

@@ -65,6 +65,13 @@ def transformer_config_from_args(args, **overrides) -> LSHTransformerConfig:
         moe_expert_capacity_factor=args.moe_expert_capacity_factor,
         expert_model_parallel_size=args.expert_model_parallel_size,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
+        sequence_parallel=getattr(args, "sequence_parallel", False),
+        expert_tensor_parallel_size=getattr(args, "expert_tensor_parallel_size", None)
+        or args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=getattr(args, "pipeline_model_parallel_size", 1),
+        virtual_pipeline_model_parallel_size=getattr(args, "virtual_pipeline_model_parallel_size", None),
+        # gloo has no coalesced point-to-point: the pipeline sends one tensor at a time there.
+        batch_p2p_comm=torch.cuda.is_available(),
         **lsh_config_kwargs(args),
     )
     settings.update(overrides)

@@ -6,10 +6,10 @@ from megatron_lsh.device import compute_device
 from megatron_lsh.data.gpt_data import build_gpt_datasets
 from megatron_lsh.models import build_gpt_moe_model
 from megatron_lsh.training.arguments import validate_gpt_args
-from megatron_lsh.training.loop import ModelTask, masked_token_mean
+from megatron_lsh.training.loop import ModelTask
 
 
-def build_model(args, config, vocab_size):
+def build_model(args, config, vocab_size, pre_process=True, post_process=True, vp_stage=None):
     return build_gpt_moe_model(
         config,
         vocab_size=vocab_size,
@@ -17,25 +17,28 @@ def build_model(args, config, vocab_size):
         position_embedding_type=args.position_embedding_type,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         rotary_base=args.rotary_base,
+        pre_process=pre_process,
+        post_process=post_process,
+        vp_stage=vp_stage,
     )
 
 
-def forward_step(batch, model):
-    """Mean next-token loss over the unmasked tokens of one micro-batch."""
+def forward(batch, model):
+    """One micro-batch through the model: per-token next-token losses (hidden states on a
+    pipeline stage before the last), and the mask of the tokens that count."""
     device = compute_device()
     tokens = batch["tokens"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device, non_blocking=True)
     position_ids = batch["position_ids"].to(device, non_blocking=True)
-    per_token = model(tokens, position_ids, None, labels=labels)
-    return masked_token_mean(per_token, loss_mask)
+    return model(tokens, position_ids, None, labels=labels), loss_mask
 
 
 GPT_TASK = ModelTask(
     name="GPT-MoE",
     build_model=build_model,
     build_datasets=build_gpt_datasets,
-    forward_step=forward_step,
+    forward=forward,
     tokens_per_sample=lambda args: args.seq_length,
     validate=validate_gpt_args,
 )

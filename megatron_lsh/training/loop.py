@@ -3,20 +3,26 @@ megatron-core DDP, clipping, the LR schedule, periodic evaluation, logging and c
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from functools import partial
+from typing import Callable, Dict, List, Optional
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.moe.moe_utils import (
-    MoEAuxLossAutoScaler,
     clear_aux_losses_tracker,
     get_moe_layer_wise_logging_tracker,
     reduce_aux_losses_tracker_across_ranks,
@@ -43,13 +49,20 @@ class ModelTask:
     """What differs between model families."""
 
     name: str
-    build_model: Callable  # (args, config, padded_vocab_size) -> megatron module
+    # (args, config, padded_vocab_size, pre_process, post_process, vp_stage) -> megatron module
+    build_model: Callable
     build_datasets: Callable  # (args, tokenizer, [n_train, n_valid, n_test]) -> (train, valid, test)
-    forward_step: Callable  # (batch, model) -> (mean loss over tokens, number of tokens)
+    # (batch, model) -> (per-token losses, or hidden states before the last pipeline stage; loss mask)
+    forward: Callable
     tokens_per_sample: Callable  # (args) -> tokens one sample contributes to throughput
     validate: Optional[Callable] = None  # (args) -> None, raising ArgumentError
     # (args) -> {group name: 0-based router-loss slots}, to log router losses per group too
     router_loss_groups: Optional[Callable] = None
+
+    def forward_step(self, batch, model):
+        """(mean loss over the tokens that count, their number) of one micro-batch through a
+        whole (single-stage) model."""
+        return masked_token_mean(*self.forward(batch, model))
 
 
 def masked_token_mean(per_token_loss: torch.Tensor, loss_mask: torch.Tensor):
@@ -76,9 +89,35 @@ def perplexity(mean_loss: float) -> float:
     return math.exp(min(mean_loss, 50.0))
 
 
-def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
-    """Megatron pads the embedding table to a multiple of --make-vocab-size-divisible-by."""
-    return int(math.ceil(vocab_size / divisible_by) * divisible_by)
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int = 1) -> int:
+    """Megatron pads the embedding table to a multiple of --make-vocab-size-divisible-by that
+    tensor parallelism splits evenly. The least common multiple (not Megatron-LM's product)
+    keeps the table, and so the checkpoint, the same across layouts whenever
+    --make-vocab-size-divisible-by is already a multiple of the tensor-parallel size."""
+    multiple = math.lcm(divisible_by, tensor_parallel)
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def _loss_of_microbatch(loss_mask, per_token_loss):
+    """megatron-core's loss_func: the micro-batch's mean loss, and (loss x tokens, tokens) to
+    combine micro-batches by their tokens."""
+    loss, tokens = masked_token_mean(per_token_loss, loss_mask)
+    return loss, {"weighted loss": torch.stack([loss.detach() * tokens, tokens])}
+
+
+def _schedule_step(task: ModelTask, data_iterator, model):
+    """megatron-core's forward_step_func over a ModelTask."""
+    output, loss_mask = task.forward(next(data_iterator), model)
+    return output, partial(_loss_of_microbatch, loss_mask)
+
+
+def _pipeline_sum(values: List[float]) -> List[float]:
+    """Values only the last pipeline stage holds (others pass zeros), on every stage."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=compute_device())
+    torch.distributed.all_reduce(tensor, group=parallel_state.get_pipeline_model_parallel_group())
+    return tensor.tolist()
 
 
 class TrainingError(RuntimeError):
@@ -154,6 +193,10 @@ class Trainer:
         os.environ.setdefault("WORLD_SIZE", "1")
         initialize_distributed(
             expert_model_parallel_size=args.expert_model_parallel_size,
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+            virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
             seed=args.seed,
             timeout_minutes=args.distributed_timeout_minutes,
         )
@@ -164,17 +207,25 @@ class Trainer:
         self.log = MetricsLogger(args, enabled=self.rank == 0, run_config=vars(args))
 
         self.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
-        vocab = padded_vocab_size(self.tokenizer.vocab_size, args.make_vocab_size_divisible_by)
-        self.model = task.build_model(args, self.config, vocab)
-        self.ddp = DistributedDataParallel(
-            config=self.config,
-            ddp_config=DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
-            ),
-            module=self.model,
+        vocab = padded_vocab_size(
+            self.tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
         )
+        # One chunk per virtual pipeline stage (one without interleaving), each in megatron-core's
+        # DDP; its schedules run the micro-batches and its finalize_model_grads reduces gradients
+        # over data parallel, sequence-parallel copies and tied embeddings across stages.
+        self.model = build_model_chunks(task, args, self.config, vocab)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+        )
+        self.ddp = [
+            DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=chunk,
+                                    disable_bucketing=index > 0)
+            for index, chunk in enumerate(self.model)
+        ]
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.forward_backward = get_forward_backward_func()
         self.optimizer = TrainingOptimizer(
-            self.model,
+            torch.nn.ModuleList(self.model),
             lr=args.lr,
             weight_decay=args.weight_decay,
             betas=(args.adam_beta1, args.adam_beta2),
@@ -215,9 +266,9 @@ class Trainer:
                     self.lsh_controller.load_state_dict(loaded.lsh_merge_thresholds)
                 self.log.console(f"loaded {loaded.path}: resuming at iteration {self.iteration}")
 
-        parameters = sum(p.numel() for p in self.model.parameters())
+        parameters = sum(p.numel() for chunk in self.model for p in chunk.parameters())
         self.log.console(
-            f"{task.name}: {parameters / 1e6:.2f}M parameters on rank 0 (experts: "
+            f"{task.name}: {parameters / 1e6:.2f}M parameters on rank 0 ({self.layout()}; experts: "
             f"{args.num_experts // args.expert_model_parallel_size} of {args.num_experts} local), "
             f"vocabulary {self.tokenizer.vocab_size} (padded {vocab}), "
             f"{self.num_microbatches} micro-batches of {args.micro_batch_size} x {self.dp_size} ranks "
@@ -232,31 +283,56 @@ class Trainer:
         self.train_ds, self.valid_ds, self.test_ds = task.build_datasets(args, self.tokenizer, num_samples)
         if self.train_ds is None:
             raise DataError("no training data: check --split or --train-data-path")
-        self.train_iter = data_iterator(
+        self.train_iter = self._iterators(data_iterator(
             self.train_ds, self.consumed_samples, args.micro_batch_size, self.dp_rank, self.dp_size,
             args.num_workers,
-        )
+        ))
         if args.log_a2a_time:
             a2a_timer.install()
+
+    def layout(self) -> str:
+        args = self.args
+        text = (f"data {self.dp_size} x tensor {args.tensor_model_parallel_size} x pipeline "
+                f"{args.pipeline_model_parallel_size}")
+        if args.virtual_pipeline_model_parallel_size:
+            text += f" ({args.virtual_pipeline_model_parallel_size} chunks per rank)"
+        text += f", experts {args.expert_model_parallel_size} x expert-tensor {args.expert_tensor_parallel_size}"
+        return text + (", sequence parallel" if args.sequence_parallel else "")
+
+    def _iterators(self, iterator):
+        """The schedule's data iterator: one per model chunk, all yielding the same batches."""
+        if len(self.model) == 1:
+            return iterator
+        return list(itertools.tee(iterator, len(self.model)))
+
+    def _run_schedule(self, iterator, num_microbatches: int, forward_only: bool) -> List[Dict]:
+        """megatron-core's schedule (1F1B, interleaved, or none without pipeline parallelism)
+        over num_microbatches; each micro-batch's loss reductions, on the last stage only."""
+        args = self.args
+        return self.forward_backward(
+            forward_step_func=partial(_schedule_step, self.task),
+            data_iterator=iterator,
+            model=self.ddp if len(self.ddp) > 1 else self.ddp[0],
+            num_microbatches=num_microbatches,
+            seq_length=args.seq_length,  # the shape pipeline stages exchange (GPT only)
+            micro_batch_size=args.micro_batch_size,
+            forward_only=forward_only,
+        )
 
     # -- one optimiser step ------------------------------------------------------------------
 
     def train_step(self) -> Dict[str, float]:
         args = self.args
         set_lsh_iteration(self.model, self.iteration)
-        self.ddp.zero_grad_buffer()
+        for chunk in self.ddp:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=compute_device()) / self.num_microbatches)
-        losses = []
-        for _ in range(self.num_microbatches):
-            batch = next(self.train_iter)
-            loss, _ = self.task.forward_step(batch, self.ddp)
-            (loss / self.num_microbatches).backward()
-            losses.append(loss.detach())
-        self.ddp.finish_grad_sync()
+        reductions = self._run_schedule(self.train_iter, self.num_microbatches, forward_only=False)
         self.optimizer.prepare_grads()
         grad_norm = self.optimizer.clip_grads(args.clip_grad)
-        loss = torch.stack(losses).mean().item()
+        # The mean of the micro-batches' mean losses, from the last pipeline stage.
+        loss = sum(float(r["weighted loss"][0] / r["weighted loss"][1].clamp(min=1)) for r in reductions)
+        loss = _pipeline_sum([loss / self.num_microbatches])[0]
         if not math.isfinite(grad_norm) or not math.isfinite(loss):
             raise TrainingError(
                 f"loss {loss} / grad norm {grad_norm} is not finite at iteration {self.iteration + 1}; "
@@ -279,13 +355,21 @@ class Trainer:
             return None
         tracker = get_compression_tracker()
         pending_train_stats = tracker.take()
-        self.ddp.eval()
+        for chunk in self.ddp:
+            chunk.eval()
         # Always the same leading samples, so every evaluation is comparable.
-        iterator = data_iterator(dataset, 0, args.micro_batch_size, self.dp_rank, self.dp_size, args.num_workers)
-        loss_sum, token_count = summed_token_loss(
-            self.task.forward_step, self.ddp, iterator, args.eval_iters * self.num_microbatches
-        )
-        self.ddp.train()
+        iterator = self._iterators(data_iterator(
+            dataset, 0, args.micro_batch_size, self.dp_rank, self.dp_size, args.num_workers
+        ))
+        reductions = self._run_schedule(iterator, args.eval_iters * self.num_microbatches, forward_only=True)
+        for chunk in self.ddp:
+            chunk.train()
+        loss_sum, token_count = _pipeline_sum([
+            sum(float(r["weighted loss"][0]) for r in reductions),
+            sum(float(r["weighted loss"][1]) for r in reductions),
+        ])
+        # Every rank of a pipeline now holds its data-parallel replica's sums; tensor-parallel
+        # ranks hold equal copies, so the mean over all ranks is the mean over replicas.
         loss_sum, token_count = (v * self.dp_size for v in _all_reduce_mean([loss_sum, token_count]))
         eval_stats = tracker.take(group=torch.distributed.group.WORLD)
         for layer, stats in pending_train_stats.items():
@@ -398,6 +482,21 @@ class Trainer:
         self.log.console(line)
         self.log.log(metrics, self.iteration, self.tokens_seen(), time.time() - self.start_time)
         self.history.append({"iteration": self.iteration, **metrics})
+
+
+def build_model_chunks(task: ModelTask, args, config, vocab_size: int) -> list:
+    """This rank's model chunks: the whole model, its pipeline stage, or with interleaving one
+    chunk per virtual stage."""
+    virtual_stages = args.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in (range(virtual_stages) if virtual_stages else [None]):
+        chunks.append(task.build_model(
+            args, config, vocab_size,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            vp_stage=vp_stage,
+        ))
+    return chunks
 
 
 def _configure_logging(rank: int) -> None:

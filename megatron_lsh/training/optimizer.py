@@ -14,6 +14,7 @@ from typing import Dict, List
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.dist_checkpointing.optimizer import (
     get_param_id_to_sharded_param_map,
     make_sharded_optimizer_tensor,
@@ -84,24 +85,32 @@ class TrainingOptimizer:
             main_param.grad = None if grad is None else grad.to(main_param.dtype)
 
     def grad_norm(self) -> float:
-        """L2 norm of the whole model's gradient: dense parameters (equal on every rank) once,
-        expert parameters summed over the expert-parallel ranks that hold different experts."""
+        """L2 norm of the whole model's gradient, as megatron-core counts it: every parameter
+        once. Tensor-parallel shards and pipeline stages are summed over the model-parallel
+        group; copies (norms and routers under tensor parallelism, the tied output weight of
+        the last stage) count on one rank only; experts sum over the expert-parallel layout."""
         dense_sq = torch.zeros((), dtype=torch.float32)
         expert_sq = torch.zeros((), dtype=torch.float32)
+        expert_tp_group = parallel_state.get_expert_tensor_parallel_group()
         for model_param, main_param in self._pairs():
-            if main_param.grad is None:
+            if main_param.grad is None or getattr(model_param, "shared", False):
+                continue
+            expert = _is_expert(model_param)
+            if not param_is_not_tensor_parallel_duplicate(model_param, expert_tp_group if expert else None):
                 continue
             sq = main_param.grad.detach().float().pow(2).sum().cpu()
-            if _is_expert(model_param):
+            if expert:
                 expert_sq += sq
             else:
                 dense_sq += sq
-        if parallel_state.get_expert_model_parallel_world_size() > 1:
-            expert_sq = expert_sq.to(compute_device())
-            torch.distributed.all_reduce(
-                expert_sq, group=parallel_state.get_expert_model_parallel_group()
-            )
-            expert_sq = expert_sq.cpu()
+        for total, group in (
+            (dense_sq, parallel_state.get_model_parallel_group()),
+            (expert_sq, parallel_state.get_expert_tensor_model_pipeline_parallel_group()),
+        ):
+            if torch.distributed.get_world_size(group) > 1:
+                reduced = total.to(compute_device())
+                torch.distributed.all_reduce(reduced, group=group)
+                total.copy_(reduced.cpu())
         return math.sqrt(float(dense_sq + expert_sq))
 
     def clip_grads(self, max_norm: float) -> float:

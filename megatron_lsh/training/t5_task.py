@@ -12,7 +12,7 @@ from megatron_lsh.data.t5_data import build_t5_datasets
 from megatron_lsh.data.tokenizer import build_tokenizer
 from megatron_lsh.models.t5 import build_t5_moe_model, moe_layer_patterns
 from megatron_lsh.training.arguments import ArgumentError
-from megatron_lsh.training.loop import ModelTask, masked_token_mean
+from megatron_lsh.training.loop import ModelTask
 
 
 def add_t5_args(parser):
@@ -36,6 +36,12 @@ def max_masked_tokens(args) -> int:
 
 
 def validate_t5_args(args) -> None:
+    if args.pipeline_model_parallel_size > 1:
+        raise ArgumentError(
+            "--pipeline-model-parallel-size: T5-MoE trains without pipeline parallelism "
+            "(megatron-core 0.16 dropped encoder-decoder pipeline splits); use data, tensor or "
+            "expert parallelism"
+        )
     args.encoder_num_layers = args.encoder_num_layers or args.num_layers
     args.decoder_num_layers = args.decoder_num_layers or args.num_layers
     if not args.encoder_num_layers or not args.decoder_num_layers:
@@ -93,7 +99,8 @@ def validate_t5_args(args) -> None:
         raise ArgumentError(str(error)) from None
 
 
-def build_model(args, config, vocab_size):
+def build_model(args, config, vocab_size, pre_process=True, post_process=True, vp_stage=None):
+    # validate_t5_args refuses pipeline parallelism: one chunk holds the whole model.
     encoder_config = dataclasses.replace(config, num_layers=args.encoder_num_layers)
     return build_t5_moe_model(
         config,
@@ -107,8 +114,9 @@ def build_model(args, config, vocab_size):
     )
 
 
-def forward_step(batch, model):
-    """Mean loss over the decoder's target tokens of one micro-batch."""
+def forward(batch, model):
+    """One micro-batch through the model: per-token losses over the decoder's targets, and the
+    mask of the tokens that count."""
     device = compute_device()
     encoder_tokens = batch["text_enc"].long()
     decoder_tokens = batch["text_dec"].long()
@@ -123,15 +131,14 @@ def forward_step(batch, model):
         cross_mask.to(device),
         lm_labels=batch["labels"].long().to(device),
     )
-    loss_mask = batch["loss_mask"].to(device)
-    return masked_token_mean(per_token, loss_mask)
+    return per_token, batch["loss_mask"].to(device)
 
 
 T5_TASK = ModelTask(
     name="T5-MoE",
     build_model=build_model,
     build_datasets=build_t5_datasets,
-    forward_step=forward_step,
+    forward=forward,
     tokens_per_sample=lambda args: args.encoder_seq_length + args.decoder_seq_length,
     validate=validate_t5_args,
     router_loss_groups=lambda args: {
