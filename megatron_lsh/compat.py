@@ -32,6 +32,7 @@ def apply() -> None:
     _cpu_rng_tracker()
     _gloo_uneven_gather_and_reduce_scatter()
     _cpu_pipeline_schedules()
+    _cpu_tied_embedding_sync()
     logger.debug("megatron-core CPU workarounds applied")
 
 
@@ -188,3 +189,22 @@ def _cpu_pipeline_schedules() -> None:
             return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
 
     schedules.torch = TorchWithCPUZeros()
+
+
+def _cpu_tied_embedding_sync() -> None:
+    # LanguageModule.setup_embeddings_and_output_layer moves the tied output weight of the last
+    # pipeline stage with `weight.data.cuda()` before all-reducing it with the first stage's
+    # embedding. Within that method only, `.cuda()` leaves tensors where they are.
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    original = LanguageModule.setup_embeddings_and_output_layer
+
+    def setup_embeddings_and_output_layer(self, *args, **kwargs):
+        to_cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda tensor, *a, **kw: tensor
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            torch.Tensor.cuda = to_cuda
+
+    LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer

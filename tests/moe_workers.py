@@ -74,6 +74,12 @@ def stock_vs_lsh_unclustered(rank, world_size, cases, tensor_parallel=1, expert_
                 "grad_params": {n: p.grad for n, p in layer.named_parameters()},
             }
         result["stats"] = lsh.token_dispatcher.last_stats
+        dispatcher = lsh.token_dispatcher
+        rows_per_expert = dispatcher.routing_map.sum(dim=0)
+        own = slice(dispatcher.ep_rank * dispatcher.num_local_experts,
+                    (dispatcher.ep_rank + 1) * dispatcher.num_local_experts)
+        result["remote_rows"] = int(rows_per_expert.sum() - rows_per_expert[own].sum())
+        result["expert_tensor_parallel"] = expert_tensor_parallel
         result["params"] = {n: p.detach() for n, p in stock.named_parameters()}
         results.append(result)
     return results

@@ -86,8 +86,24 @@ def test_singleton_clusters_match_stock_under_tensor_and_sequence_parallelism(te
 def test_each_tensor_parallel_rank_clusters_its_own_sequence_shard(tensor_parallel_parity):
     # 16 x 2 tokens per rank, top-2: each rank dispatches its own 64 rows, not the whole sequence.
     for rank_results in tensor_parallel_parity:
-        assert rank_results[0]["stats"].tokens == 16 * 2 * 2
-        assert rank_results[0]["stats"].dispatch_bytes_stock > 0
+        stats = rank_results[0]["stats"]
+        assert stats.tokens == 16 * 2 * 2
+        assert stats.dispatch_bytes_stock > 0
+        # Singletons: what returns is what stock returns, over the all-to-all and (expert tensor
+        # parallel 2) the reduce-scatter among expert-tensor-parallel peers.
+        assert stats.combine_bytes == stats.combine_bytes_stock > 0
+
+
+def test_statistics_count_the_gather_among_expert_tensor_parallel_peers(tensor_parallel_parity):
+    # Rows that cross the all-to-all, at 64 fp32 values each; expert tensor parallel 2 also sends
+    # every row received to the peer and gets the peer's outputs back: more bytes than that.
+    for rank_results in tensor_parallel_parity:
+        stats = rank_results[0]["stats"]
+        all_to_all_only = rank_results[0]["remote_rows"] * 64 * 4
+        if rank_results[0]["expert_tensor_parallel"] == 1:
+            assert stats.combine_bytes == all_to_all_only
+        else:
+            assert stats.combine_bytes > all_to_all_only
 
 
 def test_experts_differ_across_ranks_and_the_router_is_shared(parity):

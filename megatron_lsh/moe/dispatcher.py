@@ -20,7 +20,7 @@ from typing import List, Optional
 
 import torch
 from megatron.core import utils
-from megatron.core.tensor_parallel import all_to_all
+from megatron.core.tensor_parallel import all_to_all, gather_from_sequence_parallel_region
 from megatron.core.transformer.moe.moe_utils import ProcessGroupCollection, permute
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -181,6 +181,14 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self._token_rows = token_rows if self.config.lsh_compensation != "none" else None
         self._token_row_probs = token_row_probs
         self._token_rows_per_expert = rows_per_expert
+        if self.tp_size > 1:
+            # Rows each expert-tensor-parallel peer will hold for this rank's experts had every
+            # token been sent: the stock side of the statistics of the gather over those peers.
+            token_counts = gather_from_sequence_parallel_region(
+                rows_per_expert, group=self.tp_ep_group
+            ).reshape(self.ep_size, self.tp_size, self.num_experts)
+            first, last = self.local_expert_indices[0], self.local_expert_indices[-1] + 1
+            self._stock_rows_per_tp_peer = token_counts[:, :, first:last].sum(dim=(0, 2)).tolist()
 
         # megatron-core's own metadata step (splits, per-expert counts, the count all-gather),
         # fed a routing map with one row per centroid.
@@ -207,10 +215,11 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         global_probs = torch.ones(
             global_centroids.size(0), dtype=centroid_probs.dtype, device=global_centroids.device
         )
-        self._record_stats(centroids, centroid_probs)
+        self._wire_row_bytes = (centroids.size(-1) * centroids.element_size(), centroid_probs.element_size())
         return global_centroids, global_probs
 
     def dispatch_postprocess(self, global_centroids, global_probs):
+        self._record_stats()
         dispatched, tokens_per_expert, probs = super().dispatch_postprocess(global_centroids, global_probs)
         if self.config.lsh_compensation == "expert_gain":
             self._expert_inputs = (dispatched.detach(), torch.as_tensor(tokens_per_expert).tolist())
@@ -253,9 +262,11 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
     def _rows_to_other_ranks(self, rows_per_rank) -> int:
         return int(sum(rows_per_rank)) - int(rows_per_rank[self.ep_rank])
 
-    def _record_stats(self, centroids: torch.Tensor, centroid_probs: torch.Tensor) -> None:
+    def _record_stats(self) -> None:
+        """What this rank sends: over expert parallel (the all-to-alls) and, with expert tensor
+        parallelism, over its peers (the gather before the experts, the reduce-scatter after)."""
         clusters = self._clusters
-        row_bytes = centroids.size(-1) * centroids.element_size()
+        row_bytes, prob_bytes = self._wire_row_bytes
         if self.ep_size > 1:
             token_rows_per_rank = (
                 self._token_rows_per_expert.view(self.ep_size, self.num_local_experts)
@@ -277,10 +288,20 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             exact_rows=exact_rows,
             relative_error_sum=relative_error_sum,
             dispatch_bytes=remote_centroid_rows * row_bytes,
-            dispatch_bytes_stock=remote_token_rows * (row_bytes + centroid_probs.element_size()),
+            dispatch_bytes_stock=remote_token_rows * (row_bytes + prob_bytes),
             combine_bytes=remote_centroid_rows * row_bytes,
             combine_bytes_stock=remote_token_rows * row_bytes,
         )
+        if self.tp_size > 1:
+            # The gather sends this rank's rows (and their probs: ones for centroids) to every
+            # peer; the reduce-scatter sends each peer its own rows' partial outputs.
+            centroids_per_peer = [int(r) for r in self.output_splits_tp]
+            tokens_per_peer = self._stock_rows_per_tp_peer
+            own_centroids, own_tokens = centroids_per_peer[self.tp_rank], tokens_per_peer[self.tp_rank]
+            stats.dispatch_bytes += own_centroids * (self.tp_size - 1) * (row_bytes + prob_bytes)
+            stats.dispatch_bytes_stock += own_tokens * (self.tp_size - 1) * (row_bytes + prob_bytes)
+            stats.combine_bytes += (sum(centroids_per_peer) - own_centroids) * row_bytes
+            stats.combine_bytes_stock += (sum(tokens_per_peer) - own_tokens) * row_bytes
         self._token_rows_per_expert = None
         self.last_stats = stats
         get_compression_tracker().record(self.layer_name, stats)
