@@ -83,12 +83,12 @@ def run_pretrain_expecting_error(flags, world_size=1, script="pretrain_gpt_moe.p
 
 
 
-def kill_at_checkpoint_and_resume(flags_for, tmp_path, killed_after, script="pretrain_gpt_moe.py"):
+def kill_at_checkpoint_and_resume(flags_for, tmp_path, killed_after, script="pretrain_gpt_moe.py", nproc=2):
     """Losses of an uninterrupted run, and of the same run SIGKILLed right after its checkpoint at
     iteration `killed_after` and resumed from it (only the resumed iterations)."""
-    uninterrupted = losses(torchrun(flags_for(tmp_path / "uninterrupted"), script=script))
+    uninterrupted = losses(torchrun(flags_for(tmp_path / "uninterrupted"), nproc=nproc, script=script))
     save = tmp_path / "killed"
-    process = subprocess.Popen(torchrun_command(flags_for(save), script=script), cwd=REPO,
+    process = subprocess.Popen(torchrun_command(flags_for(save), nproc=nproc, script=script), cwd=REPO,
                                env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:
         if "saved checkpoint" in line and f"iter_{killed_after:07d}" in line:
@@ -96,6 +96,6 @@ def kill_at_checkpoint_and_resume(flags_for, tmp_path, killed_after, script="pre
             break
     process.wait(timeout=60)
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(killed_after)
-    output = torchrun(flags_for(save), script=script)
+    output = torchrun(flags_for(save), nproc=nproc, script=script)
     assert f"resuming at iteration {killed_after}" in output
     return uninterrupted, losses(output)

@@ -330,9 +330,11 @@ class Trainer:
         reductions = self._run_schedule(self.train_iter, self.num_microbatches, forward_only=False)
         self.optimizer.prepare_grads()
         grad_norm = self.optimizer.clip_grads(args.clip_grad)
-        # The mean of the micro-batches' mean losses, from the last pipeline stage.
+        # The mean of the micro-batches' mean losses (what the gradient is of), from the last
+        # pipeline stage, over all data-parallel replicas as Megatron-LM logs it.
         loss = sum(float(r["weighted loss"][0] / r["weighted loss"][1].clamp(min=1)) for r in reductions)
-        loss = _pipeline_sum([loss / self.num_microbatches])[0]
+        loss = _pipeline_sum([loss / self.num_microbatches])
+        loss = _all_reduce_mean(loss, group=parallel_state.get_data_parallel_group())[0]
         if not math.isfinite(grad_norm) or not math.isfinite(loss):
             raise TrainingError(
                 f"loss {loss} / grad norm {grad_norm} is not finite at iteration {self.iteration + 1}; "

@@ -1,0 +1,74 @@
+"""Tensor, sequence, pipeline and expert parallelism together, on 4 CPU ranks with torchrun."""
+
+import re
+import shutil
+
+import pytest
+
+from tests.launch import kill_at_checkpoint_and_resume, losses, model_flags, torchrun
+
+VALIDATION_LINE = re.compile(r"validation loss at iteration (\d+) \| lm loss value: ([0-9.E+-]+) \|")
+
+TP2_EP2 = {"--tensor-model-parallel-size": "2", "--sequence-parallel": True,
+           "--expert-model-parallel-size": "2", "--expert-tensor-parallel-size": "1"}
+PP2_EP2 = {"--pipeline-model-parallel-size": "2", "--expert-model-parallel-size": "2"}
+
+
+def validation_losses(output):
+    return {int(it): float(loss) for it, loss in VALIDATION_LINE.findall(output)}
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        TP2_EP2,
+        # Experts split over the tensor-parallel pair too (the dispatcher gathers centroids).
+        {**TP2_EP2, "--expert-tensor-parallel-size": "2", "--disable-bias-linear": True},
+        # Interleaved pipeline: two chunks of one layer per rank.
+        {**PP2_EP2, "--num-layers": "4", "--num-layers-per-virtual-pipeline-stage": "1"},
+    ],
+    ids=["tp2-sp-ep2", "tp2-sp-ep2-etp2", "pp2-vpp2-ep2"],
+)
+def test_four_ranks_train_with_lsh_and_falling_loss(corpus, layout):
+    output = torchrun(model_flags(corpus, **{
+        "--train-iters": "16", "--log-interval": "4", "--eval-interval": "100", **layout}), nproc=4)
+    loss = losses(output)
+    assert sorted(loss) == [4, 8, 12, 16]
+    assert loss[16] < loss[4] - 0.3, loss
+    rates = [float(r) for r in re.findall(r"lsh compression rate: ([0-9.]+) \| a2a bytes", output)]
+    assert rates and all(0.0 < r < 1.0 for r in rates), rates
+    bytes_ratios = [float(r) for r in re.findall(r"a2a bytes: ([0-9.]+)x stock", output)]
+    assert all(r < 1.0 for r in bytes_ratios), bytes_ratios
+
+
+def test_pipeline_parallel_kill_and_resume_gives_the_same_losses(corpus, tmp_path):
+    flags = lambda save: model_flags(corpus, **{  # noqa: E731
+        "--train-iters": "12", "--log-interval": "1", "--eval-interval": "100",
+        "--save": str(save), "--load": str(save), "--save-interval": "4", **PP2_EP2})
+    uninterrupted, resumed = kill_at_checkpoint_and_resume(flags, tmp_path, killed_after=8, nproc=4)
+    assert uninterrupted[12] < uninterrupted[1] - 0.3, uninterrupted
+    assert sorted(resumed) == [9, 10, 11, 12]
+    assert all(resumed[i] == uninterrupted[i] for i in resumed), (resumed, uninterrupted)
+
+
+def test_checkpoint_saved_at_tp2_ep2_resumes_at_tp1_ep4_with_the_same_losses(corpus, tmp_path):
+    # Stock dispatch and no dropout: nothing but the layout differs between the runs, so the
+    # steps after the checkpoint (optimizer state resharded too) and the validation loss at the
+    # end agree up to the order of floating-point sums.
+    save = tmp_path / "ckpt"
+    common = {"--no-lsh": True, "--hidden-dropout": "0", "--attention-dropout": "0", "--log-interval": "1",
+              "--eval-interval": "6", "--save": str(save)}
+    first = torchrun(model_flags(corpus, **{**common, **TP2_EP2, "--train-iters": "10", "--save-interval": "6"}),
+                     nproc=4)
+    at6 = tmp_path / "at6"  # the run's iteration-6 checkpoint as the newest of a directory
+    shutil.copytree(save / "iter_0000006", at6 / "iter_0000006")
+    (at6 / "latest_checkpointed_iteration.txt").write_text("6\n")
+    resumed = torchrun(model_flags(corpus, **{
+        **common, "--train-iters": "10", "--load": str(at6), "--save": None,
+        "--expert-model-parallel-size": "4"}), nproc=4)
+    assert "resuming at iteration 6" in resumed
+    assert validation_losses(resumed)[10] == pytest.approx(validation_losses(first)[10], rel=1e-4)
+    before, after = losses(first), losses(resumed)
+    assert sorted(after) == [7, 8, 9, 10]
+    for iteration in after:
+        assert after[iteration] == pytest.approx(before[iteration], rel=1e-4)
