@@ -2,10 +2,12 @@
 
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 
-from tests.launch import kill_at_checkpoint_and_resume, losses, model_flags, torchrun
+from tests.launch import REPO, environment, kill_at_checkpoint_and_resume, losses, model_flags, torchrun
 
 VALIDATION_LINE = re.compile(r"validation loss at iteration (\d+) \| lm loss value: ([0-9.E+-]+) \|")
 
@@ -64,7 +66,7 @@ def test_checkpoint_saved_at_tp2_ep2_resumes_at_tp1_ep4_with_the_same_losses(cor
     shutil.copytree(save / "iter_0000006", at6 / "iter_0000006")
     (at6 / "latest_checkpointed_iteration.txt").write_text("6\n")
     resumed = torchrun(model_flags(corpus, **{
-        **common, "--train-iters": "10", "--load": str(at6), "--save": None,
+        **common, "--train-iters": "10", "--load": str(at6), "--save": str(at6),
         "--expert-model-parallel-size": "4"}), nproc=4)
     assert "resuming at iteration 6" in resumed
     assert validation_losses(resumed)[10] == pytest.approx(validation_losses(first)[10], rel=1e-4)
@@ -72,3 +74,16 @@ def test_checkpoint_saved_at_tp2_ep2_resumes_at_tp1_ep4_with_the_same_losses(cor
     assert sorted(after) == [7, 8, 9, 10]
     for iteration in after:
         assert after[iteration] == pytest.approx(before[iteration], rel=1e-4)
+
+    # Both final checkpoints, one saved tensor-parallel and one not, load into one process alike.
+    assert evaluated_loss(save, corpus) == pytest.approx(evaluated_loss(at6, corpus), rel=1e-4)
+
+
+def evaluated_loss(checkpoint_dir, corpus) -> float:
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_lsh.checkpoint.evaluate", "--load", str(checkpoint_dir),
+         "--input", str(corpus["jsonl"]["valid"])],
+        cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return float(re.search(r"loss ([0-9.]+), perplexity", result.stdout)[1])

@@ -84,7 +84,12 @@ def load_for_inference(load_dir: str, lsh: bool = False, dtype=torch.float32,
     # Flags added since the run was saved take their defaults, except the LSH settings that
     # did not exist then: such a run hashed without a bound or a target.
     args = argparse.Namespace(**{**flag_defaults(add_t5_args), **_settings_of_older_runs(saved), **saved})
-    args.expert_model_parallel_size = 1
+    # One process: the parallel layout of the run (its tensors are sharded by global names) goes.
+    saved_tensor_parallel = saved.get("tensor_model_parallel_size", 1)
+    args.expert_model_parallel_size = args.tensor_model_parallel_size = 1
+    args.pipeline_model_parallel_size = args.expert_tensor_parallel_size = 1
+    args.virtual_pipeline_model_parallel_size = None
+    args.sequence_parallel = False
     args.lsh_enabled = lsh
     args.lsh_gradient_study = None  # a training-time study; evaluation runs one path
     lsh_overrides = dict(lsh_overrides or {})
@@ -100,7 +105,8 @@ def load_for_inference(load_dir: str, lsh: bool = False, dtype=torch.float32,
     initialize_distributed(expert_model_parallel_size=1, seed=args.seed)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
     config = transformer_config_from_args(args, hidden_dropout=0.0, attention_dropout=0.0)
-    model = task.build_model(args, config, padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by))
+    vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by, saved_tensor_parallel)
+    model = task.build_model(args, config, vocab_size)
     state = dist_checkpointing.load({"model": model.sharded_state_dict(prefix="")}, path)
     model.load_state_dict(state["model"])
     thresholds = dist_checkpointing.load_common_state_dict(path).get("lsh_merge_thresholds")
