@@ -3,7 +3,11 @@
 #   NODE_RANK (0), MASTER_ADDR (localhost), MASTER_PORT (6000).
 #   CHECKPOINT_DIR (checkpoints/$MODEL_NAME), TENSORBOARD_DIR ($CHECKPOINT_DIR/tensorboard),
 #   WANDB_PROJECT / WANDB_EXP_NAME (optional), PRECISION (bf16 or fp32),
-#   EXPERT_PARALLEL (default: every process), LSH_NUM_HASHES (6),
+#   Parallel layout, checked against the processes before anything starts:
+#   TENSOR_PARALLEL (1; above 1 adds --sequence-parallel, as MoE needs), PIPELINE_PARALLEL (1),
+#   VIRTUAL_PIPELINE_LAYERS (unset; layers per interleaved pipeline chunk), EXPERT_TENSOR_PARALLEL
+#   (1: experts whole), EXPERT_PARALLEL (default: processes / (PIPELINE_PARALLEL x
+#   EXPERT_TENSOR_PARALLEL)); data parallel takes what is left. LSH_NUM_HASHES (6),
 #   LSH_TARGET_COMPRESSION and LSH_ERROR_BOUND (a number or off; unset: the flags' defaults).
 #   DATA_PATH (required), VALID_DATA_PATH (optional: held-out data instead of a --split),
 #   TOKENIZER_MODEL (required).
@@ -25,7 +29,44 @@ DATA_PATH=${DATA_PATH:?set DATA_PATH to a preprocessed prefix (data_tools/prepro
 TOKENIZER_MODEL=${TOKENIZER_MODEL:?set TOKENIZER_MODEL to a SentencePiece .model}
 CHECKPOINT_DIR=${CHECKPOINT_DIR:-checkpoints/$MODEL_NAME}
 TENSORBOARD_DIR=${TENSORBOARD_DIR:-$CHECKPOINT_DIR/tensorboard}
-EXPERT_PARALLEL=${EXPERT_PARALLEL:-$WORLD_SIZE}
+TENSOR_PARALLEL=${TENSOR_PARALLEL:-1}
+PIPELINE_PARALLEL=${PIPELINE_PARALLEL:-1}
+EXPERT_TENSOR_PARALLEL=${EXPERT_TENSOR_PARALLEL:-1}
+
+layout_error() {
+    echo "error: $*" >&2
+    exit 2
+}
+for knob in TENSOR_PARALLEL PIPELINE_PARALLEL EXPERT_TENSOR_PARALLEL ${EXPERT_PARALLEL:+EXPERT_PARALLEL} \
+        ${VIRTUAL_PIPELINE_LAYERS:+VIRTUAL_PIPELINE_LAYERS}; do
+    [[ "${!knob}" =~ ^[1-9][0-9]*$ ]] || layout_error "$knob=${!knob} must be a positive integer"
+done
+if (( WORLD_SIZE % (TENSOR_PARALLEL * PIPELINE_PARALLEL) )); then
+    layout_error "TENSOR_PARALLEL=$TENSOR_PARALLEL x PIPELINE_PARALLEL=$PIPELINE_PARALLEL must divide" \
+        "the $WORLD_SIZE processes (GPUS_PER_NODE=$GPUS_PER_NODE x NNODES=$NNODES)"
+fi
+if (( WORLD_SIZE % (EXPERT_TENSOR_PARALLEL * PIPELINE_PARALLEL) )); then
+    layout_error "EXPERT_TENSOR_PARALLEL=$EXPERT_TENSOR_PARALLEL x PIPELINE_PARALLEL=$PIPELINE_PARALLEL" \
+        "must divide the $WORLD_SIZE processes (GPUS_PER_NODE=$GPUS_PER_NODE x NNODES=$NNODES)"
+fi
+EXPERT_PARALLEL=${EXPERT_PARALLEL:-$((WORLD_SIZE / (EXPERT_TENSOR_PARALLEL * PIPELINE_PARALLEL)))}
+if (( WORLD_SIZE % (EXPERT_PARALLEL * EXPERT_TENSOR_PARALLEL * PIPELINE_PARALLEL) )); then
+    layout_error "EXPERT_PARALLEL=$EXPERT_PARALLEL x EXPERT_TENSOR_PARALLEL=$EXPERT_TENSOR_PARALLEL x" \
+        "PIPELINE_PARALLEL=$PIPELINE_PARALLEL must divide the $WORLD_SIZE processes" \
+        "(GPUS_PER_NODE=$GPUS_PER_NODE x NNODES=$NNODES)"
+fi
+PARALLEL_ARGS=(
+    --tensor-model-parallel-size "$TENSOR_PARALLEL"
+    --pipeline-model-parallel-size "$PIPELINE_PARALLEL"
+    --expert-model-parallel-size "$EXPERT_PARALLEL"
+    --expert-tensor-parallel-size "$EXPERT_TENSOR_PARALLEL"
+)
+if (( TENSOR_PARALLEL > 1 )); then
+    PARALLEL_ARGS+=(--sequence-parallel)
+fi
+if [ -n "${VIRTUAL_PIPELINE_LAYERS:-}" ]; then
+    PARALLEL_ARGS+=(--num-layers-per-virtual-pipeline-stage "$VIRTUAL_PIPELINE_LAYERS")
+fi
 
 LSH_ARGS=(
     --lsh

@@ -32,7 +32,6 @@ MOE_ARGS=(
     --moe-layer-freq 2
     --moe-aux-loss-coeff 1e-2
     --moe-token-dispatcher-type alltoall
-    --expert-model-parallel-size "$EXPERT_PARALLEL"
 )
 
 TRAINING_ARGS=(
@@ -56,5 +55,5 @@ else
 fi
 
 exec torchrun "${DISTRIBUTED_ARGS[@]}" pretrain_gpt_moe.py \
-    "${MODEL_ARGS[@]}" "${MOE_ARGS[@]}" "${LSH_ARGS[@]}" "${TRAINING_ARGS[@]}" \
+    "${MODEL_ARGS[@]}" "${MOE_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${LSH_ARGS[@]}" "${TRAINING_ARGS[@]}" \
     "${PRECISION_ARGS[@]}" "${DATA_ARGS[@]}" "${EVAL_AND_LOGGING_ARGS[@]}" "$@"
