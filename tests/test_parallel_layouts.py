@@ -87,3 +87,28 @@ def evaluated_loss(checkpoint_dir, corpus) -> float:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return float(re.search(r"loss ([0-9.]+), perplexity", result.stdout)[1])
+
+
+def test_t5_trained_at_tp2_ep2_evaluates_alike_at_tp1_ep4(corpus, tmp_path):
+    from tests.test_pretrain_t5 import t5_flags
+
+    save = tmp_path / "ckpt"
+    common = {"--no-lsh": True, "--hidden-dropout": "0", "--attention-dropout": "0", "--train-iters": "4",
+              "--log-interval": "2", "--eval-interval": "4", "--save": str(save), "--load": str(save)}
+    tensor_parallel = torchrun(t5_flags(corpus, **common, **TP2_EP2), nproc=4, script="pretrain_t5_moe.py")
+    # Resumed at its last iteration, the run only evaluates: now with whole attention layers.
+    expert_parallel = torchrun(t5_flags(corpus, **common, **{"--expert-model-parallel-size": "4"}), nproc=4,
+                               script="pretrain_t5_moe.py")
+    assert "resuming at iteration 4" in expert_parallel
+    assert validation_losses(expert_parallel)[4] == pytest.approx(validation_losses(tensor_parallel)[4], rel=1e-5)
+
+
+def test_t5_refuses_pipeline_parallelism_naming_the_flag(corpus):
+    from tests.launch import run_pretrain_expecting_error
+    from tests.test_pretrain_t5 import t5_flags
+
+    error = run_pretrain_expecting_error(
+        t5_flags(corpus, **{"--train-iters": "2", "--pipeline-model-parallel-size": "2",
+                            "--expert-model-parallel-size": "1"}),
+        world_size=2, script="pretrain_t5_moe.py")
+    assert error.startswith("error: --pipeline-model-parallel-size: T5-MoE trains without pipeline parallelism")

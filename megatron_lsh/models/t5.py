@@ -25,6 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_lsh.device import compute_device
 from megatron_lsh.models.attention import BiasedDotProductAttention
+from megatron_lsh.models.norm import with_sequence_parallel_norms
 from megatron_lsh.moe.layer import get_lsh_moe_module_spec, lsh_moe_layers
 
 MoELayerFreq = Union[int, Sequence[int]]
@@ -100,8 +101,10 @@ def build_t5_moe_model(
     model = T5Model(
         config=config,
         encoder_config=encoder_config,
-        transformer_encoder_layer_spec=TransformerBlockSubmodules(encoder_layers, layer_norm=encoder_norm),
-        transformer_decoder_layer_spec=TransformerBlockSubmodules(decoder_layers, layer_norm=decoder_norm),
+        transformer_encoder_layer_spec=with_sequence_parallel_norms(
+            TransformerBlockSubmodules(encoder_layers, layer_norm=encoder_norm)),
+        transformer_decoder_layer_spec=with_sequence_parallel_norms(
+            TransformerBlockSubmodules(decoder_layers, layer_norm=decoder_norm)),
         vocab_size=vocab_size,
         max_sequence_length=max_sequence_length,
         share_embeddings_and_output_weights=share_embeddings_and_output_weights,

@@ -39,7 +39,7 @@ def validate_t5_args(args) -> None:
     if args.pipeline_model_parallel_size > 1:
         raise ArgumentError(
             "--pipeline-model-parallel-size: T5-MoE trains without pipeline parallelism "
-            "(megatron-core 0.16 dropped encoder-decoder pipeline splits); use data, tensor or "
+            "(megatron-core 0.16 has no pipeline split between encoder and decoder); use data, tensor or "
             "expert parallelism"
         )
     args.encoder_num_layers = args.encoder_num_layers or args.num_layers
