@@ -53,7 +53,7 @@ def test_pipeline_parallel_kill_and_resume_gives_the_same_losses(corpus, tmp_pat
     assert all(resumed[i] == uninterrupted[i] for i in resumed), (resumed, uninterrupted)
 
 
-def test_checkpoint_saved_at_tp2_ep2_resumes_at_tp1_ep4_with_the_same_losses(corpus, tmp_path):
+def test_checkpoint_saved_at_tp2_ep2_resumes_at_tp1_ep4_with_a_sharded_optimizer_and_the_same_losses(corpus, tmp_path):
     # Stock dispatch and no dropout: nothing but the layout differs between the runs, so the
     # steps after the checkpoint (optimizer state resharded too) and the validation loss at the
     # end agree up to the order of floating-point sums.
@@ -65,9 +65,10 @@ def test_checkpoint_saved_at_tp2_ep2_resumes_at_tp1_ep4_with_the_same_losses(cor
     at6 = tmp_path / "at6"  # the run's iteration-6 checkpoint as the newest of a directory
     shutil.copytree(save / "iter_0000006", at6 / "iter_0000006")
     (at6 / "latest_checkpointed_iteration.txt").write_text("6\n")
+    # The resumed run shards its optimizer state: the replicated checkpoint loads into it.
     resumed = torchrun(model_flags(corpus, **{
         **common, "--train-iters": "10", "--load": str(at6), "--save": str(at6),
-        "--expert-model-parallel-size": "4"}), nproc=4)
+        "--expert-model-parallel-size": "4", "--use-distributed-optimizer": True}), nproc=4)
     assert "resuming at iteration 6" in resumed
     assert validation_losses(resumed)[10] == pytest.approx(validation_losses(first)[10], rel=1e-4)
     before, after = losses(first), losses(resumed)
@@ -112,3 +113,38 @@ def test_t5_refuses_pipeline_parallelism_naming_the_flag(corpus):
                             "--expert-model-parallel-size": "1"}),
         world_size=2, script="pretrain_t5_moe.py")
     assert error.startswith("error: --pipeline-model-parallel-size: T5-MoE trains without pipeline parallelism")
+
+
+@pytest.mark.parametrize("precision", [{}, {"--bf16": True}], ids=["fp32", "bf16"])
+def test_distributed_optimizer_and_overlapped_reduction_train_like_the_replicated_optimizer(
+        corpus, tmp_path, precision):
+    # 4 ranks, expert parallel 2: dense state shared out over 4 replicas, expert state over 2.
+    flags = {"--train-iters": "8", "--log-interval": "1", "--eval-interval": "100",
+             "--expert-model-parallel-size": "2", "--micro-batch-size": "2", **precision}
+    replicated = losses(torchrun(model_flags(corpus, **flags), nproc=4))
+    save = tmp_path / "ckpt"
+    sharded = losses(torchrun(model_flags(corpus, **{
+        **flags, "--use-distributed-optimizer": True, "--overlap-grad-reduce": True,
+        "--save": str(save), "--save-interval": "4"}), nproc=4))
+    assert sorted(sharded) == list(range(1, 9))
+    for iteration, loss in replicated.items():
+        assert sharded[iteration] == pytest.approx(loss, rel=1e-6), (iteration, sharded, replicated)
+    # Killed at 4 and resumed, sharded state and all: the same steps again.
+    shutil.rmtree(save / "iter_0000008")
+    (save / "latest_checkpointed_iteration.txt").write_text("4\n")
+    resumed = losses(torchrun(model_flags(corpus, **{
+        **flags, "--use-distributed-optimizer": True, "--overlap-grad-reduce": True,
+        "--save": str(save), "--load": str(save), "--save-interval": "4"}), nproc=4))
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert all(resumed[i] == sharded[i] for i in resumed), (resumed, sharded)
+
+
+def test_distributed_optimizer_holds_a_share_of_the_state_on_each_rank():
+    from benchmarks.optimizer_memory import run
+
+    results = run(4, dict(ep=2, hidden=64, layers=2, experts=4, bf16=True, repeats=1))
+    replicated = [r["replicated"]["bytes"] for r in results]
+    distributed = [r["distributed"]["bytes"] for r in results]
+    assert len(set(replicated)) == 1  # every rank holds all of its model's state
+    # Dense state over 4 replicas, expert state over 2: each rank keeps well under two thirds.
+    assert all(d < 0.65 * r for d, r in zip(distributed, replicated)), (distributed, replicated)

@@ -242,6 +242,14 @@ def add_training_args(parser):
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping.")
+    g.add_argument(
+        "--use-distributed-optimizer", action="store_true",
+        help="Shard the optimizer state (Adam moments, fp32 master weights) over data-parallel ranks.",
+    )
+    g.add_argument(
+        "--overlap-grad-reduce", action="store_true",
+        help="Start each gradient bucket's data-parallel reduction during the last micro-batch's backward.",
+    )
     g.add_argument("--bf16", action="store_true", help="bf16 parameters and activations, fp32 master weights.")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--eval-interval", type=int, default=1000)

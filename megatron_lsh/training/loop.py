@@ -132,6 +132,14 @@ def _all_reduce_mean(values, group=None) -> list:
     return (tensor / torch.distributed.get_world_size(group)).tolist()
 
 
+def _all_reduce_max(value: float) -> float:
+    if not torch.distributed.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=compute_device())
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tensor.item()
+
+
 def moe_aux_loss_metrics(num_microbatches: int, groups: Optional[Dict[str, range]] = None) -> Dict[str, float]:
     """megatron-core's per-layer router losses (load balancing, z-loss), averaged over the MoE
     layers, and over each group of layers (e.g. T5's encoder and decoder) when given."""
@@ -214,8 +222,10 @@ class Trainer:
         # DDP; its schedules run the micro-batches and its finalize_model_grads reduces gradients
         # over data parallel, sequence-parallel copies and tied embeddings across stages.
         self.model = build_model_chunks(task, args, self.config, vocab)
+        # Gradients are all-reduced whole; --use-distributed-optimizer shards the optimizer
+        # state (TrainingOptimizer), not megatron-core's CUDA-only gradient buffers.
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+            grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce, use_distributed_optimizer=False
         )
         self.ddp = [
             DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=chunk,
@@ -223,6 +233,13 @@ class Trainer:
             for index, chunk in enumerate(self.model)
         ]
         self.config.finalize_model_grads_func = finalize_model_grads
+        if args.overlap_grad_reduce:
+            # As Megatron-LM: no reduction before the last micro-batch, then each bucket's
+            # reduction starts as soon as its gradients are complete.
+            no_sync = [chunk.no_sync for chunk in self.ddp]
+            start_sync = [chunk.start_grad_sync for chunk in self.ddp]
+            self.config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
+            self.config.grad_sync_func = start_sync if len(start_sync) > 1 else start_sync[0]
         self.forward_backward = get_forward_backward_func()
         self.optimizer = TrainingOptimizer(
             torch.nn.ModuleList(self.model),
@@ -231,6 +248,7 @@ class Trainer:
             betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_eps,
             fp32_master_weights=args.bf16,
+            shard_over_data_parallel=args.use_distributed_optimizer,
         )
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
@@ -272,7 +290,8 @@ class Trainer:
             f"{args.num_experts // args.expert_model_parallel_size} of {args.num_experts} local), "
             f"vocabulary {self.tokenizer.vocab_size} (padded {vocab}), "
             f"{self.num_microbatches} micro-batches of {args.micro_batch_size} x {self.dp_size} ranks "
-            f"per step, LSH {'on' if args.lsh_enabled else 'off'}"
+            f"per step, LSH {'on' if args.lsh_enabled else 'off'}; optimizer state "
+            + ("sharded over data parallel" if self.optimizer.sharded else "replicated")
         )
         eval_runs = args.train_iters // args.eval_interval + 1 if args.eval_iters else 0
         num_samples = [
@@ -457,6 +476,7 @@ class Trainer:
         metrics.update(moe_aux_loss_metrics(self.num_microbatches * steps, groups))
         if args.log_a2a_time:
             metrics["a2a share of step time"] = a2a_seconds / step_seconds if step_seconds else 0.0
+        metrics["optimizer state MB per rank (max)"] = _all_reduce_max(self.optimizer.state_bytes()) / 2**20
         metrics.update(compression_metrics(get_compression_tracker().take(group=torch.distributed.group.WORLD)))
         if self.lsh_controller is not None:
             metrics.update({f"lsh merge threshold/{layer}": threshold
