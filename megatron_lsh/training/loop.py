@@ -222,8 +222,8 @@ class Trainer:
         # DDP; its schedules run the micro-batches and its finalize_model_grads reduces gradients
         # over data parallel, sequence-parallel copies and tied embeddings across stages.
         self.model = build_model_chunks(task, args, self.config, vocab)
-        # Gradients are all-reduced whole; --use-distributed-optimizer shards the optimizer
-        # state (TrainingOptimizer), not megatron-core's CUDA-only gradient buffers.
+        # Gradients are all-reduced whole: --use-distributed-optimizer shards the optimizer state
+        # by whole parameters (TrainingOptimizer), and every rank takes the global grad norm.
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce, use_distributed_optimizer=False
         )
