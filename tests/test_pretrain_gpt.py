@@ -177,9 +177,12 @@ def test_tokenizer_that_does_not_match_the_data_is_refused(corpus, tmp_path):
         ({"--pipeline-model-parallel-size": "2", "--num-layers-per-virtual-pipeline-stage": "2",
           "--expert-model-parallel-size": "1"}, 2,
          "--num-layers-per-virtual-pipeline-stage 2 must divide the 1 layers of each of the 2 pipeline stages"),
+        ({"--pipeline-model-parallel-size": "2", "--num-layers": "4", "--num-layers-per-virtual-pipeline-stage": "1",
+          "--expert-model-parallel-size": "1", "--global-batch-size": "4"}, 2,
+         "needs at least --pipeline-model-parallel-size 2 micro-batches per step; raise --global-batch-size 4 to 8"),
     ],
     ids=["global-batch", "experts", "world-size", "lsh-hashes", "tp-without-sp", "tp-pp-world",
-         "etp-world", "tp-heads", "pp-layers", "virtual-stages"],
+         "etp-world", "tp-heads", "pp-layers", "virtual-stages", "virtual-stage-batch"],
 )
 def test_bad_parallel_and_batch_settings_give_one_clear_error(corpus, overrides, world_size, expected):
     error = run_pretrain_expecting_error(model_flags(corpus, **{"--train-iters": "2", **overrides}), world_size)

@@ -474,6 +474,13 @@ def validate_args(args, world_size: int) -> None:
             f"--global-batch-size {args.global_batch_size} must be a multiple of --micro-batch-size "
             f"{args.micro_batch_size} x data-parallel size {data_parallel} = {per_step}"
         )
+    pp = args.pipeline_model_parallel_size
+    if args.virtual_pipeline_model_parallel_size and args.global_batch_size // per_step < pp:
+        raise ArgumentError(
+            f"--num-layers-per-virtual-pipeline-stage: the interleaved schedule needs at least "
+            f"--pipeline-model-parallel-size {pp} micro-batches per step; raise --global-batch-size "
+            f"{args.global_batch_size} to {pp * per_step} or more"
+        )
     if args.hidden_size % args.num_attention_heads:
         raise ArgumentError(
             f"--hidden-size {args.hidden_size} must be divisible by --num-attention-heads "
