@@ -100,3 +100,22 @@ def test_every_rank_takes_the_same_decision_from_all_reduced_counts():
     thresholds = run_distributed(_thresholds_after_updates, 2)
     assert thresholds[0] == thresholds[1]
     assert thresholds[0]["layer_2"] != 0.5 and thresholds[0]["layer_4"] != 0.5
+
+
+def _thresholds_of_two_pipeline_stages(rank, world_size):
+    from megatron_lsh.moe.stats import layer_names_of_group
+    from megatron_lsh.training.initialize import initialize_distributed
+
+    initialize_distributed(expert_model_parallel_size=1, seed=1)
+    # Rank 0 holds the first stage's layer, rank 1 the second's.
+    layers = [FakeLayer(f"layer_{2 + 2 * rank}", 0.5, spread=0.05 + 0.3 * rank)]
+    controller = CompressionController(layers, 0.2, None, layer_names_of_group([layers[0].layer_name]))
+    drive(controller, layers, 30)
+    return controller.state_dict(), {layer.layer_name: layer.merge_threshold for layer in layers}
+
+
+def test_pipeline_stages_follow_every_layer_so_any_rank_can_save_them():
+    (state_0, held_0), (state_1, held_1) = run_distributed(_thresholds_of_two_pipeline_stages, 2)
+    assert state_0 == state_1 and set(state_0) == {"layer_2", "layer_4"}
+    assert held_0 == {"layer_2": state_0["layer_2"]} and held_1 == {"layer_4": state_0["layer_4"]}
+    assert state_0["layer_2"] != state_0["layer_4"]  # each steered by its own stage's counts
