@@ -10,7 +10,12 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.gpt_dataset import (
+    GPTDataset,
+    GPTDatasetConfig,
+    MockGPTDataset,
+    _get_ltor_masks_and_position_ids,
+)
 from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
 from megatron.core.datasets.utils import get_blend_from_list
 
@@ -83,15 +88,43 @@ def blends_from_args(args, tokenizer):
     return None, [_blend(p) for p in per_split], None
 
 
+class _SampleIndependentLossMask:
+    """megatron-core's GPTDataset caches the loss mask of the first sample a process reads, then
+    zeroes that sample's padding positions in the cached tensor itself: every later sample of the
+    process (each data-loader worker has its own) loses the same positions. Masks then depend on
+    which sample a worker read first, so a resumed run trained on other masks than an
+    uninterrupted one. Here the cache holds the mask megatron-core computes, before any sample's
+    padding is applied."""
+
+    def __getitem__(self, idx):
+        caching_now = self.masks_and_position_ids_are_cacheable and not self.masks_and_position_ids_are_cached
+        sample = super().__getitem__(idx)
+        if caching_now:
+            config = self.config
+            _, self.cached_loss_mask, _ = _get_ltor_masks_and_position_ids(
+                sample["tokens"], config.tokenizer.eod, config.reset_position_ids,
+                config.reset_attention_mask, config.eod_mask_loss, config.create_attention_mask,
+            )
+        return sample
+
+
+class PretrainingGPTDataset(_SampleIndependentLossMask, GPTDataset):
+    pass
+
+
+class PretrainingMockGPTDataset(_SampleIndependentLossMask, MockGPTDataset):
+    pass
+
+
 def build_gpt_datasets(args, tokenizer, num_samples: Sequence[int]):
     """(train, valid, test) datasets holding at least num_samples samples each (None when a
     split has no data)."""
     if args.mock_data:
         blend, blend_per_split, split = None, None, "1,1,1"
-        dataset_class = MockGPTDataset
+        dataset_class = PretrainingMockGPTDataset
     else:
         blend, blend_per_split, split = blends_from_args(args, tokenizer)
-        dataset_class = GPTDataset
+        dataset_class = PretrainingGPTDataset
     config = GPTDatasetConfig(
         random_seed=args.seed,
         sequence_length=args.seq_length,
