@@ -1,11 +1,15 @@
 """Resuming is exact: the losses after a stop and a resume equal an uninterrupted run's."""
 
 import argparse
+import re
+import shutil
+import signal
+import subprocess
 
 import pytest
 import torch
 
-from tests.launch import losses, torchrun
+from tests.launch import REPO, environment, losses, torchrun, torchrun_command
 
 # The run of issue 13, as a new user tried it: mock data read by 2 data-loader workers per rank.
 MOCK_RUN = {
@@ -45,15 +49,82 @@ def test_a_samples_loss_mask_does_not_depend_on_the_sample_read_before_it():
             assert torch.equal(dataset[i]["loss_mask"], mask), (first, i)
 
 
-@pytest.mark.parametrize("lsh", [{"--no-lsh": True}, {"--lsh": True, "--lsh-num-hashes": "4"}],
-                         ids=["stock", "lsh"])
-def test_exit_interval_then_resume_gives_the_same_losses(tmp_path, lsh):
-    straight = losses(torchrun(flags(**lsh, **{"--save": str(tmp_path / "straight")})))
-    save = str(tmp_path / "stopped")
-    first = losses(torchrun(flags(**lsh, **{"--save": save, "--exit-interval": "10"})))
-    assert sorted(first) == list(range(1, 11))
-    resumed = torchrun(flags(**lsh, **{"--save": save, "--load": save}))
-    assert "resuming at iteration 10" in resumed
+STOCK, LSH = {"--no-lsh": True}, {"--lsh": True, "--lsh-num-hashes": "4"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Losses and checkpoint directory (iterations 10 and 14) of straight runs, by dispatcher."""
+    runs = {}
+    for name, lsh in (("stock", STOCK), ("lsh", LSH)):
+        save = tmp_path_factory.mktemp(f"straight-{name}")
+        runs[name] = (losses(torchrun(flags(**lsh, **{"--save": str(save)}))), save)
+    return runs
+
+
+def resume_and_compare(save, lsh, straight, stopped_at):
+    resumed = torchrun(flags(**lsh, **{"--save": str(save), "--load": str(save)}))
+    assert f"resuming at iteration {stopped_at}" in resumed
     resumed = losses(resumed)
-    assert sorted(resumed) == [11, 12, 13, 14]
+    assert sorted(resumed) == list(range(stopped_at + 1, 15))
     assert all(resumed[i] == straight[i] for i in resumed), (resumed, straight)
+
+
+@pytest.mark.parametrize("name", ["stock", "lsh"])
+def test_exit_interval_then_resume_gives_the_same_losses(tmp_path, uninterrupted, name):
+    lsh = STOCK if name == "stock" else LSH
+    first = losses(torchrun(flags(**lsh, **{"--save": str(tmp_path), "--exit-interval": "10"})))
+    assert sorted(first) == list(range(1, 11))
+    resume_and_compare(tmp_path, lsh, uninterrupted[name][0], 10)
+
+
+def test_exit_duration_saves_after_a_whole_step_and_resumes_exactly(tmp_path, uninterrupted):
+    # A limit shorter than one step: every rank stops after the first, saves, and exits 0.
+    output = torchrun(flags(**LSH, **{"--save": str(tmp_path), "--exit-duration-in-mins": "0.001"}))
+    assert "stopping at iteration 1: --exit-duration-in-mins 0.001 reached" in output
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    resume_and_compare(tmp_path, LSH, uninterrupted["lsh"][0], 1)
+
+
+def test_sigterm_with_the_signal_handler_saves_exits_zero_and_resumes_exactly(tmp_path, uninterrupted):
+    import psutil
+
+    process = subprocess.Popen(
+        torchrun_command(flags(**STOCK, **{"--save": str(tmp_path), "--exit-signal-handler": True})),
+        cwd=REPO, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if re.search(r"iteration\s+4/", line):
+            # What SLURM does ahead of a time limit: SIGTERM to every process of the job.
+            for worker in psutil.Process(process.pid).children(recursive=True):
+                worker.send_signal(signal.SIGTERM)
+            break
+    output.append(process.stdout.read())
+    assert process.wait(timeout=120) == 0, "".join(output)[-3000:]
+    stopped = re.search(r"stopping at iteration (\d+): received SIGTERM", "".join(output))
+    assert stopped, "".join(output)[-3000:]
+    stopped_at = int(stopped[1])
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped_at)
+    resume_and_compare(tmp_path, STOCK, uninterrupted["stock"][0], stopped_at)
+
+
+def test_a_damaged_newest_checkpoint_is_named_and_an_earlier_one_can_be_loaded(tmp_path, uninterrupted):
+    straight, original = uninterrupted["stock"]
+    save = tmp_path / "ckpt"
+    shutil.copytree(original, save)
+    shard = save / "iter_0000014" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    result = subprocess.run(
+        torchrun_command(flags(**STOCK, **{"--load": str(save), "--save-interval": None, "--train-iters": "16"})),
+        cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error (rank 0)")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert f"checkpoint {save / 'iter_0000014'} is damaged: __1_0.distcp is truncated (100 of" in errors[0]
+    assert "resume from an earlier one with --ckpt-step 10 (complete: [10])" in errors[0]
+    assert "]: Traceback" not in result.stderr  # no rank's (torchrun reports the exit code its way)
+    resumed = torchrun(flags(**STOCK, **{"--load": str(save), "--save-interval": None, "--ckpt-step": "10"}))
+    assert "resuming at iteration 10" in resumed
+    assert all(loss == straight[i] for i, loss in losses(resumed).items())
+    assert sorted(losses(resumed)) == [11, 12, 13, 14]

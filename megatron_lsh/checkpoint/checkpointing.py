@@ -58,12 +58,41 @@ def find_latest_checkpoint(root: str) -> Optional[int]:
         if text.isdigit() and _is_complete(iteration_dir(root, int(text))):
             return int(text)
         logger.warning(f"{tracker} names {text!r}, which is not a complete checkpoint; scanning {root}")
-    complete = [
-        int(name[5:])
-        for name in os.listdir(root)
+    complete = complete_iterations(root)
+    return complete[-1] if complete else None
+
+
+def complete_iterations(root: str) -> list:
+    if not os.path.isdir(root):
+        return []
+    return sorted(
+        int(name[5:]) for name in os.listdir(root)
         if name.startswith("iter_") and name[5:].isdigit() and _is_complete(os.path.join(root, name))
-    ]
-    return max(complete) if complete else None
+    )
+
+
+def damaged_file(path: str) -> Optional[str]:
+    """Why a checkpoint directory cannot be read whole: its first file that is missing or
+    shorter than the checkpoint's own index says, or None when every file is there."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    for name in ("common.pt", ".metadata"):
+        if not os.path.isfile(os.path.join(path, name)):
+            return f"{name} is missing"
+    try:
+        metadata = FileSystemReader(path).read_metadata()
+    except Exception as error:
+        return f".metadata cannot be read ({type(error).__name__})"
+    needed = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        if os.path.getsize(file) < size:
+            return f"{name} is truncated ({os.path.getsize(file)} of {size} bytes)"
+    return None
 
 
 def _rank() -> int:
@@ -185,14 +214,29 @@ class LoadedCheckpoint:
 
 def load_checkpoint(
     root: str, model, optimizer, scheduler, load_optim: bool = True, load_rng: bool = True,
-    finetune: bool = False,
+    finetune: bool = False, step: Optional[int] = None,
 ) -> Optional[LoadedCheckpoint]:
-    """Collective. Restores the newest complete checkpoint under root into model (and optimizer,
-    scheduler, RNG states); None when there is none yet."""
-    iteration = find_latest_checkpoint(root)
-    if iteration is None:
-        return None
+    """Collective. Restores the newest complete checkpoint under root (or the one of iteration
+    ``step``) into model (and optimizer, scheduler, RNG states); None when there is none yet."""
+    complete = complete_iterations(root)
+    if step is not None:
+        if step not in complete:
+            raise CheckpointError(
+                f"--ckpt-step {step}: {iteration_dir(root, step)} is not a complete checkpoint; "
+                f"complete ones under {root}: {complete or 'none'}"
+            )
+        iteration = step
+    else:
+        iteration = find_latest_checkpoint(root)
+        if iteration is None:
+            return None
     path = iteration_dir(root, iteration)
+    problem = damaged_file(path)
+    if problem is not None:
+        earlier = [i for i in complete if i < iteration]
+        hint = (f"resume from an earlier one with --ckpt-step {earlier[-1]} (complete: {earlier})"
+                if earlier else "there is no earlier complete checkpoint to resume from")
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}; {hint}")
     common = dist_checkpointing.load_common_state_dict(path)
     saved_args = common.get("args", {})
     optimizer = optimizer if (load_optim and not finetune) else None

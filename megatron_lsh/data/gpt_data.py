@@ -3,8 +3,11 @@ the files are whole and match the tokenizer, and a resumable data-parallel sampl
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import signal
+import weakref
 from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
@@ -166,6 +169,23 @@ class DataParallelSampler(torch.utils.data.Sampler):
             yield list(range(start + first, start + first + self.micro_batch_size))
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    # A job's SIGTERM (SLURM before its time limit, preemption) reaches every process, loader
+    # workers included: they must keep serving the step the trainer finishes before it saves.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+_LOADER_ITERATORS = weakref.WeakSet()
+
+
+@atexit.register  # registered after multiprocessing's own exit handler, so it runs before it
+def _stop_loader_workers() -> None:
+    # multiprocessing's exit handler stops leftover daemonic workers with SIGTERM, which they
+    # ignore; ask them to stop the loader's own way first (a private method of torch's iterator).
+    for iterator in list(_LOADER_ITERATORS):
+        iterator._shutdown_workers()
+
+
 def data_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int,
                   dp_size: int, num_workers: int) -> Iterator[dict]:
     sampler = DataParallelSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
@@ -175,8 +195,12 @@ def data_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
+        worker_init_fn=_ignore_sigterm,
         # Its own generator: creating an iterator must not advance the global RNG, or dropout
         # after a resume (or after an evaluation) would differ from an uninterrupted run.
         generator=torch.Generator().manual_seed(consumed_samples + dp_rank),
     )
-    return iter(loader)
+    iterator = iter(loader)
+    if num_workers:
+        _LOADER_ITERATORS.add(iterator)
+    return iterator

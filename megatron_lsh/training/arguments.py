@@ -226,6 +226,14 @@ def add_training_args(parser):
     g.add_argument("--global-batch-size", type=int, default=None, help="Default: micro x data parallel.")
     g.add_argument("--train-iters", type=int, required=True)
     g.add_argument("--exit-interval", type=int, default=None, help="Stop after this iteration.")
+    g.add_argument(
+        "--exit-duration-in-mins", type=float, default=None,
+        help="Save and stop once the run has taken this many minutes (every rank, after a whole step).",
+    )
+    g.add_argument(
+        "--exit-signal-handler", action="store_true",
+        help="On SIGTERM (SLURM's warning before its time limit, preemption), finish the step, save and exit 0.",
+    )
     g.add_argument("--lr", type=float, required=True)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument(
@@ -278,6 +286,8 @@ def add_checkpoint_args(parser):
     g.add_argument("--save", default=None, help="Checkpoint directory.")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--load", default=None, help="Resume from the newest complete checkpoint here.")
+    g.add_argument("--ckpt-step", type=int, default=None,
+                   help="Load the complete checkpoint of this iteration instead of the newest.")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--finetune", action="store_true", help="Load weights only; start at iteration 0.")
@@ -497,6 +507,10 @@ def validate_args(args, world_size: int) -> None:
         raise ArgumentError(f"--min-lr {args.min_lr} must be between 0 and --lr {args.lr}")
     if args.save_interval is not None and args.save is None:
         raise ArgumentError("--save-interval needs --save DIR")
+    if args.ckpt_step is not None and args.load is None:
+        raise ArgumentError("--ckpt-step needs --load DIR")
+    if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
+        raise ArgumentError(f"--exit-duration-in-mins {args.exit_duration_in_mins} must be positive")
     if args.mock_data:
         if args.tokenizer_type is None:
             args.tokenizer_type = "NullTokenizer"

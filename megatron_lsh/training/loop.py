@@ -7,6 +7,7 @@ import itertools
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -273,6 +274,7 @@ class Trainer:
             loaded = load_checkpoint(
                 args.load, self.model, self.optimizer, self.scheduler,
                 load_optim=not args.no_load_optim, load_rng=not args.no_load_rng, finetune=args.finetune,
+                step=args.ckpt_step,
             )
             if loaded is None:
                 self.log.console(f"no checkpoint in {args.load} yet: training from scratch")
@@ -308,6 +310,9 @@ class Trainer:
         ))
         if args.log_a2a_time:
             a2a_timer.install()
+        self._signal_received: Optional[int] = None
+        if args.exit_signal_handler:
+            signal.signal(signal.SIGTERM, self._note_signal)
 
     def layout(self) -> str:
         args = self.args
@@ -405,6 +410,26 @@ class Trainer:
     def tokens_seen(self) -> int:
         return self.consumed_samples * self.task.tokens_per_sample(self.args)
 
+    def _note_signal(self, signum, frame) -> None:
+        # Only noted here: every rank stops together after a whole step (see _stop_reason).
+        self._signal_received = signum
+
+    def _stop_reason(self) -> Optional[str]:
+        """Collective when --exit-duration-in-mins or --exit-signal-handler is set: why every
+        rank stops now (the time limit on any rank, or a signal any rank received), else None."""
+        args = self.args
+        if args.exit_duration_in_mins is None and not args.exit_signal_handler:
+            return None
+        over_time = args.exit_duration_in_mins is not None and \
+            time.time() - self.start_time > 60 * args.exit_duration_in_mins
+        flags = torch.tensor([float(over_time), float(self._signal_received is not None)], device=compute_device())
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        if flags[1]:
+            return "received SIGTERM (--exit-signal-handler)"
+        if flags[0]:
+            return f"--exit-duration-in-mins {args.exit_duration_in_mins} reached"
+        return None
+
     def train(self) -> None:
         args = self.args
         interval: Dict[str, list] = {"lm loss": [], "grad norm": [], "step seconds": []}
@@ -412,7 +437,8 @@ class Trainer:
         stop_at = min(args.train_iters, args.exit_interval or args.train_iters)
         if self.iteration == 0 and args.eval_interval:
             self._evaluate_and_log()
-        while self.iteration < stop_at:
+        stop_reason = None
+        while self.iteration < stop_at and stop_reason is None:
             step_start = time.time()
             metrics = self.train_step()
             interval["step seconds"].append(time.time() - step_start)
@@ -425,9 +451,15 @@ class Trainer:
                 self._evaluate_and_log()
             if args.save and args.save_interval and self.iteration % args.save_interval == 0:
                 self.save()
-        if self.iteration >= args.train_iters or args.eval_interval:
+            stop_reason = self._stop_reason()
+        if stop_reason is not None:
+            # No evaluation: the time left before a kill is short, the checkpoint comes first.
+            if interval["lm loss"]:
+                self._log_interval(interval)
+            self.log.console(f"[{timestamp()}] stopping at iteration {self.iteration}: {stop_reason}")
+        elif self.iteration >= args.train_iters or args.eval_interval:
             self._evaluate_and_log()
-        if self.iteration >= args.train_iters and self.test_ds is not None:
+        if stop_reason is None and self.iteration >= args.train_iters and self.test_ds is not None:
             self._evaluate_and_log(dataset=self.test_ds, name="test")
         if args.save and not (args.save_interval and self.iteration % args.save_interval == 0):
             self.save()
