@@ -128,3 +128,35 @@ def test_a_damaged_newest_checkpoint_is_named_and_an_earlier_one_can_be_loaded(t
     assert "resuming at iteration 10" in resumed
     assert all(loss == straight[i] for i, loss in losses(resumed).items())
     assert sorted(losses(resumed)) == [11, 12, 13, 14]
+
+
+def test_a_non_finite_step_names_iteration_and_layer_and_saves_nothing_after(tmp_path):
+    # A learning rate no model survives: the second step's forward overflows.
+    result = subprocess.run(
+        torchrun_command(flags(**LSH, **{"--save": str(tmp_path), "--save-interval": "1", "--lr": "1e6",
+                                         "--clip-grad": "0", "--lr-decay-style": "constant"})),
+        cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error (rank 0)")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    failed_at = int(re.search(r"is not finite at iteration (\d+)", errors[0])[1])
+    assert re.search(r"first non-finite (output: decoder\.layers\.\d+\.mlp \(MoE layer\)|output: decoder\.layers\.\d+ "
+                     r"\(transformer layer\)|gradient: [\w.]+)", errors[0]), errors[0]
+    saved = sorted(int(p.name[5:]) for p in tmp_path.glob("iter_*"))
+    assert saved == list(range(1, failed_at)), (saved, failed_at)
+
+
+def test_t5_stopped_by_the_time_limit_resumes_exactly(corpus, tmp_path):
+    from tests.test_pretrain_t5 import t5_flags
+
+    run = {"--train-iters": "6", "--log-interval": "1", "--eval-interval": "100", "--lsh": True}
+    straight = losses(torchrun(t5_flags(corpus, **run, **{"--save": str(tmp_path / "straight")}),
+                               script="pretrain_t5_moe.py"))
+    save = str(tmp_path / "stopped")
+    stopped = torchrun(t5_flags(corpus, **run, **{"--save": save, "--exit-duration-in-mins": "0.001"}),
+                       script="pretrain_t5_moe.py")
+    assert "stopping at iteration 1: --exit-duration-in-mins 0.001 reached" in stopped
+    resumed = losses(torchrun(t5_flags(corpus, **run, **{"--save": save, "--load": save}),
+                              script="pretrain_t5_moe.py"))
+    assert sorted(resumed) == [2, 3, 4, 5, 6]
+    assert all(resumed[i] == straight[i] for i in resumed), (resumed, straight)

@@ -40,6 +40,7 @@ from megatron_lsh.training.arguments import ArgumentError, validate_args
 from megatron_lsh.training.config import transformer_config_from_args
 from megatron_lsh.training.initialize import destroy_distributed, initialize_distributed
 from megatron_lsh.training.metrics_logger import MetricsLogger, timestamp
+from megatron_lsh.training.nonfinite import NonFiniteWatch
 from megatron_lsh.training.optimizer import TrainingOptimizer
 
 logger = logging.getLogger(__name__)
@@ -234,6 +235,7 @@ class Trainer:
             for index, chunk in enumerate(self.model)
         ]
         self.config.finalize_model_grads_func = finalize_model_grads
+        self.nonfinite = NonFiniteWatch(self.model)
         if args.overlap_grad_reduce:
             # As Megatron-LM: no reduction before the last micro-batch, then each bucket's
             # reduction starts as soon as its gradients are complete.
@@ -351,6 +353,7 @@ class Trainer:
         for chunk in self.ddp:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
+        self.nonfinite.start_step()
         reductions = self._run_schedule(self.train_iter, self.num_microbatches, forward_only=False)
         self.optimizer.prepare_grads()
         grad_norm = self.optimizer.clip_grads(args.clip_grad)
@@ -360,9 +363,14 @@ class Trainer:
         loss = _pipeline_sum([loss / self.num_microbatches])
         loss = _all_reduce_mean(loss, group=parallel_state.get_data_parallel_group())[0]
         if not math.isfinite(grad_norm) or not math.isfinite(loss):
+            # Raised before the optimizer step: nothing non-finite is applied, and nothing saved.
+            layer = self.nonfinite.first_bad_layer()
+            gradient = self.nonfinite.first_bad_gradient(self.optimizer.all_params)
+            where = f"; first non-finite output: {layer}" if layer else ""
+            where += f"; first non-finite gradient: {gradient}" if gradient else ""
             raise TrainingError(
-                f"loss {loss} / grad norm {grad_norm} is not finite at iteration {self.iteration + 1}; "
-                "lower --lr, raise --lr-warmup-iters, or resume from an earlier checkpoint"
+                f"loss {loss} / grad norm {grad_norm} is not finite at iteration {self.iteration + 1}"
+                f"{where}; lower --lr, raise --lr-warmup-iters, or resume from an earlier checkpoint"
             )
         self.optimizer.step()
         self.scheduler.step(increment=1)
