@@ -17,10 +17,11 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-6000}
 WORLD_SIZE=$((GPUS_PER_NODE * NNODES))
+# On SIGTERM torchrun forwards it to the workers and kills them this many seconds later: time for
+# --exit-signal-handler's last step and save (the SLURM script's warning is 300 s). An environment
+# variable rather than --shutdown-timeout, which older torchruns lack.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-240}
 DISTRIBUTED_ARGS=(
-    # On SIGTERM torchrun forwards it to the workers and kills them this many seconds later: time
-    # for --exit-signal-handler's last step and save (the SLURM script's warning is 300 s).
-    --shutdown-timeout "${SHUTDOWN_TIMEOUT:-240}"
     --nproc_per_node "$GPUS_PER_NODE"
     --nnodes "$NNODES"
     --node_rank "$NODE_RANK"
