@@ -215,11 +215,11 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         global_probs = torch.ones(
             global_centroids.size(0), dtype=centroid_probs.dtype, device=global_centroids.device
         )
-        self._wire_row_bytes = (centroids.size(-1) * centroids.element_size(), centroid_probs.element_size())
         return global_centroids, global_probs
 
     def dispatch_postprocess(self, global_centroids, global_probs):
-        self._record_stats()
+        # Rows and probs keep their width and dtype through the all-to-all.
+        self._record_stats(global_centroids.size(-1) * global_centroids.element_size(), global_probs.element_size())
         dispatched, tokens_per_expert, probs = super().dispatch_postprocess(global_centroids, global_probs)
         if self.config.lsh_compensation == "expert_gain":
             self._expert_inputs = (dispatched.detach(), torch.as_tensor(tokens_per_expert).tolist())
@@ -262,11 +262,10 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
     def _rows_to_other_ranks(self, rows_per_rank) -> int:
         return int(sum(rows_per_rank)) - int(rows_per_rank[self.ep_rank])
 
-    def _record_stats(self) -> None:
+    def _record_stats(self, row_bytes: int, prob_bytes: int) -> None:
         """What this rank sends: over expert parallel (the all-to-alls) and, with expert tensor
         parallelism, over its peers (the gather before the experts, the reduce-scatter after)."""
         clusters = self._clusters
-        row_bytes, prob_bytes = self._wire_row_bytes
         if self.ep_size > 1:
             token_rows_per_rank = (
                 self._token_rows_per_expert.view(self.ep_size, self.num_local_experts)

@@ -117,29 +117,25 @@ def _pipeline_sum(values: List[float]) -> List[float]:
     """Values only the last pipeline stage holds (others pass zeros), on every stage."""
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=compute_device())
-    torch.distributed.all_reduce(tensor, group=parallel_state.get_pipeline_model_parallel_group())
-    return tensor.tolist()
+    return _all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
 
 
 class TrainingError(RuntimeError):
     pass
 
 
-def _all_reduce_mean(values, group=None) -> list:
+def _all_reduce(values, op=torch.distributed.ReduceOp.SUM, group=None) -> list:
+    """Plain numbers reduced over a group (all ranks by default), in float64."""
     if not torch.distributed.is_initialized():
         return list(values)
     tensor = torch.tensor(values, dtype=torch.float64, device=compute_device())
-    torch.distributed.all_reduce(tensor, group=group)
-    return (tensor / torch.distributed.get_world_size(group)).tolist()
+    torch.distributed.all_reduce(tensor, op=op, group=group)
+    return tensor.tolist()
 
 
-def _all_reduce_max(value: float) -> float:
-    if not torch.distributed.is_initialized():
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=compute_device())
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return tensor.item()
+def _all_reduce_mean(values, group=None) -> list:
+    size = torch.distributed.get_world_size(group) if torch.distributed.is_initialized() else 1
+    return [value / size for value in _all_reduce(values, group=group)]
 
 
 def moe_aux_loss_metrics(num_microbatches: int, groups: Optional[Dict[str, range]] = None) -> Dict[str, float]:
@@ -430,11 +426,12 @@ class Trainer:
             return None
         over_time = args.exit_duration_in_mins is not None and \
             time.time() - self.start_time > 60 * args.exit_duration_in_mins
-        flags = torch.tensor([float(over_time), float(self._signal_received is not None)], device=compute_device())
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        if flags[1]:
+        over_time, signalled = _all_reduce(
+            [float(over_time), float(self._signal_received is not None)], op=torch.distributed.ReduceOp.MAX
+        )
+        if signalled:
             return "received SIGTERM (--exit-signal-handler)"
-        if flags[0]:
+        if over_time:
             return f"--exit-duration-in-mins {args.exit_duration_in_mins} reached"
         return None
 
@@ -516,7 +513,8 @@ class Trainer:
         metrics.update(moe_aux_loss_metrics(self.num_microbatches * steps, groups))
         if args.log_a2a_time:
             metrics["a2a share of step time"] = a2a_seconds / step_seconds if step_seconds else 0.0
-        metrics["optimizer state MB per rank (max)"] = _all_reduce_max(self.optimizer.state_bytes()) / 2**20
+        metrics["optimizer state MB per rank (max)"] = \
+            _all_reduce([self.optimizer.state_bytes()], op=torch.distributed.ReduceOp.MAX)[0] / 2**20
         metrics.update(compression_metrics(get_compression_tracker().take(group=torch.distributed.group.WORLD)))
         if self.lsh_controller is not None:
             metrics.update({f"lsh merge threshold/{layer}": threshold

@@ -12,6 +12,8 @@ import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from megatron_lsh.training.optimizer import reduced_grad
+
 
 class NonFiniteWatch:
     def __init__(self, chunks):
@@ -30,7 +32,7 @@ class NonFiniteWatch:
     def _recorder(self, name: str):
         def record(module, inputs, output):
             tensor = output[0] if isinstance(output, (tuple, list)) else output
-            if not torch.is_tensor(tensor):
+            if not module.training or not torch.is_tensor(tensor):  # only training steps fail
                 return
             bad = ~torch.isfinite(tensor.detach()).all()
             self._flags[name] = bad if name not in self._flags else self._flags[name] | bad
@@ -44,8 +46,7 @@ class NonFiniteWatch:
 
     def first_bad_gradient(self, params) -> Optional[str]:
         for param in params:
-            grad = getattr(param, "main_grad", None)
-            grad = param.grad if grad is None else grad
+            grad = reduced_grad(param)
             if grad is not None and not bool(torch.isfinite(grad).all()):
                 return self._param_names.get(id(param), "an unnamed parameter")
         return None

@@ -40,7 +40,8 @@ def _is_expert(param: torch.nn.Parameter) -> bool:
     return not getattr(param, "allreduce", True)
 
 
-def _reduced_grad(param: torch.nn.Parameter):
+def reduced_grad(param: torch.nn.Parameter):
+    """The gradient DDP reduced (main_grad), else autograd's."""
     grad = getattr(param, "main_grad", None)
     return param.grad if grad is None else grad
 
@@ -165,7 +166,7 @@ class TrainingOptimizer:
     def prepare_grads(self) -> None:
         """Point the optimizer's parameters at the reduced gradients (DDP's main_grad)."""
         for model_param, main_param in self._pairs():
-            grad = _reduced_grad(model_param)
+            grad = reduced_grad(model_param)
             main_param.grad = None if grad is None else grad.to(main_param.dtype)
 
     @property
@@ -190,7 +191,7 @@ class TrainingOptimizer:
         expert_sq = torch.zeros((), dtype=torch.float32)
         expert_tp_group = parallel_state.get_expert_tensor_parallel_group()
         for model_param in self.all_params:
-            grad = _reduced_grad(model_param)
+            grad = reduced_grad(model_param)
             if grad is None or getattr(model_param, "shared", False):
                 continue
             expert = _is_expert(model_param)
