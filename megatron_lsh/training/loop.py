@@ -568,6 +568,13 @@ def _configure_logging(rank: int) -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
+def _write_error_line(line: str) -> None:
+    """One write per line: ranks share torchrun's stderr pipe, and print() writes the text and
+    its newline separately, so two ranks' messages could run together on one line."""
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), (line + "\n").encode())
+
+
 def pretrain(task: ModelTask, args) -> None:
     """Entry point of the pretrain_*.py scripts: clear one-line errors for bad input."""
     _configure_logging(int(os.environ.get("RANK", "0")))
@@ -577,11 +584,11 @@ def pretrain(task: ModelTask, args) -> None:
     except (ArgumentError, DataError, TokenizerError) as error:
         # Every rank sees the same flags and files: one message, from rank 0.
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {error}", file=sys.stderr, flush=True)
+            _write_error_line(f"error: {error}")
         destroy_distributed()
         sys.exit(2)
     except (CheckpointError, TrainingError) as error:
-        print(f"error (rank {os.environ.get('RANK', '0')}): {error}", file=sys.stderr, flush=True)
+        _write_error_line(f"error (rank {os.environ.get('RANK', '0')}): {error}")
         destroy_distributed()
         sys.exit(2)
     destroy_distributed()
