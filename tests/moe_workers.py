@@ -226,3 +226,42 @@ def train_gpt_moe(rank, world_size, lsh_enabled, steps):
         "losses": [row["lm loss"] for row in rows],
         "rates": [{k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix)} for row in rows],
     }
+
+
+def scoped_traffic(rank, world_size, scope, ranks_per_node):
+    """Tokens from a few prototypes dispatched with ``lsh_scope`` on nodes of ``ranks_per_node``
+    ranks: the stats, the bytes the all-to-alls carried, and what the prototypes imply."""
+    initialize_distributed(expert_model_parallel_size=world_size, seed=7)
+    num_experts, topk = 8, 2
+    tokens, prototype_of_token, routing_map = hand_routed_tokens(
+        rank, world_size, num_experts, topk, 6, num_tokens=256
+    )
+    tokens = tokens + 1e-4 * torch.randn(tokens.shape, generator=torch.Generator().manual_seed(9))
+    probs = routing_map.float() / topk
+    layer = build_moe_layer(
+        moe_config(world_size, num_moe_experts=num_experts, moe_router_topk=topk, lsh_num_hashes=8,
+                   lsh_scope=scope, lsh_ranks_per_node=ranks_per_node)
+    )
+    with WireCounter(rank) as counter:
+        restored = round_trip(layer.token_dispatcher, tokens, routing_map, probs)
+    local = num_experts // world_size
+    node_of_expert = [e // local // ranks_per_node for e in range(num_experts)]
+    my_node = rank // ranks_per_node
+    pairs = {(p, e) for t, p in enumerate(prototype_of_token.tolist())
+             for e in routing_map[t].nonzero().flatten().tolist()}
+    rows_per_expert = routing_map.sum(dim=0).tolist()
+    off_node = [e for e in range(num_experts) if node_of_expert[e] != my_node]
+    only_same_node = ~routing_map[:, off_node].any(dim=1)
+    return {
+        "stats": layer.token_dispatcher.last_stats,
+        "wire": counter.bytes,
+        "off_node_pairs": sum(1 for _, e in pairs if e in off_node),
+        "off_node_rows": sum(rows_per_expert[e] for e in off_node),
+        "same_node_rows": sum(rows_per_expert[e] for e in range(num_experts) if e not in off_node),
+        "rows_to_other_ranks": sum(rows_per_expert[e] for e in range(num_experts) if e // local != rank),
+        "same_node_pairs_to_other_ranks": sum(
+            1 for _, e in pairs if e not in off_node and e // local != rank),
+        # Tokens routed only within the node came back exactly as they went.
+        "same_node_round_trip_error": (restored - tokens)[only_same_node].abs().max().item()
+        if bool(only_same_node.any()) else 0.0,
+    }

@@ -32,6 +32,7 @@ def test_lsh_can_be_switched_off_for_stock_behaviour_with_any_dispatcher():
         (dict(lsh_num_buckets=5), "lsh_num_buckets"),
         (dict(lsh_num_hashes=40, lsh_num_buckets=16), "lsh_num_hashes"),
         (dict(lsh_redraw_interval=-1), "lsh_redraw_interval"),
+        (dict(lsh_scope="intra-node"), "lsh_scope"),
         (dict(num_moe_experts=6, expert_model_parallel_size=4), "expert_model_parallel_size"),
         (dict(moe_token_dispatcher_type="allgather"), "moe_token_dispatcher_type"),
         (dict(moe_token_dispatcher_type="flex"), "moe_token_dispatcher_type"),

@@ -7,6 +7,7 @@ from tests.distributed import run_distributed
 from tests.moe_workers import (
     clustered_traffic,
     round_trip_errors,
+    scoped_traffic,
     stock_vs_lsh_unclustered,
     train_gpt_moe,
 )
@@ -171,6 +172,38 @@ def test_bytes_on_the_wire_fall_to_the_compression_rate(world_size):
     rate = sum(r["stats"].centroids for r in ranks) / sum(r["stats"].tokens for r in ranks)
     assert rate < 0.2
     assert abs(lsh_wire / stock_wire - rate) < 0.05
+
+
+def test_inter_node_scope_merges_only_rows_bound_for_other_nodes():
+    """Two nodes of two ranks: rows for experts on the rank's own node travel exact, rows for
+    the other node's experts merge into one centroid per (prototype, expert)."""
+    ranks = run_distributed(scoped_traffic, 4, "inter-node", 2)
+    row_bytes = 64 * 4
+    for r in ranks:
+        stats = r["stats"]
+        assert stats.tokens == r["off_node_rows"]  # the rate is a rate of the rows in scope
+        assert stats.centroids == r["off_node_pairs"]
+        assert stats.inter_node_bytes == r["off_node_pairs"] * 2 * row_bytes
+        assert stats.inter_node_bytes_stock == r["off_node_rows"] * (2 * row_bytes + 4)
+        # Every row to the neighbour on the same node crossed as itself.
+        same_node_remote_rows = r["rows_to_other_ranks"] - r["off_node_rows"]
+        assert stats.dispatch_bytes == (same_node_remote_rows + r["off_node_pairs"]) * row_bytes
+        assert r["same_node_round_trip_error"] < 1e-5
+    # Combine bytes are counted where outputs return to: the totals are what the wire carried.
+    assert sum(r["wire"] for r in ranks) == sum(r["stats"].dispatch_bytes + r["stats"].combine_bytes for r in ranks)
+    # Rank 0 routes to its own node only; the others send the other node many rows.
+    assert all(r["off_node_pairs"] < r["off_node_rows"] / 4 for r in ranks[1:])
+    assert ranks[0]["stats"].inter_node_bytes_stock == 0
+
+
+def test_all_scope_counts_inter_node_bytes_and_merges_same_node_rows_too():
+    ranks = run_distributed(scoped_traffic, 4, "all", 2)
+    row_bytes = 64 * 4
+    for r in ranks:
+        stats = r["stats"]
+        assert stats.tokens == r["off_node_rows"] + r["same_node_rows"]
+        assert stats.inter_node_bytes == r["off_node_pairs"] * 2 * row_bytes
+        assert stats.dispatch_bytes == (r["same_node_pairs_to_other_ranks"] + r["off_node_pairs"]) * row_bytes
 
 
 @pytest.mark.parametrize(

@@ -92,6 +92,9 @@ def load_for_inference(load_dir: str, lsh: bool = False, dtype=torch.float32,
     args.sequence_parallel = False
     args.lsh_enabled = lsh
     args.lsh_gradient_study = None  # a training-time study; evaluation runs one path
+    # One process has no other nodes: an inter-node run is evaluated as if every row crossed
+    # one, its most compressed case.
+    args.lsh_scope = "all"
     lsh_overrides = dict(lsh_overrides or {})
     if "lsh_error_bound" in lsh_overrides:  # the bound alone, without the run's controller
         lsh_overrides.setdefault("lsh_target_compression", None)

@@ -263,17 +263,32 @@ def relative_errors(tokens: torch.Tensor, clusters: GroupedClusters) -> torch.Te
 
 
 def hash_and_cluster(tokens: torch.Tensor, family, group_ids: torch.Tensor, num_groups: int,
-                     merge_threshold: Optional[float] = None, error_bound: Optional[float] = None):
+                     merge_threshold: Optional[float] = None, error_bound: Optional[float] = None,
+                     exact_groups: Optional[torch.Tensor] = None):
     """Clusters of tokens by ``family``'s buckets within each group: plain buckets of all L
     hashes, or with a merge threshold and/or an error bound, ``adaptive_bucket_ids``.
+
+    ``exact_groups`` ([num_groups] bool): groups whose tokens are not hashed and each form a
+    cluster of their own (in the dispatcher, experts whose rows do not cross a slow link).
 
     Returns (GroupedClusters, [N] relative errors ||x - c|| / ||x|| (no gradient), rows sent as
     themselves because of the bound).
     """
+    hashed_rows = None
+    hashed, hashed_groups = tokens, group_ids
+    if exact_groups is not None:
+        hashed_rows = (~exact_groups.index_select(0, group_ids.long())).nonzero().squeeze(1)
+        hashed, hashed_groups = tokens.index_select(0, hashed_rows), group_ids.index_select(0, hashed_rows)
     if merge_threshold is None and error_bound is None:
-        clusters = cluster_tokens(tokens, family.bucket_ids(tokens), group_ids, num_groups, family.total_buckets)
-        return clusters, relative_errors(tokens, clusters), 0
-    assignment = adaptive_bucket_ids(tokens, family.codes(tokens), group_ids, family.num_buckets,
-                                     merge_threshold, error_bound)
-    clusters = cluster_tokens(tokens, assignment.bucket_ids, group_ids, num_groups, assignment.total_buckets)
-    return clusters, relative_errors(tokens, clusters), assignment.exact_rows
+        bucket_ids, total_buckets, exact_rows = family.bucket_ids(hashed), family.total_buckets, 0
+    else:
+        assignment = adaptive_bucket_ids(hashed, family.codes(hashed), hashed_groups, family.num_buckets,
+                                         merge_threshold, error_bound)
+        bucket_ids, total_buckets, exact_rows = assignment.bucket_ids, assignment.total_buckets, assignment.exact_rows
+    if hashed_rows is not None:
+        # Unhashed rows get ids of their own, past every bucket id the hashed rows can have.
+        all_ids = total_buckets + torch.arange(tokens.size(0), dtype=torch.int64, device=tokens.device)
+        bucket_ids = all_ids.index_copy(0, hashed_rows, bucket_ids.long())
+        total_buckets += tokens.size(0)
+    clusters = cluster_tokens(tokens, bucket_ids, group_ids, num_groups, total_buckets)
+    return clusters, relative_errors(tokens, clusters), exact_rows

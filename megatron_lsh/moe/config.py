@@ -9,6 +9,7 @@ import math
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_lsh.lsh.hashing import HASH_TYPES, MAX_TOTAL_BUCKETS
+from megatron_lsh.moe.topology import LSH_SCOPES
 
 
 class LSHConfigError(ValueError):
@@ -65,6 +66,15 @@ class LSHTransformerConfig(TransformerConfig):
     lsh_gradient_study: Optional[str] = None
     """Study only (runs the experts twice): 'exact_gradients' trains with LSH forward values and
     the exact MoE's gradients; 'exact_values' the other way round. Separates the two errors."""
+
+    lsh_scope: str = "all"
+    """Which rows LSH may merge: 'all' every row sent to another expert-parallel rank's expert
+    (and the rank's own); 'inter-node' only rows bound for experts on other nodes, so rows that
+    stay on fast intra-node links travel exact."""
+
+    lsh_ranks_per_node: Optional[int] = None
+    """Processes per node, which tells the dispatcher which peers share its node (scope and
+    per-link statistics). None: torchrun's LOCAL_WORLD_SIZE."""
 
     lsh_seed: int = 1234
     """Seed of the hash projections; every rank derives the same projections from it."""
@@ -130,6 +140,14 @@ class LSHTransformerConfig(TransformerConfig):
                 f"lsh_target_compression={target!r} must be in (0, 1] (centroids per token row, "
                 "e.g. 0.2), or None for fixed hashing"
             )
+        if self.lsh_scope not in LSH_SCOPES:
+            raise LSHConfigError(
+                f"lsh_scope={self.lsh_scope!r} is not supported; use one of "
+                f"{', '.join(repr(s) for s in LSH_SCOPES)}"
+            )
+        per_node = self.lsh_ranks_per_node
+        if per_node is not None and not (isinstance(per_node, int) and per_node >= 1):
+            raise LSHConfigError(f"lsh_ranks_per_node={per_node!r} must be a positive integer or None")
         if self.lsh_gradient_study not in (None, *GRADIENT_STUDIES):
             raise LSHConfigError(
                 f"lsh_gradient_study={self.lsh_gradient_study!r} is not supported; use one of "

@@ -35,6 +35,7 @@ from megatron_lsh.lsh import (
 from megatron_lsh.lsh.hashing import LSHFamily, derive_seed
 from megatron_lsh.moe.config import LSHConfigError
 from megatron_lsh.moe.stats import CompressionStats, get_compression_tracker
+from megatron_lsh.moe.topology import nodes_of_group, ranks_per_node
 
 _LSH_SETTINGS = (
     "lsh_hash_type",
@@ -45,6 +46,7 @@ _LSH_SETTINGS = (
     "lsh_target_compression",
     "lsh_seed",
     "lsh_redraw_interval",
+    "lsh_scope",
 )
 
 
@@ -80,6 +82,13 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             )
         super().__init__(num_local_experts, local_expert_indices, config, pg_collection)
         self.ep_rank = utils.get_pg_rank(self.ep_group)
+        # Which peers share this rank's node: rows to the others cross the slow links.
+        nodes = nodes_of_group(self.ep_group, ranks_per_node(getattr(config, "lsh_ranks_per_node", None)))
+        self._peer_off_node = [node != nodes[self.ep_rank] for node in nodes]
+        # With lsh_scope 'inter-node', the experts whose rows travel exact: those on this node.
+        self._exact_experts: Optional[torch.Tensor] = None
+        if config.lsh_scope == "inter-node":
+            self._exact_experts = ~torch.tensor(self._peer_off_node).repeat_interleave(self.num_local_experts)
         self.layer_number: Optional[int] = None
         self.layer_name = "moe"
         self.iteration = 0
@@ -168,14 +177,23 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             output_size=num_rows,
         )
         family = self.hash_family(token_rows.size(-1))
+        exact_experts = self._exact_experts
+        if exact_experts is not None:
+            exact_experts = exact_experts.to(token_rows.device)
         clusters, errors, exact_rows = hash_and_cluster(
             token_rows, family, expert_of_row, self.num_experts, self.merge_threshold,
-            self.config.lsh_error_bound,
+            self.config.lsh_error_bound, exact_experts,
         )
-        self._error_stats = (float(errors.sum()), exact_rows)
+        # Rows LSH may merge and their centroids: what the compression rate is a rate of.
+        if exact_experts is None:
+            rows_in_scope, centroids_in_scope = clusters.num_tokens, clusters.num_clusters
+        else:
+            rows_in_scope = int(rows_per_expert[~exact_experts].sum())
+            centroids_in_scope = int(clusters.clusters_per_group[~exact_experts].sum())
+        self._error_stats = (float(errors.sum()), exact_rows, rows_in_scope, centroids_in_scope)
         if self.training:
-            self.window_rows += clusters.num_tokens
-            self.window_centroids += clusters.num_clusters
+            self.window_rows += rows_in_scope
+            self.window_centroids += centroids_in_scope
         self._clusters = clusters
         # Kept for the residual x - c only when compensation needs it.
         self._token_rows = token_rows if self.config.lsh_compensation != "none" else None
@@ -262,6 +280,9 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
     def _rows_to_other_ranks(self, rows_per_rank) -> int:
         return int(sum(rows_per_rank)) - int(rows_per_rank[self.ep_rank])
 
+    def _rows_to_other_nodes(self, rows_per_rank) -> int:
+        return int(sum(rows for rows, off in zip(rows_per_rank, self._peer_off_node) if off))
+
     def _record_stats(self, row_bytes: int, prob_bytes: int) -> None:
         """What this rank sends: over expert parallel (the all-to-alls) and, with expert tensor
         parallelism, over its peers (the gather before the experts, the reduce-scatter after)."""
@@ -272,24 +293,27 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 .sum(dim=1)
                 .tolist()
             )
-            remote_token_rows = self._rows_to_other_ranks(token_rows_per_rank)
-            remote_centroid_rows = self._rows_to_other_ranks(
-                clusters.clusters_per_group.view(self.ep_size, self.num_local_experts)
-                .sum(dim=1)
-                .tolist()
+            centroid_rows_per_rank = (
+                clusters.clusters_per_group.view(self.ep_size, self.num_local_experts).sum(dim=1).tolist()
             )
+            remote_token_rows = self._rows_to_other_ranks(token_rows_per_rank)
+            remote_centroid_rows = self._rows_to_other_ranks(centroid_rows_per_rank)
+            off_node_token_rows = self._rows_to_other_nodes(token_rows_per_rank)
+            off_node_centroid_rows = self._rows_to_other_nodes(centroid_rows_per_rank)
         else:
-            remote_token_rows = remote_centroid_rows = 0
-        relative_error_sum, exact_rows = self._error_stats
+            remote_token_rows = remote_centroid_rows = off_node_token_rows = off_node_centroid_rows = 0
+        relative_error_sum, exact_rows, rows_in_scope, centroids_in_scope = self._error_stats
         stats = CompressionStats(
-            tokens=clusters.num_tokens,
-            centroids=clusters.num_clusters,
+            tokens=rows_in_scope,
+            centroids=centroids_in_scope,
             exact_rows=exact_rows,
             relative_error_sum=relative_error_sum,
             dispatch_bytes=remote_centroid_rows * row_bytes,
             dispatch_bytes_stock=remote_token_rows * (row_bytes + prob_bytes),
             combine_bytes=remote_centroid_rows * row_bytes,
             combine_bytes_stock=remote_token_rows * row_bytes,
+            inter_node_bytes=off_node_centroid_rows * 2 * row_bytes,
+            inter_node_bytes_stock=off_node_token_rows * (2 * row_bytes + prob_bytes),
         )
         if self.tp_size > 1:
             # The gather sends this rank's rows (and their probs: ones for centroids) to every

@@ -20,7 +20,8 @@ from megatron_lsh.device import compute_device
 @dataclass
 class CompressionStats:
     tokens: int = 0
-    """Token rows entering dispatch (tokens x top-k)."""
+    """Token rows LSH may merge: all rows entering dispatch (tokens x top-k), or with
+    lsh_scope 'inter-node' those bound for experts on other nodes."""
     centroids: int = 0
     """Rows LSH sent instead (one per cluster)."""
     exact_rows: int = 0
@@ -35,6 +36,10 @@ class CompressionStats:
     """Bytes the combine all-to-all returned from other ranks."""
     combine_bytes_stock: int = 0
     """Bytes megatron-core's combine would have returned."""
+    inter_node_bytes: int = 0
+    """Of dispatch and combine bytes together, those exchanged with ranks on other nodes."""
+    inter_node_bytes_stock: int = 0
+    """What megatron-core would have exchanged with ranks on other nodes."""
 
     @property
     def compression_rate(self) -> float:
@@ -48,6 +53,10 @@ class CompressionStats:
     @property
     def dispatch_bytes_ratio(self) -> float:
         return self.dispatch_bytes / self.dispatch_bytes_stock if self.dispatch_bytes_stock else 1.0
+
+    @property
+    def inter_node_bytes_ratio(self) -> float:
+        return self.inter_node_bytes / self.inter_node_bytes_stock if self.inter_node_bytes_stock else 1.0
 
     @property
     def combine_bytes_ratio(self) -> float:
@@ -66,6 +75,7 @@ class CompressionStats:
             "mean_relative_error": self.mean_relative_error,
             "dispatch_bytes_ratio": self.dispatch_bytes_ratio,
             "combine_bytes_ratio": self.combine_bytes_ratio,
+            "inter_node_bytes_ratio": self.inter_node_bytes_ratio,
         }
 
 

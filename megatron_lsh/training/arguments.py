@@ -12,6 +12,7 @@ import os
 from megatron_lsh.data.tokenizer import TOKENIZER_TYPES
 from megatron_lsh.lsh import HASH_TYPES
 from megatron_lsh.moe.config import COMPENSATIONS, GRADIENT_STUDIES
+from megatron_lsh.moe.topology import LSH_SCOPES
 
 
 class ArgumentError(ValueError):
@@ -98,6 +99,14 @@ def add_lsh_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="Study only, runs the experts twice: exact_gradients trains on LSH values with the "
              "exact MoE's gradients, exact_values on exact values with LSH's gradients.",
     )
+    group.add_argument(
+        "--lsh-scope",
+        choices=LSH_SCOPES,
+        default="all",
+        help="Rows LSH may merge: all (every row of the all-to-all), or inter-node (only rows bound "
+             "for experts on other nodes; rows between GPUs of one node travel exact). Nodes as "
+             "torchrun numbers them (LOCAL_WORLD_SIZE processes each).",
+    )
     group.add_argument("--lsh-seed", type=int, default=1234, help="Seed of the projections.")
     group.add_argument(
         "--lsh-redraw-interval",
@@ -121,6 +130,7 @@ def lsh_config_kwargs(args: argparse.Namespace) -> dict:
         lsh_gradient_study=args.lsh_gradient_study,
         lsh_seed=args.lsh_seed,
         lsh_redraw_interval=args.lsh_redraw_interval,
+        lsh_scope=args.lsh_scope,
     )
 
 

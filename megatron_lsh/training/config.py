@@ -16,6 +16,7 @@ _FLAG_OF_SETTING = {
     "lsh_num_hashes": "--lsh-num-hashes",
     "lsh_num_buckets": "--lsh-num-buckets",
     "lsh_redraw_interval": "--lsh-redraw-interval",
+    "lsh_scope": "--lsh-scope",
     "lsh_compensation": "--lsh-compensation",
     "lsh_error_bound": "--lsh-error-bound",
     "lsh_target_compression": "--lsh-target-compression",

@@ -43,6 +43,8 @@ from megatron_lsh.training.metrics_logger import MetricsLogger, timestamp
 from megatron_lsh.training.nonfinite import NonFiniteWatch
 from megatron_lsh.training.optimizer import TrainingOptimizer
 
+from megatron_lsh.moe.topology import nodes_of_group, ranks_per_node
+
 logger = logging.getLogger(__name__)
 
 
@@ -172,6 +174,9 @@ def compression_metrics(stats: Dict[str, CompressionStats], prefix: str = "") ->
         f"{prefix}a2a bytes sent": float(total.dispatch_bytes + total.combine_bytes),
         f"{prefix}a2a bytes stock": float(total.dispatch_bytes_stock + total.combine_bytes_stock),
     }
+    if total.inter_node_bytes_stock:
+        metrics[f"{prefix}a2a inter-node bytes sent"] = float(total.inter_node_bytes)
+        metrics[f"{prefix}a2a inter-node bytes stock"] = float(total.inter_node_bytes_stock)
     metrics[f"{prefix}lsh relative error"] = total.mean_relative_error
     metrics[f"{prefix}lsh exact rows"] = float(total.exact_rows)
     for layer, s in sorted(stats.items()):
@@ -211,6 +216,12 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.num_microbatches = args.global_batch_size // (args.micro_batch_size * self.dp_size)
         self.log = MetricsLogger(args, enabled=self.rank == 0, run_config=vars(args))
+        if args.lsh_enabled and args.lsh_scope == "inter-node" and self.rank == 0:
+            nodes = nodes_of_group(parallel_state.get_expert_model_parallel_group(), ranks_per_node())
+            if len(set(nodes)) == 1:
+                logger.warning("--lsh-scope inter-node: every expert-parallel rank is on one node "
+                               "(LOCAL_WORLD_SIZE=%d), so LSH merges nothing; use --lsh-scope all "
+                               "to compress intra-node traffic", ranks_per_node())
 
         self.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
         vocab = padded_vocab_size(
