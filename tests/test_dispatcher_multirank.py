@@ -57,6 +57,17 @@ def test_singleton_clusters_match_stock_outputs_and_gradients(parity, case):
             torch.testing.assert_close(lsh["grad_params"][name], grad, atol=grad_tolerance, rtol=0)
 
 
+def test_one_rank_holding_every_expert_trains_with_expert_biases():
+    """Expert parallel 1 with biases: megatron-core 0.16.1 alone fails in backward (an in-place
+    bias add on a view); stock and LSH both train, and agree."""
+    [rank_results] = run_distributed(stock_vs_lsh_unclustered, 1, [dict(num_moe_experts=4, moe_router_topk=2,
+                                                                         add_bias_linear=True)])
+    result = rank_results[0]
+    torch.testing.assert_close(result["lsh"]["out"], result["stock"]["out"], atol=1e-5, rtol=0)
+    assert any(name.endswith("bias") and grad is not None and grad.abs().sum() > 0
+               for name, grad in result["stock"]["grad_params"].items())
+
+
 # Tensor parallel 2 x expert parallel 2 on 4 ranks (sequence parallel, as megatron-core requires
 # for MoE): experts whole on each rank (expert tensor parallel 1), or split over the tensor-parallel
 # pair (2: the dispatcher all-gathers centroids over it, through compat's gloo shim).

@@ -11,6 +11,7 @@ import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import RowParallelLinear
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
@@ -18,6 +19,20 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_lsh.moe.dispatcher import LSHAlltoAllTokenDispatcher
+
+
+def _skip_expert_reduce_without_expert_parallelism(experts, pg_collection) -> None:
+    """megatron-core 0.16.1 bug (any device): with expert and expert-tensor parallel both 1, an
+    expert's fc2 returns the no-op tensor-parallel reduce's input as the autograd function's view,
+    and MLP.forward adds the expert bias to it in place, so training with biases fails ("Output 0
+    of _ReduceFromModelParallelRegion is a view and is being modified inplace"). One rank holds the
+    whole expert, so no reduce is due: take the explicit-communication path expert parallelism
+    takes, whose fc2 output is the matmul's own tensor."""
+    if pg_collection.expt_tp.size() != 1:
+        return
+    for module in experts.modules():
+        if isinstance(module, RowParallelLinear) and module.is_expert and module.skip_bias_add:
+            module.explicit_expert_comm = True
 
 
 class LSHMoELayer(MoELayer):
@@ -37,6 +52,7 @@ class LSHMoELayer(MoELayer):
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
         super().__init__(config, submodules, layer_number, pg_collection)
+        _skip_expert_reduce_without_expert_parallelism(self.experts, pg_collection)
         if getattr(config, "lsh_enabled", False):
             self.token_dispatcher = LSHAlltoAllTokenDispatcher(
                 self.num_local_experts,
