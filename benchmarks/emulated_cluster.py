@@ -5,6 +5,11 @@ every link rate-limited with `tc` (token bucket, both directions).
         cluster.popen(0, ["python", "-c", "..."])      # runs inside node 0's namespace
         cluster.address(1)                             # 10.213.0.2
         cluster.interface_bytes(0)                     # kernel counters of node 0's link
+        cluster.interface_bytes(0, "lo")               # ... of its loopback (its processes' traffic)
+
+Several processes of one node (torchrun --nproc_per_node=P inside its namespace) talk to each
+other over the node's loopback, unshaped, as GPUs of one machine do over NVLink; only traffic
+between nodes crosses the shaped links.
 
 Everything it creates (namespaces, veth pairs, bridge, qdiscs) lives in namespaces named after
 this process, and is removed on exit, on error, on Ctrl-C and on SIGTERM. It only ever uses the
@@ -131,10 +136,10 @@ class EmulatedCluster:
         environment = dict(os.environ if env is None else env, GLOO_SOCKET_IFNAME="eth0")
         return subprocess.Popen(self.command(node, argv), env=environment, **kwargs)
 
-    def interface_bytes(self, node: int) -> Dict[str, int]:
-        """The kernel's tx/rx byte counters of node's link."""
+    def interface_bytes(self, node: int, device: str = "eth0") -> Dict[str, int]:
+        """The kernel's tx/rx byte counters of node's link (eth0) or of its loopback (lo)."""
         counters = {}
         for name in ("tx_bytes", "rx_bytes"):
-            result = _run("ip", "netns", "exec", self.nodes[node], "cat", f"/sys/class/net/eth0/statistics/{name}")
+            result = _run("ip", "netns", "exec", self.nodes[node], "cat", f"/sys/class/net/{device}/statistics/{name}")
             counters[name] = int(result.stdout.strip())
         return counters

@@ -8,7 +8,8 @@
 #   VIRTUAL_PIPELINE_LAYERS (unset; layers per interleaved pipeline chunk), EXPERT_TENSOR_PARALLEL
 #   (1: experts whole), EXPERT_PARALLEL (default: processes / (PIPELINE_PARALLEL x
 #   EXPERT_TENSOR_PARALLEL)); data parallel takes what is left. LSH_NUM_HASHES (6),
-#   LSH_TARGET_COMPRESSION and LSH_ERROR_BOUND (a number or off; unset: the flags' defaults).
+#   LSH_TARGET_COMPRESSION and LSH_ERROR_BOUND (a number or off; unset: the flags' defaults),
+#   LSH_SCOPE (all, or inter-node: compress only what crosses between nodes).
 #   DATA_PATH (required), VALID_DATA_PATH (optional: held-out data instead of a --split),
 #   TOKENIZER_MODEL (required).
 GPUS_PER_NODE=${GPUS_PER_NODE:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
@@ -83,6 +84,9 @@ if [ -n "${LSH_TARGET_COMPRESSION:-}" ]; then
 fi
 if [ -n "${LSH_ERROR_BOUND:-}" ]; then
     LSH_ARGS+=(--lsh-error-bound "$LSH_ERROR_BOUND")
+fi
+if [ -n "${LSH_SCOPE:-}" ]; then
+    LSH_ARGS+=(--lsh-scope "$LSH_SCOPE")
 fi
 
 PRECISION_ARGS=()

@@ -62,6 +62,21 @@ def test_nodes_talk_over_links_shaped_to_the_rate_and_the_kernel_counts_the_byte
     assert not cluster.exists()
 
 
+def test_processes_of_one_node_talk_over_its_loopback_not_its_shaped_link():
+    payload = 3_000_000
+    with EmulatedCluster(num_nodes=2, rate_mbit=10) as cluster:
+        receiver = cluster.popen(0, [sys.executable, "-c", RECEIVER, cluster.address(0)], stdout=subprocess.PIPE, text=True)
+        link, loopback = cluster.interface_bytes(0)["tx_bytes"], cluster.interface_bytes(0, "lo")["tx_bytes"]
+        start = time.time()
+        sender = cluster.popen(0, [sys.executable, "-c", SENDER, cluster.address(0), str(payload)])
+        sender.wait(timeout=60)
+        assert int(receiver.communicate(timeout=60)[0]) == payload
+        elapsed = time.time() - start
+        assert cluster.interface_bytes(0, "lo")["tx_bytes"] - loopback >= payload
+        assert cluster.interface_bytes(0)["tx_bytes"] - link < 10_000
+    assert elapsed < 2.4  # 10 Mbit/s would take 2.4 s
+
+
 def test_everything_is_removed_when_the_body_fails():
     cluster = EmulatedCluster(num_nodes=2, rate_mbit=100)
     with pytest.raises(RuntimeError, match="boom"):

@@ -1,0 +1,434 @@
+"""Nodes of several processes: what crosses the slow link, --lsh-scope, and the speedup projection
+checked against measured steps.
+
+    sudo python benchmarks/cluster_study.py            # about 40 minutes on 2 cores; writes docs/
+    sudo python benchmarks/cluster_study.py --quick    # fewer, shorter runs (a smoke test)
+    python benchmarks/cluster_study.py --report-only   # docs/ again from the last run's results.json
+
+Each emulated node is a network namespace running one torchrun with P processes: they talk over
+the node's loopback, unshaped, and to other nodes over its tc-shaped link (emulated_cluster.py).
+Three parts:
+  1. calibration, as a user would measure their own cluster before projecting: one process
+     training alone (the achieved FLOP rate of one emulated GPU), and all-to-all latency and
+     bandwidth over loopback and over the shaped link at each rate (collective_bench.py);
+  2. validation: stock and LSH step times for 1 x 2, 2 x 1 and 2 x 2 processes at 0.1, 1 and 10
+     Gbit/s against megatron_lsh.projection's predictions from the calibration alone (the LSH
+     runs' compression is read from their own tensorboard logs, as a user would);
+  3. scope: 2 x 2 at 1 Gbit/s, stock against LSH over all rows and LSH over inter-node rows only,
+     same target rate: perplexity at equal steps, step time, bytes per link class.
+Output: docs/cluster_study.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from emulated_cluster import ClusterUnavailable, EmulatedCluster  # run as a script from benchmarks/
+from quickstart_data import prepare_data
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from megatron_lsh.projection import Cluster, ModelShape, compression_from_tensorboard, project  # noqa: E402
+
+DOCS = REPO / "docs"
+VALIDATION_TOLERANCE = 0.15
+
+LAYERS, HIDDEN, FFN, EXPERTS, TOPK, SEQ, GLOBAL_BATCH, MICRO_BATCH = 4, 64, 256, 8, 2, 128, 32, 8
+VOCAB = 8064  # the quickstart's 8000-piece tokenizer, padded to a multiple of 128
+MODEL_FLAGS = [
+    "--num-layers", str(LAYERS), "--hidden-size", str(HIDDEN), "--ffn-hidden-size", str(FFN),
+    "--num-attention-heads", "4", "--seq-length", str(SEQ), "--max-position-embeddings", str(SEQ),
+    "--normalization", "LayerNorm", "--num-experts", str(EXPERTS), "--moe-router-topk", str(TOPK),
+    "--moe-layer-freq", "1", "--micro-batch-size", str(MICRO_BATCH), "--global-batch-size", str(GLOBAL_BATCH),
+    "--lr", "2e-3", "--min-lr", "2e-4", "--weight-decay", "0.1",
+    "--num-workers", "0", "--save-interval", "100000",
+]
+
+
+@dataclass
+class Run:
+    kind: str  # "stock" or "lsh"
+    nodes: int
+    procs: int
+    rate_mbit: float
+    iters: int
+    flags: List[str] = field(default_factory=list)
+    scope: str = "all"
+    part: str = "validation"
+    results: Dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        name = "stock" if self.kind == "stock" else f"LSH ({self.scope})"
+        return f"{name}, {self.nodes} x {self.procs} @ {self.rate_mbit / 1000:g} Gbit/s"
+
+
+def lsh_flags(scope: str) -> List[str]:
+    return ["--lsh", "--lsh-scope", scope]
+
+
+def plan(quick: bool) -> List[Run]:
+    iters = 15 if quick else 30
+    rates = (1000,) if quick else (100, 1000, 10000)
+    runs = []
+    for nodes, procs in ((1, 2), (2, 1), (2, 2)):
+        for rate in (rates if nodes > 1 else (1000,)):  # one node never uses its link
+            runs.append(Run("stock", nodes, procs, rate, iters, ["--no-lsh"]))
+            runs.append(Run("lsh", nodes, procs, rate, iters, lsh_flags("all")))
+    scope_iters = 40 if quick else 150
+    for kind, flags, scope in (("stock", ["--no-lsh"], "all"), ("lsh", lsh_flags("all"), "all"),
+                               ("lsh", lsh_flags("inter-node"), "inter-node")):
+        runs.append(Run(kind, 2, 2, 1000, scope_iters, flags, scope, part="scope"))
+    return runs
+
+
+def environment(nodes: int, procs: int, port: int, out: Path, data: Dict[str, str]) -> Dict[str, str]:
+    return dict(
+        OMP_NUM_THREADS="1", NNODES=str(nodes), GPUS_PER_NODE=str(procs), MASTER_ADDR="10.213.0.1",
+        MASTER_PORT=str(port), PRECISION="fp32", EXPERT_PARALLEL=str(nodes * procs), DATA_PATH=data["train"],
+        VALID_DATA_PATH=data["valid"], TOKENIZER_MODEL=data["tokenizer"], CHECKPOINT_DIR=str(out / "checkpoints"),
+        TENSORBOARD_DIR=str(out / "tensorboard"), PATH=os.environ["PATH"], PYTHONPATH=str(REPO),
+    )
+
+
+def launch(cluster: EmulatedCluster, nodes: int, argv_of_node, env: Dict[str, str], out: Path, timeout: float) -> None:
+    processes = []
+    for node in range(nodes):
+        log = open(out / f"node{node}.log", "w")
+        processes.append((cluster.popen(node, argv_of_node(node), env={**env, "NODE_RANK": str(node)}, cwd=REPO,
+                                        stdout=log, stderr=subprocess.STDOUT), log))
+    try:
+        for process, _ in processes:
+            process.wait(timeout=timeout)
+    finally:
+        for process, log in processes:
+            if process.poll() is None:
+                process.kill()
+            log.close()
+    if any(process.returncode != 0 for process, _ in processes):
+        raise RuntimeError(f"{out} failed:\n{(out / 'node0.log').read_text()[-3000:]}")
+
+
+def train(run: Run, index: int, data: Dict[str, str], work: Path) -> None:
+    out = work / "runs" / f"{index:02d}"
+    shutil.rmtree(out, ignore_errors=True)  # a previous study's checkpoint would be resumed
+    out.mkdir(parents=True)
+    evaluation = (["--eval-interval", "25", "--eval-iters", "4"] if run.part == "scope"
+                  else ["--eval-interval", "100000", "--eval-iters", "1"])
+    flags = [*MODEL_FLAGS, "--train-iters", str(run.iters), "--lr-warmup-iters", str(min(20, run.iters // 3)),
+             "--log-interval", "5" if run.part != "scope" else "25",
+             *evaluation, *run.flags]
+    env = environment(run.nodes, run.procs, 29400 + index, out, data)
+    with EmulatedCluster(num_nodes=run.nodes, rate_mbit=run.rate_mbit) as cluster:
+        before = [(cluster.interface_bytes(i)["tx_bytes"], cluster.interface_bytes(i, "lo")["tx_bytes"])
+                  for i in range(run.nodes)]
+        start = time.time()
+        launch(cluster, run.nodes, lambda node: ["bash", "scripts/pretrain_gpt_moe_distributed.sh", *flags],
+               env, out, timeout=3600)
+        wall = time.time() - start
+        after = [(cluster.interface_bytes(i)["tx_bytes"], cluster.interface_bytes(i, "lo")["tx_bytes"])
+                 for i in range(run.nodes)]
+    link = sum(a[0] - b[0] for a, b in zip(after, before)) / run.nodes
+    loopback = sum(a[1] - b[1] for a, b in zip(after, before)) / run.nodes
+    run.results = summarize(out / "tensorboard", run, link, loopback, wall)
+
+
+def logged_step_ms(tensorboard: Path) -> List[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tensorboard), size_guidance={"scalars": 0})
+    events.Reload()
+    return [e.value for e in events.Scalars("iteration time ms")]
+
+
+def summarize(tensorboard: Path, run: Run, link_bytes: float, loopback_bytes: float, wall: float) -> Dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tensorboard), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+
+    def series(tag):
+        return [e.value for e in events.Scalars(tag)] if tag in tags else []
+
+    steps = series("iteration time ms")[1:]  # the first interval includes warm-up
+    ppl = series("validation lm loss PPL")
+    results = {
+        "step_ms": statistics.median(steps),
+        "step_ms_spread": [min(steps), max(steps)],
+        "a2a_share": statistics.median(series("a2a share of step time")[1:] or [float("nan")]),
+        "compression": statistics.mean(series("lsh compression rate") or [1.0]),
+        "link_mb_per_node_iter": link_bytes / run.iters / 1e6,
+        "loopback_mb_per_node_iter": loopback_bytes / run.iters / 1e6,
+        "a2a_inter_node_mb_per_iter": sum(series("a2a inter-node bytes sent")) / run.iters / 1e6,
+        "a2a_inter_node_stock_mb_per_iter": sum(series("a2a inter-node bytes stock")) / run.iters / 1e6,
+        "a2a_mb_per_iter": sum(series("a2a bytes sent")) / run.iters / 1e6,
+        "a2a_stock_mb_per_iter": sum(series("a2a bytes stock")) / run.iters / 1e6,
+        "final_ppl": ppl[-1] if ppl else None,
+        "wall_s": wall,
+    }
+    if run.kind == "lsh":
+        results["per_layer_compression"] = compression_from_tensorboard(str(tensorboard))
+    return results
+
+
+def calibrate_compute(data: Dict[str, str], work: Path, iters: int, processes: int) -> Dict:
+    """The achieved FLOP rate of one emulated GPU in a layout of ``processes`` processes: as many
+    single-process trainings at the same time (they share the cores as the layout's processes do),
+    each on its share of the global batch, with nothing to communicate."""
+    out = work / "calibration" / f"compute_{processes}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    batch = GLOBAL_BATCH // processes
+    with EmulatedCluster(num_nodes=processes, rate_mbit=1000) as cluster:
+        runs = []
+        for node in range(processes):
+            node_out = out / f"process{node}"
+            node_out.mkdir()
+            env = environment(1, 1, 29500, node_out, data)
+            env["MASTER_ADDR"] = cluster.address(node)
+            flags = [*MODEL_FLAGS, "--global-batch-size", str(batch), "--train-iters", str(iters),
+                     "--lr-warmup-iters", str(min(20, iters // 3)), "--log-interval", "4",
+                     "--eval-interval", "100000", "--eval-iters", "1", "--no-lsh"]
+            log = open(node_out / "node0.log", "w")
+            runs.append((cluster.popen(node, ["bash", "scripts/pretrain_gpt_moe_distributed.sh", *flags],
+                                       env={**env, "NODE_RANK": "0"}, cwd=REPO, stdout=log,
+                                       stderr=subprocess.STDOUT), log, node_out))
+        for process, log, node_out in runs:
+            process.wait(timeout=1800)
+            log.close()
+            if process.returncode != 0:
+                raise RuntimeError(f"{node_out} failed:\n{(node_out / 'node0.log').read_text()[-3000:]}")
+    # The trainings start a few seconds apart: only intervals while all of them ran count (each
+    # one's first two and its last are left out).
+    intervals = [ms for _, _, node_out in runs for ms in logged_step_ms(node_out / "tensorboard")[2:-1]]
+    step_ms = statistics.median(intervals)
+    flops = model_shape(fp32=True).forward_flops_per_token()
+    step_flops = 3 * batch * SEQ * (flops["dense"] + flops["experts"])
+    return {"processes": processes, "step_ms": step_ms, "tflops": step_flops / (step_ms / 1e3) / 1e12}
+
+
+def calibrate_network(work: Path, nodes: int, procs: int, rate_mbit: float, index: int) -> Dict:
+    out = work / "calibration" / f"{nodes}x{procs}_{int(rate_mbit)}"
+    out.mkdir(parents=True, exist_ok=True)
+    result = out / "a2a.json"
+    env = dict(OMP_NUM_THREADS="1", PATH=os.environ["PATH"], PYTHONPATH=str(REPO))
+    with EmulatedCluster(num_nodes=nodes, rate_mbit=rate_mbit) as cluster:
+        launch(cluster, nodes, lambda node: [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--nnodes", str(nodes),
+            "--node_rank", str(node), "--master_addr", "10.213.0.1", "--master_port", str(29300 + index),
+            "benchmarks/collective_bench.py", "--output", str(result)], env, out, timeout=600)
+    return json.loads(result.read_text())
+
+
+def model_shape(fp32: bool = True) -> ModelShape:
+    return ModelShape(num_layers=LAYERS, hidden_size=HIDDEN, ffn_hidden_size=FFN, num_experts=EXPERTS, topk=TOPK,
+                      seq_length=SEQ, global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH,
+                      vocab_size=VOCAB, bytes_per_value=4 if fp32 else 2)
+
+
+def network_key(nodes: int, procs: int, rate_mbit: float) -> str:
+    return f"{nodes}x{procs}" + (f"@{int(rate_mbit)}" if nodes > 1 else "")
+
+
+def emulated_cluster_spec(run: Run, calibration: Dict) -> Cluster:
+    """What a user would type for this emulated cluster: their GPU's achieved throughput (here the
+    core share each process gets) and the all-to-all numbers the collective benchmark measured on
+    the same layout (intra-node bandwidth from one node of two)."""
+    network = calibration["network"]
+    measured = network[network_key(run.nodes, run.procs, run.rate_mbit)]
+    return Cluster(
+        nodes=run.nodes, gpus_per_node=run.procs,
+        intra_node_gbps=network[network_key(1, 2, 0)]["intra_node_gbps_per_rank"],
+        inter_node_gbps=measured.get("inter_node_gbps_per_node", 1e6),
+        gpu_tflops=calibration["compute"][str(run.nodes * run.procs)]["tflops"],
+        latency_us=measured["latency_under_load_us"],
+    )
+
+
+def predict(run: Run, calibration: Dict) -> Dict:
+    model = model_shape(fp32=True)
+    cluster = emulated_cluster_spec(run, calibration)
+    rates = run.results.get("per_layer_compression", 1.0)
+    projection = project(model, cluster, rates, run.scope)
+    predicted = projection.lsh if run.kind == "lsh" else projection.stock
+    return {"step_ms": predicted.step_s * 1e3, "a2a_share": predicted.a2a_share,
+            "compute_ms": predicted.compute_s * 1e3, "a2a_ms": predicted.a2a_s * 1e3,
+            "grad_ms": predicted.grad_reduce_s * 1e3}
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+def report(runs: List[Run], calibration: Dict, elapsed: float) -> str:
+    compute = calibration["compute"]
+    lines = [
+        "# Nodes of several processes: inter-node scope and the speedup projection",
+        "",
+        f"Regenerate with `sudo python benchmarks/cluster_study.py` ({elapsed / 60:.0f} minutes for this run). Every",
+        "emulated node is a network namespace running one torchrun with P processes (gloo): processes of a node talk",
+        "over its loopback, unshaped (the GPUs of one machine over NVLink), nodes over tc-shaped links (token bucket,",
+        "both directions). GPT-MoE: 4 layers, hidden 64, 8 experts, top-2, MoE in every layer, expert parallel over",
+        "every process, fp32; 32 sequences of 128 tokens per step in micro-batches of 8, on the quickstart corpus.",
+        "All processes share this machine's 2 CPU cores: 4 processes get half a core each, and compute is slow next",
+        "to the emulated links.",
+        "",
+        "## Calibration (what the projection is given)",
+        "",
+        "As a user would measure their own cluster before projecting: the achieved FLOP rate of one GPU training",
+        "alone, and all-to-all latency and bandwidth (`benchmarks/collective_bench.py`, gloo, the analogue of",
+        "nccl-tests' alltoall_perf). Here one emulated GPU is one of n processes sharing the 2 cores, so its rate is",
+        "measured with n single-process trainings running at once, each on 1/n of the global batch (expert",
+        "parallel 1, nothing to communicate):",
+        "",
+        "| processes sharing the cores | step ms (1/n of the batch) | achieved GFLOP/s per process |",
+        "|---|---|---|",
+        *(f"| {c['processes']} | {c['step_ms']:.0f} | {c['tflops'] * 1e3:.2f} |" for c in compute.values()),
+        "",
+        "All-to-all on each layout (2 processes per node share its link); latency under load: what one small",
+        "all-to-all adds between blocks of 5 ms of compute, waiting for the slowest rank included:",
+        "",
+        "| layout | link | latency idle | latency under load | bandwidth |",
+        "|---|---|---|---|---|",
+    ]
+    for key, measured in calibration["network"].items():
+        layout, _, rate = key.partition("@")
+        link = f"{float(rate) / 1000:g} Gbit/s" if rate else "- (loopback)"
+        bandwidth = (f"{measured['inter_node_gbps_per_node']:.3f} Gbit/s per node link" if "inter_node_gbps_per_node" in measured
+                     else f"{measured['intra_node_gbps_per_rank']:.1f} Gbit/s per process")
+        lines.append(f"| {layout.replace('x', ' x ')} | {link} | {measured['latency_us']:.0f} us | "
+                     f"{measured['latency_under_load_us']:.0f} us | {bandwidth} |")
+
+    validation = [r for r in runs if r.part == "validation"]
+    lines += [
+        "",
+        "## Validation: predicted against measured step time",
+        "",
+        "Measured: median step time over the logged intervals after the first (min-max in brackets). Predicted:",
+        "`megatron_lsh.projection` from the calibration above and, for LSH, the per-layer compression the run",
+        "logged (`--compression-from` its tensorboard directory). Link MB: bytes the kernel counted leaving each",
+        "node per step (everything: all-to-alls, gradient all-reduce, set-up), loopback MB likewise on the node's",
+        "loopback.",
+        "",
+        "| layout | link | run | measured ms | predicted ms | error | a2a share measured / predicted | compression | link MB/node/step | loopback MB/node/step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    errors = []
+    for run in validation:
+        r, p = run.results, run.results["predicted"]
+        error = p["step_ms"] / r["step_ms"] - 1
+        errors.append(abs(error))
+        link = f"{run.rate_mbit / 1000:g} Gbit/s" if run.nodes > 1 else "-"
+        lines.append(
+            f"| {run.nodes} x {run.procs} | {link} | {run.kind} | {r['step_ms']:.0f} ({r['step_ms_spread'][0]:.0f}-"
+            f"{r['step_ms_spread'][1]:.0f}) | {p['step_ms']:.0f} | {100 * error:+.0f}% | {100 * r['a2a_share']:.0f}% / "
+            f"{100 * p['a2a_share']:.0f}% | {r['compression']:.3f} | {r['link_mb_per_node_iter']:.2f} | "
+            f"{r['loopback_mb_per_node_iter']:.2f} |")
+    within = sum(e <= VALIDATION_TOLERANCE for e in errors)
+    lines += ["", f"Within {100 * VALIDATION_TOLERANCE:.0f}%: {within} of {len(errors)} runs; largest error "
+              f"{100 * max(errors):.0f}%, median {100 * statistics.median(errors):.0f}%.", ""]
+    speedups = []
+    for run in validation:
+        if run.kind != "lsh":
+            continue
+        stock = next(s for s in validation if s.kind == "stock" and (s.nodes, s.procs, s.rate_mbit)
+                     == (run.nodes, run.procs, run.rate_mbit))
+        speedups.append((run, stock.results["step_ms"] / run.results["step_ms"],
+                         stock.results["predicted"]["step_ms"] / run.results["predicted"]["step_ms"]))
+    lines += ["| layout | link | LSH speedup measured | predicted |", "|---|---|---|---|"]
+    for run, measured, predicted in speedups:
+        link = f"{run.rate_mbit / 1000:g} Gbit/s" if run.nodes > 1 else "-"
+        lines.append(f"| {run.nodes} x {run.procs} | {link} | {measured:.2f}x | {predicted:.2f}x |")
+
+    scope = [r for r in runs if r.part == "scope"]
+    if scope:
+        stock = scope[0].results
+        lines += [
+            "",
+            "## Scope: compress everything, or only what crosses the slow link",
+            "",
+            f"2 nodes x 2 processes at 1 Gbit/s, {scope[0].iters} iterations, validation every 25 (4 batches). Both LSH runs",
+            "hold the default target rate (0.3) on the rows they may merge: with `--lsh-scope all` every row, with",
+            "`--lsh-scope inter-node` only rows bound for the other node, so both send about the same inter-node bytes",
+            "while inter-node scope sends the intra-node rows exact. a2a MB: what the dispatcher counted per step",
+            "(forward all-to-alls, all ranks), inter-node part first.",
+            "",
+            "| run | step ms | vs stock | inter-node a2a MB/step (stock) | all a2a MB/step (stock) | link MB/node/step | loopback MB/node/step | compression of rows in scope | val PPL | vs stock |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for run in scope:
+            r = run.results
+            name = "stock" if run.kind == "stock" else f"LSH, --lsh-scope {run.scope}"
+            inter = (f"{r['a2a_inter_node_mb_per_iter']:.2f} ({r['a2a_inter_node_stock_mb_per_iter']:.2f})"
+                     if r["a2a_inter_node_stock_mb_per_iter"] else "-")
+            total = f"{r['a2a_mb_per_iter']:.2f} ({r['a2a_stock_mb_per_iter']:.2f})" if r["a2a_stock_mb_per_iter"] else "-"
+            lines.append(
+                f"| {name} | {r['step_ms']:.0f} | {r['step_ms'] / stock['step_ms']:.2f}x | {inter} | {total} | "
+                f"{r['link_mb_per_node_iter']:.2f} | {r['loopback_mb_per_node_iter']:.2f} | {r['compression']:.3f} | "
+                f"{r['final_ppl']:.1f} | {r['final_ppl'] / stock['final_ppl']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (a smoke test)")
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "cluster_study")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite docs/cluster_study.md from the last run's results.json under --work")
+    args = parser.parse_args()
+    saved = args.work / "results.json"
+    if args.report_only:
+        if not saved.exists():
+            sys.exit(f"error: {saved} not found; run the study first (without --report-only)")
+        results = json.loads(saved.read_text())
+        runs = [Run(**r) for r in results["runs"]]
+        (DOCS / "cluster_study.md").write_text(report(runs, results["calibration"], results["elapsed_s"]))
+        return
+    start = time.time()
+    runs = plan(args.quick)
+    try:
+        data = prepare_data(args.work)
+        print("calibration: compute of one emulated GPU among 2 and among 4", flush=True)
+        calibration = {"compute": {str(n): calibrate_compute(data, args.work, 40 if args.quick else 60, n)
+                                   for n in (2, 4)}, "network": {}}
+        print(f"  {calibration['compute']}", flush=True)
+        print("calibration: all-to-all on each layout and link", flush=True)
+        layouts = sorted({(r.nodes, r.procs, r.rate_mbit if r.nodes > 1 else 0) for r in runs if r.part == "validation"})
+        for index, (nodes, procs, rate) in enumerate(layouts):
+            measured = calibrate_network(args.work, nodes, procs, rate or 1000, index)
+            calibration["network"][network_key(nodes, procs, rate)] = measured
+            print(f"  {network_key(nodes, procs, rate)}: {measured}", flush=True)
+        for index, run in enumerate(runs):
+            t = time.time()
+            train(run, index, data, args.work)
+            if run.part == "validation":
+                run.results["predicted"] = predict(run, calibration)
+            r = run.results
+            print(f"  [{index + 1}/{len(runs)}] {run.label}: {r['step_ms']:.0f} ms/step"
+                  + (f" (predicted {r['predicted']['step_ms']:.0f})" if "predicted" in r else "")
+                  + f", compression {r['compression']:.3f}, link {r['link_mb_per_node_iter']:.2f} MB/node/step"
+                  + (f", PPL {r['final_ppl']:.1f}" if r["final_ppl"] else "") + f" ({time.time() - t:.0f} s)", flush=True)
+            saved.write_text(json.dumps({"calibration": calibration, "elapsed_s": time.time() - start,
+                                         "runs": [asdict(r) for r in runs]}, indent=1))
+    except ClusterUnavailable as error:
+        sys.exit(f"error: cannot emulate a cluster here: {error}")
+    elapsed = time.time() - start
+    saved.write_text(json.dumps({"calibration": calibration, "elapsed_s": elapsed,
+                                 "runs": [asdict(r) for r in runs]}, indent=1))
+    DOCS.mkdir(exist_ok=True)
+    (DOCS / "cluster_study.md").write_text(report(runs, calibration, elapsed))
+    print(f"wrote {DOCS / 'cluster_study.md'} ({elapsed / 60:.0f} minutes of measuring)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,416 @@
+"""What LSH-MoE would gain on a cluster: predicted step time with and without LSH.
+
+    python -m megatron_lsh.projection --num-layers 24 --hidden-size 2048 --num-experts 16 \\
+        --moe-router-topk 2 --moe-layer-freq 2 --seq-length 2048 --global-batch-size 512 \\
+        --nodes 4 --gpus-per-node 8 --intra-node-gbps 2400 --inter-node-gbps 200 \\
+        --gpu-tflops 150 --compression 0.25
+    python -m megatron_lsh.projection --load runs/quickstart/checkpoints-gpt \\
+        --compression-from runs/quickstart/checkpoints-gpt/tensorboard --nodes 2 --gpus-per-node 8 ...
+
+A step is modelled as compute plus the time of the communication that does not overlap it:
+  * compute: the model's FLOPs per GPU (forward and backward, 3x the forward's) at the GPU's
+    achieved throughput; with LSH the experts run on centroids only, and hashing adds a share of
+    the expert time (``--lsh-overhead``);
+  * expert-parallel all-to-alls: four per MoE layer and micro-batch (dispatch and combine, forward
+    and backward), routing balanced over the experts; rows to peers on the same node cross the
+    intra-node links, the others the node's inter-node link, which all its GPUs share; an
+    all-to-all lasts as long as the slower of the two, plus a fixed latency per collective;
+  * gradient all-reduce: dense parameters over all ranks, experts over their expert-data-parallel
+    ranks; with ``--overlap-grad-reduce`` it hides behind the backward pass.
+Tensor and pipeline parallelism are not modelled (both 1). Pure arithmetic: no GPU, no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Union
+
+# Bytes of a routing probability megatron-core's dispatcher sends with each row (fp32).
+PROB_BYTES = 4
+# Collectives per MoE layer and micro-batch (dispatch and combine all-to-alls, forward and
+# backward, and megatron-core's all-gather of token counts), and per step outside the layers
+# (gradient buckets, loss and statistics reductions).
+COLLECTIVES_PER_MOE_LAYER = 5
+COLLECTIVES_PER_STEP = 4
+
+
+class ProjectionError(ValueError):
+    """Input the projection cannot use; the message names the flag."""
+
+
+@dataclass
+class ModelShape:
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_experts: int
+    topk: int
+    seq_length: int
+    global_batch_size: int
+    micro_batch_size: int = 1
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_layer_pattern: Optional[List[int]] = None  # 1 per MoE layer, 0 per dense; None: every layer
+    vocab_size: int = 32000
+    swiglu: bool = False
+    bytes_per_value: int = 2  # activations on the wire: bf16
+    grad_bytes: int = 4  # gradients are reduced in fp32
+
+    def __post_init__(self):
+        if self.moe_ffn_hidden_size is None:
+            self.moe_ffn_hidden_size = self.ffn_hidden_size
+        if self.moe_layer_pattern is None:
+            self.moe_layer_pattern = [1] * self.num_layers
+        if len(self.moe_layer_pattern) != self.num_layers:
+            raise ProjectionError(f"--moe-layer-freq gives {len(self.moe_layer_pattern)} layers, "
+                                  f"--num-layers {self.num_layers}")
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.moe_layer_pattern)
+
+    def mlp_params(self, ffn: int) -> int:
+        return (3 if self.swiglu else 2) * self.hidden_size * ffn
+
+    @property
+    def expert_params(self) -> int:
+        """All experts of all MoE layers."""
+        return self.num_moe_layers * self.num_experts * self.mlp_params(self.moe_ffn_hidden_size)
+
+    @property
+    def dense_params(self) -> int:
+        """Everything else: attention, dense MLPs, routers, norms, embedding and output layer."""
+        h = self.hidden_size
+        attention = self.num_layers * (4 * h * h + 4 * h)
+        dense_mlps = (self.num_layers - self.num_moe_layers) * self.mlp_params(self.ffn_hidden_size)
+        routers = self.num_moe_layers * h * self.num_experts
+        return attention + dense_mlps + routers + 2 * self.vocab_size * h
+
+    def forward_flops_per_token(self) -> Dict[str, float]:
+        """Forward FLOPs of one token, split into the experts' and the rest (2 per multiply-add)."""
+        h, s = self.hidden_size, self.seq_length
+        dense = self.num_layers * (2 * 4 * h * h + 2 * 2 * s * h)  # projections; scores and values
+        dense += (self.num_layers - self.num_moe_layers) * 2 * self.mlp_params(self.ffn_hidden_size)
+        dense += self.num_moe_layers * 2 * h * self.num_experts  # routers
+        dense += 2 * h * self.vocab_size  # output layer
+        experts = self.num_moe_layers * self.topk * 2 * self.mlp_params(self.moe_ffn_hidden_size)
+        return {"dense": float(dense), "experts": float(experts)}
+
+
+@dataclass
+class Cluster:
+    nodes: int
+    gpus_per_node: int
+    intra_node_gbps: float  # per GPU, each direction (NVLink; loopback when emulated)
+    inter_node_gbps: float  # per node, each direction: all its NICs together
+    gpu_tflops: float  # achieved, not peak
+    latency_us: float = 20.0  # fixed cost of one collective
+    expert_parallel: Optional[int] = None  # default: every GPU
+    overlap_grad_reduce: bool = False
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def __post_init__(self):
+        if self.expert_parallel is None:
+            self.expert_parallel = self.world
+        for name in ("nodes", "gpus_per_node", "expert_parallel"):
+            if getattr(self, name) < 1:
+                raise ProjectionError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("intra_node_gbps", "inter_node_gbps", "gpu_tflops"):
+            if not getattr(self, name) > 0:
+                raise ProjectionError(f"--{name.replace('_', '-')} must be positive")
+        if self.world % self.expert_parallel:
+            raise ProjectionError(f"--expert-model-parallel-size {self.expert_parallel} must divide the "
+                                  f"{self.world} GPUs (--nodes x --gpus-per-node)")
+
+
+@dataclass
+class StepTime:
+    compute_s: float
+    a2a_s: float
+    grad_reduce_s: float
+    a2a_intra_bytes: float  # per GPU per step, sent
+    a2a_inter_bytes: float  # per node per step, sent
+    grad_inter_bytes: float  # per node per step, sent
+
+    @property
+    def step_s(self) -> float:
+        return self.compute_s + self.a2a_s + self.grad_reduce_s
+
+    @property
+    def a2a_share(self) -> float:
+        return self.a2a_s / self.step_s
+
+
+@dataclass
+class Projection:
+    stock: StepTime
+    lsh: StepTime
+    compression: List[float]
+    assumptions: List[str] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> float:
+        return self.stock.step_s / self.lsh.step_s
+
+
+def _per_layer(compression: Union[float, Sequence[float]], moe_layers: int) -> List[float]:
+    if isinstance(compression, (int, float)):
+        rates = [float(compression)] * moe_layers
+    else:
+        rates = [float(r) for r in compression]
+        if len(rates) != moe_layers:
+            raise ProjectionError(f"{len(rates)} per-layer compression rates for {moe_layers} MoE layers")
+    if not all(0 < r <= 1 for r in rates):
+        raise ProjectionError(f"compression rates must be in (0, 1], got {rates}")
+    return rates
+
+
+def step_time(model: ModelShape, cluster: Cluster, compression: Optional[List[float]] = None,
+              scope: str = "all", lsh_overhead: float = 0.05) -> StepTime:
+    """One training step on ``cluster``: stock (``compression`` None) or with LSH at the given
+    per-MoE-layer rates (centroids per row in scope)."""
+    world, ep, per_node = cluster.world, cluster.expert_parallel, cluster.gpus_per_node
+    if model.global_batch_size % (world * model.micro_batch_size):
+        raise ProjectionError(f"--global-batch-size {model.global_batch_size} is not a multiple of "
+                              f"--micro-batch-size {model.micro_batch_size} x {world} GPUs")
+    micro_batches = model.global_batch_size // (world * model.micro_batch_size)
+    tokens = model.global_batch_size * model.seq_length / world  # per GPU per step
+    # Expert-parallel groups are consecutive ranks (megatron-core's order): a group's ranks on one
+    # node are min(EP, GPUs per node); the rest of the group is on other nodes.
+    ep_peers_on_node = min(ep, per_node)
+    to_same_node = (ep_peers_on_node - 1) / ep
+    to_other_nodes = (ep - ep_peers_on_node) / ep
+    rates = compression or [1.0] * model.num_moe_layers
+    same_node_rate = [r if scope == "all" else 1.0 for r in rates]
+
+    flops = model.forward_flops_per_token()
+    # Experts compute on the rows they receive: with LSH, one per centroid.
+    expert_rows = sum(to_other_nodes * r + (1 - to_other_nodes) * q for r, q in zip(rates, same_node_rate))
+    expert_share = expert_rows / model.num_moe_layers if model.num_moe_layers else 1.0
+    expert_flops = flops["experts"] * expert_share
+    if compression is not None:
+        expert_flops += flops["experts"] * lsh_overhead
+    compute_s = 3 * tokens * (flops["dense"] + expert_flops) / (cluster.gpu_tflops * 1e12)
+
+    # Rows each GPU sends per MoE layer and direction (dispatch carries probs too, stock only).
+    rows = tokens * model.topk
+    row_bytes = model.hidden_size * model.bytes_per_value
+    stock_row_bytes = 2 * row_bytes + (PROB_BYTES if compression is None else 0)  # dispatch + combine
+    intra_bytes = inter_bytes = 0.0
+    a2a_s = 0.0
+    for rate, same_rate in zip(rates, same_node_rate):
+        layer_intra = 2 * rows * to_same_node * same_rate * stock_row_bytes  # forward and backward
+        layer_inter = 2 * rows * to_other_nodes * rate * stock_row_bytes * per_node if to_other_nodes else 0.0
+        intra_bytes += layer_intra
+        inter_bytes += layer_inter
+        a2a_s += max(layer_intra / (cluster.intra_node_gbps * 1e9 / 8),
+                     layer_inter / (cluster.inter_node_gbps * 1e9 / 8))
+    a2a_s += COLLECTIVES_PER_MOE_LAYER * model.num_moe_layers * micro_batches * cluster.latency_us * 1e-6
+
+    # All-reduce as NCCL (and gloo) do it across nodes: each rank sends 2 (n-1)/n of the buffer
+    # over its fast links, and a node's link carries 2 (N-1)/N of it for each group through it,
+    # N the nodes the group spans.
+    def all_reduce(size: float, ranks: int, groups_per_node: int, nodes_spanned: int):
+        if ranks <= 1:
+            return 0.0, 0.0
+        intra_s = 2 * (ranks - 1) / ranks * size / (cluster.intra_node_gbps * 1e9 / 8)
+        if nodes_spanned <= 1:
+            return intra_s, 0.0
+        node_bytes = groups_per_node * 2 * (nodes_spanned - 1) / nodes_spanned * size
+        return max(intra_s, node_bytes / (cluster.inter_node_gbps * 1e9 / 8)), node_bytes
+
+    dense_s, dense_inter = all_reduce(model.dense_params * model.grad_bytes, world, 1, cluster.nodes)
+    # Expert-data-parallel groups take every EP-th rank: a node's GPUs sit in min(GPUs, EP) of them.
+    expert_dp = world // ep
+    expert_s, expert_inter = all_reduce(model.expert_params / ep * model.grad_bytes, expert_dp,
+                                        min(per_node, ep), min(cluster.nodes, expert_dp))
+    grad_s = dense_s + expert_s + COLLECTIVES_PER_STEP * cluster.latency_us * 1e-6
+    if cluster.overlap_grad_reduce:
+        grad_s = max(0.0, grad_s - compute_s * 2 / 3)  # the backward pass is 2/3 of compute
+    return StepTime(compute_s, a2a_s, grad_s, intra_bytes, inter_bytes, dense_inter + expert_inter)
+
+
+def project(model: ModelShape, cluster: Cluster, compression: Union[float, Sequence[float]],
+            scope: str = "all", lsh_overhead: float = 0.05) -> Projection:
+    rates = _per_layer(compression, model.num_moe_layers)
+    ep = cluster.expert_parallel
+    assumptions = [
+        f"{cluster.world} GPUs ({cluster.nodes} nodes x {cluster.gpus_per_node}), expert parallel {ep}, "
+        f"data parallel {cluster.world}; tensor and pipeline parallel 1",
+        f"achieved {cluster.gpu_tflops:g} TFLOP/s per GPU; forward + backward = 3x forward FLOPs",
+        "routing balanced: every expert gets top-k / experts of each GPU's rows",
+        f"intra-node {cluster.intra_node_gbps:g} Gbit/s per GPU, inter-node {cluster.inter_node_gbps:g} Gbit/s "
+        "per node (shared by its GPUs), each direction; an all-to-all takes the slower of the two",
+        f"{cluster.latency_us:g} us per collective, waiting for the slowest rank included (4 all-to-alls + 1 "
+        f"count exchange per MoE layer and micro-batch, {COLLECTIVES_PER_STEP} more per step)",
+        f"LSH: experts run on centroids; hashing and clustering cost {100 * lsh_overhead:g}% of the exact "
+        f"experts' time; scope {scope}",
+        "gradients reduced in fp32 (2 (n-1)/n of them per GPU, 2 (N-1)/N per node link over N nodes)" + (", hidden behind the backward pass where it fits"
+                                                          if cluster.overlap_grad_reduce else ", not overlapped"),
+    ]
+    return Projection(step_time(model, cluster), step_time(model, cluster, rates, scope, lsh_overhead),
+                      rates, assumptions)
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def _moe_pattern(value: str, num_layers: int) -> List[int]:
+    """--moe-layer-freq as Megatron-LM: N (every N-th layer, from the first) or a list like [1,0,1,0]."""
+    text = value.strip()
+    if text.startswith("["):
+        pattern = [int(v) for v in text.strip("[]").split(",") if v.strip()]
+    else:
+        freq = int(text)
+        pattern = [1 if i % freq == 0 else 0 for i in range(num_layers)]
+    return pattern
+
+
+def compression_from_tensorboard(path: str, last_fraction: float = 0.5) -> List[float]:
+    """Per-layer compression rates a run logged ('lsh compression rate/<layer>'), averaged over
+    the last ``last_fraction`` of its logged intervals (the rate drifts early on)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(path, size_guidance={"scalars": 0})
+    events.Reload()
+    # The logger also writes each scalar against tokens and time (' vs tokens', ' vs time').
+    tags = [t for t in events.Tags()["scalars"] if t.startswith("lsh compression rate/") and " vs " not in t]
+    tags.sort(key=lambda t: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", t)])
+    if not tags:
+        raise ProjectionError(f"--compression-from {path}: no 'lsh compression rate/<layer>' scalars there; "
+                              "point it at a run's --tensorboard-dir trained with --lsh")
+    rates = []
+    for tag in tags:
+        values = [e.value for e in events.Scalars(tag)]
+        tail = values[-max(1, math.ceil(len(values) * last_fraction)):]
+        rates.append(sum(tail) / len(tail))
+    return rates
+
+
+def model_from_checkpoint(load_dir: str) -> Dict:
+    """The model shape a megatron-lsh run saved with its checkpoints."""
+    from megatron_lsh.checkpoint.loading import saved_run
+
+    saved, _, _ = saved_run(load_dir)
+    return saved
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model (or --load a run's checkpoints)")
+    model.add_argument("--load", help="Take the model flags from this megatron-lsh checkpoint directory.")
+    model.add_argument("--num-layers", type=int)
+    model.add_argument("--hidden-size", type=int)
+    model.add_argument("--ffn-hidden-size", type=int, help="Default 4 x hidden.")
+    model.add_argument("--moe-ffn-hidden-size", type=int, help="Default --ffn-hidden-size.")
+    model.add_argument("--num-experts", type=int)
+    model.add_argument("--moe-router-topk", type=int, default=2)
+    model.add_argument("--moe-layer-freq", default="1", help="N or a list like [1,0,1,0].")
+    model.add_argument("--seq-length", type=int)
+    model.add_argument("--global-batch-size", type=int)
+    model.add_argument("--micro-batch-size", type=int, default=1)
+    model.add_argument("--vocab-size", type=int, default=32000)
+    model.add_argument("--swiglu", action="store_true")
+    model.add_argument("--fp32", action="store_true", help="Activations travel in fp32 (default bf16).")
+    cluster = parser.add_argument_group("cluster")
+    cluster.add_argument("--nodes", type=int, required=True)
+    cluster.add_argument("--gpus-per-node", type=int, required=True)
+    cluster.add_argument("--intra-node-gbps", type=float, required=True,
+                         help="Per GPU, each direction (NVLink 4: 3600; PCIe 5: 500).")
+    cluster.add_argument("--inter-node-gbps", type=float, required=True,
+                         help="Per node, each direction, all NICs together (8 x 400G InfiniBand: 3200).")
+    cluster.add_argument("--gpu-tflops", type=float, required=True,
+                         help="Achieved per GPU (e.g. 40%% of an H100's 989 bf16 TFLOP/s: 400).")
+    cluster.add_argument("--latency-us", type=float, default=20.0,
+                         help="Fixed cost of one collective in a running job, waiting for the slowest rank "
+                              "included (benchmarks/collective_bench.py measures it under load).")
+    cluster.add_argument("--expert-model-parallel-size", type=int, default=None, help="Default: every GPU.")
+    cluster.add_argument("--overlap-grad-reduce", action="store_true")
+    lsh = parser.add_argument_group("LSH")
+    rate = lsh.add_mutually_exclusive_group(required=True)
+    rate.add_argument("--compression", type=float, help="Centroids per row, every MoE layer.")
+    rate.add_argument("--compression-from", metavar="TENSORBOARD_DIR",
+                      help="Per-layer rates a run logged (mean of its second half).")
+    lsh.add_argument("--lsh-scope", choices=("all", "inter-node"), default="all")
+    lsh.add_argument("--lsh-overhead", type=float, default=0.05,
+                     help="Hashing and clustering time as a share of the exact experts' time "
+                          "(benchmarks/lsh_overhead.py measures it; default 0.05).")
+    return parser
+
+
+def _model_from_args(args) -> ModelShape:
+    values = dict(num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
+                  moe_ffn_hidden_size=args.moe_ffn_hidden_size, num_experts=args.num_experts,
+                  seq_length=args.seq_length, global_batch_size=args.global_batch_size,
+                  micro_batch_size=args.micro_batch_size, moe_layer_freq=args.moe_layer_freq,
+                  topk=args.moe_router_topk, swiglu=args.swiglu, vocab_size=args.vocab_size)
+    if args.load:
+        saved = model_from_checkpoint(args.load)
+        for key in ("num_layers", "hidden_size", "ffn_hidden_size", "moe_ffn_hidden_size", "num_experts",
+                    "seq_length", "global_batch_size", "micro_batch_size", "moe_layer_freq", "swiglu"):
+            if values.get(key) in (None, "1", 1, False, 32000) and saved.get(key) is not None:
+                values[key] = saved[key]
+        values["topk"] = args.moe_router_topk if args.moe_router_topk != 2 else saved.get("moe_router_topk", 2)
+    missing = [k for k in ("num_layers", "hidden_size", "num_experts", "seq_length", "global_batch_size")
+               if values[k] is None]
+    if missing:
+        raise ProjectionError("missing " + ", ".join("--" + k.replace("_", "-") for k in missing)
+                              + " (or --load a run's checkpoints)")
+    ffn = values["ffn_hidden_size"] or 4 * values["hidden_size"]
+    freq = values.pop("moe_layer_freq")
+    return ModelShape(
+        **{**values, "ffn_hidden_size": ffn},
+        moe_layer_pattern=_moe_pattern(str(freq), values["num_layers"]),
+        bytes_per_value=4 if args.fp32 else 2,
+    )
+
+
+def report(projection: Projection) -> str:
+    stock, lsh = projection.stock, projection.lsh
+    rates = projection.compression
+    rate_text = f"{rates[0]:.3f}" if len(set(rates)) == 1 else f"{sum(rates) / len(rates):.3f} mean of {len(rates)} layers"
+    lines = [
+        f"{'':24}{'stock':>12}{'LSH':>12}",
+        f"{'step time (ms)':24}{1e3 * stock.step_s:12.1f}{1e3 * lsh.step_s:12.1f}",
+        f"{'  compute (ms)':24}{1e3 * stock.compute_s:12.1f}{1e3 * lsh.compute_s:12.1f}",
+        f"{'  all-to-all (ms)':24}{1e3 * stock.a2a_s:12.1f}{1e3 * lsh.a2a_s:12.1f}",
+        f"{'  gradient reduce (ms)':24}{1e3 * stock.grad_reduce_s:12.1f}{1e3 * lsh.grad_reduce_s:12.1f}",
+        f"{'all-to-all share':24}{100 * stock.a2a_share:11.1f}%{100 * lsh.a2a_share:11.1f}%",
+        f"{'inter-node MB/node/step':24}{(stock.a2a_inter_bytes + stock.grad_inter_bytes) / 1e6:12.1f}"
+        f"{(lsh.a2a_inter_bytes + lsh.grad_inter_bytes) / 1e6:12.1f}",
+        f"speedup with LSH at compression {rate_text}: {projection.speedup:.2f}x",
+        "assumptions:",
+        *(f"  - {a}" for a in projection.assumptions),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        model = _model_from_args(args)
+        cluster = Cluster(args.nodes, args.gpus_per_node, args.intra_node_gbps, args.inter_node_gbps,
+                          args.gpu_tflops, args.latency_us, args.expert_model_parallel_size,
+                          args.overlap_grad_reduce)
+        if model.num_experts % cluster.expert_parallel:
+            raise ProjectionError(f"--num-experts {model.num_experts} is not divisible by expert parallel "
+                                  f"{cluster.expert_parallel}")
+        compression = (args.compression if args.compression is not None
+                       else compression_from_tensorboard(args.compression_from))
+        projection = project(model, cluster, compression, args.lsh_scope, args.lsh_overhead)
+    except ProjectionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(report(projection))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The speedup projection: its arithmetic on cases small enough to work out by hand, and its
+command line."""
+
+import subprocess
+import sys
+
+import pytest
+
+from megatron_lsh.projection import Cluster, ModelShape, ProjectionError, main, project, step_time
+
+
+def model(**overrides):
+    settings = dict(num_layers=2, hidden_size=64, ffn_hidden_size=256, num_experts=8, topk=2, seq_length=128,
+                    global_batch_size=32, micro_batch_size=8, vocab_size=1000, bytes_per_value=4)
+    settings.update(overrides)
+    return ModelShape(**settings)
+
+
+def cluster(**overrides):
+    settings = dict(nodes=2, gpus_per_node=1, intra_node_gbps=100.0, inter_node_gbps=1.0, gpu_tflops=1.0,
+                    latency_us=0.0)
+    settings.update(overrides)
+    return Cluster(**settings)
+
+
+def test_inter_node_bytes_are_the_rows_bound_for_the_other_node():
+    # 2 nodes x 1 GPU: 16 sequences x 128 tokens per GPU, top-2 rows, half to the other node's
+    # experts; each row 64 fp32 values forward (dispatch with its fp32 prob, combine) and back.
+    stock = step_time(model(), cluster())
+    rows_to_other_node = 16 * 128 * 2 / 2
+    per_layer = 2 * rows_to_other_node * (2 * 64 * 4 + 4)
+    assert stock.a2a_inter_bytes == pytest.approx(2 * per_layer)
+    assert stock.a2a_intra_bytes == 0
+    assert stock.a2a_s == pytest.approx(2 * per_layer / (1e9 / 8))
+
+
+def test_gpus_of_a_node_share_its_link():
+    one_gpu = step_time(model(global_batch_size=32), cluster(nodes=2, gpus_per_node=1))
+    two_gpus = step_time(model(global_batch_size=64, num_experts=8), cluster(nodes=2, gpus_per_node=2))
+    # Same tokens per GPU; with 4 GPUs half of each GPU's rows still leave the node, and two GPUs
+    # send them through one link.
+    assert two_gpus.a2a_inter_bytes == pytest.approx(2 * one_gpu.a2a_inter_bytes)
+    assert two_gpus.a2a_intra_bytes > 0
+
+
+def test_lsh_sends_the_compressed_share_and_experts_compute_on_centroids():
+    projection = project(model(), cluster(), 0.25, lsh_overhead=0.0)
+    stock, lsh = projection.stock, projection.lsh
+    prob_share = 4 / (2 * 64 * 4 + 4)  # LSH sends no probabilities
+    assert lsh.a2a_inter_bytes == pytest.approx(0.25 * stock.a2a_inter_bytes * (1 - prob_share))
+    assert lsh.compute_s < stock.compute_s
+    assert projection.speedup > 1
+    assert lsh.grad_reduce_s == stock.grad_reduce_s
+
+
+def test_slower_links_raise_the_all_to_all_share_and_the_speedup():
+    fast = project(model(), cluster(inter_node_gbps=100.0), 0.25)
+    slow = project(model(), cluster(inter_node_gbps=0.1), 0.25)
+    assert slow.stock.a2a_share > fast.stock.a2a_share
+    assert slow.speedup > fast.speedup
+
+
+def test_inter_node_scope_leaves_intra_node_rows_exact():
+    layout = cluster(nodes=2, gpus_per_node=2)
+    shape = model(global_batch_size=64)
+    every_row = project(shape, layout, 0.25, scope="all").lsh
+    inter_only = project(shape, layout, 0.25, scope="inter-node").lsh
+    stock = step_time(shape, layout)
+    assert inter_only.a2a_inter_bytes == pytest.approx(every_row.a2a_inter_bytes)
+    assert inter_only.a2a_intra_bytes == pytest.approx(stock.a2a_intra_bytes * (2 * 64 * 4) / (2 * 64 * 4 + 4))
+    assert every_row.a2a_intra_bytes < inter_only.a2a_intra_bytes
+
+
+def test_one_node_has_no_inter_node_traffic():
+    step = step_time(model(global_batch_size=64), cluster(nodes=1, gpus_per_node=2))
+    assert step.a2a_inter_bytes == 0 and step.grad_inter_bytes == 0
+
+
+def test_per_layer_rates_must_match_the_moe_layers():
+    with pytest.raises(ProjectionError, match="2 MoE layers"):
+        project(model(), cluster(), [0.2, 0.3, 0.4])
+    with pytest.raises(ProjectionError, match=r"\(0, 1\]"):
+        project(model(), cluster(), 1.5)
+
+
+def test_moe_layer_freq_counts_only_moe_layers_for_the_all_to_all():
+    every = step_time(model(num_layers=4), cluster())
+    alternate = step_time(model(num_layers=4, moe_layer_pattern=[1, 0, 1, 0]), cluster())
+    assert alternate.a2a_inter_bytes == pytest.approx(every.a2a_inter_bytes / 2)
+
+
+def test_command_line_prints_both_step_times_the_share_the_speedup_and_its_assumptions(capsys):
+    code = main(["--num-layers", "4", "--hidden-size", "1024", "--num-experts", "16", "--moe-layer-freq", "2",
+                 "--seq-length", "1024", "--global-batch-size", "128", "--nodes", "2", "--gpus-per-node", "8",
+                 "--intra-node-gbps", "3600", "--inter-node-gbps", "200", "--gpu-tflops", "300",
+                 "--compression", "0.25"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for text in ("step time (ms)", "all-to-all share", "speedup with LSH at compression 0.250", "assumptions:",
+                 "16 GPUs (2 nodes x 8)"):
+        assert text in out
+
+
+def test_command_line_names_what_is_missing_or_wrong(capsys):
+    assert main(["--hidden-size", "64", "--nodes", "2", "--gpus-per-node", "1", "--intra-node-gbps", "10",
+                 "--inter-node-gbps", "1", "--gpu-tflops", "1", "--compression", "0.2"]) == 2
+    assert "--num-layers" in capsys.readouterr().err
+    assert main(["--num-layers", "2", "--hidden-size", "64", "--num-experts", "6", "--seq-length", "128",
+                 "--global-batch-size", "32", "--nodes", "2", "--gpus-per-node", "2", "--intra-node-gbps", "10",
+                 "--inter-node-gbps", "1", "--gpu-tflops", "1", "--compression", "0.2"]) == 2
+    assert "--num-experts 6" in capsys.readouterr().err
+
+
+def test_compression_from_a_directory_without_lsh_logs_is_a_clear_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_lsh.projection", "--num-layers", "2", "--hidden-size", "64",
+         "--num-experts", "8", "--seq-length", "128", "--global-batch-size", "32", "--nodes", "2",
+         "--gpus-per-node", "1", "--intra-node-gbps", "10", "--inter-node-gbps", "1", "--gpu-tflops", "1",
+         "--compression-from", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "--compression-from" in result.stderr and "lsh compression rate" in result.stderr
+
+
+def test_per_layer_rates_come_from_a_runs_tensorboard_logs_second_half(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from megatron_lsh.projection import compression_from_tensorboard
+
+    writer = SummaryWriter(str(tmp_path))
+    for step, (first, tenth) in enumerate([(0.9, 0.9), (0.9, 0.9), (0.2, 0.4), (0.3, 0.5)]):
+        writer.add_scalar("lsh compression rate/layer_1", first, step)
+        writer.add_scalar("lsh compression rate/layer_10", tenth, step)
+        writer.add_scalar("lsh compression rate/layer_1 vs tokens", 1.0, step)
+        writer.add_scalar("validation lsh compression rate/layer_1", 1.0, step)
+    writer.close()
+    assert compression_from_tensorboard(str(tmp_path)) == pytest.approx([0.25, 0.45])
+
+
+def test_each_node_link_carries_2_n_minus_1_over_n_of_the_dense_gradients():
+    shape = model(global_batch_size=64)
+    gradients = shape.dense_params * 4
+    two_nodes = step_time(shape, cluster(nodes=2, gpus_per_node=2))
+    assert two_nodes.grad_inter_bytes == pytest.approx(gradients)  # expert parallel 4: no expert copies
+    four_nodes = step_time(model(global_batch_size=128), cluster(nodes=4, gpus_per_node=2))
+    assert four_nodes.grad_inter_bytes == pytest.approx(1.5 * gradients)
+    # Expert parallel 2 on 2 x 2: each expert lives on both nodes, one copy per GPU.
+    expert_copies = step_time(shape, cluster(nodes=2, gpus_per_node=2, expert_parallel=2))
+    assert expert_copies.grad_inter_bytes == pytest.approx(gradients + 2 * shape.expert_params / 2 * 4)
