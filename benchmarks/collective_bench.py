@@ -71,9 +71,12 @@ def latency_under_load(compute_ms: float, rounds: int) -> float:
         return elapsed.item()
 
     timed(True)  # warm-up
-    alone = statistics.median(timed(False) for _ in range(3))
-    mixed = statistics.median(timed(True) for _ in range(3))
-    return max(mixed - alone, 0.0) / rounds
+    # Interleaved, so that a slow spell of the shared machine hits both kinds alike.
+    alone, mixed = [], []
+    for _ in range(5):
+        alone.append(timed(False))
+        mixed.append(timed(True))
+    return max(statistics.median(mixed) - statistics.median(alone), 0.0) / rounds
 
 
 def main() -> None:
@@ -95,9 +98,10 @@ def main() -> None:
         "world": world,
         "local_world": local,
         "latency_us": small * 1e6,
-        "latency_under_load_us": latency_under_load(args.compute_ms, 20) * 1e6,
+        "latency_under_load_us": latency_under_load(args.compute_ms, 40) * 1e6,
         "small_s": small,
         "large_s": large,
+        "large_bytes": args.large_bytes,
     }
     if local < world:  # several nodes: what each node's link carried
         result["inter_node_gbps_per_node"] = local * (world - local) * extra * 8 / seconds / 1e9

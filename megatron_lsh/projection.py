@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -294,10 +295,22 @@ def compression_from_tensorboard(path: str, last_fraction: float = 0.5) -> List[
 
 
 def model_from_checkpoint(load_dir: str) -> Dict:
-    """The model shape a megatron-lsh run saved with its checkpoints."""
-    from megatron_lsh.checkpoint.loading import saved_run
+    """The flags a megatron-lsh GPT-MoE run saved with its checkpoints, with its tokenizer's size."""
+    from megatron_lsh.checkpoint.checkpointing import CheckpointError
+    from megatron_lsh.checkpoint.loading import saved_run, tokenizer_model_path
 
-    saved, _, _ = saved_run(load_dir)
+    try:
+        saved, task, _ = saved_run(load_dir)
+    except CheckpointError as error:
+        raise ProjectionError(f"--load {load_dir}: {error}") from None
+    if task != "GPT-MoE":
+        raise ProjectionError(f"--load {load_dir} is a {task} run; the projection models decoder-only GPT-MoE "
+                              "steps: give the model flags instead (both stacks' layers as --num-layers)")
+    tokenizer = tokenizer_model_path(load_dir, saved)
+    if saved.get("vocab_size") is None and tokenizer and os.path.isfile(tokenizer):
+        import sentencepiece
+
+        saved = {**saved, "vocab_size": sentencepiece.SentencePieceProcessor(model_file=tokenizer).get_piece_size()}
     return saved
 
 
@@ -311,13 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--ffn-hidden-size", type=int, help="Default 4 x hidden.")
     model.add_argument("--moe-ffn-hidden-size", type=int, help="Default --ffn-hidden-size.")
     model.add_argument("--num-experts", type=int)
-    model.add_argument("--moe-router-topk", type=int, default=2)
-    model.add_argument("--moe-layer-freq", default="1", help="N or a list like [1,0,1,0].")
+    model.add_argument("--moe-router-topk", type=int, help="Default 2.")
+    model.add_argument("--moe-layer-freq", help="N or a list like [1,0,1,0] (default 1).")
     model.add_argument("--seq-length", type=int)
     model.add_argument("--global-batch-size", type=int)
-    model.add_argument("--micro-batch-size", type=int, default=1)
-    model.add_argument("--vocab-size", type=int, default=32000)
-    model.add_argument("--swiglu", action="store_true")
+    model.add_argument("--micro-batch-size", type=int, help="Default 1.")
+    model.add_argument("--vocab-size", type=int, help="Default 32000 (with --load: the run's tokenizer's).")
+    model.add_argument("--swiglu", action="store_true", default=None)
     model.add_argument("--fp32", action="store_true", help="Activations travel in fp32 (default bf16).")
     cluster = parser.add_argument_group("cluster")
     cluster.add_argument("--nodes", type=int, required=True)
@@ -345,29 +358,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_MODEL_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "moe_ffn_hidden_size", "num_experts",
+                "moe_router_topk", "moe_layer_freq", "seq_length", "global_batch_size", "micro_batch_size",
+                "vocab_size", "swiglu")
+_MODEL_DEFAULTS = {"moe_router_topk": 2, "moe_layer_freq": 1, "micro_batch_size": 1, "vocab_size": 32000,
+                   "swiglu": False}
+
+
 def _model_from_args(args) -> ModelShape:
-    values = dict(num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
-                  moe_ffn_hidden_size=args.moe_ffn_hidden_size, num_experts=args.num_experts,
-                  seq_length=args.seq_length, global_batch_size=args.global_batch_size,
-                  micro_batch_size=args.micro_batch_size, moe_layer_freq=args.moe_layer_freq,
-                  topk=args.moe_router_topk, swiglu=args.swiglu, vocab_size=args.vocab_size)
-    if args.load:
-        saved = model_from_checkpoint(args.load)
-        for key in ("num_layers", "hidden_size", "ffn_hidden_size", "moe_ffn_hidden_size", "num_experts",
-                    "seq_length", "global_batch_size", "micro_batch_size", "moe_layer_freq", "swiglu"):
-            if values.get(key) in (None, "1", 1, False, 32000) and saved.get(key) is not None:
-                values[key] = saved[key]
-        values["topk"] = args.moe_router_topk if args.moe_router_topk != 2 else saved.get("moe_router_topk", 2)
+    """The flags given, then (with --load) the run's own, then the defaults."""
+    saved = model_from_checkpoint(args.load) if args.load else {}
+    values = {}
+    for name in _MODEL_FLAGS:
+        given = getattr(args, name)
+        values[name] = given if given is not None else saved.get(name, _MODEL_DEFAULTS.get(name))
     missing = [k for k in ("num_layers", "hidden_size", "num_experts", "seq_length", "global_batch_size")
                if values[k] is None]
     if missing:
         raise ProjectionError("missing " + ", ".join("--" + k.replace("_", "-") for k in missing)
                               + " (or --load a run's checkpoints)")
     ffn = values["ffn_hidden_size"] or 4 * values["hidden_size"]
-    freq = values.pop("moe_layer_freq")
     return ModelShape(
-        **{**values, "ffn_hidden_size": ffn},
-        moe_layer_pattern=_moe_pattern(str(freq), values["num_layers"]),
+        num_layers=values["num_layers"], hidden_size=values["hidden_size"], ffn_hidden_size=ffn,
+        moe_ffn_hidden_size=values["moe_ffn_hidden_size"] or ffn, num_experts=values["num_experts"],
+        topk=values["moe_router_topk"], seq_length=values["seq_length"],
+        global_batch_size=values["global_batch_size"], micro_batch_size=values["micro_batch_size"],
+        moe_layer_pattern=_moe_pattern(str(values["moe_layer_freq"]), values["num_layers"]),
+        vocab_size=values["vocab_size"] or 32000, swiglu=bool(values["swiglu"]),
         bytes_per_value=4 if args.fp32 else 2,
     )
 

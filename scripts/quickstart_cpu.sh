@@ -10,6 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-gpt}
+LM_EVAL_VERSION=0.4.13
 WORK=${WORK:-runs/quickstart}
 TRAIN_ITERS=${TRAIN_ITERS:-1100}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -65,16 +66,32 @@ COMMON_ARGS=(
     --tensorboard-dir "$WORK/tensorboard-$MODEL"
     --wandb-project megatron-lsh-quickstart --wandb-exp-name "$MODEL-moe-lsh-cpu" --wandb-save-dir "$WORK"
 )
+# --hf-architecture: the model is one Hugging Face can hold, so the checkpoint converts (below).
 if [ "$MODEL" = gpt ]; then
-    step "4/4 training: GPT-MoE, 4 layers, 8 experts top-2 in every other layer, LSH on, 2 CPU ranks"
+    step "4/4 training: GPT-MoE (Qwen3-MoE layout), 4 layers, 8 experts top-2 in every other layer, LSH on, 2 CPU ranks"
     torchrun --nproc_per_node 2 pretrain_gpt_moe.py "${COMMON_ARGS[@]}" \
-        --num-layers 4 --seq-length 256 --position-embedding-type rope --moe-router-topk 2 "$@"
+        --num-layers 4 --seq-length 256 --moe-router-topk 2 --hf-architecture qwen3_moe "$@"
+    VALID_DATA="$WORK/$MODEL/valid_text_document"
+    LM_EVAL_MODEL_ARGS="pretrained=$WORK/hf-$MODEL"
 else
-    step "4/4 training: T5-MoE, 2+2 layers, 8 experts top-1 (Switch) in every other layer, LSH on, 2 CPU ranks"
+    step "4/4 training: T5-MoE (Switch Transformers), 2+2 layers, 8 experts top-1 in every other layer, LSH on, 2 CPU ranks"
     torchrun --nproc_per_node 2 pretrain_t5_moe.py "${COMMON_ARGS[@]}" \
         --encoder-num-layers 2 --decoder-num-layers 2 --encoder-seq-length 256 --decoder-seq-length 80 \
-        --position-embedding-type relative --normalization RMSNorm --moe-router-topk 1 "$@"
+        --moe-router-topk 1 --hf-architecture switch_transformers "$@"
+    VALID_DATA="$WORK/$MODEL/valid_text_sentence"
+    LM_EVAL_MODEL_ARGS="pretrained=$WORK/hf-$MODEL,backend=seq2seq"
 fi
 
-printf '\nDone. Checkpoints: %s/checkpoints-%s, tensorboard: tensorboard --logdir %s/tensorboard-%s\n' \
-    "$WORK" "$MODEL" "$WORK" "$MODEL"
+cat <<EOF
+
+Done. Checkpoints: $WORK/checkpoints-$MODEL, tensorboard: tensorboard --logdir $WORK/tensorboard-$MODEL
+
+Evaluate it:
+  # held-out perplexity, the exact MoE (add --lsh for the training-time approximation)
+  python -m megatron_lsh.checkpoint.evaluate --load $WORK/checkpoints-$MODEL --data-path $VALID_DATA
+  # a Hugging Face model directory (no custom code), then lm-evaluation-harness on the held-out works
+  python -m megatron_lsh.checkpoint.convert --load $WORK/checkpoints-$MODEL --output $WORK/hf-$MODEL
+  pip install "lm-eval[hf]==$LM_EVAL_VERSION"
+  QUICKSTART_VALID=$WORK/corpus/valid.jsonl lm_eval --model hf --model_args $LM_EVAL_MODEL_ARGS \\
+      --include_path lm_eval_tasks --tasks quickstart_held_out --device cpu --batch_size 4
+EOF

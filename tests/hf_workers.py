@@ -40,7 +40,11 @@ def compare_with_transformers(rank, world_size, load_dir, hf_dir, jsonl_path):
     del generator
     sentencepiece_ids = [loaded.tokenizer.tokenize(d) for d in documents]
     hf_ids = [tokenizer(d, add_special_tokens=False).input_ids for d in documents]
+    config = hf.config
     return {
+        "mlp_only_layers": list(getattr(config, "mlp_only_layers", []) or []),
+        "dense_mlp_width": getattr(config, "intermediate_size", None),
+        "expert_width": getattr(config, "moe_intermediate_size", None),
         "architecture": type(hf).__name__,
         "max_logit_difference": (megatron_logits[..., :vocab] - hf_logits).abs().max().item(),
         "logit_scale": hf_logits.abs().max().item(),
@@ -50,3 +54,25 @@ def compare_with_transformers(rank, world_size, load_dir, hf_dir, jsonl_path):
         "same_ids": sum(a == b for a, b in zip(sentencepiece_ids, hf_ids)) / len(documents),
         "special": (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id),
     }
+
+
+def continuation_log_likelihoods(rank, world_size, load_dir, pairs):
+    """log P(continuation | context) from the megatron model (every expert, LSH off), with the
+    token split lm-evaluation-harness makes: the whole text encoded, the context's ids first."""
+    import megatron_lsh  # noqa: F401
+
+    from megatron_lsh.checkpoint.loading import load_for_inference
+
+    loaded = load_for_inference(load_dir)
+    vocab = loaded.tokenizer.vocab_size
+    results = []
+    with torch.no_grad():
+        for context, continuation in pairs:
+            whole = loaded.tokenizer.tokenize(context + continuation)
+            start = len(loaded.tokenizer.tokenize(context))
+            ids = torch.tensor([whole])
+            logits = loaded.model(ids, torch.arange(ids.size(1)).unsqueeze(0), None)[0, :, :vocab]
+            log_probs = torch.log_softmax(logits.double(), dim=-1)
+            targets = torch.tensor(whole[start:])
+            results.append(log_probs[start - 1:-1].gather(1, targets.unsqueeze(1)).sum().item())
+    return results

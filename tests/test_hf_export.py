@@ -1,6 +1,7 @@
 """Export to Hugging Face: tiny models trained on 2 ranks (expert parallel 2), converted, and
 loaded by transformers with no custom code."""
 
+import json
 import re
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import sys
 import pytest
 
 from tests.distributed import run_distributed
-from tests.hf_workers import compare_with_transformers
+from tests.hf_workers import compare_with_transformers, continuation_log_likelihoods
 from tests.launch import REPO, environment, model_flags, torchrun
 from tests.test_pretrain_t5 import t5_flags
 
@@ -35,6 +36,28 @@ def mixtral(corpus, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def qwen3_moe_export(corpus, tmp_path_factory):
+    """Dense and MoE layers interleaved (MoE in layers 0 and 2 of 4, the paper's layout), top-1,
+    grouped queries: Qwen3-MoE, whose dense layers keep their own width."""
+    work = tmp_path_factory.mktemp("qwen3_moe")
+    torchrun([*model_flags(corpus, **{"--train-iters": "4", "--eval-iters": "0", "--log-interval": "2",
+                                      "--num-layers": "4", "--moe-layer-freq": "2", "--moe-router-topk": "1",
+                                      "--ffn-hidden-size": "96", "--moe-ffn-hidden-size": "64",
+                                      "--save": str(work / "ckpt")}),
+              "--hf-architecture", "qwen3_moe", "--group-query-attention", "--num-query-groups", "2"])
+    result = convert(work / "ckpt", work / "hf")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "qwen3_moe" in result.stdout
+    return work
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe(corpus, qwen3_moe_export):
+    return run_distributed(compare_with_transformers, 1, str(qwen3_moe_export / "ckpt"),
+                           str(qwen3_moe_export / "hf"), str(corpus["jsonl"]["valid"]))[0]
+
+
+@pytest.fixture(scope="module")
 def switch(corpus, tmp_path_factory):
     work = tmp_path_factory.mktemp("switch")
     torchrun([*t5_flags(corpus, **{"--train-iters": "4", "--eval-iters": "0", "--log-interval": "2",
@@ -48,6 +71,7 @@ def switch(corpus, tmp_path_factory):
 
 
 @pytest.mark.parametrize("export, architecture", [("mixtral", "MixtralForCausalLM"),
+                                                  ("qwen3_moe", "Qwen3MoeForCausalLM"),
                                                   ("switch", "SwitchTransformersForConditionalGeneration")])
 def test_exported_model_gives_the_megatron_logits(export, architecture, request):
     result = request.getfixturevalue(export)
@@ -65,16 +89,24 @@ def test_exported_tokenizer_round_trips_text_with_the_training_ids(export, reque
     assert result["special"][:2] == (1, 0)  # </s>, <pad>
 
 
+def test_qwen3_moe_export_keeps_dense_layers_dense(qwen3_moe):
+    assert qwen3_moe["mlp_only_layers"] == [1, 3]
+    assert qwen3_moe["dense_mlp_width"] == 96 and qwen3_moe["expert_width"] == 64
+
+
 def test_checkpoint_without_a_hugging_face_equivalent_names_the_flags(corpus, tmp_path):
     torchrun(model_flags(corpus, **{"--train-iters": "4", "--eval-iters": "0", "--log-interval": "2",
                                     "--save": str(tmp_path / "ckpt")}))
     result = convert(tmp_path / "ckpt", tmp_path / "hf")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith("error: this checkpoint has no mixtral equivalent")
+    assert error.startswith("error: this checkpoint has no equivalent in Hugging Face")
+    mixtral, qwen3_moe = error.split("; or ")
     for flag in ("--normalization RMSNorm", "--swiglu", "--disable-bias-linear",
                  "--untie-embeddings-and-output-weights", "--hf-architecture mixtral"):
-        assert flag in error
+        assert flag in mixtral
+    for flag in ("--normalization RMSNorm", "--swiglu", "--qk-layernorm", "--hf-architecture qwen3_moe"):
+        assert flag in qwen3_moe
     assert not (tmp_path / "hf").exists()
 
 
@@ -96,3 +128,47 @@ def test_evaluation_reports_perplexity_of_held_out_text(corpus, tmp_path):
         assert 1 < perplexity < 300 and tokens > 1000
         outputs[bool(mode)] = loss
     assert outputs[True] != outputs[False]  # LSH on is the approximation, off the exact MoE
+
+
+LM_EVAL_TASK = """
+task: held_out_continuations
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{continuation}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+metadata:
+  version: 1.0
+"""
+
+
+def test_lm_evaluation_harness_scores_the_export_with_our_own_log_likelihoods(corpus, qwen3_moe_export, tmp_path):
+    """lm_eval's own client (its Python API, the hf model) on a task defined here over local
+    files: its log-likelihood of each continuation is the one megatron-lsh computes."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    documents = [json.loads(line)["text"] for line in open(corpus["jsonl"]["valid"])]
+    pairs = []
+    for text in documents[:6]:
+        words = text.split()
+        pairs.append({"context": " ".join(words[:12]), "continuation": " " + " ".join(words[12:20])})
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (tmp_path / "task.yaml").write_text(LM_EVAL_TASK.format(data=data))
+    results = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={qwen3_moe_export / 'hf'},dtype=float32", tasks=["held_out_continuations"],
+        task_manager=TaskManager(include_path=str(tmp_path)), device="cpu", batch_size=2, log_samples=True)
+    samples = sorted(results["samples"]["held_out_continuations"], key=lambda sample: sample["doc_id"])
+    theirs = [sample["resps"][0][0][0] for sample in samples]
+    ours = run_distributed(continuation_log_likelihoods, 1, str(qwen3_moe_export / "ckpt"),
+                           [(p["context"], p["continuation"]) for p in pairs])[0]
+    assert len(theirs) == len(ours) == len(pairs)
+    assert all(value < 0 for value in ours)
+    assert theirs == pytest.approx(ours, abs=1e-3)

@@ -5,11 +5,15 @@ import json
 import os
 import re
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.launch import (
+    REPO,
+    environment,
     kill_at_checkpoint_and_resume,
     losses,
     model_flags,
@@ -180,9 +184,13 @@ def test_tokenizer_that_does_not_match_the_data_is_refused(corpus, tmp_path):
         ({"--pipeline-model-parallel-size": "2", "--num-layers": "4", "--num-layers-per-virtual-pipeline-stage": "1",
           "--expert-model-parallel-size": "1", "--global-batch-size": "4"}, 2,
          "needs at least --pipeline-model-parallel-size 2 micro-batches per step; raise --global-batch-size 4 to 8"),
+        ({"--hf-architecture": "mixtral", "--moe-layer-freq": "2"}, 2,
+         "--hf-architecture mixtral needs --moe-layer-freq 1 (experts in every layer)"),
+        ({"--hf-architecture": "switch_transformers"}, 2, "--hf-architecture switch_transformers is a T5 architecture"),
     ],
     ids=["global-batch", "experts", "world-size", "lsh-hashes", "tp-without-sp", "tp-pp-world",
-         "etp-world", "tp-heads", "pp-layers", "virtual-stages", "virtual-stage-batch"],
+         "etp-world", "tp-heads", "pp-layers", "virtual-stages", "virtual-stage-batch", "hf-mixtral-layout",
+         "hf-t5-architecture"],
 )
 def test_bad_parallel_and_batch_settings_give_one_clear_error(corpus, overrides, world_size, expected):
     error = run_pretrain_expecting_error(model_flags(corpus, **{"--train-iters": "2", **overrides}), world_size)
@@ -228,3 +236,15 @@ def test_target_and_bound_out_of_range_stop_the_run_naming_the_flag(corpus, flag
     error = run_pretrain_expecting_error(model_flags(
         corpus, **{"--train-iters": "2", "--expert-model-parallel-size": "1", flag: value}))
     assert expected in error, error
+
+
+def test_speedup_projection_reads_the_model_and_each_layers_rate_from_a_run(logged_run):
+    _, work = logged_run
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_lsh.projection", "--load", str(work / "ckpt"),
+         "--compression-from", str(work / "tb"), "--nodes", "2", "--gpus-per-node", "2",
+         "--intra-node-gbps", "3600", "--inter-node-gbps", "100", "--gpu-tflops", "100"],
+        cwd=REPO, env=environment(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"speedup with LSH at compression 0\.\d+ mean of 2 layers: \d+\.\d\dx", result.stdout)
+    assert "4 GPUs (2 nodes x 2), expert parallel 4" in result.stdout

@@ -3,7 +3,8 @@
     python -m megatron_lsh.checkpoint.convert --load checkpoints/gpt-moe --output hf/gpt-moe
 
 Merges the expert-parallel shards of the newest complete checkpoint and writes config.json,
-safetensors weights and the tokenizer: a GPT-MoE as MixtralForCausalLM, a T5-MoE as
+safetensors weights and the tokenizer: a GPT-MoE as MixtralForCausalLM (MoE in every layer) or
+Qwen3MoeForCausalLM (dense and MoE layers interleaved), a T5-MoE as
 SwitchTransformersForConditionalGeneration, loadable with ``AutoModelForCausalLM`` /
 ``AutoModelForSeq2SeqLM.from_pretrained`` and no custom code. LSH is a training-time
 approximation of the all-to-all; the export is the exact MoE. Runs on one process (CPU is fine).
@@ -19,10 +20,12 @@ import sys
 import torch
 
 from megatron_lsh.checkpoint.checkpointing import CheckpointError
-from megatron_lsh.checkpoint.hf_architectures import NotExportableError, check_exportable
+from megatron_lsh.checkpoint.hf_architectures import NotExportableError, exportable_architecture
 from megatron_lsh.checkpoint.hf_export import (
     mixtral_config,
     mixtral_state_dict,
+    qwen3_moe_config,
+    qwen3_moe_state_dict,
     save_safetensors,
     switch_config,
     switch_state_dict,
@@ -30,16 +33,19 @@ from megatron_lsh.checkpoint.hf_export import (
 from megatron_lsh.checkpoint.hf_tokenizer import save_hf_tokenizer
 from megatron_lsh.checkpoint.loading import load_for_inference, saved_run
 
-ARCHITECTURE_OF_TASK = {"GPT-MoE": "mixtral", "T5-MoE": "switch_transformers"}
+MODEL_OF_TASK = {"GPT-MoE": "gpt", "T5-MoE": "t5"}
+EXPORTERS = {
+    "mixtral": (mixtral_state_dict, mixtral_config),
+    "qwen3_moe": (qwen3_moe_state_dict, qwen3_moe_config),
+    "switch_transformers": (switch_state_dict, switch_config),
+}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check_checkpoint(load_dir: str) -> str:
     """The architecture a checkpoint exports to; NotExportableError naming the flags otherwise."""
     args, task, _ = saved_run(load_dir)
-    architecture = ARCHITECTURE_OF_TASK[task]
-    check_exportable(args, architecture)
-    return architecture
+    return exportable_architecture(args, MODEL_OF_TASK[task])
 
 
 def convert(load_dir: str, output_dir: str, dtype: str = "fp32") -> str:
@@ -48,10 +54,8 @@ def convert(load_dir: str, output_dir: str, dtype: str = "fp32") -> str:
     args, tokenizer = loaded.args, loaded.tokenizer
     state = {k: v for k, v in loaded.model.state_dict().items() if not k.endswith("_extra_state")}
     vocab = tokenizer.vocab_size
-    if architecture == "mixtral":
-        weights, config = mixtral_state_dict(state, args, vocab), mixtral_config(args, vocab, tokenizer)
-    else:
-        weights, config = switch_state_dict(state, args, vocab), switch_config(args, vocab, tokenizer)
+    state_dict_of, config_of = EXPORTERS[architecture]
+    weights, config = state_dict_of(state, args, vocab), config_of(args, vocab, tokenizer)
     config["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "config.json"), "w") as f:

@@ -9,6 +9,14 @@ output layer, softmax-then-top-k routing renormalised over the k chosen (megatro
 the logits followed by a softmax over them is the same), top-k of at least 2 (Mixtral gives a
 single chosen expert the weight 1, megatron-core's pre-softmax top-1 does not), dropless.
 
+Qwen3MoeForCausalLM: the decoder for dense and MoE layers interleaved. Each layer is sparse or
+dense by its own list (``mlp_only_layers``), so any ``--moe-layer-freq`` maps exactly, with the
+dense layers' SwiGLU width (``intermediate_size``) apart from the experts'
+(``moe_intermediate_size``). Otherwise as Mixtral, plus RMSNorm on each head's queries and keys
+(``--qk-layernorm``); routing renormalised over the k chosen (``norm_topk_prob``), which makes
+top-1 match too. Chosen over Qwen2-MoE (always a shared expert, biased QKV) and DeepSeek-V2/V3
+(MLA attention, dense layers only first), which megatron-lsh's models cannot express.
+
 SwitchTransformersForConditionalGeneration: T5 with RMSNorm (no bias, no mean), ReLU MLPs, no
 biases, relative position buckets computed in the first layer and shared by every layer of a
 stack, attention scores not scaled by 1/sqrt(d), untied LM head (a tied one would rescale the
@@ -21,12 +29,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
-ARCHITECTURES = ("mixtral", "switch_transformers")
-MODEL_OF_ARCHITECTURE = {"mixtral": "gpt", "switch_transformers": "t5"}
+ARCHITECTURES = ("mixtral", "qwen3_moe", "switch_transformers")
+MODEL_OF_ARCHITECTURE = {"mixtral": "gpt", "qwen3_moe": "gpt", "switch_transformers": "t5"}
 
 
 class NotExportableError(ValueError):
     """A checkpoint whose architecture has no Hugging Face equivalent; names the flags to fix."""
+
+
+class ArchitectureFlagError(ValueError):
+    """--hf-architecture contradicts a flag the user set; names the flag it needs."""
 
 
 @dataclass
@@ -54,6 +66,14 @@ def switch_sparse_step(pattern: List[int]) -> Optional[int]:
     return None
 
 
+def gpt_moe_pattern(args: dict) -> List[int]:
+    """megatron-core's MoE layer placement for GPT: every N-th layer from the first, or a list."""
+    freq, layers = _get(args, "moe_layer_freq", 1), _get(args, "num_layers", 0)
+    if isinstance(freq, int):
+        return [int(i % freq == 0) for i in range(layers)]
+    return list(freq)
+
+
 def t5_patterns(args: dict):
     from megatron_lsh.models.t5 import moe_layer_patterns
 
@@ -78,17 +98,24 @@ _COMMON = [
     Requirement("no --moe-expert-capacity-factor (dropless routing)", lambda a: a.get("moe_expert_capacity_factor") is None),
 ]
 
+_DECODER = [
+    Requirement("--swiglu", lambda a: bool(a.get("swiglu")), {"swiglu": True}),
+    Requirement("--position-embedding-type rope", lambda a: a.get("position_embedding_type") == "rope",
+                {"position_embedding_type": "rope"}),
+    Requirement("no --moe-router-pre-softmax", lambda a: not a.get("moe_router_pre_softmax")),
+    Requirement("no --attention-softmax-scale", lambda a: a.get("attention_softmax_scale") is None),
+    Requirement("no --activation (SwiGLU's SiLU)", lambda a: a.get("activation") in (None, "silu")),
+]
+
 REQUIREMENTS = {
-    "mixtral": _COMMON + [
-        Requirement("--swiglu", lambda a: bool(a.get("swiglu")), {"swiglu": True}),
-        Requirement("--position-embedding-type rope", lambda a: a.get("position_embedding_type") == "rope",
-                    {"position_embedding_type": "rope"}),
+    "qwen3_moe": _COMMON + _DECODER + [
+        Requirement("--qk-layernorm", lambda a: bool(a.get("qk_layernorm")), {"qk_layernorm": True}),
+    ],
+    "mixtral": _COMMON + _DECODER + [
         Requirement("--moe-layer-freq 1 (experts in every layer)",
                     lambda a: _get(a, "moe_layer_freq", 1) in (1, [1] * _get(a, "num_layers", 0)), {"moe_layer_freq": 1}),
         Requirement("--moe-router-topk 2 or more", lambda a: _get(a, "moe_router_topk", 2) >= 2, {"moe_router_topk": 2}),
-        Requirement("no --moe-router-pre-softmax", lambda a: not a.get("moe_router_pre_softmax")),
-        Requirement("no --attention-softmax-scale", lambda a: a.get("attention_softmax_scale") is None),
-        Requirement("no --activation (SwiGLU's SiLU)", lambda a: a.get("activation") in (None, "silu")),
+        Requirement("no --qk-layernorm", lambda a: not a.get("qk_layernorm")),
     ],
     "switch_transformers": _COMMON + [
         Requirement("--activation relu", lambda a: a.get("activation") == "relu" and not a.get("swiglu"),
@@ -107,11 +134,10 @@ REQUIREMENTS = {
 
 
 def apply_architecture(args, name: str, model: str) -> None:
-    """--hf-architecture NAME: set what the user left unset, refuse what contradicts it."""
-    from megatron_lsh.training.arguments import ArgumentError
-
+    """--hf-architecture NAME: set what the user left unset, refuse what contradicts it
+    (ArchitectureFlagError)."""
     if MODEL_OF_ARCHITECTURE[name] != model:
-        raise ArgumentError(f"--hf-architecture {name} is a {MODEL_OF_ARCHITECTURE[name].upper()} architecture, not {model.upper()}")
+        raise ArchitectureFlagError(f"--hf-architecture {name} is a {MODEL_OF_ARCHITECTURE[name].upper()} architecture, not {model.upper()}")
     values = vars(args)
     for requirement in REQUIREMENTS[name]:
         if requirement.holds(values):
@@ -127,15 +153,22 @@ def apply_architecture(args, name: str, model: str) -> None:
                                         + switch_sparse_pattern(values["decoder_num_layers"], step))
             if requirement.holds(values):
                 continue
-        raise ArgumentError(f"--hf-architecture {name} needs {requirement.flag}")
+        raise ArchitectureFlagError(f"--hf-architecture {name} needs {requirement.flag}")
 
 
-def check_exportable(args: dict, name: str) -> None:
-    """Raise NotExportableError naming every flag the saved run would have needed."""
-    missing = [r.flag for r in REQUIREMENTS[name] if not r.holds(args)]
-    if missing:
-        raise NotExportableError(
-            f"this checkpoint has no {name} equivalent in Hugging Face; train with "
-            + ", ".join(missing)
-            + f" (--hf-architecture {name} sets them)"
-        )
+def missing_flags(args: dict, name: str) -> List[str]:
+    return [r.flag for r in REQUIREMENTS[name] if not r.holds(args)]
+
+
+def exportable_architecture(args: dict, model: str) -> str:
+    """The first architecture of ``model`` ('gpt' or 't5') that holds this saved run, or
+    NotExportableError naming, for each candidate, the flags that would have made it fit."""
+    candidates = [name for name in ARCHITECTURES if MODEL_OF_ARCHITECTURE[name] == model]
+    for name in candidates:
+        if not missing_flags(args, name):
+            return name
+    raise NotExportableError(
+        "this checkpoint has no equivalent in Hugging Face; "
+        + "; or ".join(f"for {name} train with {', '.join(missing_flags(args, name))} (--hf-architecture {name} "
+                       "sets them)" for name in candidates)
+    )

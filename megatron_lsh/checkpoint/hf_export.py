@@ -1,8 +1,9 @@
-"""megatron-core GPT-MoE / T5-MoE weights as Mixtral / SwitchTransformers checkpoints.
+"""megatron-core GPT-MoE / T5-MoE weights as Mixtral, Qwen3-MoE or SwitchTransformers checkpoints.
 
 Weights are written in the layout of the models published on the Hugging Face hub (Mixtral's
-``block_sparse_moe.experts.N.w1/w2/w3``, Switch's ``expert_N.wi/wo``), which every transformers
-version since they were added loads (5.x converts Mixtral's to its fused form on load).
+``block_sparse_moe.experts.N.w1/w2/w3``, Qwen3-MoE's ``mlp.experts.N.gate_proj/up_proj/down_proj``,
+Switch's ``expert_N.wi/wo``), which every transformers version since they were added loads (5.x
+converts Mixtral's and Qwen3-MoE's to its fused form on load).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Dict, Iterable, Tuple
 
 import torch
 
-from megatron_lsh.checkpoint.hf_architectures import switch_sparse_step, t5_patterns
+from megatron_lsh.checkpoint.hf_architectures import gpt_moe_pattern, switch_sparse_step, t5_patterns
 
 Tensor = torch.Tensor
 
@@ -103,6 +104,78 @@ def mixtral_config(args, vocab_size: int, tokenizer) -> dict:
         output_router_logits=False,
         sliding_window=None,
         attention_dropout=0.0,
+        tie_word_embeddings=False,
+        use_cache=True,
+        bos_token_id=tokenizer.bos,
+        eos_token_id=tokenizer.eos,
+        pad_token_id=tokenizer.pad,
+    )
+
+
+def qwen3_moe_state_dict(state: Dict[str, Tensor], args, vocab_size: int) -> Dict[str, Tensor]:
+    heads, groups, head_dim = _heads(args)
+    pattern = gpt_moe_pattern(vars(args))
+    out = {
+        "model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:vocab_size],
+        "model.norm.weight": state["decoder.final_layernorm.weight"],
+        "lm_head.weight": state["output_layer.weight"][:vocab_size],
+    }
+    for i in range(args.num_layers):
+        src, dst = f"decoder.layers.{i}", f"model.layers.{i}"
+        q, k, v = split_qkv(state[f"{src}.self_attention.linear_qkv.weight"], heads, groups, head_dim)
+        out.update({
+            f"{dst}.input_layernorm.weight": state[f"{src}.input_layernorm.weight"],
+            f"{dst}.self_attn.q_proj.weight": q,
+            f"{dst}.self_attn.k_proj.weight": k,
+            f"{dst}.self_attn.v_proj.weight": v,
+            f"{dst}.self_attn.o_proj.weight": state[f"{src}.self_attention.linear_proj.weight"],
+            f"{dst}.self_attn.q_norm.weight": state[f"{src}.self_attention.q_layernorm.weight"],
+            f"{dst}.self_attn.k_norm.weight": state[f"{src}.self_attention.k_layernorm.weight"],
+            f"{dst}.post_attention_layernorm.weight": state[f"{src}.pre_mlp_layernorm.weight"],
+        })
+        if pattern[i]:
+            out[f"{dst}.mlp.gate.weight"] = state[f"{src}.mlp.router.weight"]
+            mlps = [(f"{dst}.mlp.experts.{expert}", fc1, fc2) for expert, fc1, fc2 in _experts(state, f"{src}.mlp")]
+        else:
+            mlps = [(f"{dst}.mlp", state[f"{src}.mlp.linear_fc1.weight"], state[f"{src}.mlp.linear_fc2.weight"])]
+        for name, fc1, fc2 in mlps:
+            gate, up = fc1.chunk(2, dim=0)  # megatron-core's GLU: act(first half) * second half
+            out[f"{name}.gate_proj.weight"] = gate
+            out[f"{name}.up_proj.weight"] = up
+            out[f"{name}.down_proj.weight"] = fc2
+    return out
+
+
+def qwen3_moe_config(args, vocab_size: int, tokenizer) -> dict:
+    heads, groups, head_dim = _heads(args)
+    pattern = gpt_moe_pattern(vars(args))
+    return dict(
+        architectures=["Qwen3MoeForCausalLM"],
+        model_type="qwen3_moe",
+        vocab_size=vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.ffn_hidden_size,
+        moe_intermediate_size=args.moe_ffn_hidden_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=groups,
+        head_dim=head_dim,
+        hidden_act="silu",
+        max_position_embeddings=args.max_position_embeddings,
+        rms_norm_eps=args.norm_epsilon,
+        rope_theta=float(args.rotary_base),
+        attention_bias=False,
+        use_sliding_window=False,
+        attention_dropout=0.0,
+        # Every layer placed by its own entry: the dense ones listed, the step leaving the rest sparse.
+        decoder_sparse_step=1,
+        mlp_only_layers=[i for i, sparse in enumerate(pattern) if not sparse],
+        num_experts=args.num_experts,
+        num_experts_per_tok=args.moe_router_topk,
+        # megatron-core takes the top-k logits and a softmax over them: softmax, top-k, renormalise.
+        norm_topk_prob=True,
+        router_aux_loss_coef=args.moe_aux_loss_coeff,
+        output_router_logits=False,
         tie_word_embeddings=False,
         use_cache=True,
         bos_token_id=tokenizer.bos,

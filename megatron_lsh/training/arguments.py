@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from megatron_lsh.checkpoint.hf_architectures import ARCHITECTURES, ArchitectureFlagError, apply_architecture
 from megatron_lsh.data.tokenizer import TOKENIZER_TYPES
 from megatron_lsh.lsh import HASH_TYPES
 from megatron_lsh.moe.config import COMPENSATIONS, GRADIENT_STUDIES
@@ -159,9 +160,12 @@ def add_model_args(parser):
     g.add_argument("--num-query-groups", type=int, default=None)
     g.add_argument("--attention-softmax-scale", type=float, default=None,
                    help="Scale of q.k (default 1/sqrt(head size); T5/Switch use 1.0).")
-    g.add_argument("--hf-architecture", choices=["mixtral", "switch_transformers"], default=None,
+    g.add_argument("--hf-architecture", choices=ARCHITECTURES, default=None,
                    help="Set every flag the Hugging Face architecture needs, so that "
-                        "megatron_lsh.checkpoint.convert can export the checkpoint.")
+                        "megatron_lsh.checkpoint.convert can export the checkpoint: mixtral (GPT, MoE in "
+                        "every layer), qwen3_moe (GPT, any --moe-layer-freq), switch_transformers (T5).")
+    g.add_argument("--qk-layernorm", action="store_true",
+                   help="Normalise each head's queries and keys (GPT; Qwen3's q_norm / k_norm).")
     g.add_argument("--disable-bias-linear", action="store_true")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--attention-dropout", type=float, default=0.1)
@@ -348,13 +352,19 @@ def set_defaults(args) -> None:
     args.lr_decay_iters = args.lr_decay_iters or args.train_iters
 
 
+def apply_hf_architecture(args, model: str) -> None:
+    """--hf-architecture: the flags it needs, or an ArgumentError naming the one that contradicts it."""
+    try:
+        apply_architecture(args, args.hf_architecture, model)
+    except ArchitectureFlagError as error:
+        raise ArgumentError(str(error)) from None
+
+
 def validate_gpt_args(args) -> None:
     if args.num_layers is None or args.seq_length is None:
         raise ArgumentError("GPT needs --num-layers and --seq-length")
     if args.hf_architecture:
-        from megatron_lsh.checkpoint.hf_architectures import apply_architecture
-
-        apply_architecture(args, args.hf_architecture, "gpt")
+        apply_hf_architecture(args, "gpt")
     args.position_embedding_type = args.position_embedding_type or "rope"
     if args.position_embedding_type == "relative":
         raise ArgumentError("--position-embedding-type relative is T5's; GPT takes rope or learned_absolute")

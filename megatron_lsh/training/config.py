@@ -43,6 +43,7 @@ def transformer_config_from_args(args, **overrides) -> LSHTransformerConfig:
         layernorm_epsilon=args.norm_epsilon,
         add_bias_linear=not args.disable_bias_linear,
         gated_linear_unit=args.swiglu,
+        qk_layernorm=getattr(args, "qk_layernorm", False),
         activation_func=_ACTIVATIONS[args.activation or ("silu" if args.swiglu else "gelu")],
         softmax_scale=args.attention_softmax_scale,
         num_query_groups=args.num_query_groups if args.group_query_attention else None,

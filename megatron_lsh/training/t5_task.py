@@ -11,7 +11,7 @@ from megatron_lsh.device import compute_device
 from megatron_lsh.data.t5_data import build_t5_datasets
 from megatron_lsh.data.tokenizer import build_tokenizer
 from megatron_lsh.models.t5 import build_t5_moe_model, moe_layer_patterns
-from megatron_lsh.training.arguments import ArgumentError
+from megatron_lsh.training.arguments import ArgumentError, apply_hf_architecture
 from megatron_lsh.training.loop import ModelTask
 
 
@@ -47,10 +47,10 @@ def validate_t5_args(args) -> None:
     if not args.encoder_num_layers or not args.decoder_num_layers:
         raise ArgumentError("T5 needs --num-layers, or --encoder-num-layers and --decoder-num-layers")
     args.num_layers = args.decoder_num_layers  # the decoder's config; the encoder's is derived
+    if args.qk_layernorm:
+        raise ArgumentError("--qk-layernorm: T5-MoE's attention has no query/key norm here; drop the flag")
     if args.hf_architecture:
-        from megatron_lsh.checkpoint.hf_architectures import apply_architecture
-
-        apply_architecture(args, args.hf_architecture, "t5")
+        apply_hf_architecture(args, "t5")
     args.encoder_seq_length = args.encoder_seq_length or args.seq_length
     if not args.encoder_seq_length or not args.decoder_seq_length:
         raise ArgumentError("T5 needs --encoder-seq-length (or --seq-length) and --decoder-seq-length")
