@@ -158,7 +158,7 @@ def test_lm_evaluation_harness_scores_the_export_with_our_own_log_likelihoods(co
     pairs = []
     for text in documents[:6]:
         words = text.split()
-        pairs.append({"context": " ".join(words[:12]), "continuation": " " + " ".join(words[12:20])})
+        pairs.append({"context": " ".join(words[:4]), "continuation": " " + " ".join(words[4:8])})
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     (tmp_path / "task.yaml").write_text(LM_EVAL_TASK.format(data=data))

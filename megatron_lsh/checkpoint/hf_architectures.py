@@ -13,8 +13,9 @@ Qwen3MoeForCausalLM: the decoder for dense and MoE layers interleaved. Each laye
 dense by its own list (``mlp_only_layers``), so any ``--moe-layer-freq`` maps exactly, with the
 dense layers' SwiGLU width (``intermediate_size``) apart from the experts'
 (``moe_intermediate_size``). Otherwise as Mixtral, plus RMSNorm on each head's queries and keys
-(``--qk-layernorm``); routing renormalised over the k chosen (``norm_topk_prob``), which makes
-top-1 match too. Chosen over Qwen2-MoE (always a shared expert, biased QKV) and DeepSeek-V2/V3
+(``--qk-layernorm``); either routing: softmax over the top-k logits (renormalised, ``norm_topk_prob``)
+or, with --moe-router-pre-softmax and for top-1 (which megatron-lsh routes pre-softmax), the
+softmax over all experts' logits kept as it is. Chosen over Qwen2-MoE (always a shared expert, biased QKV) and DeepSeek-V2/V3
 (MLA attention, dense layers only first), which megatron-lsh's models cannot express.
 
 SwitchTransformersForConditionalGeneration: T5 with RMSNorm (no bias, no mean), ReLU MLPs, no
@@ -74,6 +75,12 @@ def gpt_moe_pattern(args: dict) -> List[int]:
     return list(freq)
 
 
+def routes_pre_softmax(args: dict) -> bool:
+    """Whether the run weighted experts by the softmax over all logits (megatron-lsh routes top-1
+    that way, as Switch does) rather than over the k chosen."""
+    return bool(args.get("moe_router_pre_softmax")) or _get(args, "moe_router_topk", 2) == 1
+
+
 def t5_patterns(args: dict):
     from megatron_lsh.models.t5 import moe_layer_patterns
 
@@ -102,7 +109,6 @@ _DECODER = [
     Requirement("--swiglu", lambda a: bool(a.get("swiglu")), {"swiglu": True}),
     Requirement("--position-embedding-type rope", lambda a: a.get("position_embedding_type") == "rope",
                 {"position_embedding_type": "rope"}),
-    Requirement("no --moe-router-pre-softmax", lambda a: not a.get("moe_router_pre_softmax")),
     Requirement("no --attention-softmax-scale", lambda a: a.get("attention_softmax_scale") is None),
     Requirement("no --activation (SwiGLU's SiLU)", lambda a: a.get("activation") in (None, "silu")),
 ]
@@ -115,6 +121,7 @@ REQUIREMENTS = {
         Requirement("--moe-layer-freq 1 (experts in every layer)",
                     lambda a: _get(a, "moe_layer_freq", 1) in (1, [1] * _get(a, "num_layers", 0)), {"moe_layer_freq": 1}),
         Requirement("--moe-router-topk 2 or more", lambda a: _get(a, "moe_router_topk", 2) >= 2, {"moe_router_topk": 2}),
+        Requirement("no --moe-router-pre-softmax", lambda a: not a.get("moe_router_pre_softmax")),
         Requirement("no --qk-layernorm", lambda a: not a.get("qk_layernorm")),
     ],
     "switch_transformers": _COMMON + [

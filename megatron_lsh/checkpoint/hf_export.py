@@ -14,7 +14,12 @@ from typing import Dict, Iterable, Tuple
 
 import torch
 
-from megatron_lsh.checkpoint.hf_architectures import gpt_moe_pattern, switch_sparse_step, t5_patterns
+from megatron_lsh.checkpoint.hf_architectures import (
+    gpt_moe_pattern,
+    routes_pre_softmax,
+    switch_sparse_step,
+    t5_patterns,
+)
 
 Tensor = torch.Tensor
 
@@ -172,8 +177,9 @@ def qwen3_moe_config(args, vocab_size: int, tokenizer) -> dict:
         mlp_only_layers=[i for i, sparse in enumerate(pattern) if not sparse],
         num_experts=args.num_experts,
         num_experts_per_tok=args.moe_router_topk,
-        # megatron-core takes the top-k logits and a softmax over them: softmax, top-k, renormalise.
-        norm_topk_prob=True,
+        # megatron-core's softmax over the top-k logits is HF's softmax, top-k and renormalise; its
+        # pre-softmax routing (and top-1) keeps the full softmax's values.
+        norm_topk_prob=not routes_pre_softmax(vars(args)),
         router_aux_loss_coef=args.moe_aux_loss_coeff,
         output_router_logits=False,
         tie_word_embeddings=False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron_lsh.checkpoint.hf_architectures import routes_pre_softmax
 from megatron_lsh.moe import LSHConfigError, LSHTransformerConfig
 from megatron_lsh.training.arguments import ArgumentError, lsh_config_kwargs
 
@@ -62,7 +63,7 @@ def transformer_config_from_args(args, **overrides) -> LSHTransformerConfig:
         moe_aux_loss_coeff=args.moe_aux_loss_coeff,
         moe_z_loss_coeff=args.moe_z_loss_coeff,
         moe_router_load_balancing_type=args.moe_router_load_balancing_type,
-        moe_router_pre_softmax=args.moe_router_pre_softmax or args.moe_router_topk == 1,
+        moe_router_pre_softmax=routes_pre_softmax(vars(args)),
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
         moe_expert_capacity_factor=args.moe_expert_capacity_factor,
         expert_model_parallel_size=args.expert_model_parallel_size,
