@@ -60,7 +60,9 @@ def _experts(state: Dict[str, Tensor], prefix: str) -> Iterable[Tuple[int, Tenso
         expert += 1
 
 
-def mixtral_state_dict(state: Dict[str, Tensor], args, vocab_size: int) -> Dict[str, Tensor]:
+def _decoder_state_dict(state: Dict[str, Tensor], args, vocab_size: int, layer_mlp) -> Dict[str, Tensor]:
+    """What Mixtral and Qwen3-MoE share: embeddings, norms and attention (Qwen3's q/k norms when
+    trained with them); ``layer_mlp(out, src, dst, i)`` adds each layer's MLP or experts."""
     heads, groups, head_dim = _heads(args)
     out = {
         "model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:vocab_size],
@@ -77,24 +79,54 @@ def mixtral_state_dict(state: Dict[str, Tensor], args, vocab_size: int) -> Dict[
             f"{dst}.self_attn.v_proj.weight": v,
             f"{dst}.self_attn.o_proj.weight": state[f"{src}.self_attention.linear_proj.weight"],
             f"{dst}.post_attention_layernorm.weight": state[f"{src}.pre_mlp_layernorm.weight"],
-            f"{dst}.block_sparse_moe.gate.weight": state[f"{src}.mlp.router.weight"],
         })
-        for expert, fc1, fc2 in _experts(state, f"{src}.mlp"):
-            gate, up = fc1.chunk(2, dim=0)  # megatron-core's GLU: act(first half) * second half
-            out[f"{dst}.block_sparse_moe.experts.{expert}.w1.weight"] = gate
-            out[f"{dst}.block_sparse_moe.experts.{expert}.w3.weight"] = up
-            out[f"{dst}.block_sparse_moe.experts.{expert}.w2.weight"] = fc2
+        if getattr(args, "qk_layernorm", False):
+            out[f"{dst}.self_attn.q_norm.weight"] = state[f"{src}.self_attention.q_layernorm.weight"]
+            out[f"{dst}.self_attn.k_norm.weight"] = state[f"{src}.self_attention.k_layernorm.weight"]
+        layer_mlp(out, src, dst, i)
     return out
 
 
-def mixtral_config(args, vocab_size: int, tokenizer) -> dict:
+def _gate_up(fc1: Tensor) -> Tuple[Tensor, Tensor]:
+    """megatron-core's fused GLU input projection: act(first half) * second half."""
+    gate, up = fc1.chunk(2, dim=0)
+    return gate, up
+
+
+def mixtral_state_dict(state: Dict[str, Tensor], args, vocab_size: int) -> Dict[str, Tensor]:
+    def experts(out, src, dst, i):
+        out[f"{dst}.block_sparse_moe.gate.weight"] = state[f"{src}.mlp.router.weight"]
+        for expert, fc1, fc2 in _experts(state, f"{src}.mlp"):
+            gate, up = _gate_up(fc1)
+            out[f"{dst}.block_sparse_moe.experts.{expert}.w1.weight"] = gate
+            out[f"{dst}.block_sparse_moe.experts.{expert}.w3.weight"] = up
+            out[f"{dst}.block_sparse_moe.experts.{expert}.w2.weight"] = fc2
+
+    return _decoder_state_dict(state, args, vocab_size, experts)
+
+
+def qwen3_moe_state_dict(state: Dict[str, Tensor], args, vocab_size: int) -> Dict[str, Tensor]:
+    pattern = gpt_moe_pattern(vars(args))
+
+    def mlp(out, src, dst, i):
+        if pattern[i]:
+            out[f"{dst}.mlp.gate.weight"] = state[f"{src}.mlp.router.weight"]
+            mlps = [(f"{dst}.mlp.experts.{expert}", fc1, fc2) for expert, fc1, fc2 in _experts(state, f"{src}.mlp")]
+        else:
+            mlps = [(f"{dst}.mlp", state[f"{src}.mlp.linear_fc1.weight"], state[f"{src}.mlp.linear_fc2.weight"])]
+        for name, fc1, fc2 in mlps:
+            out[f"{name}.gate_proj.weight"], out[f"{name}.up_proj.weight"] = _gate_up(fc1)
+            out[f"{name}.down_proj.weight"] = fc2
+
+    return _decoder_state_dict(state, args, vocab_size, mlp)
+
+
+def _decoder_config(args, vocab_size: int, tokenizer) -> dict:
+    """The config fields Mixtral and Qwen3-MoE share."""
     heads, groups, head_dim = _heads(args)
     return dict(
-        architectures=["MixtralForCausalLM"],
-        model_type="mixtral",
         vocab_size=vocab_size,
         hidden_size=args.hidden_size,
-        intermediate_size=args.moe_ffn_hidden_size,
         num_hidden_layers=args.num_layers,
         num_attention_heads=heads,
         num_key_value_heads=groups,
@@ -103,11 +135,9 @@ def mixtral_config(args, vocab_size: int, tokenizer) -> dict:
         max_position_embeddings=args.max_position_embeddings,
         rms_norm_eps=args.norm_epsilon,
         rope_theta=float(args.rotary_base),
-        num_local_experts=args.num_experts,
         num_experts_per_tok=args.moe_router_topk,
         router_aux_loss_coef=args.moe_aux_loss_coeff,
         output_router_logits=False,
-        sliding_window=None,
         attention_dropout=0.0,
         tie_word_embeddings=False,
         use_cache=True,
@@ -117,76 +147,34 @@ def mixtral_config(args, vocab_size: int, tokenizer) -> dict:
     )
 
 
-def qwen3_moe_state_dict(state: Dict[str, Tensor], args, vocab_size: int) -> Dict[str, Tensor]:
-    heads, groups, head_dim = _heads(args)
-    pattern = gpt_moe_pattern(vars(args))
-    out = {
-        "model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:vocab_size],
-        "model.norm.weight": state["decoder.final_layernorm.weight"],
-        "lm_head.weight": state["output_layer.weight"][:vocab_size],
-    }
-    for i in range(args.num_layers):
-        src, dst = f"decoder.layers.{i}", f"model.layers.{i}"
-        q, k, v = split_qkv(state[f"{src}.self_attention.linear_qkv.weight"], heads, groups, head_dim)
-        out.update({
-            f"{dst}.input_layernorm.weight": state[f"{src}.input_layernorm.weight"],
-            f"{dst}.self_attn.q_proj.weight": q,
-            f"{dst}.self_attn.k_proj.weight": k,
-            f"{dst}.self_attn.v_proj.weight": v,
-            f"{dst}.self_attn.o_proj.weight": state[f"{src}.self_attention.linear_proj.weight"],
-            f"{dst}.self_attn.q_norm.weight": state[f"{src}.self_attention.q_layernorm.weight"],
-            f"{dst}.self_attn.k_norm.weight": state[f"{src}.self_attention.k_layernorm.weight"],
-            f"{dst}.post_attention_layernorm.weight": state[f"{src}.pre_mlp_layernorm.weight"],
-        })
-        if pattern[i]:
-            out[f"{dst}.mlp.gate.weight"] = state[f"{src}.mlp.router.weight"]
-            mlps = [(f"{dst}.mlp.experts.{expert}", fc1, fc2) for expert, fc1, fc2 in _experts(state, f"{src}.mlp")]
-        else:
-            mlps = [(f"{dst}.mlp", state[f"{src}.mlp.linear_fc1.weight"], state[f"{src}.mlp.linear_fc2.weight"])]
-        for name, fc1, fc2 in mlps:
-            gate, up = fc1.chunk(2, dim=0)  # megatron-core's GLU: act(first half) * second half
-            out[f"{name}.gate_proj.weight"] = gate
-            out[f"{name}.up_proj.weight"] = up
-            out[f"{name}.down_proj.weight"] = fc2
-    return out
+def mixtral_config(args, vocab_size: int, tokenizer) -> dict:
+    return dict(
+        architectures=["MixtralForCausalLM"],
+        model_type="mixtral",
+        **_decoder_config(args, vocab_size, tokenizer),
+        intermediate_size=args.moe_ffn_hidden_size,
+        num_local_experts=args.num_experts,
+        sliding_window=None,
+    )
 
 
 def qwen3_moe_config(args, vocab_size: int, tokenizer) -> dict:
-    heads, groups, head_dim = _heads(args)
     pattern = gpt_moe_pattern(vars(args))
     return dict(
         architectures=["Qwen3MoeForCausalLM"],
         model_type="qwen3_moe",
-        vocab_size=vocab_size,
-        hidden_size=args.hidden_size,
+        **_decoder_config(args, vocab_size, tokenizer),
         intermediate_size=args.ffn_hidden_size,
         moe_intermediate_size=args.moe_ffn_hidden_size,
-        num_hidden_layers=args.num_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=groups,
-        head_dim=head_dim,
-        hidden_act="silu",
-        max_position_embeddings=args.max_position_embeddings,
-        rms_norm_eps=args.norm_epsilon,
-        rope_theta=float(args.rotary_base),
+        num_experts=args.num_experts,
         attention_bias=False,
         use_sliding_window=False,
-        attention_dropout=0.0,
         # Every layer placed by its own entry: the dense ones listed, the step leaving the rest sparse.
         decoder_sparse_step=1,
         mlp_only_layers=[i for i, sparse in enumerate(pattern) if not sparse],
-        num_experts=args.num_experts,
-        num_experts_per_tok=args.moe_router_topk,
         # megatron-core's softmax over the top-k logits is HF's softmax, top-k and renormalise; its
         # pre-softmax routing (and top-1) keeps the full softmax's values.
         norm_topk_prob=not routes_pre_softmax(vars(args)),
-        router_aux_loss_coef=args.moe_aux_loss_coeff,
-        output_router_logits=False,
-        tie_word_embeddings=False,
-        use_cache=True,
-        bos_token_id=tokenizer.bos,
-        eos_token_id=tokenizer.eos,
-        pad_token_id=tokenizer.pad,
     )
 
 
