@@ -15,6 +15,7 @@ from megatron_lsh.lsh import (
     build_hash_family,
     cluster_tokens,
     expand_to_tokens,
+    hash_and_cluster,
 )
 
 DIM = 64
@@ -328,3 +329,29 @@ def test_scaled_residual_compensation_gives_E_of_c_plus_g_times_the_residual():
         scale.index_select(0, clusters.token_to_cluster).unsqueeze(1) * (
             tokens - clusters.centroids.index_select(0, clusters.token_to_cluster))
     torch.testing.assert_close(expand_to_tokens(outputs, clusters, tokens, scale), expected)
+
+
+@pytest.mark.parametrize("threshold", [None, 1.0])
+def test_exact_groups_are_not_hashed_and_every_other_group_clusters_as_before(threshold):
+    tokens = centred_blobs()
+    groups = torch.arange(tokens.size(0)) % 3
+    family = build_hash_family("cross_polytope", DIM, 6, 4, seed=11)
+    exact = torch.tensor([False, True, False])
+    clusters, errors, _ = hash_and_cluster(tokens, family, groups, 3, threshold, None, exact)
+    everything, _, _ = hash_and_cluster(tokens, family, groups, 3, threshold, None)
+    member_of_exact_group = exact[groups]
+    assert clusters.clusters_per_group[1] == int(member_of_exact_group.sum())
+    assert errors[member_of_exact_group].abs().max() == 0
+    for group in (0, 2):  # the hashed groups' clusters are unchanged
+        assert clusters.clusters_per_group[group] == everything.clusters_per_group[group]
+    assert clusters.clusters_per_group[0] < (groups == 0).sum()
+
+
+@pytest.mark.parametrize("threshold", [None, 1.0])
+def test_all_groups_exact_sends_every_token_as_itself(threshold):
+    tokens = gaussian(40)
+    groups = torch.arange(40) % 2
+    family = build_hash_family("cross_polytope", DIM, 6, 4, seed=11)
+    clusters, _, _ = hash_and_cluster(tokens, family, groups, 2, threshold, None, torch.tensor([True, True]))
+    assert clusters.num_clusters == 40
+    torch.testing.assert_close(clusters.centroids.index_select(0, clusters.token_to_cluster), tokens)

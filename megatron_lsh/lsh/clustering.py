@@ -279,7 +279,9 @@ def hash_and_cluster(tokens: torch.Tensor, family, group_ids: torch.Tensor, num_
     if exact_groups is not None:
         hashed_rows = (~exact_groups.index_select(0, group_ids.long())).nonzero().squeeze(1)
         hashed, hashed_groups = tokens.index_select(0, hashed_rows), group_ids.index_select(0, hashed_rows)
-    if merge_threshold is None and error_bound is None:
+    if hashed.size(0) == 0:  # every row exact: nothing to hash
+        bucket_ids, total_buckets, exact_rows = group_ids.new_empty(0, dtype=torch.int64), 1, 0
+    elif merge_threshold is None and error_bound is None:
         bucket_ids, total_buckets, exact_rows = family.bucket_ids(hashed), family.total_buckets, 0
     else:
         assignment = adaptive_bucket_ids(hashed, family.codes(hashed), hashed_groups, family.num_buckets,
