@@ -19,6 +19,7 @@ from tests.launch import (
     model_flags,
     run_pretrain_expecting_error,
     torchrun,
+    torchrun_command,
 )
 
 @pytest.fixture(scope="module")
@@ -248,3 +249,15 @@ def test_speedup_projection_reads_the_model_and_each_layers_rate_from_a_run(logg
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"speedup with LSH at compression 0\.\d+ mean of 2 layers: \d+\.\d\dx", result.stdout)
     assert "4 GPUs (2 nodes x 2), expert parallel 4" in result.stdout
+
+
+def test_inter_node_scope_on_one_node_warns_and_trains_every_row_exact(corpus, tmp_path):
+    result = subprocess.run(
+        torchrun_command(model_flags(corpus, **{"--train-iters": "4", "--log-interval": "1", "--eval-iters": "0",
+                                                "--lr-warmup-iters": "1", "--lsh-scope": "inter-node"})),
+        cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "every expert-parallel rank is on one node" in result.stderr
+    # Nothing is in scope: no row merged into another.
+    errors = re.findall(r"lsh relative error: ([0-9.]+)", result.stdout)
+    assert len(errors) == 4 and all(float(e) == 0 for e in errors)
