@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from emulated_cluster import ClusterUnavailable, EmulatedCluster  # run as a script from benchmarks/
 from quickstart_data import prepare_data

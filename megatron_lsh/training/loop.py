@@ -35,6 +35,7 @@ from megatron_lsh.data.gpt_data import DataError, data_iterator
 from megatron_lsh.data.tokenizer import TokenizerError, build_tokenizer
 from megatron_lsh.moe import CompressionStats, get_compression_tracker, set_lsh_iteration
 from megatron_lsh.moe.controller import CompressionController
+from megatron_lsh.moe.topology import nodes_of_group, ranks_per_node
 from megatron_lsh.training import a2a_timer
 from megatron_lsh.training.arguments import ArgumentError, validate_args
 from megatron_lsh.training.config import transformer_config_from_args
@@ -42,8 +43,6 @@ from megatron_lsh.training.initialize import destroy_distributed, initialize_dis
 from megatron_lsh.training.metrics_logger import MetricsLogger, timestamp
 from megatron_lsh.training.nonfinite import NonFiniteWatch
 from megatron_lsh.training.optimizer import TrainingOptimizer
-
-from megatron_lsh.moe.topology import nodes_of_group, ranks_per_node
 
 logger = logging.getLogger(__name__)
 
