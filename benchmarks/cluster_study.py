@@ -130,37 +130,29 @@ def train(run: Run, index: int, data: Dict[str, str], work: Path) -> None:
              *evaluation, *run.flags]
     env = environment(run.nodes, run.procs, 29400 + index, out, data)
     with EmulatedCluster(num_nodes=run.nodes, rate_mbit=run.rate_mbit) as cluster:
-        before = [(cluster.interface_bytes(i)["tx_bytes"], cluster.interface_bytes(i, "lo")["tx_bytes"])
-                  for i in range(run.nodes)]
-        start = time.time()
+        def sent(device: str) -> int:
+            return sum(cluster.interface_bytes(i, device)["tx_bytes"] for i in range(run.nodes))
+
+        link, loopback, start = sent("eth0"), sent("lo"), time.time()
         launch(cluster, run.nodes, lambda node: ["bash", "scripts/pretrain_gpt_moe_distributed.sh", *flags],
                env, out, timeout=3600)
         wall = time.time() - start
-        after = [(cluster.interface_bytes(i)["tx_bytes"], cluster.interface_bytes(i, "lo")["tx_bytes"])
-                 for i in range(run.nodes)]
-    link = sum(a[0] - b[0] for a, b in zip(after, before)) / run.nodes
-    loopback = sum(a[1] - b[1] for a, b in zip(after, before)) / run.nodes
+        link, loopback = (sent("eth0") - link) / run.nodes, (sent("lo") - loopback) / run.nodes
     run.results = summarize(out / "tensorboard", run, link, loopback, wall)
 
 
-def logged_step_ms(tensorboard: Path) -> List[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(tensorboard), size_guidance={"scalars": 0})
-    events.Reload()
-    return [e.value for e in events.Scalars("iteration time ms")]
-
-
-def summarize(tensorboard: Path, run: Run, link_bytes: float, loopback_bytes: float, wall: float) -> Dict:
+def logged_series(tensorboard: Path):
+    """A run's scalars: series(tag) -> the values logged under tag ([] if none)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tensorboard), size_guidance={"scalars": 0})
     events.Reload()
     tags = set(events.Tags()["scalars"])
+    return lambda tag: [e.value for e in events.Scalars(tag)] if tag in tags else []
 
-    def series(tag):
-        return [e.value for e in events.Scalars(tag)] if tag in tags else []
 
+def summarize(tensorboard: Path, run: Run, link_bytes: float, loopback_bytes: float, wall: float) -> Dict:
+    series = logged_series(tensorboard)
     steps = series("iteration time ms")[1:]  # the first interval includes warm-up
     ppl = series("validation lm loss PPL")
     results = {
@@ -196,7 +188,7 @@ def calibrate_compute(data: Dict[str, str], work: Path, iters: int, processes: i
     with EmulatedCluster(num_nodes=1, rate_mbit=1000) as cluster:
         launch(cluster, 1, lambda node: ["bash", "scripts/pretrain_gpt_moe_distributed.sh", *flags], env, out,
                timeout=1800)
-    step_ms = statistics.median(logged_step_ms(out / "tensorboard")[1:])
+    step_ms = statistics.median(logged_series(out / "tensorboard")("iteration time ms")[1:])
     flops = model_shape(fp32=True).forward_flops_per_token()
     step_flops = 3 * GLOBAL_BATCH // processes * SEQ * (flops["dense"] + flops["experts"])
     return {"processes": processes, "step_ms": step_ms, "tflops": step_flops / (step_ms / 1e3) / 1e12}

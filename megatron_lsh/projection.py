@@ -30,6 +30,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
+from megatron_lsh.checkpoint.hf_architectures import gpt_moe_pattern
+
 # Bytes of a routing probability megatron-core's dispatcher sends with each row (fp32).
 PROB_BYTES = 4
 # Collectives per MoE layer and micro-batch (dispatch and combine all-to-alls, forward and
@@ -263,14 +265,10 @@ def project(model: ModelShape, cluster: Cluster, compression: Union[float, Seque
 
 
 def _moe_pattern(value: str, num_layers: int) -> List[int]:
-    """--moe-layer-freq as Megatron-LM: N (every N-th layer, from the first) or a list like [1,0,1,0]."""
+    """--moe-layer-freq as Megatron-LM: N or a list like [1,0,1,0], placed as training places it."""
     text = value.strip()
-    if text.startswith("["):
-        pattern = [int(v) for v in text.strip("[]").split(",") if v.strip()]
-    else:
-        freq = int(text)
-        pattern = [1 if i % freq == 0 else 0 for i in range(num_layers)]
-    return pattern
+    freq = [int(v) for v in text.strip("[]").split(",") if v.strip()] if text.startswith("[") else int(text)
+    return gpt_moe_pattern({"moe_layer_freq": freq, "num_layers": num_layers})
 
 
 def compression_from_tensorboard(path: str, last_fraction: float = 0.5) -> List[float]:
