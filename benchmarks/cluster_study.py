@@ -3,7 +3,7 @@ checked against measured steps.
 
     sudo python benchmarks/cluster_study.py            # about 40 minutes on 2 cores; writes docs/
     sudo python benchmarks/cluster_study.py --quick    # fewer, shorter runs (a smoke test)
-    python benchmarks/cluster_study.py --report-only   # docs/ again from the last run's results.json
+    python benchmarks/cluster_study.py --report-only   # docs/ again from docs/data/cluster_study.json
 
 Each emulated node is a network namespace running one torchrun with P processes: they talk over
 the node's loopback, unshaped, and to other nodes over its tc-shaped link (emulated_cluster.py).
@@ -43,6 +43,9 @@ from megatron_lsh.projection import Cluster, ModelShape, compression_from_tensor
 DOCS = REPO / "docs"
 VALIDATION_TOLERANCE = 0.15
 
+# The last study's results, committed beside the doc so that --report-only works from a fresh clone.
+RESULTS = DOCS / "data" / "cluster_study.json"
+
 LAYERS, HIDDEN, FFN, EXPERTS, TOPK, SEQ, GLOBAL_BATCH, MICRO_BATCH = 4, 64, 256, 8, 2, 128, 32, 8
 VOCAB = 8064  # the quickstart's 8000-piece tokenizer, padded to a multiple of 128
 MODEL_FLAGS = [
@@ -52,6 +55,7 @@ MODEL_FLAGS = [
     "--moe-layer-freq", "1", "--micro-batch-size", str(MICRO_BATCH), "--global-batch-size", str(GLOBAL_BATCH),
     "--lr", "2e-3", "--min-lr", "2e-4", "--weight-decay", "0.1",
     "--num-workers", "0", "--save-interval", "100000",
+    "--timing-log-level", "1",  # the all-to-all share of step time
 ]
 
 
@@ -288,7 +292,7 @@ def report(runs: List[Run], calibration: Dict, elapsed: float) -> str:
         "|---|---|---|",
         *(f"| {c['processes']} | {c['step_ms']:.0f} | {c['tflops'] * 1e3:.2f} |" for c in compute.values()),
         "",
-        "All-to-all on each layout (2 processes per node share its link), bandwidth at the message size of the",
+        "All-to-all on each layout (on 2 x 2 the 2 processes of a node share its link), bandwidth at the message size of the",
         "model's all-to-all (what one rank sends one peer: a shaped link's throughput depends on it, and a",
         "nccl-tests table is read at the job's size too); latency under load: what one small all-to-all adds",
         "between blocks of 5 ms of compute, waiting for the slowest rank included:",
@@ -390,11 +394,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (a smoke test)")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "cluster_study")
     parser.add_argument("--report-only", action="store_true",
-                        help="rewrite docs/cluster_study.md from the last run's results.json under --work")
+                        help=f"rewrite docs/cluster_study.md from the last study's {RESULTS.relative_to(REPO)}")
     parser.add_argument("--recalibrate", action="store_true",
                         help="measure the all-to-all calibration again and predict the saved runs from it")
     args = parser.parse_args()
-    saved = args.work / "results.json"
+    saved = RESULTS
+    saved.parent.mkdir(parents=True, exist_ok=True)
     if args.recalibrate:
         results = json.loads(saved.read_text())
         runs = [Run(**r) for r in results["runs"]]

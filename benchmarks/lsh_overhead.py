@@ -28,7 +28,8 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron_lsh.data.synthetic import clustered_hidden_states
 from megatron_lsh.lsh import build_hash_family, expand_to_tokens, hash_and_cluster
 from megatron_lsh.moe import LSHTransformerConfig, get_lsh_moe_module_spec
-from megatron_lsh.training.arguments import parse_error_bound
+from megatron_lsh.moe.config import lsh_settings
+from megatron_lsh.training.arguments import add_setting_flag
 from megatron_lsh.training.initialize import initialize_distributed
 
 
@@ -38,11 +39,10 @@ def parse_args():
     p.add_argument("--tokens-per-rank", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     p.add_argument("--num-experts", type=int, default=8)
     p.add_argument("--moe-router-topk", type=int, default=2)
-    p.add_argument("--lsh-hash-type", default="cross_polytope")
-    p.add_argument("--lsh-num-hashes", type=int, default=6)
-    p.add_argument("--lsh-num-buckets", type=int, default=4)
-    p.add_argument("--lsh-error-bound", type=parse_error_bound, default=None,
-                   help="Relative error bound (as --lsh-error-bound of training); default: none.")
+    # The LSH settings' flags as training has them (defaults: the config's).
+    settings = {f.name: f for f in lsh_settings()}
+    for name in ("lsh_hash_type", "lsh_num_hashes", "lsh_num_buckets", "lsh_error_bound"):
+        add_setting_flag(p, settings[name], default=settings[name].default)
     p.add_argument("--lsh-merge-threshold", type=float, default=None,
                    help="Coarse-to-fine clustering at this merge threshold, as the compression controller "
                         "runs it (--lsh-target-compression); default: plain buckets of all hashes.")

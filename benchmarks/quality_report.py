@@ -151,8 +151,9 @@ def _findings(ablations: Dict[str, Dict], reference: Dict) -> List[str]:
     if forward is not None:
         lines.append(
             f"- LSH's forward values trained with the exact MoE's gradients (evaluated with LSH): {100 * forward:+.1f}%"
-            + (". Far worse than LSH's own gradients: gradients that do not match the forward pass the model "
-               "runs keep it from adapting to the approximation." if forward > base else
+            + (f", {forward / base:.1f} times the old default's gap: gradients that do not match the forward pass the "
+               "model runs keep it from adapting to the approximation." if base > 0 and forward > 2 * base else
+               f", worse than LSH's own gradients ({100 * base:+.1f}%)." if forward > base else
                ", no worse than LSH's own gradients."))
     if backward is not None:
         share = backward / base if base else float("nan")

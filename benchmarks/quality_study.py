@@ -34,6 +34,8 @@ from quickstart_data import prepare_data  # run as a script from benchmarks/
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
+# Each run's summary, committed beside the doc so that --report-only works from a fresh clone.
+SUMMARIES = DOCS / "data" / "quality_study"
 
 # The quickstart's GPT-MoE as it was when docs/quality_study.md was measured (LayerNorm, GeLU MLPs
 # with biases, tied embeddings; scripts/quickstart_cpu.sh now trains the Qwen3-MoE layout so that
@@ -123,7 +125,8 @@ def execute(variant: Variant, iters: int, data: Dict[str, str], work: Path, port
     summary = summarize(out / "tensorboard", iters)
     summary.update(name=variant.name, main=variant.main, flags=variant.flags, iters=iters,
                    question=variant.question, wall_s=time.time() - start)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    SUMMARIES.mkdir(parents=True, exist_ok=True)
+    (SUMMARIES / f"{run_key(variant)}.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
@@ -179,14 +182,14 @@ def main() -> None:
     study_start = time.time()
     for index, variant in enumerate(variants):
         iters = args.iters if variant.main else args.ablation_iters
-        saved = args.work / "runs" / run_key(variant) / "summary.json"
+        saved = SUMMARIES / f"{run_key(variant)}.json"
         previous = json.loads(saved.read_text()) if saved.exists() else None
         reusable = previous is not None and previous["flags"] == variant.flags and previous["iters"] == iters
         chosen = not wanted or run_key(variant) in wanted or variant.name in wanted
         if args.report_only or (reusable and not args.fresh) or not chosen:
             if previous is not None:
                 # Read the events again: a newer summary may take more from them.
-                events = saved.parent / "tensorboard"
+                events = args.work / "runs" / run_key(variant) / "tensorboard"
                 if events.exists():
                     previous.update(summarize(events, previous["iters"]))
                 summaries[run_key(variant)] = previous

@@ -2,7 +2,7 @@
 
     sudo python benchmarks/speed_study.py            # about 20 minutes on 2 cores; writes docs/
     sudo python benchmarks/speed_study.py --quick    # a few minutes, fewer runs, shorter
-    python benchmarks/speed_study.py --report-only   # docs/ again from the last run's results.json
+    python benchmarks/speed_study.py --report-only   # docs/ again from docs/data/speed_study.json
 
 Each run trains the same small GPT-MoE on the embedded corpus with scripts/pretrain_gpt_moe_distributed.sh,
 one torchrun per node, each node a network namespace whose link is rate-limited with tc. Per run:
@@ -39,6 +39,9 @@ DOCS = REPO / "docs"
 TARGET_LEVELS = (1.5, 1.25, 1.1, 1.0)
 TARGET_CHECK = 1.1
 
+# The last study's results, committed beside the doc so that --report-only works from a fresh clone.
+RESULTS = DOCS / "data" / "speed_study.json"
+
 MODEL_FLAGS = [
     "--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "256", "--num-attention-heads", "4",
     "--seq-length", "128", "--max-position-embeddings", "128", "--normalization", "LayerNorm",
@@ -46,6 +49,7 @@ MODEL_FLAGS = [
     "--micro-batch-size", "16", "--global-batch-size", "32", "--lr", "2e-3", "--min-lr", "2e-4",
     "--lr-warmup-iters", "20", "--weight-decay", "0.1", "--log-interval", "25", "--eval-interval", "25",
     "--eval-iters", "4", "--num-workers", "0", "--save-interval", "100000",
+    "--timing-log-level", "1",  # the all-to-all share of step time
 ]
 
 
@@ -335,10 +339,10 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=None, help="iterations per run (default 120, quick 40)")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "speed_study")
     parser.add_argument("--report-only", action="store_true",
-                        help="rewrite docs/ from the last run's results.json under --work, without running anything")
+                        help=f"rewrite docs/ from the last study's {RESULTS.relative_to(REPO)}, without running anything")
     args = parser.parse_args()
     if args.report_only:
-        saved = args.work / "results.json"
+        saved = RESULTS
         if not saved.exists():
             sys.exit(f"error: {saved} not found; run the study first (without --report-only)")
         results = json.loads(saved.read_text())
@@ -366,7 +370,8 @@ def main() -> None:
     stock_run = next(index for index, run in enumerate(runs) if run.name == "stock" and run.rate_mbit == 1000)
     fixed = fixed_state_sweep(args.work / "runs" / f"{stock_run:02d}" / "checkpoints", data["valid"])
     elapsed = time.time() - start
-    (args.work / "results.json").write_text(json.dumps({
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({
         "iters": iters, "elapsed_s": elapsed, "fixed": fixed,
         "runs": [{"name": r.name, "rate_mbit": r.rate_mbit, "hashes": r.hashes, "hash_type": r.hash_type,
                   "results": r.results} for r in runs]}, indent=2))

@@ -30,7 +30,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
-from megatron_lsh.checkpoint.hf_architectures import gpt_moe_pattern
+from megatron_lsh.checkpoint.loading import saved_run, tokenizer_model_path
+from megatron_lsh.models.architectures import gpt_moe_pattern
+from megatron_lsh.training.checkpointing import CheckpointError
 
 # Bytes of a routing probability megatron-core's dispatcher sends with each row (fp32).
 PROB_BYTES = 4
@@ -294,9 +296,6 @@ def compression_from_tensorboard(path: str, last_fraction: float = 0.5) -> List[
 
 def model_from_checkpoint(load_dir: str) -> Dict:
     """The flags a megatron-lsh GPT-MoE run saved with its checkpoints, with its tokenizer's size."""
-    from megatron_lsh.checkpoint.checkpointing import CheckpointError
-    from megatron_lsh.checkpoint.loading import saved_run, tokenizer_model_path
-
     try:
         saved, task, _ = saved_run(load_dir)
     except CheckpointError as error:

@@ -76,3 +76,66 @@ def continuation_log_likelihoods(rank, world_size, load_dir, pairs):
             targets = torch.tensor(whole[start:])
             results.append(log_probs[start - 1:-1].gather(1, targets.unsqueeze(1)).sum().item())
     return results
+
+
+def evaluation_against_plain_forwards(rank, world_size, load_dir, work_dir, windows=3):
+    """checkpoint.evaluate's loss on a held-out document of windows x seq-length + 1 tokens,
+    and the same loss computed apart: the loaded model's logits on each window (megatron's GPT
+    samples are consecutive windows of seq-length + 1 tokens that overlap by one), float64
+    cross-entropies summed over every predicted token and divided once. (Megatron's softmax
+    spans the padded vocabulary, so this is the megatron model's own forward, not the export's.)"""
+    import numpy
+
+    import megatron_lsh  # noqa: F401
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_lsh.checkpoint.evaluate import evaluate
+    from megatron_lsh.checkpoint.loading import load_for_inference, saved_run
+
+    saved, _, _ = saved_run(load_dir)
+    length = saved["seq_length"]
+    generator = torch.Generator().manual_seed(5)
+    # Ordinary pieces only: no end-of-document token, so every position counts.
+    document = torch.randint(3, 200, (windows * length + 1,), generator=generator, dtype=torch.int32)
+    prefix = f"{work_dir}/held_out"
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=numpy.int32)
+    builder.add_document(document, [document.numel()])
+    builder.finalize(f"{prefix}.idx")
+    result = evaluate(load_dir, data_path=prefix, micro_batch_size=1)
+
+    model = load_for_inference(load_dir).model
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, windows * length, length):
+            window = document[start:start + length + 1].long().unsqueeze(0)
+            logits = model(window[:, :-1], torch.arange(length).unsqueeze(0), None)
+            total += torch.nn.functional.cross_entropy(logits[0].double(), window[0, 1:], reduction="sum").item()
+            count += length
+    return {"evaluate": result, "reference_loss": total / count, "reference_tokens": count}
+
+
+def one_process_runs(rank, world_size, gpt_flags, t5_flags, work_dir, valid_jsonl):
+    """The whole path on one process, as the fast tier's check of every layer: GPT-MoE
+    (Qwen3-MoE layout) and T5-MoE train a few steps with LSH, log, save, resume; then
+    evaluation with LSH and the conversion to Hugging Face read the GPT checkpoint back."""
+    import megatron_lsh  # noqa: F401
+    from megatron_lsh.checkpoint.convert import main as convert
+    from megatron_lsh.checkpoint.evaluate import evaluate
+    from megatron_lsh.training.arguments import parse_args
+    from megatron_lsh.training.gpt_task import GPT_TASK
+    from megatron_lsh.training.initialize import destroy_distributed
+    from megatron_lsh.training.loop import Trainer
+    from megatron_lsh.training.t5_task import T5_TASK, add_t5_args
+
+    histories = {}
+    for name, task, flags, extra in (("gpt", GPT_TASK, gpt_flags, None), ("t5", T5_TASK, t5_flags, add_t5_args)):
+        for attempt in ("first", "resumed"):
+            trainer = Trainer(task, parse_args("test", flags, extra_args=extra))
+            trainer.train()
+            histories[f"{name} {attempt}"] = trainer.history
+            destroy_distributed()
+    save = gpt_flags[gpt_flags.index("--save") + 1]
+    evaluated = evaluate(save, input_jsonl=valid_jsonl, micro_batch_size=4, max_samples=8, lsh=True)
+    destroy_distributed()
+    convert(["--load", save, "--output", f"{work_dir}/hf"])
+    return {"histories": histories, "evaluated": evaluated}

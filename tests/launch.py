@@ -68,7 +68,9 @@ def kill_with_descendants(pid):
 
 
 def run_pretrain_expecting_error(flags, world_size=1, script="pretrain_gpt_moe.py"):
-    """One process, as rank 0 of `world_size`: bad input must stop it before any collective."""
+    """The entry script as a user runs it, one process as rank 0 of `world_size`: bad input must
+    stop it before any collective, with exit code 2 and one `error:` line on stderr, no traceback.
+    (The one-line contract of the scripts themselves; `pretrain_error` checks messages in-process.)"""
     flags = [*flags, "--lr-warmup-iters", "0"]
     env = environment(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
@@ -81,11 +83,38 @@ def run_pretrain_expecting_error(flags, world_size=1, script="pretrain_gpt_moe.p
     return errors[0]
 
 
+def pretrain_error(flags, capfd, monkeypatch, world_size=1, model="gpt"):
+    """What `run_pretrain_expecting_error` checks, in this process: `pretrain` (the entry scripts'
+    body) as rank 0 of `world_size` exits 2 with one `error:` line and no traceback. Errors found
+    after start-up (data, tokenizer) come from a process group of one, which `pretrain` tears
+    down before exiting."""
+    from megatron_lsh.training.arguments import parse_args
+    from megatron_lsh.training.gpt_task import GPT_TASK
+    from megatron_lsh.training.loop import pretrain
+    from megatron_lsh.training.t5_task import T5_TASK, add_t5_args
+
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)
+    task, extra = (GPT_TASK, None) if model == "gpt" else (T5_TASK, add_t5_args)
+    capfd.readouterr()
+    try:
+        pretrain(task, parse_args("test", [*flags, "--lr-warmup-iters", "0"], extra_args=extra))
+    except SystemExit as stop:
+        assert stop.code == 2, stop.code
+    else:
+        raise AssertionError("pretrain ran to the end instead of refusing its input")
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err
+    return errors[0]
 
 
 def kill_at_checkpoint_and_resume(flags_for, tmp_path, killed_after, script="pretrain_gpt_moe.py", nproc=2):
     """Losses of an uninterrupted run, and of the same run SIGKILLed right after its checkpoint at
-    iteration `killed_after` and resumed from it (only the resumed iterations)."""
+    iteration `killed_after` and resumed from it (only the resumed iterations); the two runs'
+    final checkpoints must be equal bit for bit."""
     uninterrupted = losses(torchrun(flags_for(tmp_path / "uninterrupted"), nproc=nproc, script=script))
     save = tmp_path / "killed"
     process = subprocess.Popen(torchrun_command(flags_for(save), nproc=nproc, script=script), cwd=REPO,
@@ -98,4 +127,27 @@ def kill_at_checkpoint_and_resume(flags_for, tmp_path, killed_after, script="pre
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(killed_after)
     output = torchrun(flags_for(save), nproc=nproc, script=script)
     assert f"resuming at iteration {killed_after}" in output
+    final = int((tmp_path / "uninterrupted" / "latest_checkpointed_iteration.txt").read_text())
+    assert_checkpoints_equal(tmp_path / "uninterrupted", save, final, tmp_path)
     return uninterrupted, losses(output)
+
+
+def checkpoint_tensors(save_dir, iteration: int, scratch) -> dict:
+    """Every tensor a checkpoint holds (model, optimizer state), read without a process group."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = Path(scratch) / f"{Path(save_dir).name}-{iteration}.pt"
+    dcp_to_torch_save(str(Path(save_dir) / f"iter_{iteration:07d}"), str(target))
+    return {k: v for k, v in torch.load(target, weights_only=False).items() if isinstance(v, torch.Tensor)}
+
+
+def assert_checkpoints_equal(first, second, iteration: int, scratch) -> None:
+    """Bit for bit: the same tensors, every element equal (weights, Adam moments, fp32 masters)."""
+    import torch
+
+    a, b = checkpoint_tensors(first, iteration, scratch), checkpoint_tensors(second, iteration, scratch)
+    assert sorted(a) == sorted(b)
+    assert any("optimizer" in name for name in a), sorted(a)[:10]
+    differing = [name for name in a if not torch.equal(a[name], b[name])]
+    assert differing == [], differing[:10]

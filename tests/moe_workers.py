@@ -265,3 +265,98 @@ def scoped_traffic(rank, world_size, scope, ranks_per_node):
         "same_node_round_trip_error": (restored - tokens)[only_same_node].abs().max().item()
         if bool(only_same_node.any()) else 0.0,
     }
+
+
+class HostSyncCounter(torch.overrides.TorchFunctionMode):
+    """Counts the calls that make the host wait for the device on a GPU: reading values
+    (.item(), .tolist(), int(), float(), bool(), .numpy(), .cpu()) and ops whose output size
+    depends on the data (nonzero, unique, masked_select, bincount, boolean-mask indexing,
+    repeat_interleave without output_size)."""
+
+    READS = {"item", "tolist", "__int__", "__float__", "__bool__", "__index__", "numpy", "cpu"}
+    DATA_SIZED = {"nonzero", "argwhere", "unique", "unique_consecutive", "_unique2", "masked_select", "bincount"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        if name in self.READS or name in self.DATA_SIZED:
+            self.calls.append(name)
+        elif name in ("__getitem__", "__setitem__") and self._has_mask(args[1]):
+            self.calls.append(f"{name}[mask]")
+        elif name == "repeat_interleave" and kwargs.get("output_size") is None and len(args) > 1 \
+                and isinstance(args[1], torch.Tensor):
+            self.calls.append("repeat_interleave")
+        elif name == "to" and any(str(a) == "cpu" for a in (*args[1:], kwargs.get("device"))):
+            self.calls.append("to(cpu)")
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _has_mask(index):
+        indices = index if isinstance(index, tuple) else (index,)
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+
+
+def host_syncs_per_layer_step(rank, world_size, cases):
+    """Per case (config overrides, merge threshold or None): the host syncs of one MoE layer's
+    forward and backward, stock and LSH on the same weights, after one warm-up step (projections
+    drawn, buffers made)."""
+    initialize_distributed(expert_model_parallel_size=world_size, seed=7)
+    results = []
+    for overrides, threshold in cases:
+        counts = {}
+        for name, lsh_enabled in (("stock", False), ("lsh", True)):
+            layer = build_moe_layer(moe_config(world_size, lsh_enabled=lsh_enabled, **overrides))
+            if lsh_enabled and threshold is not None:
+                layer.token_dispatcher.merge_threshold = threshold
+            hidden = torch.randn(32, 2, 64, generator=torch.Generator().manual_seed(rank))
+            for step in range(2):
+                x = hidden.clone().requires_grad_(True)
+                counter = HostSyncCounter()
+                with counter:
+                    out, _ = layer(x)
+                    out.sum().backward()
+            counts[name] = counter.calls
+        results.append(counts)
+    return results
+
+
+def merged_clusters_against_reference(rank, world_size):
+    """An LSH layer whose clusters really merge (1 hash of 2 buckets: about two clusters per
+    expert), against a reference written apart: route with the layer's router, group each
+    expert's rows by the dispatcher's hash buckets, average each group, run that expert's MLP
+    (weights gathered from every rank) on the average, and give each token the sum over its
+    top-k experts of its own prob times its group's output."""
+    initialize_distributed(expert_model_parallel_size=world_size, seed=7)
+    config = moe_config(world_size, lsh_num_hashes=1, lsh_num_buckets=2)
+    layer = build_moe_layer(config)
+    hidden = torch.randn(16, 2, 64, generator=torch.Generator().manual_seed(11 + rank))
+    with torch.no_grad():
+        out, _ = layer(hidden)
+        probs, routing_map = layer.router(hidden.view(-1, 64))
+    # Every expert's fc1/fc2 weights, in global expert order.
+    local = [(e.linear_fc1.weight.detach(), e.linear_fc2.weight.detach()) for e in layer.experts.local_experts]
+    gathered = [None] * world_size
+    torch.distributed.all_gather_object(gathered, local)
+    weights = [pair for rank_experts in gathered for pair in rank_experts]
+
+    tokens = hidden.view(-1, 64)
+    family = layer.token_dispatcher.hash_family(64)
+    reference = torch.zeros_like(tokens)
+    clusters_seen = 0
+    for expert, (fc1, fc2) in enumerate(weights):
+        rows = routing_map[:, expert].nonzero().squeeze(1)
+        buckets = family.bucket_ids(tokens[rows])
+        for bucket in buckets.unique():
+            members = rows[buckets == bucket]
+            centroid = tokens[members].mean(dim=0)
+            output = torch.nn.functional.gelu(centroid @ fc1.T) @ fc2.T
+            reference[members] += probs[members, expert].unsqueeze(1) * output
+            clusters_seen += 1
+    stats = layer.token_dispatcher.last_stats
+    return {"max_difference": (out.view(-1, 64) - reference).abs().max().item(),
+            "scale": reference.abs().max().item(), "rows": int(routing_map.sum()),
+            "clusters_seen": clusters_seen, "stats_centroids": stats.centroids, "stats_rows": stats.tokens}

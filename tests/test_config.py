@@ -50,3 +50,63 @@ def test_bad_settings_raise_one_error_naming_the_setting(settings, named):
 
 def test_spherical_hashing_accepts_odd_bucket_counts():
     assert config(lsh_hash_type="spherical", lsh_num_buckets=5).lsh_num_buckets == 5
+
+
+# -- one home per setting: the flags, the evaluation CLI and old checkpoints follow the fields --
+
+from megatron_lsh.moe.config import flag_of, lsh_settings, settings_before_they_existed  # noqa: E402
+from megatron_lsh.training.arguments import build_parser, lsh_config_kwargs, parse_args  # noqa: E402
+from megatron_lsh.training.config import in_flag_terms  # noqa: E402
+
+TRAINING_FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--micro-batch-size",
+                  "2", "--train-iters", "2", "--lr", "1e-3", "--num-experts", "4"]
+
+
+def test_every_lsh_setting_is_a_flag_of_its_own_name_except_the_listed_ones():
+    flags = {f.name: flag_of(f) for f in lsh_settings()}
+    exceptions = {"lsh_enabled": "--lsh", "lsh_ranks_per_node": None}
+    for name, flag in flags.items():
+        assert flag == exceptions.get(name, "--" + name.replace("_", "-"))
+    options = {option for action in build_parser("test")._actions for option in action.option_strings}
+    assert {flag for flag in flags.values() if flag} <= options
+
+
+def test_flag_defaults_are_the_config_defaults_except_the_training_default_target():
+    args = parse_args("test", TRAINING_FLAGS)
+    kwargs = lsh_config_kwargs(args)
+    expected = {f.name: f.default for f in lsh_settings() if flag_of(f)}
+    expected["lsh_target_compression"] = 0.3
+    assert kwargs == expected
+
+
+def test_a_flag_reaches_its_config_field_with_off_as_none():
+    args = parse_args("test", TRAINING_FLAGS + ["--lsh-num-hashes", "3", "--lsh-target-compression", "off",
+                                                "--lsh-error-bound", "0.25", "--no-lsh", "--lsh-error-compensation"])
+    kwargs = lsh_config_kwargs(args)
+    assert (kwargs["lsh_num_hashes"], kwargs["lsh_target_compression"], kwargs["lsh_error_bound"]) == (3, None, 0.25)
+    assert (kwargs["lsh_enabled"], kwargs["lsh_compensation"]) == (False, "residual")
+
+
+@pytest.mark.parametrize("settings, flag_message", [
+    (dict(lsh_target_compression=1.5), "--lsh-target-compression 1.5 must be in (0, 1] (centroids per token row, "
+                                        "e.g. 0.2), or 'off' for fixed hashing"),
+    (dict(lsh_error_bound=-1.0), "--lsh-error-bound -1.0 must be a positive number"),
+    (dict(lsh_hash_type="hyperplane"), "--lsh-hash-type hyperplane is not supported"),
+    (dict(lsh_enabled=False, lsh_gradient_study="exact_values"), "--lsh-gradient-study compares LSH with the exact "
+                                                                  "MoE, so it needs --lsh"),
+    (dict(moe_token_dispatcher_type="allgather"), "set --moe-token-dispatcher-type alltoall or --no-lsh"),
+    (dict(num_moe_experts=6, expert_model_parallel_size=4), "--num-experts 6 is not divisible by "
+                                                             "--expert-model-parallel-size 4"),
+])
+def test_config_errors_read_in_the_flags_the_user_typed(settings, flag_message):
+    with pytest.raises(LSHConfigError) as error:
+        config(**settings)
+    assert flag_message in in_flag_terms(error.value)
+    assert "None" not in in_flag_terms(error.value)
+
+
+def test_a_run_saved_before_a_setting_existed_loads_with_what_it_ran_with():
+    assert settings_before_they_existed({"lsh_error_compensation": True}) == {
+        "lsh_compensation": "residual", "lsh_error_bound": None, "lsh_target_compression": None}
+    assert settings_before_they_existed({"lsh_compensation": "none", "lsh_error_bound": 0.3,
+                                         "lsh_target_compression": 0.3}) == {}

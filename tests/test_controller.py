@@ -96,6 +96,7 @@ def _thresholds_after_updates(rank, world_size):
     return controller.thresholds()
 
 
+@pytest.mark.slow
 def test_every_rank_takes_the_same_decision_from_all_reduced_counts():
     thresholds = run_distributed(_thresholds_after_updates, 2)
     assert thresholds[0] == thresholds[1]
@@ -114,6 +115,7 @@ def _thresholds_of_two_pipeline_stages(rank, world_size):
     return controller.state_dict(), {layer.layer_name: layer.merge_threshold for layer in layers}
 
 
+@pytest.mark.slow
 def test_pipeline_stages_follow_every_layer_so_any_rank_can_save_them():
     (state_0, held_0), (state_1, held_1) = run_distributed(_thresholds_of_two_pipeline_stages, 2)
     assert state_0 == state_1 and set(state_0) == {"layer_2", "layer_4"}

@@ -6,11 +6,15 @@ import torch
 from tests.distributed import run_distributed
 from tests.moe_workers import (
     clustered_traffic,
+    host_syncs_per_layer_step,
     round_trip_errors,
     scoped_traffic,
     stock_vs_lsh_unclustered,
     train_gpt_moe,
 )
+
+# Every test here runs several processes (ep1 excepted, below).
+pytestmark = pytest.mark.slow
 
 PARITY_CASES = [
     dict(num_moe_experts=4, moe_router_topk=2),
@@ -217,11 +221,9 @@ def test_all_scope_counts_inter_node_bytes_and_merges_same_node_rows_too():
         assert stats.dispatch_bytes == (r["same_node_pairs_to_other_ranks"] + r["off_node_pairs"]) * row_bytes
 
 
-@pytest.mark.parametrize(
-    "world_size, lsh_enabled",
-    [(2, False), (2, True), (4, True)],
-    ids=["ep2-stock", "ep2-lsh", "ep4-lsh"],
-)
+# Expert parallel 2 trains in test_pretrain_gpt.py (torchrun, LSH) and test_resume.py (stock).
+@pytest.mark.parametrize("world_size, lsh_enabled", [(4, True)], ids=["ep4-lsh"])
+
 def test_gpt_moe_trains_with_falling_loss(world_size, lsh_enabled):
     result = run_distributed(train_gpt_moe, world_size, lsh_enabled, 20)[0]
     losses = result["losses"]
@@ -231,3 +233,27 @@ def test_gpt_moe_trains_with_falling_loss(world_size, lsh_enabled):
         assert all(0 < rate < 1 for rate in result["rates"][-1].values())
     else:
         assert result["rates"][-1] == {}
+
+
+# (settings, merge threshold, the host syncs LSH adds to stock's)
+SYNC_CASES = [
+    ({}, None, ["unique"]),                                      # fixed hashing
+    ({"lsh_scope": "inter-node", "lsh_ranks_per_node": 1}, None, ["unique"]),
+    ({"lsh_num_hashes": 4}, 0.5, ["__int__", "unique"]),         # the controller's coarse-to-fine path
+    ({"lsh_error_bound": 0.3}, None, ["__int__", "unique"]),     # the error bound
+    ({"lsh_error_bound": 0.3, "lsh_target_compression": 0.3}, 0.5, ["__int__", "unique"]),
+]
+
+
+@pytest.mark.slow
+def test_lsh_dispatch_waits_for_the_host_at_most_twice_more_than_stock_megatron_core():
+    """On a GPU every host sync stalls the stream. megatron-core's alltoall dispatcher reads its
+    splits on the host (13 reads per layer step on CPU, the calls a GPU makes too). LSH adds
+    the number of clusters, which sizes the centroids it sends, and on the coarse-to-fine path
+    the number of finest clusters; its statistics stay on the device until the loop logs."""
+    cases = [(settings, threshold) for settings, threshold, _ in SYNC_CASES]
+    for counts, (_, _, added) in zip(run_distributed(host_syncs_per_layer_step, 2, cases)[0], SYNC_CASES):
+        extra = list(counts["lsh"])
+        for call in counts["stock"]:
+            extra.remove(call)
+        assert sorted(extra) == sorted(added), counts

@@ -11,7 +11,8 @@ import pytest
 from benchmarks.emulated_cluster import EmulatedCluster, namespaces_available
 
 REASON = namespaces_available()
-pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no network namespaces here: {REASON}")
+pytestmark = [pytest.mark.skipif(REASON is not None, reason=f"no network namespaces here: {REASON}"),
+              pytest.mark.slow]
 
 RECEIVER = """
 import socket, sys

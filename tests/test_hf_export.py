@@ -2,6 +2,7 @@
 loaded by transformers with no custom code."""
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -9,9 +10,12 @@ import sys
 import pytest
 
 from tests.distributed import run_distributed
-from tests.hf_workers import compare_with_transformers, continuation_log_likelihoods
+from tests.hf_workers import compare_with_transformers, continuation_log_likelihoods, evaluation_against_plain_forwards
 from tests.launch import REPO, environment, model_flags, torchrun
 from tests.test_pretrain_t5 import t5_flags
+
+# Every test here runs several processes or trains end to end.
+pytestmark = pytest.mark.slow
 
 pytest.importorskip("transformers")
 
@@ -110,13 +114,21 @@ def test_checkpoint_without_a_hugging_face_equivalent_names_the_flags(corpus, tm
     assert not (tmp_path / "hf").exists()
 
 
-def test_evaluation_reports_perplexity_of_held_out_text(corpus, tmp_path):
-    torchrun(model_flags(corpus, **{"--train-iters": "6", "--eval-iters": "0", "--log-interval": "3",
-                                    "--save": str(tmp_path / "ckpt")}))
+def test_evaluation_reports_the_token_weighted_loss_of_every_window(qwen3_moe_export, tmp_path):
+    """checkpoint.evaluate's loss and perplexity against the cross-entropy of the same token
+    windows computed apart: one plain forward per window, summed over tokens, divided once."""
+    result = run_distributed(evaluation_against_plain_forwards, 1, str(qwen3_moe_export / "ckpt"), str(tmp_path))[0]
+    evaluated = result["evaluate"]
+    assert evaluated["tokens"] == result["reference_tokens"]
+    assert abs(evaluated["loss"] - result["reference_loss"]) < 1e-4 * result["reference_loss"]
+    assert abs(evaluated["perplexity"] - math.exp(result["reference_loss"])) < 1e-3 * evaluated["perplexity"]
+
+
+def test_evaluation_cli_prints_the_loss_exact_and_with_lsh(corpus, qwen3_moe_export):
     outputs = {}
     for mode in ([], ["--lsh"]):
         result = subprocess.run(
-            [sys.executable, "-m", "megatron_lsh.checkpoint.evaluate", "--load", str(tmp_path / "ckpt"),
+            [sys.executable, "-m", "megatron_lsh.checkpoint.evaluate", "--load", str(qwen3_moe_export / "ckpt"),
              "--input", str(corpus["jsonl"]["valid"]), *mode],
             cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300,
         )
@@ -124,8 +136,7 @@ def test_evaluation_reports_perplexity_of_held_out_text(corpus, tmp_path):
         match = re.search(r"loss ([0-9.]+), perplexity ([0-9.]+) over ([0-9,]+) tokens", result.stdout)
         assert match, result.stdout
         loss, perplexity, tokens = float(match[1]), float(match[2]), int(match[3].replace(",", ""))
-        assert abs(perplexity - 2.718281828 ** loss) / perplexity < 1e-3
-        assert 1 < perplexity < 300 and tokens > 1000
+        assert abs(perplexity - math.exp(loss)) / perplexity < 1e-3 and tokens > 1000
         outputs[bool(mode)] = loss
     assert outputs[True] != outputs[False]  # LSH on is the approximation, off the exact MoE
 

@@ -2,7 +2,12 @@
 
 import subprocess
 
+import pytest
+
 from tests.launch import REPO, environment, losses
+
+# Every test here runs several processes or trains end to end.
+pytestmark = pytest.mark.slow
 
 TINY_MODEL = [
     "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",

@@ -155,8 +155,16 @@ def clustered(tokens, groups, seed=22, num_groups=4, hashes=2):
     )
 
 
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_centroids_are_exact_means_of_their_members(dtype, tolerance):
+def bf16_step(values: torch.Tensor) -> torch.Tensor:
+    """The spacing of bf16 numbers at each value (8 significant bits)."""
+    exponent = torch.floor(torch.log2(values.abs().clamp(min=1e-30)))
+    return torch.pow(2.0, exponent - 7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_centroids_are_exact_means_of_their_members(dtype):
+    """Each centroid is its members' exact mean, rounded once to the tokens' dtype: at most one
+    step of that dtype away (fp32 rounds the fp32 sum; the fp64 mean is the reference)."""
     tokens = gaussian(400, seed=23, dtype=dtype)
     groups = torch.randint(0, 4, (400,), generator=torch.Generator().manual_seed(24))
     clusters = clustered(tokens, groups)
@@ -166,7 +174,22 @@ def test_centroids_are_exact_means_of_their_members(dtype, tolerance):
         members = tokens[clusters.token_to_cluster == c].double()
         assert members.size(0) == clusters.cluster_sizes[c]
         expected = members.mean(dim=0)
-        assert torch.allclose(clusters.centroids[c].double(), expected, atol=tolerance, rtol=0)
+        if dtype == torch.float32:
+            assert torch.allclose(clusters.centroids[c].double(), expected, atol=1e-6, rtol=0)
+        else:
+            assert torch.all((clusters.centroids[c].double() - expected).abs() <= bf16_step(expected))
+
+
+def test_a_bf16_running_sum_would_miss_the_mean_by_more_than_a_bf16_step():
+    """Why centroids sum half precision in fp32: the tolerance above fails a naive bf16 sum."""
+    tokens = gaussian(400, seed=23, dtype=torch.bfloat16)
+    members = tokens[:200]
+    naive = torch.zeros(DIM, dtype=torch.bfloat16)
+    for row in members:
+        naive = naive + row
+    naive_mean = (naive / 200).double()
+    expected = members.double().mean(dim=0)
+    assert torch.any((naive_mean - expected).abs() > bf16_step(expected))
 
 
 def test_clusters_never_cross_groups_and_come_in_group_order():
@@ -210,13 +233,26 @@ def test_compensation_adds_each_tokens_residual():
 
 @pytest.mark.parametrize("compensate", [True, False])
 def test_gradients_reach_every_token(compensate):
-    tokens = gaussian(200, seed=28).requires_grad_(True)
+    """Each member of cluster c (n members) gets the centroid's gradient shared equally,
+    J_E(c)^T sum_j g_j / n; with the residual E(c) + (x - c) also its own g_i less the mean."""
+    tokens = gaussian(200, seed=28).double().requires_grad_(True)
     groups = torch.randint(0, 4, (200,), generator=torch.Generator().manual_seed(29))
     clusters = clustered(tokens, groups, hashes=1)
     assert clusters.num_clusters < 100  # clusters really merge tokens
-    outputs = torch.tanh(clusters.centroids @ gaussian(DIM, DIM, seed=30))
+    weights = gaussian(DIM, DIM, seed=30).double()
+    output_grads = gaussian(200, seed=31).double()
+    outputs = torch.tanh(clusters.centroids @ weights)
     per_token = expand_to_tokens(outputs, clusters, tokens if compensate else None)
-    (per_token * gaussian(200, seed=31)).sum().backward()
+    (per_token * output_grads).sum().backward()
+
+    cluster_of = clusters.token_to_cluster
+    sizes = clusters.cluster_sizes.double().unsqueeze(1)
+    summed = torch.zeros(clusters.num_clusters, DIM, dtype=torch.float64).index_add(0, cluster_of, output_grads)
+    through_expert = ((1 - outputs.detach().square()) * summed) @ weights.T / sizes
+    expected = through_expert[cluster_of]
+    if compensate:
+        expected = expected + output_grads - (summed / sizes)[cluster_of]
+    assert torch.allclose(tokens.grad, expected, atol=1e-12)
     assert torch.all(tokens.grad.abs().sum(dim=1) > 0)
 
 
@@ -355,3 +391,22 @@ def test_all_groups_exact_sends_every_token_as_itself(threshold):
     clusters, _, _ = hash_and_cluster(tokens, family, groups, 2, threshold, None, torch.tensor([True, True]))
     assert clusters.num_clusters == 40
     torch.testing.assert_close(clusters.centroids.index_select(0, clusters.token_to_cluster), tokens)
+
+
+@pytest.mark.parametrize("threshold, bound", [(0.5, None), (None, 0.3), (0.2, 0.3), (None, 1e-6)])
+def test_coarse_to_fine_clustering_decides_on_the_device_without_host_syncs(threshold, bound):
+    from tests.moe_workers import HostSyncCounter
+
+    tokens, groups = torch.randn(300, 16), torch.randint(0, 4, (300,))
+    family = build_hash_family("cross_polytope", 16, 6, 4, seed=3)
+    codes = family.codes(tokens)
+    with HostSyncCounter() as counter:
+        assignment = adaptive_bucket_ids(tokens, codes, groups, 4, threshold, bound)
+    assert counter.calls == ["__int__"]  # the number of finest clusters, whatever the levels decide
+    with HostSyncCounter() as counter:
+        hash_and_cluster(tokens, family, groups, 4, threshold, bound, exact_groups=torch.tensor([1, 0, 0, 1]).bool())
+    assert counter.calls == ["__int__", "unique"]  # and the cluster count, which sizes the centroids
+    with HostSyncCounter() as counter:
+        hash_and_cluster(tokens, family, groups, 4)
+    assert counter.calls == ["unique"]
+    assert assignment.bucket_ids.shape == (300,)

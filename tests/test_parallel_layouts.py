@@ -20,6 +20,7 @@ def validation_losses(output):
     return {int(it): float(loss) for it, loss in VALIDATION_LINE.findall(output)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layout",
     [
@@ -43,6 +44,7 @@ def test_four_ranks_train_with_lsh_and_falling_loss(corpus, layout):
     assert all(r < 1.0 for r in bytes_ratios), bytes_ratios
 
 
+@pytest.mark.slow
 def test_pipeline_parallel_kill_and_resume_gives_the_same_losses(corpus, tmp_path):
     flags = lambda save: model_flags(corpus, **{  # noqa: E731
         "--train-iters": "12", "--log-interval": "1", "--eval-interval": "100",
@@ -53,6 +55,7 @@ def test_pipeline_parallel_kill_and_resume_gives_the_same_losses(corpus, tmp_pat
     assert all(resumed[i] == uninterrupted[i] for i in resumed), (resumed, uninterrupted)
 
 
+@pytest.mark.slow
 def test_checkpoint_saved_at_tp2_ep2_resumes_at_tp1_ep4_with_a_sharded_optimizer_and_the_same_losses(corpus, tmp_path):
     # Stock dispatch and no dropout: nothing but the layout differs between the runs, so the
     # steps after the checkpoint (optimizer state resharded too) and the validation loss at the
@@ -90,6 +93,7 @@ def evaluated_loss(checkpoint_dir, corpus) -> float:
     return float(re.search(r"loss ([0-9.]+), perplexity", result.stdout)[1])
 
 
+@pytest.mark.slow
 def test_t5_trained_at_tp2_ep2_evaluates_alike_at_tp1_ep4(corpus, tmp_path):
     from tests.test_pretrain_t5 import t5_flags
 
@@ -104,23 +108,23 @@ def test_t5_trained_at_tp2_ep2_evaluates_alike_at_tp1_ep4(corpus, tmp_path):
     assert validation_losses(expert_parallel)[4] == pytest.approx(validation_losses(tensor_parallel)[4], rel=1e-5)
 
 
-def test_t5_refuses_pipeline_parallelism_naming_the_flag(corpus):
-    from tests.launch import run_pretrain_expecting_error
+def test_t5_refuses_pipeline_parallelism_naming_the_flag(corpus, capfd, monkeypatch):
+    from tests.launch import pretrain_error
     from tests.test_pretrain_t5 import t5_flags
 
-    error = run_pretrain_expecting_error(
+    error = pretrain_error(
         t5_flags(corpus, **{"--train-iters": "2", "--pipeline-model-parallel-size": "2",
                             "--expert-model-parallel-size": "1"}),
-        world_size=2, script="pretrain_t5_moe.py")
+        capfd, monkeypatch, world_size=2, model="t5")
     assert error.startswith("error: --pipeline-model-parallel-size: T5-MoE trains without pipeline parallelism")
 
 
-@pytest.mark.parametrize("precision", [{}, {"--bf16": True}], ids=["fp32", "bf16"])
-def test_distributed_optimizer_and_overlapped_reduction_train_like_the_replicated_optimizer(
-        corpus, tmp_path, precision):
-    # 4 ranks, expert parallel 2: dense state shared out over 4 replicas, expert state over 2.
+@pytest.mark.slow
+def test_distributed_optimizer_and_overlapped_reduction_train_like_the_replicated_optimizer(corpus, tmp_path):
+    # 4 ranks, expert parallel 2: dense state shared out over 4 replicas, expert state over 2;
+    # bf16, so the fp32 master weights are sharded too.
     flags = {"--train-iters": "8", "--log-interval": "1", "--eval-interval": "100",
-             "--expert-model-parallel-size": "2", "--micro-batch-size": "2", **precision}
+             "--expert-model-parallel-size": "2", "--micro-batch-size": "2", "--bf16": True}
     replicated = losses(torchrun(model_flags(corpus, **flags), nproc=4))
     save = tmp_path / "ckpt"
     sharded = losses(torchrun(model_flags(corpus, **{
@@ -139,6 +143,7 @@ def test_distributed_optimizer_and_overlapped_reduction_train_like_the_replicate
     assert all(resumed[i] == sharded[i] for i in resumed), (resumed, sharded)
 
 
+@pytest.mark.slow
 def test_distributed_optimizer_holds_a_share_of_the_state_on_each_rank():
     from benchmarks.optimizer_memory import run
 

@@ -17,6 +17,7 @@ from tests.launch import (
     kill_at_checkpoint_and_resume,
     losses,
     model_flags,
+    pretrain_error,
     run_pretrain_expecting_error,
     torchrun,
     torchrun_command,
@@ -28,10 +29,12 @@ def logged_run(corpus, tmp_path_factory):
     output = torchrun(model_flags(
         corpus, **{"--train-iters": "30", "--log-interval": "5", "--eval-interval": "10",
                    "--tensorboard-dir": str(work / "tb"), "--wandb-project": "test",
-                   "--wandb-save-dir": str(work / "wandb"), "--save": str(work / "ckpt")}))
+                   "--wandb-save-dir": str(work / "wandb"), "--save": str(work / "ckpt"),
+                   "--timing-log-level": "1"}))
     return output, work
 
 
+@pytest.mark.slow
 def test_two_ranks_train_thirty_steps_with_falling_loss(logged_run):
     output, _ = logged_run
     logged = losses(output)
@@ -47,6 +50,7 @@ TRACKED = ["lm loss", "learning rate", "grad norm", "tokens per second", "valida
            "a2a share of step time", "load_balancing_loss"]
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_every_metric_against_iteration_tokens_and_time(logged_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -91,6 +95,7 @@ def read_offline_wandb_history(run_dir):
     return rows
 
 
+@pytest.mark.slow
 def test_offline_wandb_run_holds_the_metrics(logged_run):
     _, work = logged_run
     runs = glob.glob(str(work / "wandb" / "wandb" / "offline-run-*"))
@@ -103,23 +108,28 @@ def test_offline_wandb_run_holds_the_metrics(logged_run):
     assert {"iteration", "consumed_tokens", "wall_clock_seconds"} <= keys
 
 
+@pytest.mark.slow
 def test_checkpoint_tracker_names_the_final_complete_checkpoint(logged_run):
     _, work = logged_run
     assert (work / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "30"
     assert (work / "ckpt" / "iter_0000030" / "complete").is_file()
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_same_losses(corpus, tmp_path):
+    # The default controller with an error bound: its merge thresholds travel in the checkpoint,
+    # so the resumed run merges exactly as the uninterrupted one would have.
     flags = lambda save: model_flags(corpus, **{  # noqa: E731
-        "--train-iters": "12", "--log-interval": "1", "--eval-interval": "100",
+        "--train-iters": "12", "--log-interval": "1", "--eval-interval": "100", "--lsh-error-bound": "2.0",
         "--save": str(save), "--load": str(save), "--save-interval": "4"})
     uninterrupted, resumed = kill_at_checkpoint_and_resume(flags, tmp_path, killed_after=8)
     assert sorted(resumed) == [9, 10, 11, 12]
     assert all(resumed[i] == uninterrupted[i] for i in resumed), (resumed, uninterrupted)
 
 
+@pytest.mark.slow
 def test_partial_checkpoint_from_a_crashed_save_is_ignored(corpus, tmp_path):
-    from megatron_lsh.checkpoint.checkpointing import find_latest_checkpoint
+    from megatron_lsh.training.checkpointing import find_latest_checkpoint
 
     save = tmp_path / "ckpt"
     torchrun(model_flags(corpus, **{"--train-iters": "4", "--eval-iters": "0", "--log-interval": "2",
@@ -135,6 +145,7 @@ def test_partial_checkpoint_from_a_crashed_save_is_ignored(corpus, tmp_path):
     assert sorted(losses(output)) == [6]
 
 
+@pytest.mark.slow
 def test_missing_data_files_name_the_flag_and_file(corpus):
     error = run_pretrain_expecting_error(model_flags(
         corpus, **{"--train-iters": "2", "--expert-model-parallel-size": "1",
@@ -142,24 +153,25 @@ def test_missing_data_files_name_the_flag_and_file(corpus):
     assert "--valid-data-path" in error and "/nonexistent/valid_text_document.bin" in error
 
 
-def test_truncated_bin_file_is_refused(corpus, tmp_path):
+def test_truncated_bin_file_is_refused(corpus, tmp_path, capfd, monkeypatch):
     for suffix in (".bin", ".idx", ".json"):
         data = open(corpus["train"] + suffix, "rb").read()
         (tmp_path / f"cut{suffix}").write_bytes(data[: len(data) // 2] if suffix == ".bin" else data)
-    error = run_pretrain_expecting_error(model_flags(
+    error = pretrain_error(model_flags(
         corpus, **{"--train-iters": "2", "--expert-model-parallel-size": "1",
-                   "--train-data-path": str(tmp_path / "cut")}))
+                   "--train-data-path": str(tmp_path / "cut")}), capfd, monkeypatch)
     assert "--train-data-path" in error and "truncated" in error
 
 
-def test_tokenizer_that_does_not_match_the_data_is_refused(corpus, tmp_path):
+def test_tokenizer_that_does_not_match_the_data_is_refused(corpus, tmp_path, capfd, monkeypatch):
     from megatron_lsh.data.tokenizer import train_sentencepiece
 
     other = train_sentencepiece(
         (json.loads(line)["text"] for line in open(corpus["jsonl"]["train"])), str(tmp_path / "other"), vocab_size=310
     )
-    error = run_pretrain_expecting_error(model_flags(
-        corpus, **{"--train-iters": "2", "--expert-model-parallel-size": "1", "--tokenizer-model": other}))
+    error = pretrain_error(model_flags(
+        corpus, **{"--train-iters": "2", "--expert-model-parallel-size": "1", "--tokenizer-model": other}),
+        capfd, monkeypatch)
     assert "tokenized with" in error and "--tokenizer-model" in error
 
 
@@ -193,23 +205,14 @@ def test_tokenizer_that_does_not_match_the_data_is_refused(corpus, tmp_path):
          "etp-world", "tp-heads", "pp-layers", "virtual-stages", "virtual-stage-batch", "hf-mixtral-layout",
          "hf-t5-architecture"],
 )
-def test_bad_parallel_and_batch_settings_give_one_clear_error(corpus, overrides, world_size, expected):
-    error = run_pretrain_expecting_error(model_flags(corpus, **{"--train-iters": "2", **overrides}), world_size)
+def test_bad_parallel_and_batch_settings_give_one_clear_error(corpus, overrides, world_size, expected, capfd,
+                                                             monkeypatch):
+    error = pretrain_error(model_flags(corpus, **{"--train-iters": "2", **overrides}), capfd, monkeypatch,
+                           world_size)
     assert expected in error
 
 
-def test_kill_and_resume_with_the_compression_controller_gives_the_same_losses(corpus, tmp_path):
-    # The controller's merge thresholds travel in the checkpoint: a resumed run merges exactly as the
-    # uninterrupted one would have.
-    flags = lambda save: model_flags(corpus, **{  # noqa: E731
-        "--train-iters": "10", "--log-interval": "1", "--eval-interval": "100",
-        "--lsh-target-compression": "0.3", "--lsh-error-bound": "2.0",
-        "--save": str(save), "--load": str(save), "--save-interval": "5"})
-    uninterrupted, resumed = kill_at_checkpoint_and_resume(flags, tmp_path, killed_after=5)
-    assert sorted(resumed) == [6, 7, 8, 9, 10]
-    assert all(resumed[i] == uninterrupted[i] for i in resumed), (resumed, uninterrupted)
-
-
+@pytest.mark.slow
 def test_the_controller_brings_the_rate_to_the_target_and_logs_each_layers_threshold(corpus, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -227,18 +230,21 @@ def test_the_controller_brings_the_rate_to_the_target_and_logs_each_layers_thres
 @pytest.mark.parametrize(
     "flag, value, expected",
     [
-        ("--lsh-target-compression", "1.5", "--lsh-target-compression=1.5 must be in (0, 1]"),
-        ("--lsh-target-compression", "0", "--lsh-target-compression=0.0 must be in (0, 1]"),
-        ("--lsh-error-bound", "-0.5", "--lsh-error-bound=-0.5 must be a positive number"),
-        ("--lsh-error-bound", "0", "--lsh-error-bound=0.0 must be a positive number"),
+        ("--lsh-target-compression", "1.5", "--lsh-target-compression 1.5 must be in (0, 1] (centroids per token "
+                                            "row, e.g. 0.2), or 'off' for fixed hashing"),
+        ("--lsh-target-compression", "0", "--lsh-target-compression 0.0 must be in (0, 1]"),
+        ("--lsh-error-bound", "-0.5", "--lsh-error-bound -0.5 must be a positive number"),
+        ("--lsh-error-bound", "0", "--lsh-error-bound 0.0 must be a positive number"),
     ],
 )
-def test_target_and_bound_out_of_range_stop_the_run_naming_the_flag(corpus, flag, value, expected):
-    error = run_pretrain_expecting_error(model_flags(
-        corpus, **{"--train-iters": "2", "--expert-model-parallel-size": "1", flag: value}))
+def test_target_and_bound_out_of_range_stop_the_run_naming_the_flag(corpus, flag, value, expected, capfd,
+                                                                    monkeypatch):
+    error = pretrain_error(model_flags(
+        corpus, **{"--train-iters": "2", "--expert-model-parallel-size": "1", flag: value}), capfd, monkeypatch)
     assert expected in error, error
 
 
+@pytest.mark.slow
 def test_speedup_projection_reads_the_model_and_each_layers_rate_from_a_run(logged_run):
     _, work = logged_run
     result = subprocess.run(
@@ -251,6 +257,7 @@ def test_speedup_projection_reads_the_model_and_each_layers_rate_from_a_run(logg
     assert "4 GPUs (2 nodes x 2), expert parallel 4" in result.stdout
 
 
+@pytest.mark.slow
 def test_inter_node_scope_on_one_node_warns_and_trains_every_row_exact(corpus, tmp_path):
     result = subprocess.run(
         torchrun_command(model_flags(corpus, **{"--train-iters": "4", "--log-interval": "1", "--eval-iters": "0",

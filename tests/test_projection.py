@@ -101,6 +101,41 @@ def test_command_line_prints_both_step_times_the_share_the_speedup_and_its_assum
         assert text in out
 
 
+def printed_row(out: str, label: str):
+    line = next(line for line in out.splitlines() if line.strip().startswith(label))
+    return [float(value.rstrip("%x")) for value in line[len(label) + line.index(label):].split()]
+
+
+def test_command_line_values_are_the_hand_worked_ones(capsys):
+    """2 nodes x 1 GPU at 1 Gbit/s, bf16, no latency: per MoE layer and step each GPU sends half
+    its 16 x 128 x top-2 = 4096 rows to the other node, in four all-to-alls (dispatch and combine,
+    forward and backward; the dispatch carries a 4-byte prob both ways), 2 x 2048 x (2 x 128 + 4)
+    bytes: 1.065 MB, so two layers take 2.130 MB / (1e9 / 8 B/s) = 17.04 ms. LSH at 0.25 sends a quarter of the rows and
+    no probs: 2048 x 0.25 x 512 x 2 = 0.524 MB, 4.19 ms."""
+    assert main(["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "256", "--num-experts", "8",
+                 "--moe-router-topk", "2", "--seq-length", "128", "--global-batch-size", "32",
+                 "--micro-batch-size", "8", "--vocab-size", "1000", "--nodes", "2", "--gpus-per-node", "1",
+                 "--intra-node-gbps", "100", "--inter-node-gbps", "1", "--gpu-tflops", "1", "--latency-us", "0",
+                 "--compression", "0.25"]) == 0
+    out = capsys.readouterr().out
+    stock_a2a, lsh_a2a = printed_row(out, "all-to-all (ms)")
+    assert stock_a2a == pytest.approx(2 * 2 * 2048 * (2 * 128 + 4) / 1.25e8 * 1e3, abs=0.05)
+    assert lsh_a2a == pytest.approx(2 * 2048 * 0.25 * 512 / 1.25e8 * 1e3, abs=0.05)
+    steps, computes, grads = (printed_row(out, label) for label in
+                              ("step time (ms)", "compute (ms)", "gradient reduce (ms)"))
+    assert grads[0] == grads[1]  # LSH leaves the gradient all-reduce alone
+    for run in (0, 1):
+        assert steps[run] == pytest.approx(computes[run] + [stock_a2a, lsh_a2a][run] + grads[run], abs=0.15)
+    shares = printed_row(out, "all-to-all share")
+    assert shares[0] == pytest.approx(100 * stock_a2a / steps[0], abs=0.3)
+    assert shares[1] == pytest.approx(100 * lsh_a2a / steps[1], abs=0.3)
+    speedup = float(out.split("speedup with LSH at compression 0.250: ")[1].split("x")[0])
+    assert speedup == pytest.approx(steps[0] / steps[1], rel=0.01)
+    # Over the one link each node has: the all-to-all bytes and the dense gradients.
+    link_mb = printed_row(out, "inter-node MB/node/step")
+    assert link_mb[0] == pytest.approx(2 * 2 * 2048 * (2 * 128 + 4) / 1e6 + grads[0] * 1.25e8 / 1e3 / 1e6, abs=0.1)
+
+
 def test_command_line_names_what_is_missing_or_wrong(capsys):
     assert main(["--hidden-size", "64", "--nodes", "2", "--gpus-per-node", "1", "--intra-node-gbps", "10",
                  "--inter-node-gbps", "1", "--gpu-tflops", "1", "--compression", "0.2"]) == 2

@@ -19,8 +19,8 @@ import sys
 
 import torch
 
-from megatron_lsh.checkpoint.checkpointing import CheckpointError
-from megatron_lsh.checkpoint.hf_architectures import NotExportableError, exportable_architecture
+from megatron_lsh.training.checkpointing import CheckpointError
+from megatron_lsh.models.architectures import NotExportableError, exportable_architecture
 from megatron_lsh.checkpoint.hf_export import (
     mixtral_config,
     mixtral_state_dict,

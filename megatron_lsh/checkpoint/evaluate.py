@@ -18,14 +18,15 @@ import time
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_lsh.checkpoint.checkpointing import CheckpointError
+from megatron_lsh.training.checkpointing import CheckpointError
 from megatron_lsh.checkpoint.loading import load_for_inference, saved_run, task_of_run, tokenizer_model_path
 from megatron_lsh.data.gpt_data import DataError, data_iterator
 from megatron_lsh.data.preprocess import preprocess_jsonl
-from megatron_lsh.lsh import HASH_TYPES
 from megatron_lsh.moe import CompressionStats, get_compression_tracker
-from megatron_lsh.moe.config import COMPENSATIONS
-from megatron_lsh.training.arguments import ArgumentError, parse_error_bound
+from megatron_lsh.moe.config import lsh_settings
+from megatron_lsh.training.arguments import ArgumentError, add_setting_flag
+from megatron_lsh.training.t5_task import T5_TASK
+from megatron_lsh.training.task import perplexity, summed_token_loss
 
 
 def evaluate(load_dir: str, data_path: str | None = None, input_jsonl: str | None = None,
@@ -33,9 +34,6 @@ def evaluate(load_dir: str, data_path: str | None = None, input_jsonl: str | Non
              lsh_overrides: dict | None = None) -> dict:
     """Loss and perplexity over held-out text; with lsh, also the compression rate LSH reached
     (``lsh_overrides`` such as {"lsh_num_hashes": 4} replace the run's LSH settings)."""
-    from megatron_lsh.training.loop import perplexity, summed_token_loss
-    from megatron_lsh.training.t5_task import T5_TASK
-
     saved, task_name, _ = saved_run(load_dir)
     task = task_of_run(task_name)
     with tempfile.TemporaryDirectory() as scratch:
@@ -72,6 +70,10 @@ def evaluate(load_dir: str, data_path: str | None = None, input_jsonl: str | Non
             "compression_rate": compression.compression_rate if compression.tokens else None}
 
 
+# The default of the LSH override flags: the run's own setting.
+_THE_RUNS = argparse.SUPPRESS
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", required=True, help="Checkpoint directory (the --save of training).")
@@ -81,20 +83,13 @@ def main(argv=None) -> None:
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--max-samples", type=int, default=None, help="Stop after this many samples.")
     parser.add_argument("--lsh", action="store_true", help="Evaluate with the run's LSH dispatch.")
-    parser.add_argument("--lsh-hash-type", choices=HASH_TYPES, default=None, help="With --lsh: instead of the run's.")
-    parser.add_argument("--lsh-num-hashes", type=int, default=None, help="With --lsh: instead of the run's.")
-    parser.add_argument("--lsh-num-buckets", type=int, default=None, help="With --lsh: instead of the run's.")
-    parser.add_argument("--lsh-compensation", choices=COMPENSATIONS, default=None, help="With --lsh: instead of the run's.")
-    parser.add_argument("--lsh-error-bound", default=None,
-                        help="With --lsh: this error bound ('off': none) and no controller, instead of the run's.")
+    overridable = [f for f in lsh_settings() if f.metadata["evaluation_override"]]
+    for config_field in overridable:
+        add_setting_flag(parser, config_field, default=_THE_RUNS, help_suffix=(
+            " With --lsh: instead of the run's" + (" (and no controller)." if config_field.name == "lsh_error_bound"
+                                                   else ".")))
     args = parser.parse_args(argv)
-    overrides = {key: getattr(args, key) for key in ("lsh_hash_type", "lsh_num_hashes", "lsh_num_buckets",
-                                                     "lsh_compensation") if getattr(args, key) is not None}
-    if args.lsh_error_bound is not None:
-        try:
-            overrides["lsh_error_bound"] = parse_error_bound(args.lsh_error_bound)
-        except argparse.ArgumentTypeError as error:
-            parser.error(str(error))
+    overrides = {f.name: getattr(args, f.name) for f in overridable if getattr(args, f.name) is not _THE_RUNS}
     try:
         result = evaluate(args.load, args.data_path, args.input, args.micro_batch_size, args.max_samples, args.lsh,
                           overrides)

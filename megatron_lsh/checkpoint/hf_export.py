@@ -14,7 +14,7 @@ from typing import Dict, Iterable, Tuple
 
 import torch
 
-from megatron_lsh.checkpoint.hf_architectures import (
+from megatron_lsh.models.architectures import (
     gpt_moe_pattern,
     routes_pre_softmax,
     switch_sparse_step,

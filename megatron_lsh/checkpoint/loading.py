@@ -12,17 +12,21 @@ from typing import Optional
 import torch
 from megatron.core import dist_checkpointing
 
-from megatron_lsh.checkpoint.checkpointing import (
+from megatron_lsh.training.checkpointing import (
     TOKENIZER_COPY,
     CheckpointError,
     find_latest_checkpoint,
     iteration_dir,
 )
 from megatron_lsh.data.tokenizer import build_tokenizer
+from megatron_lsh.moe.config import settings_before_they_existed
 from megatron_lsh.moe.controller import CompressionController
 from megatron_lsh.training.arguments import flag_defaults
 from megatron_lsh.training.config import transformer_config_from_args
+from megatron_lsh.training.gpt_task import GPT_TASK
 from megatron_lsh.training.initialize import free_port, initialize_distributed
+from megatron_lsh.training.t5_task import T5_TASK, add_t5_args
+from megatron_lsh.training.task import padded_vocab_size
 
 
 @dataclass
@@ -51,9 +55,6 @@ def saved_run(load_dir: str):
 
 def task_of_run(task_name: str):
     """The ModelTask a checkpoint's recorded task name stands for."""
-    from megatron_lsh.training.gpt_task import GPT_TASK
-    from megatron_lsh.training.t5_task import T5_TASK
-
     return {GPT_TASK.name: GPT_TASK, T5_TASK.name: T5_TASK}[task_name]
 
 
@@ -63,27 +64,13 @@ def tokenizer_model_path(load_dir: str, args: dict) -> str:
     return copy if os.path.isfile(copy) else args.get("tokenizer_model")
 
 
-def _settings_of_older_runs(saved: dict) -> dict:
-    """What a checkpoint saved before an LSH setting existed ran with."""
-    older = {}
-    if "lsh_compensation" not in saved:
-        older["lsh_compensation"] = "residual" if saved.get("lsh_error_compensation") else "none"
-    for setting in ("lsh_error_bound", "lsh_target_compression"):
-        if setting not in saved:
-            older[setting] = None
-    return older
-
-
 def load_for_inference(load_dir: str, lsh: bool = False, dtype=torch.float32,
                        lsh_overrides: Optional[dict] = None) -> LoadedModel:
-    from megatron_lsh.training.loop import padded_vocab_size
-    from megatron_lsh.training.t5_task import add_t5_args
-
     saved, task_name, path = saved_run(load_dir)
     task = task_of_run(task_name)
     # Flags added since the run was saved take their defaults, except the LSH settings that
     # did not exist then: such a run hashed without a bound or a target.
-    args = argparse.Namespace(**{**flag_defaults(add_t5_args), **_settings_of_older_runs(saved), **saved})
+    args = argparse.Namespace(**{**flag_defaults(add_t5_args), **settings_before_they_existed(saved), **saved})
     # One process: the parallel layout of the run (its tensors are sharded by global names) goes.
     saved_tensor_parallel = saved.get("tensor_model_parallel_size", 1)
     args.expert_model_parallel_size = args.tensor_model_parallel_size = 1

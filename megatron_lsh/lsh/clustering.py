@@ -65,7 +65,9 @@ def cluster_tokens(
         keys, sorted=True, return_inverse=True, return_counts=True
     )
     cluster_groups = torch.div(unique_keys, total_buckets, rounding_mode="floor")
-    clusters_per_group = torch.bincount(cluster_groups, minlength=num_groups)
+    # index_add, not bincount: bincount waits for the host to size its output on a GPU.
+    clusters_per_group = torch.zeros(num_groups, dtype=torch.long, device=keys.device).index_add_(
+        0, cluster_groups, torch.ones_like(cluster_groups))
 
     # Half-precision tokens are summed in fp32: a bf16 running sum loses the mean.
     accumulate_dtype = torch.promote_types(tokens.dtype, torch.float32)
@@ -119,37 +121,38 @@ class BoundedAssignment:
 
     bucket_ids:    [N] int64 ids in [0, total_buckets): tokens with equal ids (and group) merge.
     total_buckets: the id space, for ``cluster_tokens``.
-    exact_rows:    tokens sent as themselves because no cluster kept them within the bound.
+    exact_rows:    [] int64 tensor (on the tokens' device): tokens sent as themselves because no
+                   cluster kept them within the bound.
     """
 
     bucket_ids: torch.Tensor
     total_buckets: int
-    exact_rows: int
+    exact_rows: torch.Tensor
 
 
-def _per_cluster(values: torch.Tensor, inverse: torch.Tensor, num_clusters: int) -> torch.Tensor:
-    shape = (num_clusters, *values.shape[1:])
-    return torch.zeros(shape, dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
+def _per_slot(values: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Sums of ``values`` by ``slot`` into ``num_slots`` slots."""
+    shape = (num_slots, *values.shape[1:])
+    return torch.zeros(shape, dtype=values.dtype, device=values.device).index_add_(0, slot, values)
 
 
-def _exact_after_outliers(values, limits_sq, rows, keys):
-    """The tokens ``rows`` of clusters that broke the bound at the finest level: those beyond it
-    travel exact, the rest are re-averaged, and a cluster that still breaks it travels exact.
-    Returns (rows kept, rows sent exact)."""
-    def distances(members, member_keys):
-        _, inverse, counts = torch.unique(member_keys, return_inverse=True, return_counts=True)
-        points = values.index_select(0, members)
-        centroids = _per_cluster(points, inverse, counts.numel()) / counts.unsqueeze(1).to(points.dtype)
-        return inverse, counts.numel(), (points - centroids.index_select(0, inverse)).square().sum(dim=1)
+def _dense_ids(keys: torch.Tensor) -> torch.Tensor:
+    """[M] ids in [0, M) with equal keys sharing an id, ids ordered as the keys: what
+    ``torch.unique(keys, return_inverse=True)`` gives, at a fixed size (no host sync)."""
+    sorted_keys, order = keys.sort(stable=True)
+    starts = torch.ones_like(sorted_keys, dtype=torch.bool)
+    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    return torch.empty_like(order).scatter_(0, order, starts.cumsum(0) - 1)
 
-    _, _, distance_sq = distances(rows, keys)
-    outliers = distance_sq > limits_sq.index_select(0, rows)
-    rest, rest_keys = rows[~outliers], keys[~outliers]
-    inverse, num_clusters, distance_sq = distances(rest, rest_keys)
-    broken = torch.zeros(num_clusters, dtype=torch.bool, device=rows.device)
-    broken.index_fill_(0, inverse[distance_sq > limits_sq.index_select(0, rest)], True)
-    broken_rows = broken.index_select(0, inverse)
-    return rest[~broken_rows], torch.cat([rows[outliers], rest[broken_rows]])
+
+def _members_within(values, limits_sq, cluster_of_token, members, num_slots):
+    """(centroid of each cluster over its ``members`` tokens, [N] member beyond its bound)."""
+    weights = members.to(values.dtype)
+    counts = _per_slot(weights, cluster_of_token, num_slots)
+    sums = _per_slot(values * weights.unsqueeze(1), cluster_of_token, num_slots)
+    centroids = sums / counts.clamp(min=1).unsqueeze(1)
+    distance_sq = (values - centroids.index_select(0, cluster_of_token)).square().sum(dim=1)
+    return members & (distance_sq > limits_sq)
 
 
 @torch.no_grad()
@@ -176,8 +179,10 @@ def adaptive_bucket_ids(
     Cost: the finest buckets' sums are taken once over the tokens; each coarser level adds up
     those sums (a bucket is a union of finest buckets). A cluster's spread, sum ||x - c||^2 =
     sum ||x||^2 - n ||c||^2, needs no pass over its members; for the bound, a spread above
-    sum (bound ||x||)^2 proves that a member breaks it, so only the clusters that pass this test
-    are checked member by member.
+    sum (bound ||x||)^2 proves that a member breaks it, so only the members of clusters that
+    pass this test count. Every decision stays on the device: the host reads one number, how
+    many finest clusters there are, which sizes the arrays; decided clusters are masked, not
+    removed, so no size depends on a decision and no level waits for the host.
 
     Args:
         tokens: [N, hidden]; codes: [N, L] codes in [0, num_buckets); group_ids: [N] experts.
@@ -193,65 +198,66 @@ def adaptive_bucket_ids(
     squared_norms = values.square().sum(dim=1)
     limits_sq = error_bound**2 * squared_norms if error_bound is not None else None
     groups = group_ids.long()
-    bucket_ids = torch.empty(num_tokens, dtype=torch.int64, device=device)
-
-    # The finest clusters, whose sums make every coarser cluster's.
-    _, fine_of_token, fine_counts = torch.unique(
-        groups * total_buckets + prefixes[:, -1], return_inverse=True, return_counts=True
-    )
-    num_fine = fine_counts.numel()
-    fine_sums = _per_cluster(values, fine_of_token, num_fine)
-    fine_squares = _per_cluster(squared_norms, fine_of_token, num_fine)
-    fine_limits = _per_cluster(limits_sq, fine_of_token, num_fine) if error_bound is not None else None
-    representative = torch.full((num_fine,), num_tokens, dtype=torch.long, device=device).scatter_reduce_(
+    bucket_ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    # The finest clusters, whose sums make every coarser cluster's. Their number is the one
+    # value read on the host: it sizes every array below.
+    fine_of_token = _dense_ids(groups * total_buckets + prefixes[:, -1])
+    slots = int(fine_of_token.max()) + 1 if num_tokens else 0
+    fine_counts = _per_slot(torch.ones_like(squared_norms), fine_of_token, slots)
+    fine_sums = _per_slot(values, fine_of_token, slots)
+    fine_squares = _per_slot(squared_norms, fine_of_token, slots)
+    fine_limits = _per_slot(limits_sq, fine_of_token, slots) if error_bound is not None else None
+    representative = torch.full((slots,), num_tokens - 1, dtype=torch.long, device=device).scatter_reduce_(
         0, fine_of_token, torch.arange(num_tokens, device=device), reduce="amin")
     fine_prefixes, fine_groups = prefixes.index_select(0, representative), groups.index_select(0, representative)
 
-    undecided = torch.arange(num_fine, device=device)  # finest clusters not yet taken
+    undecided = fine_counts > 0  # finest clusters not yet taken (empty slots never are)
     for level in range(num_hashes):
         last_level = level == num_hashes - 1
-        local = level * level_buckets + fine_prefixes.index_select(0, undecided)[:, level]
-        _, coarse_of_fine = torch.unique(fine_groups.index_select(0, undecided) * total_buckets + local,
-                                         return_inverse=True)
-        num_coarse = int(coarse_of_fine.max()) + 1
-        counts = _per_cluster(fine_counts.index_select(0, undecided).float(), coarse_of_fine, num_coarse)
-        centroids = _per_cluster(fine_sums.index_select(0, undecided), coarse_of_fine, num_coarse) / counts.unsqueeze(1)
-        squares = _per_cluster(fine_squares.index_select(0, undecided), coarse_of_fine, num_coarse)
+        open_slot = undecided.to(values.dtype)
+        # Decided and empty slots share one key below every real one: a cluster of nothing.
+        keys = torch.where(undecided, fine_groups * total_buckets + level * level_buckets + fine_prefixes[:, level],
+                           torch.full_like(fine_groups, -1))
+        coarse_of_fine = _dense_ids(keys)
+        counts = _per_slot(fine_counts * open_slot, coarse_of_fine, slots)
+        centroids = _per_slot(fine_sums * open_slot.unsqueeze(1), coarse_of_fine, slots) / counts.clamp(min=1).unsqueeze(1)
+        squares = _per_slot(fine_squares * open_slot, coarse_of_fine, slots)
         spread = (squares - counts * centroids.square().sum(dim=1)).clamp(min=0)
-        candidate = torch.ones(num_coarse, dtype=torch.bool, device=device)
+        candidate = torch.ones(slots, dtype=torch.bool, device=device)
         if merge_threshold is not None and not last_level:
             candidate &= counts * spread <= merge_threshold * squares.clamp(min=1e-30)
         if error_bound is not None:
             # Slack for cancellation in the spread: a candidate let through wrongly is checked below.
-            candidate &= spread <= _per_cluster(fine_limits.index_select(0, undecided), coarse_of_fine,
-                                                num_coarse) * (1 + 1e-3) + 1e-6 * squares
+            candidate &= spread <= _per_slot(fine_limits * open_slot, coarse_of_fine, slots) * (1 + 1e-3) \
+                + 1e-6 * squares
             # Each token of a candidate cluster, checked against its centroid.
-            coarse_of_fine_all = torch.full((num_fine,), -1, dtype=torch.long, device=device)
-            coarse_of_fine_all[undecided] = coarse_of_fine
-            coarse_of_token = coarse_of_fine_all.index_select(0, fine_of_token)
-            rows = ((coarse_of_token >= 0) & candidate.index_select(0, coarse_of_token.clamp(min=0))).nonzero().squeeze(1)
-            row_coarse = coarse_of_token.index_select(0, rows)
-            distance_sq = (values.index_select(0, rows) - centroids.index_select(0, row_coarse)).square().sum(dim=1)
-            broken = torch.zeros(num_coarse, dtype=torch.bool, device=device)
-            broken.index_fill_(0, row_coarse[distance_sq > limits_sq.index_select(0, rows)], True)
+            coarse_of_token = coarse_of_fine.index_select(0, fine_of_token)
+            checked = undecided.index_select(0, fine_of_token) & candidate.index_select(0, coarse_of_token)
+            distance_sq = (values - centroids.index_select(0, coarse_of_token)).square().sum(dim=1)
+            beyond = checked & (distance_sq > limits_sq)
+            broken = torch.zeros(slots, dtype=torch.bool, device=device).index_put_(
+                (coarse_of_token,), beyond, accumulate=True)
             candidate &= ~broken
-        taken_fine = undecided[candidate.index_select(0, coarse_of_fine)]
-        taken_rows = torch.zeros(num_fine, dtype=torch.bool, device=device).index_fill_(0, taken_fine, True) \
-            .index_select(0, fine_of_token).nonzero().squeeze(1)
-        bucket_ids[taken_rows] = level * level_buckets + prefixes.index_select(0, taken_rows)[:, level]
-        undecided = undecided[~candidate.index_select(0, coarse_of_fine)]
-        if undecided.numel() == 0:
-            break
-    exact_rows = torch.empty(0, dtype=torch.long, device=device)
-    if undecided.numel():  # only the bound leaves clusters undecided after the last level
-        left = torch.zeros(num_fine, dtype=torch.bool, device=device).index_fill_(0, undecided, True)
-        rows = left.index_select(0, fine_of_token).nonzero().squeeze(1)
-        last = (num_hashes - 1) * level_buckets + prefixes.index_select(0, rows)[:, -1]
-        kept, exact_rows = _exact_after_outliers(
-            values, limits_sq, rows, groups.index_select(0, rows) * total_buckets + last)
-        bucket_ids[kept] = (num_hashes - 1) * level_buckets + prefixes.index_select(0, kept)[:, -1]
-    bucket_ids[exact_rows] = num_hashes * level_buckets + exact_rows
-    return BoundedAssignment(bucket_ids, total_buckets, int(exact_rows.numel()))
+        taken = undecided & candidate.index_select(0, coarse_of_fine)
+        bucket_ids = torch.where(taken.index_select(0, fine_of_token),
+                                 level * level_buckets + prefixes[:, level], bucket_ids)
+        undecided &= ~taken
+    if error_bound is None:  # the last level takes every cluster left
+        return BoundedAssignment(bucket_ids, total_buckets, torch.zeros((), dtype=torch.long, device=device))
+
+    # Only the bound leaves clusters undecided after the last level: their members beyond it
+    # travel exact, the rest is averaged again, and a rest that still breaks it travels exact.
+    left = undecided.index_select(0, fine_of_token)
+    outliers = _members_within(values, limits_sq, fine_of_token, left, slots)
+    rest = left & ~outliers
+    rest_broken = _members_within(values, limits_sq, fine_of_token, rest, slots)
+    broken = torch.zeros(slots, dtype=torch.bool, device=device).index_put_(
+        (fine_of_token,), rest_broken, accumulate=True)
+    exact = outliers | (rest & broken.index_select(0, fine_of_token))
+    last = (num_hashes - 1) * level_buckets + prefixes[:, -1]
+    bucket_ids = torch.where(left, last, bucket_ids)
+    bucket_ids = torch.where(exact, num_hashes * level_buckets + torch.arange(num_tokens, device=device), bucket_ids)
+    return BoundedAssignment(bucket_ids, total_buckets, exact.sum())
 
 
 @torch.no_grad()
@@ -268,29 +274,28 @@ def hash_and_cluster(tokens: torch.Tensor, family, group_ids: torch.Tensor, num_
     """Clusters of tokens by ``family``'s buckets within each group: plain buckets of all L
     hashes, or with a merge threshold and/or an error bound, ``adaptive_bucket_ids``.
 
-    ``exact_groups`` ([num_groups] bool): groups whose tokens are not hashed and each form a
-    cluster of their own (in the dispatcher, experts whose rows do not cross a slow link).
+    ``exact_groups`` ([num_groups] bool): groups whose tokens each form a cluster of their own
+    (in the dispatcher, experts whose rows do not cross a slow link). They are hashed with the
+    rest, so that no size depends on the data, and their buckets ignored.
 
-    Returns (GroupedClusters, [N] relative errors ||x - c|| / ||x|| (no gradient), rows sent as
-    themselves because of the bound).
+    Returns (GroupedClusters, [N] relative errors ||x - c|| / ||x|| (no gradient), [] int64
+    tensor: rows sent as themselves because of the bound). The host waits for the count of
+    clusters (``cluster_tokens``) and, on the coarse-to-fine path, for the count of finest ones.
     """
-    hashed_rows = None
-    hashed, hashed_groups = tokens, group_ids
-    if exact_groups is not None:
-        hashed_rows = (~exact_groups.index_select(0, group_ids.long())).nonzero().squeeze(1)
-        hashed, hashed_groups = tokens.index_select(0, hashed_rows), group_ids.index_select(0, hashed_rows)
-    if hashed.size(0) == 0:  # every row exact: nothing to hash
-        bucket_ids, total_buckets, exact_rows = group_ids.new_empty(0, dtype=torch.int64), 1, 0
-    elif merge_threshold is None and error_bound is None:
-        bucket_ids, total_buckets, exact_rows = family.bucket_ids(hashed), family.total_buckets, 0
+    if merge_threshold is None and error_bound is None:
+        bucket_ids, total_buckets = family.bucket_ids(tokens), family.total_buckets
+        exact = torch.zeros((), dtype=torch.long, device=tokens.device)
     else:
-        assignment = adaptive_bucket_ids(hashed, family.codes(hashed), hashed_groups, family.num_buckets,
+        assignment = adaptive_bucket_ids(tokens, family.codes(tokens), group_ids, family.num_buckets,
                                          merge_threshold, error_bound)
-        bucket_ids, total_buckets, exact_rows = assignment.bucket_ids, assignment.total_buckets, assignment.exact_rows
-    if hashed_rows is not None:
+        bucket_ids, total_buckets, exact = assignment.bucket_ids, assignment.total_buckets, assignment.exact_rows
+    if exact_groups is not None:
         # Unhashed rows get ids of their own, past every bucket id the hashed rows can have.
-        all_ids = total_buckets + torch.arange(tokens.size(0), dtype=torch.int64, device=tokens.device)
-        bucket_ids = all_ids.index_copy(0, hashed_rows, bucket_ids.long())
+        unhashed = exact_groups.index_select(0, group_ids.long())
+        own_ids = total_buckets + torch.arange(tokens.size(0), dtype=torch.int64, device=tokens.device)
+        bucket_ids = torch.where(unhashed, own_ids, bucket_ids.long())
         total_buckets += tokens.size(0)
+        if error_bound is not None:  # rows the bound sent exact, among the hashed ones
+            exact = ((bucket_ids >= assignment.total_buckets - tokens.size(0)) & ~unhashed).sum()
     clusters = cluster_tokens(tokens, bucket_ids, group_ids, num_groups, total_buckets)
-    return clusters, relative_errors(tokens, clusters), exact_rows
+    return clusters, relative_errors(tokens, clusters), exact

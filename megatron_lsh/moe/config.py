@@ -1,10 +1,16 @@
-"""LSHTransformerConfig: megatron-core's TransformerConfig plus the LSH-MoE settings."""
+"""LSHTransformerConfig: megatron-core's TransformerConfig plus the LSH-MoE settings.
+
+Each setting is one field here, documented once: the training flags, the evaluation CLI's
+overrides, the dispatcher's check and what checkpoints of older runs lack are all derived from
+these fields (``lsh_settings``). Adding a setting is a field and its check.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any, Dict, List, Optional, Tuple
 import math
+import re
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -13,7 +19,17 @@ from megatron_lsh.moe.topology import LSH_SCOPES
 
 
 class LSHConfigError(ValueError):
-    """A configuration that LSH-MoE cannot run; the message names the setting to change."""
+    """A configuration that LSH-MoE cannot run; the message names the setting to change, in the
+    config's terms (``name=value``, ``None`` for unset): the training scripts reword it in flags.
+
+    setting: the setting whose value is refused: the one a message starts with as ``name=value``
+    (None when the message is about several).
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        named = re.match(r"(\w+)=", message)
+        self.setting = named.group(1) if named else None
 
 
 COMPENSATIONS = ("none", "residual", "expert_gain")
@@ -21,6 +37,27 @@ GRADIENT_STUDIES = ("exact_gradients", "exact_values")
 
 # Dispatcher types whose all-to-all LSH compresses.
 LSH_DISPATCHER_TYPES = ("alltoall",)
+
+
+def setting(default, doc: str, *, value_type: Optional[type] = None, choices: Optional[Tuple] = None,
+            flag: Optional[str] = "", off: Optional[str] = None, flag_default: Any = MISSING,
+            evaluation_override: bool = False, before_it_existed: Any = MISSING) -> Field:
+    """A config field with what the command line, the evaluation CLI and checkpoint loading
+    need to know about it.
+
+    value_type: int, float, str or bool (default: the type of ``default``).
+    flag: the flag's name; "" derives it (``lsh_num_hashes`` -> ``--lsh-num-hashes``), None: no flag.
+    off: the word the flag takes for None ('off'), for settings that None switches off.
+    flag_default: the flag's default where it differs from the config's.
+    evaluation_override: ``checkpoint.evaluate`` may replace the run's value with ``--lsh``.
+    before_it_existed: what a checkpoint saved before the setting existed ran with: a value, or
+        a callable of the saved arguments.
+    """
+    return field(default=default, metadata={
+        "doc": " ".join(doc.split()), "value_type": value_type or type(default), "choices": choices,
+        "flag": flag, "off": off, "flag_default": flag_default,
+        "evaluation_override": evaluation_override, "before_it_existed": before_it_existed,
+    })
 
 
 @dataclass
@@ -33,54 +70,60 @@ class LSHTransformerConfig(TransformerConfig):
 
     moe_token_dispatcher_type: str = "alltoall"
 
-    lsh_enabled: bool = True
-    """Compress the MoE all-to-all with LSH. False gives stock megatron-core behaviour."""
+    lsh_enabled: bool = setting(
+        True, "Compress the MoE all-to-all with LSH. False (--no-lsh): stock megatron-core dispatch.",
+        flag="--lsh")
 
-    lsh_hash_type: str = "cross_polytope"
-    """'cross_polytope' or 'spherical'."""
+    lsh_hash_type: str = setting(
+        "cross_polytope", "Hash family: 'cross_polytope' or 'spherical' (nearest of b random unit vectors).",
+        choices=HASH_TYPES, evaluation_override=True)
 
-    lsh_num_hashes: int = 6
-    """Hash functions per token; a token's bucket is the tuple of all their codes. More hashes:
-    finer buckets, more centroids, less error (the paper's default is 6)."""
+    lsh_num_hashes: int = setting(
+        6, "Hash functions per token; a token's bucket is the tuple of all their codes. More hashes: "
+        "finer buckets, more centroids, less error (the paper's default is 6).", evaluation_override=True)
 
-    lsh_num_buckets: int = 4
-    """Buckets per hash function (even for cross-polytope: b/2 projections and their signs)."""
+    lsh_num_buckets: int = setting(
+        4, "Buckets per hash function (even for cross-polytope: b/2 projections and their signs).",
+        evaluation_override=True)
 
-    lsh_compensation: str = "none"
-    """What a merged token gets back, c its cluster's centroid: 'none' E(c); 'residual' the
-    paper's E(c) + (x - c); 'expert_gain' E(c) + g_e (x - c), g_e fitted per expert on its own
-    (c, E(c)) pairs (megatron_lsh/lsh/compensation.py). 'none' by default: the others measured
-    no better (docs/quality_study.md)."""
+    lsh_compensation: str = setting(
+        "none", "What a merged token gets back, c its cluster's centroid: 'none' E(c); 'residual' the "
+        "paper's E(c) + (x - c); 'expert_gain' E(c) + g_e (x - c), g_e fitted per expert on its own "
+        "(c, E(c)) pairs. The other two measured no better than 'none' (docs/quality_study.md).",
+        choices=COMPENSATIONS, evaluation_override=True,
+        before_it_existed=lambda saved: "residual" if saved.get("lsh_error_compensation") else "none")
 
-    lsh_error_bound: Optional[float] = None
-    """Bound on ||x - c|| / ||x||: a token merges only into a cluster whose centroid is this
-    close to it, relative to its own norm; clusters that break it are split by further hash
-    functions, and tokens that still break it travel as themselves. None: no bound."""
+    lsh_error_bound: Optional[float] = setting(
+        None, "Bound on ||x - c|| / ||x||: a token merges only into a cluster whose centroid is this "
+        "close to it, relative to its own norm; clusters that break it are split by further hash "
+        "functions, and tokens that still break it travel as themselves. None ('off'): no bound.",
+        value_type=float, off="off", evaluation_override=True, before_it_existed=None)
 
-    lsh_target_compression: Optional[float] = None
-    """Hold this compression rate (centroids / rows) per layer through training: a controller
-    steers each layer's merge threshold (how much error a cluster may hold before the next hash
-    splits it) from the rate all-reduced over every rank; lsh_error_bound still holds. None:
-    fixed hashing, the rate goes where the data take it."""
+    lsh_target_compression: Optional[float] = setting(
+        None, "Hold this compression rate (centroids / rows, in (0, 1]) per layer through training: a "
+        "controller steers each layer's merge threshold (how much error a cluster may hold before the "
+        "next hash splits it) from the rate all-reduced over every rank; lsh_error_bound still holds. "
+        "None ('off'): fixed hashing, the rate goes where the data take it.",
+        value_type=float, off="off", flag_default=0.3, before_it_existed=None)
 
-    lsh_gradient_study: Optional[str] = None
-    """Study only (runs the experts twice): 'exact_gradients' trains with LSH forward values and
-    the exact MoE's gradients; 'exact_values' the other way round. Separates the two errors."""
+    lsh_gradient_study: Optional[str] = setting(
+        None, "Study only (runs the experts twice): 'exact_gradients' trains with LSH forward values "
+        "and the exact MoE's gradients; 'exact_values' the other way round. Separates the two errors.",
+        value_type=str, choices=GRADIENT_STUDIES)
 
-    lsh_scope: str = "all"
-    """Which rows LSH may merge: 'all' every row sent to another expert-parallel rank's expert
-    (and the rank's own); 'inter-node' only rows bound for experts on other nodes, so rows that
-    stay on fast intra-node links travel exact."""
+    lsh_scope: str = setting(
+        "all", "Which rows LSH may merge: 'all' every row of the all-to-all; 'inter-node' only rows "
+        "bound for experts on other nodes, so rows that stay on fast intra-node links travel exact "
+        "(nodes as torchrun numbers them, LOCAL_WORLD_SIZE processes each).",
+        choices=LSH_SCOPES)
 
-    lsh_ranks_per_node: Optional[int] = None
-    """Processes per node, which tells the dispatcher which peers share its node (scope and
-    per-link statistics). None: torchrun's LOCAL_WORLD_SIZE."""
+    lsh_ranks_per_node: Optional[int] = setting(
+        None, "Processes per node, which tells the dispatcher which peers share its node (scope and "
+        "per-link statistics). None: torchrun's LOCAL_WORLD_SIZE.", value_type=int, flag=None)
 
-    lsh_seed: int = 1234
-    """Seed of the hash projections; every rank derives the same projections from it."""
+    lsh_seed: int = setting(1234, "Seed of the hash projections; every rank derives the same projections from it.")
 
-    lsh_redraw_interval: int = 0
-    """Draw new projections every this many training iterations (0: never)."""
+    lsh_redraw_interval: int = setting(0, "Draw new projections every this many training iterations (0: never).")
 
     def __post_init__(self):
         self._check_lsh_settings()
@@ -184,3 +227,24 @@ class LSHTransformerConfig(TransformerConfig):
                 "lsh_enabled=True cannot be combined with moe_router_padding_for_quantization: "
                 "unset one of them"
             )
+
+
+def lsh_settings() -> List[Field]:
+    """The LSH settings of LSHTransformerConfig, in declaration order."""
+    return [f for f in fields(LSHTransformerConfig) if f.name.startswith("lsh_")]
+
+
+def flag_of(config_field: Field) -> Optional[str]:
+    """The command-line flag of a setting (None: it has none)."""
+    flag = config_field.metadata["flag"]
+    return "--" + config_field.name.replace("_", "-") if flag == "" else flag
+
+
+def settings_before_they_existed(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """What a run saved (as a dict of its arguments) before some settings existed ran with."""
+    older = {}
+    for config_field in lsh_settings():
+        value = config_field.metadata["before_it_existed"]
+        if config_field.name not in saved and value is not MISSING:
+            older[config_field.name] = value(saved) if callable(value) else value
+    return older

@@ -71,10 +71,13 @@ class CompressionController:
         """Collective over ``group`` (default: all ranks): one step of every layer's control."""
         local = {d.layer_name: d for d in self.dispatchers}
         names = list(self._thresholds)
-        counts = torch.tensor(
-            [[local[n].window_rows, local[n].window_centroids] if n in local else [0, 0] for n in names],
-            dtype=torch.float64, device=compute_device(),
-        ).reshape(len(names), 2)
+        # Windows are numbers or device tensors (a dispatch does not wait for the host to count).
+        device = compute_device()
+        counts = torch.stack([
+            torch.stack([torch.as_tensor(count, dtype=torch.float64, device=device) for count in
+                         ((local[n].window_rows, local[n].window_centroids) if n in local else (0, 0))])
+            for n in names
+        ]) if names else torch.zeros(0, 2, dtype=torch.float64, device=device)
         for dispatcher in self.dispatchers:
             dispatcher.window_rows = dispatcher.window_centroids = 0
         if torch.distributed.is_initialized():

@@ -33,21 +33,10 @@ from megatron_lsh.lsh import (
     hash_and_cluster,
 )
 from megatron_lsh.lsh.hashing import LSHFamily, derive_seed
-from megatron_lsh.moe.config import LSHConfigError
+from megatron_lsh.moe.config import LSHConfigError, lsh_settings
 from megatron_lsh.moe.stats import CompressionStats, get_compression_tracker
 from megatron_lsh.moe.topology import nodes_of_group, ranks_per_node
 
-_LSH_SETTINGS = (
-    "lsh_hash_type",
-    "lsh_num_hashes",
-    "lsh_num_buckets",
-    "lsh_compensation",
-    "lsh_error_bound",
-    "lsh_target_compression",
-    "lsh_seed",
-    "lsh_redraw_interval",
-    "lsh_scope",
-)
 
 
 # Where the controller starts each layer's merge threshold (a cluster's relative squared error).
@@ -74,7 +63,7 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         config: TransformerConfig,
         pg_collection: Optional[ProcessGroupCollection] = None,
     ) -> None:
-        missing = [name for name in _LSH_SETTINGS if not hasattr(config, name)]
+        missing = [f.name for f in lsh_settings() if not hasattr(config, f.name)]
         if missing:
             raise LSHConfigError(
                 f"LSHAlltoAllTokenDispatcher needs an LSHTransformerConfig; the config lacks "
@@ -84,15 +73,15 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self.ep_rank = utils.get_pg_rank(self.ep_group)
         # Which peers share this rank's node: rows to the others cross the slow links.
         nodes = nodes_of_group(self.ep_group, ranks_per_node(getattr(config, "lsh_ranks_per_node", None)))
-        self._peer_off_node = [node != nodes[self.ep_rank] for node in nodes]
+        self._off_node_ranks = torch.tensor([node != nodes[self.ep_rank] for node in nodes])
         # With lsh_scope 'inter-node', the experts whose rows travel exact: those on this node.
         self._exact_experts: Optional[torch.Tensor] = None
         if config.lsh_scope == "inter-node":
-            self._exact_experts = ~torch.tensor(self._peer_off_node).repeat_interleave(self.num_local_experts)
+            self._exact_experts = ~self._off_node_ranks.repeat_interleave(self.num_local_experts)
         self.layer_number: Optional[int] = None
         self.layer_name = "moe"
         self.iteration = 0
-        self.last_stats: Optional[CompressionStats] = None
+        self._last_stats: Optional[torch.Tensor] = None
         self._hash_family: Optional[LSHFamily] = None
         self._hash_family_key = None
         # State of one forward pass, between dispatch_preprocess and combine_postprocess.
@@ -109,6 +98,11 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self.training = True
         self.window_rows = 0
         self.window_centroids = 0
+
+    @property
+    def last_stats(self) -> Optional[CompressionStats]:
+        """The statistics of the last dispatch (reading them waits for the device)."""
+        return None if self._last_stats is None else CompressionStats.from_vector(self._last_stats)
 
     def set_layer_number(self, layer_number: int, layer_name: Optional[str] = None) -> None:
         """Each layer hashes with its own projections and records stats under its own name."""
@@ -178,22 +172,25 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         )
         family = self.hash_family(token_rows.size(-1))
         exact_experts = self._exact_experts
-        if exact_experts is not None:
-            exact_experts = exact_experts.to(token_rows.device)
+        if exact_experts is not None and exact_experts.device != token_rows.device:
+            exact_experts = self._exact_experts = exact_experts.to(token_rows.device)  # once
         clusters, errors, exact_rows = hash_and_cluster(
             token_rows, family, expert_of_row, self.num_experts, self.merge_threshold,
             self.config.lsh_error_bound, exact_experts,
         )
-        # Rows LSH may merge and their centroids: what the compression rate is a rate of.
+        # Rows LSH may merge and their centroids: what the compression rate is a rate of. Kept
+        # on the device, as every count here: the host reads them when the loop logs.
         if exact_experts is None:
-            rows_in_scope, centroids_in_scope = clusters.num_tokens, clusters.num_clusters
+            rows_in_scope = torch.tensor(clusters.num_tokens, device=token_rows.device)
+            centroids_in_scope = torch.tensor(clusters.num_clusters, device=token_rows.device)
         else:
-            rows_in_scope = int(rows_per_expert[~exact_experts].sum())
-            centroids_in_scope = int(clusters.clusters_per_group[~exact_experts].sum())
-        self._error_stats = (float(errors.sum()), exact_rows, rows_in_scope, centroids_in_scope)
+            in_scope = ~exact_experts
+            rows_in_scope = (rows_per_expert * in_scope).sum()
+            centroids_in_scope = (clusters.clusters_per_group * in_scope).sum()
+        self._error_stats = (errors.sum(), exact_rows, rows_in_scope, centroids_in_scope)
         if self.training:
-            self.window_rows += rows_in_scope
-            self.window_centroids += centroids_in_scope
+            self.window_rows = self.window_rows + rows_in_scope
+            self.window_centroids = self.window_centroids + centroids_in_scope
         self._clusters = clusters
         # Kept for the residual x - c only when compensation needs it.
         self._token_rows = token_rows if self.config.lsh_compensation != "none" else None
@@ -206,7 +203,7 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 rows_per_expert, group=self.tp_ep_group
             ).reshape(self.ep_size, self.tp_size, self.num_experts)
             first, last = self.local_expert_indices[0], self.local_expert_indices[-1] + 1
-            self._stock_rows_per_tp_peer = token_counts[:, :, first:last].sum(dim=(0, 2)).tolist()
+            self._stock_rows_per_tp_peer = token_counts[:, :, first:last].sum(dim=(0, 2))
 
         # megatron-core's own metadata step (splits, per-expert counts, the count all-gather),
         # fed a routing map with one row per centroid.
@@ -277,54 +274,45 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         row_outputs = (row_outputs * token_row_probs.unsqueeze(-1)).to(centroid_outputs.dtype)
         return super().combine_postprocess(row_outputs)
 
-    def _rows_to_other_ranks(self, rows_per_rank) -> int:
-        return int(sum(rows_per_rank)) - int(rows_per_rank[self.ep_rank])
-
-    def _rows_to_other_nodes(self, rows_per_rank) -> int:
-        return int(sum(rows for rows, off in zip(rows_per_rank, self._peer_off_node) if off))
-
     def _record_stats(self, row_bytes: int, prob_bytes: int) -> None:
         """What this rank sends: over expert parallel (the all-to-alls) and, with expert tensor
-        parallelism, over its peers (the gather before the experts, the reduce-scatter after)."""
+        parallelism, over its peers (the gather before the experts, the reduce-scatter after).
+        Counted on the device: a dispatch never waits for the host for its statistics."""
         clusters = self._clusters
-        if self.ep_size > 1:
-            token_rows_per_rank = (
-                self._token_rows_per_expert.view(self.ep_size, self.num_local_experts)
-                .sum(dim=1)
-                .tolist()
-            )
-            centroid_rows_per_rank = (
-                clusters.clusters_per_group.view(self.ep_size, self.num_local_experts).sum(dim=1).tolist()
-            )
-            remote_token_rows = self._rows_to_other_ranks(token_rows_per_rank)
-            remote_centroid_rows = self._rows_to_other_ranks(centroid_rows_per_rank)
-            off_node_token_rows = self._rows_to_other_nodes(token_rows_per_rank)
-            off_node_centroid_rows = self._rows_to_other_nodes(centroid_rows_per_rank)
-        else:
-            remote_token_rows = remote_centroid_rows = off_node_token_rows = off_node_centroid_rows = 0
         relative_error_sum, exact_rows, rows_in_scope, centroids_in_scope = self._error_stats
-        stats = CompressionStats(
-            tokens=rows_in_scope,
-            centroids=centroids_in_scope,
-            exact_rows=exact_rows,
-            relative_error_sum=relative_error_sum,
-            dispatch_bytes=remote_centroid_rows * row_bytes,
-            dispatch_bytes_stock=remote_token_rows * (row_bytes + prob_bytes),
-            combine_bytes=remote_centroid_rows * row_bytes,
-            combine_bytes_stock=remote_token_rows * row_bytes,
-            inter_node_bytes=off_node_centroid_rows * 2 * row_bytes,
-            inter_node_bytes_stock=off_node_token_rows * (2 * row_bytes + prob_bytes),
-        )
+        counts = dict(tokens=rows_in_scope, centroids=centroids_in_scope, exact_rows=exact_rows,
+                      relative_error_sum=relative_error_sum)
+        if self.ep_size > 1:
+            token_rows_per_rank = self._token_rows_per_expert.view(self.ep_size, self.num_local_experts).sum(dim=1)
+            centroid_rows_per_rank = clusters.clusters_per_group.view(self.ep_size, self.num_local_experts).sum(dim=1)
+            if self._off_node_ranks.device != token_rows_per_rank.device:
+                self._off_node_ranks = self._off_node_ranks.to(token_rows_per_rank.device)  # once
+            off_node = self._off_node_ranks
+            remote_token_rows = token_rows_per_rank.sum() - token_rows_per_rank[self.ep_rank]
+            remote_centroid_rows = centroid_rows_per_rank.sum() - centroid_rows_per_rank[self.ep_rank]
+            off_node_token_rows = (token_rows_per_rank * off_node).sum()
+            off_node_centroid_rows = (centroid_rows_per_rank * off_node).sum()
+            counts.update(
+                dispatch_bytes=remote_centroid_rows * row_bytes,
+                dispatch_bytes_stock=remote_token_rows * (row_bytes + prob_bytes),
+                combine_bytes=remote_centroid_rows * row_bytes,
+                combine_bytes_stock=remote_token_rows * row_bytes,
+                inter_node_bytes=off_node_centroid_rows * 2 * row_bytes,
+                inter_node_bytes_stock=off_node_token_rows * (2 * row_bytes + prob_bytes),
+            )
+        stats = CompressionStats.vector_of(**counts)
         if self.tp_size > 1:
             # The gather sends this rank's rows (and their probs: ones for centroids) to every
             # peer; the reduce-scatter sends each peer its own rows' partial outputs.
-            centroids_per_peer = [int(r) for r in self.output_splits_tp]
+            centroids_per_peer = [int(r) for r in self.output_splits_tp]  # megatron-core's host list
             tokens_per_peer = self._stock_rows_per_tp_peer
             own_centroids, own_tokens = centroids_per_peer[self.tp_rank], tokens_per_peer[self.tp_rank]
-            stats.dispatch_bytes += own_centroids * (self.tp_size - 1) * (row_bytes + prob_bytes)
-            stats.dispatch_bytes_stock += own_tokens * (self.tp_size - 1) * (row_bytes + prob_bytes)
-            stats.combine_bytes += (sum(centroids_per_peer) - own_centroids) * row_bytes
-            stats.combine_bytes_stock += (sum(tokens_per_peer) - own_tokens) * row_bytes
+            stats = stats + CompressionStats.vector_of(
+                dispatch_bytes=own_centroids * (self.tp_size - 1) * (row_bytes + prob_bytes),
+                dispatch_bytes_stock=own_tokens * (self.tp_size - 1) * (row_bytes + prob_bytes),
+                combine_bytes=(sum(centroids_per_peer) - own_centroids) * row_bytes,
+                combine_bytes_stock=(tokens_per_peer.sum() - own_tokens) * row_bytes,
+            )
         self._token_rows_per_expert = None
-        self.last_stats = stats
+        self._last_stats = stats
         get_compression_tracker().record(self.layer_name, stats)

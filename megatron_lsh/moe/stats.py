@@ -1,7 +1,8 @@
 """Compression statistics of LSH dispatch, per MoE layer, for training loops to log.
 
-Every LSH dispatch records one ``CompressionStats`` under its layer's name in the process-wide
-tracker. Counts add up over micro-batches until the loop takes them with ``take()``; bytes are
+Every LSH dispatch records its counts under its layer's name in the process-wide tracker, as a
+vector on the device (``CompressionStats.vector_of``): adding them up costs no wait for the host,
+which comes once, when the loop takes them with ``take()``. Bytes are
 those crossing between expert-parallel ranks (a rank's rows for its own experts never leave it).
 Combine bytes are counted at the rank the outputs return to, so a rank's dispatch and combine
 figures describe the same rows, and sums over ranks give the total traffic of each all-to-all.
@@ -10,7 +11,7 @@ figures describe the same rows, and sums over ranks give the total traffic of ea
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 
@@ -67,6 +68,17 @@ class CompressionStats:
             **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
         )
 
+    @staticmethod
+    def vector_of(**counts) -> torch.Tensor:
+        """The counts (numbers or 0-d tensors, by field name; missing ones 0) as one float64
+        vector on the compute device, in field order: what a dispatch records."""
+        return torch.stack([torch.as_tensor(counts.get(f.name, 0), dtype=torch.float64, device=compute_device())
+                            for f in fields(CompressionStats)])
+
+    @classmethod
+    def from_vector(cls, vector: torch.Tensor) -> "CompressionStats":
+        return cls(**{f.name: _FIELD_TYPES[f.name](v) for f, v in zip(fields(cls), vector.tolist())})
+
     def as_dict(self) -> Dict[str, float]:
         """Counts and derived ratios, flat, ready for a logger."""
         return {
@@ -87,12 +99,23 @@ class CompressionStatsTracker:
 
     def __init__(self):
         self._layers: Dict[str, CompressionStats] = {}
+        self._vectors: Dict[str, torch.Tensor] = {}  # device sums not yet read
 
-    def record(self, layer: str, stats: CompressionStats) -> None:
-        self._layers[layer] = self._layers.get(layer, CompressionStats()) + stats
+    def record(self, layer: str, stats: Union[CompressionStats, torch.Tensor]) -> None:
+        """Add a layer's counts: CompressionStats, or a vector from ``CompressionStats.vector_of``."""
+        if isinstance(stats, torch.Tensor):
+            self._vectors[layer] = self._vectors[layer] + stats if layer in self._vectors else stats
+        else:
+            self._layers[layer] = self._layers.get(layer, CompressionStats()) + stats
 
     def peek(self) -> Dict[str, CompressionStats]:
+        self._read_vectors()
         return dict(self._layers)
+
+    def _read_vectors(self) -> None:
+        for layer, vector in self._vectors.items():
+            self._layers[layer] = self._layers.get(layer, CompressionStats()) + CompressionStats.from_vector(vector)
+        self._vectors = {}
 
     def take(self, group: Optional[torch.distributed.ProcessGroup] = None) -> Dict[str, CompressionStats]:
         """Return the accumulated stats and start over.
@@ -101,6 +124,7 @@ class CompressionStatsTracker:
         must call it) and every rank gets every layer any of them recorded: pipeline stages
         hold different layers.
         """
+        self._read_vectors()
         layers, self._layers = self._layers, {}
         if group is None or not torch.distributed.is_initialized():
             return layers
@@ -119,7 +143,7 @@ class CompressionStatsTracker:
         }
 
     def reset(self) -> None:
-        self._layers = {}
+        self._layers, self._vectors = {}, {}
 
 
 def layer_names_of_group(local_names, group=None) -> list:

@@ -3,7 +3,7 @@
 Both dispatchers send through megatron-core's ``tensor_parallel.mappings._AllToAll``; timing its
 forward and backward covers every all-to-all of a step, including those autograd runs. On GPUs
 the device is synchronised around each one so the time is the collective's own, which removes
-any overlap: switch it off with --no-log-a2a-time for the fastest runs.
+any overlap: so it is opt-in, with --timing-log-level 1 or more (Megatron-LM's timing flag).
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ import time
 
 import torch
 from megatron.core.tensor_parallel import mappings
+
+# The --timing-log-level from which the all-to-alls are timed.
+TIMING_LOG_LEVEL = 1
 
 _seconds = 0.0
 _installed = False

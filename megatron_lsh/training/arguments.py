@@ -8,21 +8,17 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import MISSING
 
-from megatron_lsh.checkpoint.hf_architectures import ARCHITECTURES, ArchitectureFlagError, apply_architecture
+from megatron_lsh.models.architectures import ARCHITECTURES, ArchitectureFlagError, apply_architecture
 from megatron_lsh.data.tokenizer import TOKENIZER_TYPES
-from megatron_lsh.lsh import HASH_TYPES
-from megatron_lsh.moe.config import COMPENSATIONS, GRADIENT_STUDIES
-from megatron_lsh.moe.topology import LSH_SCOPES
+from megatron_lsh.moe.config import flag_of, lsh_settings
 
 
 class ArgumentError(ValueError):
     """A flag combination that cannot run; the message names the flag and the fix."""
 
 
-# The defaults that hold compression and quality over a run (docs/quality_study.md).
-DEFAULT_LSH_ERROR_BOUND = None
-DEFAULT_LSH_TARGET_COMPRESSION = 0.3
 _OFF = ("off", "none")
 
 
@@ -31,43 +27,46 @@ class _ResidualCompensationAction(argparse.Action):
         setattr(namespace, self.dest, "none" if option_string.startswith("--no-") else "residual")
 
 
-def _number_or_off(flag: str):
+def _number_or_off(flag: str, value_type: type = float, off: str = "off"):
     """A number, or None for 'off'; the range is checked with the model config (one error line)."""
     def parse(text: str):
         if text.lower() in _OFF:
             return None
         try:
-            return float(text)
+            return value_type(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} takes a number or 'off', not {text!r}") from None
+            raise argparse.ArgumentTypeError(f"{flag} takes a number or '{off}', not {text!r}") from None
     return parse
 
 
-parse_error_bound = _number_or_off("--lsh-error-bound")
+def add_setting_flag(group, config_field, default=MISSING, help_suffix: str = "") -> None:
+    """The flag of one LSHTransformerConfig setting, everything taken from its field: name,
+    type, choices, the word for None, default (``default`` overrides it) and help."""
+    meta, flag = config_field.metadata, flag_of(config_field)
+    if default is MISSING:
+        default = config_field.default if meta["flag_default"] is MISSING else meta["flag_default"]
+    text = meta["doc"] + help_suffix
+    if meta["value_type"] is bool:
+        group.add_argument(flag, dest=config_field.name, action=argparse.BooleanOptionalAction,
+                           default=default, help=text)
+        return
+    value_type = meta["value_type"]
+    if meta["off"] is not None:
+        value_type = _number_or_off(flag, value_type, meta["off"])
+    shown = meta["off"] if default is None and meta["off"] else default
+    if default is not argparse.SUPPRESS and (default is not None or meta["off"]):
+        text += f" Default: {shown}."
+    group.add_argument(flag, dest=config_field.name, type=value_type, choices=meta["choices"], default=default,
+                       help=text)
 
 
 def add_lsh_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """One flag per LSHTransformerConfig setting (moe/config.py), plus the paper's name for the
+    residual compensation."""
     group = parser.add_argument_group("LSH-MoE")
-    group.add_argument(
-        "--lsh",
-        dest="lsh_enabled",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Compress the MoE all-to-all with LSH (--no-lsh: stock megatron-core dispatch).",
-    )
-    group.add_argument("--lsh-hash-type", choices=HASH_TYPES, default="cross_polytope")
-    group.add_argument(
-        "--lsh-num-hashes", type=int, default=6, help="Hash functions per token (paper: 6)."
-    )
-    group.add_argument("--lsh-num-buckets", type=int, default=4, help="Buckets per hash function.")
-    group.add_argument(
-        "--lsh-compensation",
-        choices=COMPENSATIONS,
-        default="none",
-        help="What a merged token gets back, c its centroid: none E(c); residual the paper's "
-             "E(c) + (x - c); expert_gain E(c) + g (x - c), g fitted per expert. Default none "
-             "(the others measured no better: docs/quality_study.md).",
-    )
+    for config_field in lsh_settings():
+        if flag_of(config_field) is not None:
+            add_setting_flag(group, config_field)
     group.add_argument(
         "--lsh-error-compensation",
         dest="lsh_compensation",
@@ -77,62 +76,12 @@ def add_lsh_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     group.add_argument("--no-lsh-error-compensation", dest="lsh_compensation",
                        action=_ResidualCompensationAction, nargs=0, help=argparse.SUPPRESS)
-    group.add_argument(
-        "--lsh-error-bound",
-        type=parse_error_bound,
-        default=DEFAULT_LSH_ERROR_BOUND,
-        help="Largest relative distance ||x - c|| / ||x|| at which a token merges into a centroid; "
-             "clusters that break it are split by further hashes, and tokens that still do travel "
-             f"as themselves ('off': no bound). Default {DEFAULT_LSH_ERROR_BOUND}.",
-    )
-    group.add_argument(
-        "--lsh-target-compression",
-        type=_number_or_off("--lsh-target-compression"),
-        default=DEFAULT_LSH_TARGET_COMPRESSION,
-        help="Compression rate (centroids / rows, in (0, 1]) each MoE layer holds through training, "
-             "by steering how coarse its clusters may be (within --lsh-error-bound; 'off': fixed hashing). "
-             f"Default {DEFAULT_LSH_TARGET_COMPRESSION}.",
-    )
-    group.add_argument(
-        "--lsh-gradient-study",
-        choices=GRADIENT_STUDIES,
-        default=None,
-        help="Study only, runs the experts twice: exact_gradients trains on LSH values with the "
-             "exact MoE's gradients, exact_values on exact values with LSH's gradients.",
-    )
-    group.add_argument(
-        "--lsh-scope",
-        choices=LSH_SCOPES,
-        default="all",
-        help="Rows LSH may merge: all (every row of the all-to-all), or inter-node (only rows bound "
-             "for experts on other nodes; rows between GPUs of one node travel exact). Nodes as "
-             "torchrun numbers them (LOCAL_WORLD_SIZE processes each).",
-    )
-    group.add_argument("--lsh-seed", type=int, default=1234, help="Seed of the projections.")
-    group.add_argument(
-        "--lsh-redraw-interval",
-        type=int,
-        default=0,
-        help="Draw new projections every N iterations (0: never).",
-    )
     return parser
 
 
 def lsh_config_kwargs(args: argparse.Namespace) -> dict:
     """The LSHTransformerConfig settings the --lsh-* flags give."""
-    return dict(
-        lsh_enabled=args.lsh_enabled,
-        lsh_hash_type=args.lsh_hash_type,
-        lsh_num_hashes=args.lsh_num_hashes,
-        lsh_num_buckets=args.lsh_num_buckets,
-        lsh_compensation=args.lsh_compensation,
-        lsh_error_bound=args.lsh_error_bound,
-        lsh_target_compression=args.lsh_target_compression,
-        lsh_gradient_study=args.lsh_gradient_study,
-        lsh_seed=args.lsh_seed,
-        lsh_redraw_interval=args.lsh_redraw_interval,
-        lsh_scope=args.lsh_scope,
-    )
+    return {f.name: getattr(args, f.name) for f in lsh_settings() if hasattr(args, f.name)}
 
 
 def add_model_args(parser):
@@ -316,10 +265,10 @@ def add_logging_args(parser):
     g.add_argument("--wandb-exp-name", default=None)
     g.add_argument("--wandb-save-dir", default=None)
     g.add_argument(
-        "--log-a2a-time",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Time the MoE all-to-alls (synchronising the device around them) for the a2a share.",
+        "--timing-log-level", type=int, choices=[0, 1, 2], default=0,
+        help="As Megatron-LM's: 0 (default) times whole steps only; 1 or more also times the MoE "
+             "all-to-alls for the logged 'a2a share of step time', synchronising the device around each "
+             "one, which removes the overlap of communication and compute a GPU run relies on.",
     )
     return parser
 

@@ -2,31 +2,59 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 
-from megatron_lsh.checkpoint.hf_architectures import routes_pre_softmax
+from megatron_lsh.models.architectures import routes_pre_softmax
 from megatron_lsh.moe import LSHConfigError, LSHTransformerConfig
+from megatron_lsh.moe.config import flag_of, lsh_settings
 from megatron_lsh.training.arguments import ArgumentError, lsh_config_kwargs
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
-# Flag names of the LSHTransformerConfig settings, for error messages.
-_FLAG_OF_SETTING = {
-    "lsh_hash_type": "--lsh-hash-type",
-    "lsh_num_hashes": "--lsh-num-hashes",
-    "lsh_num_buckets": "--lsh-num-buckets",
-    "lsh_redraw_interval": "--lsh-redraw-interval",
-    "lsh_scope": "--lsh-scope",
-    "lsh_compensation": "--lsh-compensation",
-    "lsh_error_bound": "--lsh-error-bound",
-    "lsh_target_compression": "--lsh-target-compression",
-    "lsh_gradient_study": "--lsh-gradient-study",
-    "expert_tensor_parallel_size": "--expert-tensor-parallel-size",
-    "num_moe_experts": "--num-experts",
-    "expert_model_parallel_size": "--expert-model-parallel-size",
-    "moe_token_dispatcher_type": "--moe-token-dispatcher-type",
-}
+# megatron-core settings whose flag is not their name with dashes (Megatron-LM's names).
+_FLAG_EXCEPTIONS = {"num_moe_experts": "--num-experts"}
+# The other megatron-core settings LSHTransformerConfig's checks name.
+_MEGATRON_SETTINGS_NAMED = ("expert_tensor_parallel_size", "expert_model_parallel_size",
+                            "moe_token_dispatcher_type", "moe_pad_expert_input_to_capacity",
+                            "moe_router_padding_for_quantization")
+
+
+def _flags_of_settings() -> dict:
+    """setting -> (flag, the flag's word for None or None): every setting a config error names."""
+    flags = {f.name: (flag_of(f), f.metadata["off"]) for f in lsh_settings() if flag_of(f) is not None}
+    flags.update({name: ("--" + name.replace("_", "-"), None) for name in _MEGATRON_SETTINGS_NAMED})
+    flags.update({name: (flag, None) for name, flag in _FLAG_EXCEPTIONS.items()})
+    return flags
+
+
+def in_flag_terms(error: LSHConfigError) -> str:
+    """A config error as the command-line user wrote it: ``lsh_target_compression=1.5 ... or
+    None`` becomes ``--lsh-target-compression 1.5 ... or 'off'``, ``lsh_enabled=False``
+    ``--no-lsh``."""
+    message = str(error)
+    flags = _flags_of_settings()
+
+    def as_flag(match) -> str:
+        name, value = match.group(1), match.group(2)
+        flag, off = flags[name]
+        if value == "True":
+            return flag
+        if value == "False":
+            return "--no-" + flag[2:]
+        if value == "None":
+            return f"{flag} {off or 'unset'}"
+        return f"{flag} {value.strip(chr(39))}"
+
+    names = "|".join(sorted(flags, key=len, reverse=True))
+    message = re.sub(rf"\b({names})=('[^']*'|[^\s,;:)]+)", as_flag, message)
+    message = re.sub(rf"\b({names})\b", lambda m: flags[m.group(1)][0], message)
+    off = flags.get(error.setting, (None, None))[1]
+    if off is not None:
+        message = message.replace("or None", f"or '{off}'")
+    return message
 
 
 def transformer_config_from_args(args, **overrides) -> LSHTransformerConfig:
@@ -81,9 +109,6 @@ def transformer_config_from_args(args, **overrides) -> LSHTransformerConfig:
     try:
         return LSHTransformerConfig(**settings)
     except LSHConfigError as error:
-        message = str(error)
-        for setting, flag in _FLAG_OF_SETTING.items():
-            message = message.replace(setting, flag)
-        raise ArgumentError(message) from None
+        raise ArgumentError(in_flag_terms(error)) from None
     except (AssertionError, ValueError) as error:
         raise ArgumentError(f"megatron-core rejects these model flags: {error}") from None

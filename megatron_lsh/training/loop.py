@@ -10,9 +10,8 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -23,82 +22,25 @@ from megatron.core.distributed import (
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.transformer.moe.moe_utils import (
-    clear_aux_losses_tracker,
-    get_moe_layer_wise_logging_tracker,
-    reduce_aux_losses_tracker_across_ranks,
-)
 
 from megatron_lsh.device import compute_device
-from megatron_lsh.checkpoint.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
 from megatron_lsh.data.gpt_data import DataError, data_iterator
 from megatron_lsh.data.tokenizer import TokenizerError, build_tokenizer
-from megatron_lsh.moe import CompressionStats, get_compression_tracker, set_lsh_iteration
+from megatron_lsh.moe import get_compression_tracker, set_lsh_iteration
 from megatron_lsh.moe.controller import CompressionController
 from megatron_lsh.moe.topology import nodes_of_group, ranks_per_node
 from megatron_lsh.training import a2a_timer
 from megatron_lsh.training.arguments import ArgumentError, validate_args
+from megatron_lsh.training.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
 from megatron_lsh.training.config import transformer_config_from_args
 from megatron_lsh.training.initialize import destroy_distributed, initialize_distributed
+from megatron_lsh.training.metrics import compression_metrics, moe_aux_loss_metrics
 from megatron_lsh.training.metrics_logger import MetricsLogger, timestamp
 from megatron_lsh.training.nonfinite import NonFiniteWatch
 from megatron_lsh.training.optimizer import TrainingOptimizer
+from megatron_lsh.training.task import ModelTask, masked_token_mean, padded_vocab_size, perplexity
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelTask:
-    """What differs between model families."""
-
-    name: str
-    # (args, config, padded_vocab_size, pre_process, post_process, vp_stage) -> megatron module
-    build_model: Callable
-    build_datasets: Callable  # (args, tokenizer, [n_train, n_valid, n_test]) -> (train, valid, test)
-    # (batch, model) -> (per-token losses, or hidden states before the last pipeline stage; loss mask)
-    forward: Callable
-    tokens_per_sample: Callable  # (args) -> tokens one sample contributes to throughput
-    validate: Optional[Callable] = None  # (args) -> None, raising ArgumentError
-    # (args) -> {group name: 0-based router-loss slots}, to log router losses per group too
-    router_loss_groups: Optional[Callable] = None
-
-    def forward_step(self, batch, model):
-        """(mean loss over the tokens that count, their number) of one micro-batch through a
-        whole (single-stage) model."""
-        return masked_token_mean(*self.forward(batch, model))
-
-
-def masked_token_mean(per_token_loss: torch.Tensor, loss_mask: torch.Tensor):
-    """A forward step's (mean loss over the tokens loss_mask keeps, number of those tokens),
-    computed in fp32 whatever the model's precision."""
-    loss_mask = loss_mask.float()
-    tokens_counted = loss_mask.sum()
-    return (per_token_loss.float() * loss_mask).sum() / tokens_counted.clamp(min=1), tokens_counted
-
-
-def summed_token_loss(forward_step: Callable, model, iterator, micro_batches: int):
-    """(loss summed over tokens, tokens) over micro_batches batches, so that batches holding
-    different numbers of loss tokens weigh by their tokens, not equally."""
-    loss_sum, token_count = 0.0, 0.0
-    for _ in range(micro_batches):
-        loss, tokens = forward_step(next(iterator), model)
-        loss_sum += loss.item() * float(tokens)
-        token_count += float(tokens)
-    return loss_sum, token_count
-
-
-def perplexity(mean_loss: float) -> float:
-    # Capped so an early or diverged model logs a huge number, not an overflow.
-    return math.exp(min(mean_loss, 50.0))
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int = 1) -> int:
-    """Megatron pads the embedding table to a multiple of --make-vocab-size-divisible-by that
-    tensor parallelism splits evenly. The least common multiple (not Megatron-LM's product)
-    keeps the table, and so the checkpoint, the same across layouts whenever
-    --make-vocab-size-divisible-by is already a multiple of the tensor-parallel size."""
-    multiple = math.lcm(divisible_by, tensor_parallel)
-    return int(math.ceil(vocab_size / multiple) * multiple)
 
 
 def _loss_of_microbatch(loss_mask, per_token_loss):
@@ -137,52 +79,6 @@ def _all_reduce(values, op=torch.distributed.ReduceOp.SUM, group=None) -> list:
 def _all_reduce_mean(values, group=None) -> list:
     size = torch.distributed.get_world_size(group) if torch.distributed.is_initialized() else 1
     return [value / size for value in _all_reduce(values, group=group)]
-
-
-def moe_aux_loss_metrics(num_microbatches: int, groups: Optional[Dict[str, range]] = None) -> Dict[str, float]:
-    """megatron-core's per-layer router losses (load balancing, z-loss), averaged over the MoE
-    layers, and over each group of layers (e.g. T5's encoder and decoder) when given."""
-    tracker = get_moe_layer_wise_logging_tracker()
-    if not tracker:
-        return {}
-    reduce_aux_losses_tracker_across_ranks()
-    metrics = {}
-    for name, entry in tracker.items():
-        values = entry["values"].float() / num_microbatches
-        moe_layers = values[values != 0]
-        if not moe_layers.numel():
-            continue
-        metrics[name] = moe_layers.mean().item()
-        for group, slots in (groups or {}).items():
-            in_group = values[list(slots)]
-            in_group = in_group[in_group != 0]
-            if in_group.numel():
-                metrics[f"{name}/{group}"] = in_group.mean().item()
-    clear_aux_losses_tracker()
-    return metrics
-
-
-def compression_metrics(stats: Dict[str, CompressionStats], prefix: str = "") -> Dict[str, float]:
-    if not stats:
-        return {}
-    total = sum(stats.values(), CompressionStats())
-    metrics = {
-        f"{prefix}lsh compression rate": total.compression_rate,
-        f"{prefix}a2a dispatch bytes ratio": total.dispatch_bytes_ratio,
-        f"{prefix}a2a combine bytes ratio": total.combine_bytes_ratio,
-        f"{prefix}a2a bytes sent": float(total.dispatch_bytes + total.combine_bytes),
-        f"{prefix}a2a bytes stock": float(total.dispatch_bytes_stock + total.combine_bytes_stock),
-    }
-    if total.inter_node_bytes_stock:
-        metrics[f"{prefix}a2a inter-node bytes sent"] = float(total.inter_node_bytes)
-        metrics[f"{prefix}a2a inter-node bytes stock"] = float(total.inter_node_bytes_stock)
-    metrics[f"{prefix}lsh relative error"] = total.mean_relative_error
-    metrics[f"{prefix}lsh exact rows"] = float(total.exact_rows)
-    for layer, s in sorted(stats.items()):
-        metrics[f"{prefix}lsh compression rate/{layer}"] = s.compression_rate
-        metrics[f"{prefix}lsh relative error/{layer}"] = s.mean_relative_error
-        metrics[f"{prefix}a2a bytes sent/{layer}"] = float(s.dispatch_bytes + s.combine_bytes)
-    return metrics
 
 
 class Trainer:
@@ -316,7 +212,7 @@ class Trainer:
             self.train_ds, self.consumed_samples, args.micro_batch_size, self.dp_rank, self.dp_size,
             args.num_workers,
         ))
-        if args.log_a2a_time:
+        if args.timing_log_level >= a2a_timer.TIMING_LOG_LEVEL:
             a2a_timer.install()
         self._signal_received: Optional[int] = None
         if args.exit_signal_handler:
@@ -521,7 +417,7 @@ class Trainer:
         }
         groups = self.task.router_loss_groups(args) if self.task.router_loss_groups else None
         metrics.update(moe_aux_loss_metrics(self.num_microbatches * steps, groups))
-        if args.log_a2a_time:
+        if args.timing_log_level >= a2a_timer.TIMING_LOG_LEVEL:
             metrics["a2a share of step time"] = a2a_seconds / step_seconds if step_seconds else 0.0
         metrics["optimizer state MB per rank (max)"] = \
             _all_reduce([self.optimizer.state_bytes()], op=torch.distributed.ReduceOp.MAX)[0] / 2**20

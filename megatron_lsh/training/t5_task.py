@@ -12,7 +12,7 @@ from megatron_lsh.data.t5_data import build_t5_datasets
 from megatron_lsh.data.tokenizer import build_tokenizer
 from megatron_lsh.models.t5 import build_t5_moe_model, moe_layer_patterns
 from megatron_lsh.training.arguments import ArgumentError, apply_hf_architecture
-from megatron_lsh.training.loop import ModelTask
+from megatron_lsh.training.task import ModelTask
 
 
 def add_t5_args(parser):

@@ -30,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
+from megatron_lsh.models.t5 import moe_layer_patterns
+
 ARCHITECTURES = ("mixtral", "qwen3_moe", "switch_transformers")
 MODEL_OF_ARCHITECTURE = {"mixtral": "gpt", "qwen3_moe": "gpt", "switch_transformers": "t5"}
 
@@ -82,8 +84,6 @@ def routes_pre_softmax(args: dict) -> bool:
 
 
 def t5_patterns(args: dict):
-    from megatron_lsh.models.t5 import moe_layer_patterns
-
     return moe_layer_patterns(
         _get(args, "moe_layer_freq", 1), args["encoder_num_layers"], args["decoder_num_layers"]
     )
