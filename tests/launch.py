@@ -111,10 +111,13 @@ def pretrain_error(flags, capfd, monkeypatch, world_size=1, model="gpt"):
     return errors[0]
 
 
-def kill_at_checkpoint_and_resume(flags_for, tmp_path, killed_after, script="pretrain_gpt_moe.py", nproc=2):
+def kill_at_checkpoint_and_resume(flags_for, tmp_path, killed_after, script="pretrain_gpt_moe.py", nproc=2,
+                                  crash_mid_save=False):
     """Losses of an uninterrupted run, and of the same run SIGKILLed right after its checkpoint at
     iteration `killed_after` and resumed from it (only the resumed iterations); the two runs'
-    final checkpoints must be equal bit for bit."""
+    final checkpoints must be equal bit for bit. With crash_mid_save, the killed run also leaves
+    what a crash in the middle of saving a later iteration would: a half-written `.partial`
+    directory, which the resume must ignore."""
     uninterrupted = losses(torchrun(flags_for(tmp_path / "uninterrupted"), nproc=nproc, script=script))
     save = tmp_path / "killed"
     process = subprocess.Popen(torchrun_command(flags_for(save), nproc=nproc, script=script), cwd=REPO,
@@ -125,6 +128,13 @@ def kill_at_checkpoint_and_resume(flags_for, tmp_path, killed_after, script="pre
             break
     process.wait(timeout=60)
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(killed_after)
+    if crash_mid_save:
+        from megatron_lsh.training.checkpointing import find_latest_checkpoint
+
+        partial = save / f"iter_{killed_after + 1:07d}.partial"
+        partial.mkdir()
+        (partial / "__0_0.distcp").write_bytes(b"half written")
+        assert find_latest_checkpoint(str(save)) == killed_after
     output = torchrun(flags_for(save), nproc=nproc, script=script)
     assert f"resuming at iteration {killed_after}" in output
     final = int((tmp_path / "uninterrupted" / "latest_checkpointed_iteration.txt").read_text())

@@ -110,3 +110,15 @@ def test_a_run_saved_before_a_setting_existed_loads_with_what_it_ran_with():
         "lsh_compensation": "residual", "lsh_error_bound": None, "lsh_target_compression": None}
     assert settings_before_they_existed({"lsh_compensation": "none", "lsh_error_bound": 0.3,
                                          "lsh_target_compression": 0.3}) == {}
+
+
+def test_evaluation_overrides_only_the_lsh_settings_given_and_off_means_no_bound():
+    from megatron_lsh.checkpoint.evaluate import parse_args as evaluation_args
+
+    _, overrides = evaluation_args(["--load", "ckpt", "--input", "held_out.jsonl", "--lsh"])
+    assert overrides == {}
+    _, overrides = evaluation_args(["--load", "ckpt", "--input", "held_out.jsonl", "--lsh", "--lsh-num-hashes", "4",
+                                    "--lsh-error-bound", "off", "--lsh-hash-type", "spherical"])
+    assert overrides == {"lsh_num_hashes": 4, "lsh_error_bound": None, "lsh_hash_type": "spherical"}
+    with pytest.raises(SystemExit):
+        evaluation_args(["--load", "ckpt", "--input", "x.jsonl", "--lsh-target-compression", "0.3"])

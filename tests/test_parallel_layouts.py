@@ -27,10 +27,9 @@ def validation_losses(output):
         TP2_EP2,
         # Experts split over the tensor-parallel pair too (the dispatcher gathers centroids).
         {**TP2_EP2, "--expert-tensor-parallel-size": "2", "--disable-bias-linear": True},
-        # Interleaved pipeline: two chunks of one layer per rank.
-        {**PP2_EP2, "--num-layers": "4", "--num-layers-per-virtual-pipeline-stage": "1"},
+        # (The interleaved pipeline trains in the kill-and-resume test below.)
     ],
-    ids=["tp2-sp-ep2", "tp2-sp-ep2-etp2", "pp2-vpp2-ep2"],
+    ids=["tp2-sp-ep2", "tp2-sp-ep2-etp2"],
 )
 def test_four_ranks_train_with_lsh_and_falling_loss(corpus, layout):
     output = torchrun(model_flags(corpus, **{
@@ -39,16 +38,20 @@ def test_four_ranks_train_with_lsh_and_falling_loss(corpus, layout):
     assert sorted(loss) == [4, 8, 12, 16]
     assert loss[16] < loss[4] - 0.3, loss
     rates = [float(r) for r in re.findall(r"lsh compression rate: ([0-9.]+) \| a2a bytes", output)]
-    assert rates and all(0.0 < r < 1.0 for r in rates), rates
+    # The controller (target 0.3) starts coarse-to-fine at threshold 1.0 and pulls the rate down:
+    # neither every row its own cluster (1.0) nor one cluster per expert and first bucket.
+    assert len(rates) == 4 and all(0.1 < r < 0.6 for r in rates) and rates[-1] < rates[0], rates
     bytes_ratios = [float(r) for r in re.findall(r"a2a bytes: ([0-9.]+)x stock", output)]
     assert all(r < 1.0 for r in bytes_ratios), bytes_ratios
 
 
 @pytest.mark.slow
 def test_pipeline_parallel_kill_and_resume_gives_the_same_losses(corpus, tmp_path):
+    # Interleaved: two chunks of one layer per rank.
     flags = lambda save: model_flags(corpus, **{  # noqa: E731
         "--train-iters": "12", "--log-interval": "1", "--eval-interval": "100",
-        "--save": str(save), "--load": str(save), "--save-interval": "4", **PP2_EP2})
+        "--save": str(save), "--load": str(save), "--save-interval": "4", **PP2_EP2,
+        "--num-layers": "4", "--num-layers-per-virtual-pipeline-stage": "1"})
     uninterrupted, resumed = kill_at_checkpoint_and_resume(flags, tmp_path, killed_after=8, nproc=4)
     assert uninterrupted[12] < uninterrupted[1] - 0.3, uninterrupted
     assert sorted(resumed) == [9, 10, 11, 12]

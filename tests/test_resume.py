@@ -49,17 +49,15 @@ def test_a_samples_loss_mask_does_not_depend_on_the_sample_read_before_it():
             assert torch.equal(dataset[i]["loss_mask"], mask), (first, i)
 
 
-STOCK, LSH = {"--no-lsh": True}, {"--lsh": True, "--lsh-num-hashes": "4"}
+LSH = {"--lsh": True, "--lsh-num-hashes": "4"}
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """Losses and checkpoint directory (iterations 10 and 14) of straight runs, by dispatcher."""
-    runs = {}
-    for name, lsh in (("stock", STOCK), ("lsh", LSH)):
-        save = tmp_path_factory.mktemp(f"straight-{name}")
-        runs[name] = (losses(torchrun(flags(**lsh, **{"--save": str(save)}))), save)
-    return runs
+    """Losses and checkpoint directory (iterations 10 and 14) of a straight LSH run. (Stock dispatch
+    resumes exactly in test_parallel_layouts.py, across layouts.)"""
+    save = tmp_path_factory.mktemp("straight")
+    return losses(torchrun(flags(**LSH, **{"--save": str(save)}))), save
 
 
 def resume_and_compare(save, lsh, uninterrupted_run, stopped_at, scratch):
@@ -75,22 +73,18 @@ def resume_and_compare(save, lsh, uninterrupted_run, stopped_at, scratch):
 
 
 @pytest.mark.slow
-def test_exit_interval_then_resume_gives_the_same_losses(tmp_path, uninterrupted):
-    # (Stock dispatch resumes exactly in the SIGTERM and damaged-checkpoint tests below.)
-    name, lsh = "lsh", LSH
-    first = losses(torchrun(flags(**lsh, **{"--save": str(tmp_path / "run"), "--exit-interval": "10"})))
-    assert sorted(first) == list(range(1, 11))
-    resume_and_compare(tmp_path / "run", lsh, uninterrupted[name], 10, tmp_path)
-
-
-@pytest.mark.slow
-def test_exit_duration_saves_after_a_whole_step_and_resumes_exactly(tmp_path, uninterrupted):
-    # A limit shorter than one step: every rank stops after the first, saves, and exits 0.
+def test_exit_interval_then_the_time_limit_then_resume_give_the_same_losses(tmp_path, uninterrupted):
+    """Stopped by --exit-interval at 5, resumed and stopped by --exit-duration-in-mins after one
+    more whole step (a limit shorter than a step), resumed again to the end."""
     save = tmp_path / "run"
-    output = torchrun(flags(**LSH, **{"--save": str(save), "--exit-duration-in-mins": "0.001"}))
-    assert "stopping at iteration 1: --exit-duration-in-mins 0.001 reached" in output
-    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
-    resume_and_compare(save, LSH, uninterrupted["lsh"], 1, tmp_path)
+    first = losses(torchrun(flags(**LSH, **{"--save": str(save), "--exit-interval": "5"})))
+    assert sorted(first) == list(range(1, 6))
+    output = torchrun(flags(**LSH, **{"--save": str(save), "--load": str(save), "--exit-duration-in-mins": "0.001"}))
+    assert "resuming at iteration 5" in output
+    assert "stopping at iteration 6: --exit-duration-in-mins 0.001 reached" in output
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+    assert all(loss == uninterrupted[0][i] for i, loss in {**first, **losses(output)}.items())
+    resume_and_compare(save, LSH, uninterrupted, 6, tmp_path)
 
 
 @pytest.mark.slow
@@ -99,7 +93,7 @@ def test_sigterm_with_the_signal_handler_saves_exits_zero_and_resumes_exactly(tm
 
     save = tmp_path / "run"
     process = subprocess.Popen(
-        torchrun_command(flags(**STOCK, **{"--save": str(save), "--exit-signal-handler": True})),
+        torchrun_command(flags(**LSH, **{"--save": str(save), "--exit-signal-handler": True})),
         cwd=REPO, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = []
     for line in process.stdout:
@@ -115,18 +109,18 @@ def test_sigterm_with_the_signal_handler_saves_exits_zero_and_resumes_exactly(tm
     assert stopped, "".join(output)[-3000:]
     stopped_at = int(stopped[1])
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped_at)
-    resume_and_compare(save, STOCK, uninterrupted["stock"], stopped_at, tmp_path)
+    resume_and_compare(save, LSH, uninterrupted, stopped_at, tmp_path)
 
 
 @pytest.mark.slow
 def test_a_damaged_newest_checkpoint_is_named_and_an_earlier_one_can_be_loaded(tmp_path, uninterrupted):
-    straight, original = uninterrupted["stock"]
+    straight, original = uninterrupted
     save = tmp_path / "ckpt"
     shutil.copytree(original, save)
     shard = save / "iter_0000014" / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:100])
     result = subprocess.run(
-        torchrun_command(flags(**STOCK, **{"--load": str(save), "--save-interval": None, "--train-iters": "16"})),
+        torchrun_command(flags(**LSH, **{"--load": str(save), "--save-interval": None, "--train-iters": "16"})),
         cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error (rank 0)")]
@@ -134,7 +128,7 @@ def test_a_damaged_newest_checkpoint_is_named_and_an_earlier_one_can_be_loaded(t
     assert f"checkpoint {save / 'iter_0000014'} is damaged: __1_0.distcp is truncated (100 of" in errors[0]
     assert "resume from an earlier one with --ckpt-step 10 (complete: [10])" in errors[0]
     assert "]: Traceback" not in result.stderr  # no rank's (torchrun reports the exit code its way)
-    resumed = torchrun(flags(**STOCK, **{"--load": str(save), "--save-interval": None, "--ckpt-step": "10"}))
+    resumed = torchrun(flags(**LSH, **{"--load": str(save), "--save-interval": None, "--ckpt-step": "10"}))
     assert "resuming at iteration 10" in resumed
     assert all(loss == straight[i] for i, loss in losses(resumed).items())
     assert sorted(losses(resumed)) == [11, 12, 13, 14]

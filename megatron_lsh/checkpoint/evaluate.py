@@ -70,11 +70,9 @@ def evaluate(load_dir: str, data_path: str | None = None, input_jsonl: str | Non
             "compression_rate": compression.compression_rate if compression.tokens else None}
 
 
-# The default of the LSH override flags: the run's own setting.
-_THE_RUNS = argparse.SUPPRESS
-
-
-def main(argv=None) -> None:
+def parse_args(argv=None):
+    """(arguments, the LSH settings given to replace the run's): an override flag left out keeps
+    the run's setting; --lsh-error-bound off asks for no bound."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", required=True, help="Checkpoint directory (the --save of training).")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -85,11 +83,16 @@ def main(argv=None) -> None:
     parser.add_argument("--lsh", action="store_true", help="Evaluate with the run's LSH dispatch.")
     overridable = [f for f in lsh_settings() if f.metadata["evaluation_override"]]
     for config_field in overridable:
-        add_setting_flag(parser, config_field, default=_THE_RUNS, help_suffix=(
+        # No default at all (SUPPRESS): a flag left out leaves no attribute, 'off' leaves None.
+        add_setting_flag(parser, config_field, default=argparse.SUPPRESS, help_suffix=(
             " With --lsh: instead of the run's" + (" (and no controller)." if config_field.name == "lsh_error_bound"
                                                    else ".")))
     args = parser.parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in overridable if getattr(args, f.name) is not _THE_RUNS}
+    return args, {f.name: getattr(args, f.name) for f in overridable if hasattr(args, f.name)}
+
+
+def main(argv=None) -> None:
+    args, overrides = parse_args(argv)
     try:
         result = evaluate(args.load, args.data_path, args.input, args.micro_batch_size, args.max_samples, args.lsh,
                           overrides)
