@@ -303,7 +303,10 @@ class HostSyncCounter(torch.overrides.TorchFunctionMode):
 def host_syncs_per_layer_step(rank, world_size, cases):
     """Per case (config overrides, merge threshold or None): the host syncs of one MoE layer's
     forward and backward, stock and LSH on the same weights, after one warm-up step (projections
-    drawn, buffers made)."""
+    drawn, buffers made). Clustering runs as on a GPU (no rows gathered: COMPACT_ROWS_ON_CPU)."""
+    from megatron_lsh.lsh import clustering
+
+    clustering.COMPACT_ROWS_ON_CPU = False
     initialize_distributed(expert_model_parallel_size=world_size, seed=7)
     results = []
     for overrides, threshold in cases:

@@ -394,9 +394,12 @@ def test_all_groups_exact_sends_every_token_as_itself(threshold):
 
 
 @pytest.mark.parametrize("threshold, bound", [(0.5, None), (None, 0.3), (0.2, 0.3), (None, 1e-6)])
-def test_coarse_to_fine_clustering_decides_on_the_device_without_host_syncs(threshold, bound):
+def test_coarse_to_fine_clustering_decides_on_the_device_without_host_syncs(threshold, bound, monkeypatch):
+    """As on a GPU: every row masked, none gathered (what COMPACT_ROWS_ON_CPU does on a CPU)."""
+    from megatron_lsh.lsh import clustering
     from tests.moe_workers import HostSyncCounter
 
+    monkeypatch.setattr(clustering, "COMPACT_ROWS_ON_CPU", False)
     tokens, groups = torch.randn(300, 16), torch.randint(0, 4, (300,))
     family = build_hash_family("cross_polytope", 16, 6, 4, seed=3)
     codes = family.codes(tokens)
@@ -410,3 +413,21 @@ def test_coarse_to_fine_clustering_decides_on_the_device_without_host_syncs(thre
         hash_and_cluster(tokens, family, groups, 4)
     assert counter.calls == ["unique"]
     assert assignment.bucket_ids.shape == (300,)
+
+
+@pytest.mark.parametrize("threshold, bound", [(0.5, None), (None, 0.3), (0.2, 0.3), (1.0, 0.05)])
+def test_gathering_the_checked_rows_and_masking_all_rows_decide_alike(threshold, bound, monkeypatch):
+    from megatron_lsh.lsh import clustering
+
+    base = torch.randn(8, 16, generator=torch.Generator().manual_seed(40))
+    picks = torch.randint(0, 8, (400,), generator=torch.Generator().manual_seed(41))
+    tokens = base[picks] + 0.2 * gaussian(400, dim=16, seed=42)
+    groups = torch.randint(0, 4, (400,), generator=torch.Generator().manual_seed(43))
+    codes = build_hash_family("cross_polytope", 16, 6, 4, seed=44).codes(tokens)
+    decided = {}
+    for compact in (True, False):
+        monkeypatch.setattr(clustering, "COMPACT_ROWS_ON_CPU", compact)
+        decided[compact] = adaptive_bucket_ids(tokens, codes, groups, 4, threshold, bound)
+    assert torch.equal(decided[True].bucket_ids, decided[False].bucket_ids)
+    assert int(decided[True].exact_rows) == int(decided[False].exact_rows)
+    assert len(decided[True].bucket_ids.unique()) < 400  # clusters merge rows

@@ -130,6 +130,17 @@ class BoundedAssignment:
     exact_rows: torch.Tensor
 
 
+# Where the rows a level checks against the bound are gathered first (their count read on the
+# host) rather than all rows computed and masked. On a CPU reading a count costs nothing and the
+# masked passes over every row cost several times the work; on a GPU it is the other way round.
+# Both give the same decisions, bit for bit.
+COMPACT_ROWS_ON_CPU = True
+
+
+def _compacts_rows(device: torch.device) -> bool:
+    return COMPACT_ROWS_ON_CPU and device.type == "cpu"
+
+
 def _per_slot(values: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torch.Tensor:
     """Sums of ``values`` by ``slot`` into ``num_slots`` slots."""
     shape = (num_slots, *values.shape[1:])
@@ -146,7 +157,17 @@ def _dense_ids(keys: torch.Tensor) -> torch.Tensor:
 
 
 def _members_within(values, limits_sq, cluster_of_token, members, num_slots):
-    """(centroid of each cluster over its ``members`` tokens, [N] member beyond its bound)."""
+    """[N] bool: the ``members`` tokens farther from their cluster's centroid, taken over the
+    cluster's members only, than their bound."""
+    if _compacts_rows(values.device):
+        rows = members.nonzero().squeeze(1)
+        points, clusters = values.index_select(0, rows), cluster_of_token.index_select(0, rows)
+        counts = _per_slot(torch.ones_like(rows, dtype=values.dtype), clusters, num_slots)
+        centroids = _per_slot(points, clusters, num_slots) / counts.clamp(min=1).unsqueeze(1)
+        distance_sq = (points - centroids.index_select(0, clusters)).square().sum(dim=1)
+        beyond = torch.zeros_like(members)
+        beyond[rows] = distance_sq > limits_sq.index_select(0, rows)
+        return beyond
     weights = members.to(values.dtype)
     counts = _per_slot(weights, cluster_of_token, num_slots)
     sums = _per_slot(values * weights.unsqueeze(1), cluster_of_token, num_slots)
@@ -182,7 +203,9 @@ def adaptive_bucket_ids(
     sum (bound ||x||)^2 proves that a member breaks it, so only the members of clusters that
     pass this test count. Every decision stays on the device: the host reads one number, how
     many finest clusters there are, which sizes the arrays; decided clusters are masked, not
-    removed, so no size depends on a decision and no level waits for the host.
+    removed, so no size depends on a decision and no level waits for the host (on a CPU, where
+    waiting costs nothing, the bound's check gathers the rows it checks instead of masking all:
+    ``COMPACT_ROWS_ON_CPU``).
 
     Args:
         tokens: [N, hidden]; codes: [N, L] codes in [0, num_buckets); group_ids: [N] experts.
@@ -214,29 +237,34 @@ def adaptive_bucket_ids(
     undecided = fine_counts > 0  # finest clusters not yet taken (empty slots never are)
     for level in range(num_hashes):
         last_level = level == num_hashes - 1
-        open_slot = undecided.to(values.dtype)
-        # Decided and empty slots share one key below every real one: a cluster of nothing.
+        # Decided and empty slots share one key below every real one, and their sums go to a
+        # spare slot past the end: undecided clusters' sums add up as if the others were gone.
         keys = torch.where(undecided, fine_groups * total_buckets + level * level_buckets + fine_prefixes[:, level],
                            torch.full_like(fine_groups, -1))
         coarse_of_fine = _dense_ids(keys)
-        counts = _per_slot(fine_counts * open_slot, coarse_of_fine, slots)
-        centroids = _per_slot(fine_sums * open_slot.unsqueeze(1), coarse_of_fine, slots) / counts.clamp(min=1).unsqueeze(1)
-        squares = _per_slot(fine_squares * open_slot, coarse_of_fine, slots)
+        into = torch.where(undecided, coarse_of_fine, torch.full_like(coarse_of_fine, slots))
+        counts = _per_slot(fine_counts, into, slots + 1)[:slots]
+        centroids = _per_slot(fine_sums, into, slots + 1)[:slots] / counts.clamp(min=1).unsqueeze(1)
+        squares = _per_slot(fine_squares, into, slots + 1)[:slots]
         spread = (squares - counts * centroids.square().sum(dim=1)).clamp(min=0)
         candidate = torch.ones(slots, dtype=torch.bool, device=device)
         if merge_threshold is not None and not last_level:
             candidate &= counts * spread <= merge_threshold * squares.clamp(min=1e-30)
         if error_bound is not None:
             # Slack for cancellation in the spread: a candidate let through wrongly is checked below.
-            candidate &= spread <= _per_slot(fine_limits * open_slot, coarse_of_fine, slots) * (1 + 1e-3) \
-                + 1e-6 * squares
+            candidate &= spread <= _per_slot(fine_limits, into, slots + 1)[:slots] * (1 + 1e-3) + 1e-6 * squares
             # Each token of a candidate cluster, checked against its centroid.
             coarse_of_token = coarse_of_fine.index_select(0, fine_of_token)
             checked = undecided.index_select(0, fine_of_token) & candidate.index_select(0, coarse_of_token)
-            distance_sq = (values - centroids.index_select(0, coarse_of_token)).square().sum(dim=1)
-            beyond = checked & (distance_sq > limits_sq)
-            broken = torch.zeros(slots, dtype=torch.bool, device=device).index_put_(
-                (coarse_of_token,), beyond, accumulate=True)
+            broken = torch.zeros(slots, dtype=torch.bool, device=device)
+            if _compacts_rows(device):
+                rows = checked.nonzero().squeeze(1)
+                row_coarse = coarse_of_token.index_select(0, rows)
+                distance_sq = (values.index_select(0, rows) - centroids.index_select(0, row_coarse)).square().sum(dim=1)
+                broken.index_put_((row_coarse,), distance_sq > limits_sq.index_select(0, rows), accumulate=True)
+            else:
+                distance_sq = (values - centroids.index_select(0, coarse_of_token)).square().sum(dim=1)
+                broken.index_put_((coarse_of_token,), checked & (distance_sq > limits_sq), accumulate=True)
             candidate &= ~broken
         taken = undecided & candidate.index_select(0, coarse_of_fine)
         bucket_ids = torch.where(taken.index_select(0, fine_of_token),
