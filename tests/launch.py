@@ -77,9 +77,14 @@ def run_pretrain_expecting_error(flags, world_size=1, script="pretrain_gpt_moe.p
     result = subprocess.run([sys.executable, str(REPO / script), *flags], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr
+    return the_error_line(result.stderr)
+
+
+def the_error_line(stderr: str) -> str:
+    """The one `error:` line bad input must give, with no traceback."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, stderr
     return errors[0]
 
 
@@ -104,11 +109,7 @@ def pretrain_error(flags, capfd, monkeypatch, world_size=1, model="gpt"):
         assert stop.code == 2, stop.code
     else:
         raise AssertionError("pretrain ran to the end instead of refusing its input")
-    err = capfd.readouterr().err
-    assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, err
-    return errors[0]
+    return the_error_line(capfd.readouterr().err)
 
 
 def kill_at_checkpoint_and_resume(flags_for, tmp_path, killed_after, script="pretrain_gpt_moe.py", nproc=2,

@@ -180,9 +180,8 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         )
         # Rows LSH may merge and their centroids: what the compression rate is a rate of. Kept
         # on the device, as every count here: the host reads them when the loop logs.
-        if exact_experts is None:
-            rows_in_scope = torch.tensor(clusters.num_tokens, device=token_rows.device)
-            centroids_in_scope = torch.tensor(clusters.num_clusters, device=token_rows.device)
+        if exact_experts is None:  # sizes the host already knows
+            rows_in_scope, centroids_in_scope = clusters.num_tokens, clusters.num_clusters
         else:
             in_scope = ~exact_experts
             rows_in_scope = (rows_per_expert * in_scope).sum()
