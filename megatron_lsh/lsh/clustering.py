@@ -156,7 +156,7 @@ def _dense_ids(keys: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(0, order, starts.cumsum(0) - 1)
 
 
-def _members_within(values, limits_sq, cluster_of_token, members, num_slots):
+def _members_beyond_bound(values, limits_sq, cluster_of_token, members, num_slots):
     """[N] bool: the ``members`` tokens farther from their cluster's centroid, taken over the
     cluster's members only, than their bound."""
     if _compacts_rows(values.device):
@@ -276,9 +276,9 @@ def adaptive_bucket_ids(
     # Only the bound leaves clusters undecided after the last level: their members beyond it
     # travel exact, the rest is averaged again, and a rest that still breaks it travels exact.
     left = undecided.index_select(0, fine_of_token)
-    outliers = _members_within(values, limits_sq, fine_of_token, left, slots)
+    outliers = _members_beyond_bound(values, limits_sq, fine_of_token, left, slots)
     rest = left & ~outliers
-    rest_broken = _members_within(values, limits_sq, fine_of_token, rest, slots)
+    rest_broken = _members_beyond_bound(values, limits_sq, fine_of_token, rest, slots)
     broken = torch.zeros(slots, dtype=torch.bool, device=device).index_put_(
         (fine_of_token,), rest_broken, accumulate=True)
     exact = outliers | (rest & broken.index_select(0, fine_of_token))

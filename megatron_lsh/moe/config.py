@@ -234,10 +234,15 @@ def lsh_settings() -> List[Field]:
     return [f for f in fields(LSHTransformerConfig) if f.name.startswith("lsh_")]
 
 
+def flag_named_after(setting_name: str) -> str:
+    """Megatron-LM's flag for a config field of that name: ``lsh_num_hashes`` -> ``--lsh-num-hashes``."""
+    return "--" + setting_name.replace("_", "-")
+
+
 def flag_of(config_field: Field) -> Optional[str]:
     """The command-line flag of a setting (None: it has none)."""
     flag = config_field.metadata["flag"]
-    return "--" + config_field.name.replace("_", "-") if flag == "" else flag
+    return flag_named_after(config_field.name) if flag == "" else flag
 
 
 def settings_before_they_existed(saved: Dict[str, Any]) -> Dict[str, Any]:
