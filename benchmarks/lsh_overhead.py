@@ -4,10 +4,12 @@ For each hidden size and number of tokens per rank: route tokens top-k over the 
 (uniformly at random), permute them by expert as megatron-core does, then time
   * megatron-core's expert MLPs (SequentialMLP, ffn = 4 x hidden), forward + backward, on all
     token rows: the stock path;
-  * the LSH work on the same rows, forward + backward: hashing, clustering into centroids, and
-    expanding centroid outputs back to tokens with residual compensation;
+  * the LSH work on the same rows, forward + backward: hashing, clustering into centroids,
+    quantising them to the payload formats and back (both all-to-alls, both directions, on one
+    rank: the formats' cost without the wire), and expanding centroid outputs back to tokens;
   * the expert MLPs on the centroids only: what the experts cost under LSH.
-and print the compression rate and the dispatch bytes ratio (every row counted as remote).
+and print the compression rate and the bytes ratio of all four all-to-alls against bf16 stock
+(every row counted as remote).
 
     python benchmarks/lsh_overhead.py                     # CPU, fp32, hidden 256-1024
     python benchmarks/lsh_overhead.py --device cuda --dtype bf16 --hidden-sizes 4096
@@ -28,7 +30,8 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron_lsh.data.synthetic import clustered_hidden_states
 from megatron_lsh.lsh import build_hash_family, expand_to_tokens, hash_and_cluster
 from megatron_lsh.moe import LSHTransformerConfig, get_lsh_moe_module_spec
-from megatron_lsh.moe.config import lsh_settings
+from megatron_lsh.moe.config import PAYLOAD_SETTINGS, added_settings
+from megatron_lsh.moe.payload import BF16_BYTES, payload_all_to_all, row_bytes
 from megatron_lsh.training.arguments import add_setting_flag
 from megatron_lsh.training.initialize import initialize_distributed
 
@@ -40,8 +43,8 @@ def parse_args():
     p.add_argument("--num-experts", type=int, default=8)
     p.add_argument("--moe-router-topk", type=int, default=2)
     # The LSH settings' flags as training has them (defaults: the config's).
-    settings = {f.name: f for f in lsh_settings()}
-    for name in ("lsh_hash_type", "lsh_num_hashes", "lsh_num_buckets", "lsh_error_bound"):
+    settings = {f.name: f for f in added_settings()}
+    for name in ("lsh_hash_type", "lsh_num_hashes", "lsh_num_buckets", "lsh_error_bound", *PAYLOAD_SETTINGS):
         add_setting_flag(p, settings[name], default=settings[name].default)
     p.add_argument("--lsh-merge-threshold", type=float, default=None,
                    help="Coarse-to-fine clustering at this merge threshold, as the compression controller "
@@ -121,23 +124,30 @@ def measure(hidden, tokens, args, device, dtype):
         out, _ = experts(inputs, per_expert, torch.ones(inputs.size(0), device=device))
         out.backward(grad)
 
+    group = torch.distributed.group.WORLD  # one rank: the formats act, nothing is sent
+
     def lsh_pass():
         r = rows.detach().requires_grad_(True)
         c = cluster(r)
-        # An identity expert in between: every LSH op, forward and backward, and nothing else.
-        expand_to_tokens(c.centroids, c, r).backward(grad_rows)
+        n = [c.num_clusters]
+        # An identity expert in between: every LSH and payload op, forward and backward, and
+        # nothing else.
+        sent = payload_all_to_all(group, c.centroids, n, n, args.moe_dispatch_fwd_dtype, args.moe_dispatch_bwd_dtype)
+        back = payload_all_to_all(group, sent, n, n, args.moe_combine_fwd_dtype, args.moe_combine_bwd_dtype)
+        expand_to_tokens(back, c, r).backward(grad_rows)
 
     t_expert = timed(lambda: expert_pass(rows, rows_per_expert.cpu(), grad_rows), args.repeats, device)
     t_lsh = timed(lsh_pass, args.repeats, device)
     t_expert_centroids = timed(
         lambda: expert_pass(clusters.centroids, centroids_per_expert, grad_centroids), args.repeats, device
     )
-    row_bytes = hidden * rows.element_size()
+    centroid_bytes = sum(row_bytes(getattr(args, name), hidden) for name in PAYLOAD_SETTINGS)
+    stock_bytes = 4 * row_bytes("bf16", hidden) + 2 * BF16_BYTES  # and a prob each way
     return {
         "rows": rows.size(0),
         "centroids": clusters.num_clusters,
         "rate": clusters.num_clusters / rows.size(0),
-        "bytes_ratio": clusters.num_clusters * row_bytes / (rows.size(0) * (row_bytes + 4)),
+        "bytes_ratio": clusters.num_clusters * centroid_bytes / (rows.size(0) * stock_bytes),
         "t_expert": t_expert,
         "t_lsh": t_lsh,
         "t_expert_centroids": t_expert_centroids,
@@ -160,7 +170,8 @@ def main():
         f"device {device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else f"device {torch.cuda.get_device_name()}",
         f"| {args.dtype} | {args.num_experts} experts, top-{args.moe_router_topk}, ffn 4h | "
         f"LSH {args.lsh_hash_type}, {args.lsh_num_hashes} hashes x {args.lsh_num_buckets} buckets, merge threshold "
-        f"{args.lsh_merge_threshold or 'none'}, error bound {args.lsh_error_bound or 'none'} | data {data}",
+        f"{args.lsh_merge_threshold or 'none'}, error bound {args.lsh_error_bound or 'none'} | payloads "
+        + ", ".join(f"{name[4:-6]} {getattr(args, name)}" for name in PAYLOAD_SETTINGS) + f" | data {data}",
     )
     header = (
         f"{'hidden':>6} {'tokens':>6} {'rows':>6} {'centroids':>9} {'rate':>6} {'bytes':>6} "
@@ -178,8 +189,8 @@ def main():
                 flush=True,
             )
     print(
-        "rate: centroids / token rows. bytes: dispatch bytes vs stock (token rows + fp32 probs). "
-        "overhead: LSH fwd+bwd / expert MLP fwd+bwd on all rows."
+        "rate: centroids / token rows. bytes: all four all-to-alls vs bf16 stock (token rows + bf16 probs). "
+        "overhead: LSH and payload formats fwd+bwd / expert MLP fwd+bwd on all rows."
     )
 
 

@@ -1,20 +1,28 @@
-"""Long-horizon quality of LSH-MoE against stock megatron-core: one command, docs/quality_study.md.
+"""Where LSH-MoE and 8-bit payloads stand against stock megatron-core on the perplexity-bytes
+frontier: one command, docs/quality_study.md.
 
-    python benchmarks/quality_study.py                 # about 2.5 hours on 2 cores
-    python benchmarks/quality_study.py --only stock    # some variants only (others are kept)
-    python benchmarks/quality_study.py --report-only   # docs/ again from the saved run summaries
+    python benchmarks/quality_study.py                         # everything, both corpora (hours)
+    python benchmarks/quality_study.py --corpus quickstart --groups ablation   # a part
+    python benchmarks/quality_study.py --only quickstart-ablation-stock         # some runs only
+    python benchmarks/quality_study.py --report-only           # docs/ again from the saved summaries
 
-Every run trains the quickstart's GPT-MoE (hidden 128, 4 layers, 8 experts top-2 in every other
-layer, expert parallel 2 on 2 CPU processes) on the embedded corpus, same seed and same data.
-Three main runs go the full length (--iters, at least 1500): stock, the old default (fixed
-cross-polytope 6 x 4 hashes, no bound, no controller) and the new default (plain --lsh). The
-ablations, which find out where quality goes, run --ablation-iters against a stock run of the
-same length (the cosine schedule makes runs of different lengths incomparable mid-way).
+Every run trains the quickstart's GPT-MoE as scripts/quickstart_cpu.sh does (Qwen3-MoE layout:
+hidden 128, 4 layers, 8 experts top-2 in every other layer, expert parallel 2 on 2 CPU processes),
+same seed and same data, on one of two corpora: the quickstart's (Shakespeare and Milton) and
+Python code (the standard library of the Python that runs the study), tokenised by a SentencePiece
+model of its own. Groups of runs:
 
-Per run, from its tensorboard events: validation perplexity against tokens, compression rate per
-layer against iteration, all-to-all bytes against stock's over the whole run and its last 10%,
-and the median step time. A run whose summary exists with the same flags and length is not run
-again (--fresh runs everything anew).
+* ``ablation``: --ablation-iters (at least 600): stock, 8-bit payloads alone, LSH alone, LSH stacked
+  with 8-bit payloads, the default at three --lsh-seed values (the spread that makes a difference
+  a tie);
+* ``main``: --iters (at least 1500): stock, 8-bit payloads alone, the default;
+* ``scale``: the main runs' tokens in steps four times larger (micro-batches of 8192 tokens per
+  rank), so the doc shows how the gap moves with tokens per rank.
+
+Per run, from its tensorboard events: validation perplexity against tokens and against bytes, the
+compression rate per layer, the relative error, all-to-all bytes (all four, as a bf16 run sends
+them) against stock's over the whole run and its last 10%. A run whose summary exists with the
+same flags and length is not run again (--fresh runs it anew). Summaries go to docs/data/.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,38 +39,45 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List
 
-from quickstart_data import prepare_data  # run as a script from benchmarks/
+from quickstart_data import CORPORA, prepare_data  # run as a script from benchmarks/
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
 # Each run's summary, committed beside the doc so that --report-only works from a fresh clone.
 SUMMARIES = DOCS / "data" / "quality_study"
 
-# The quickstart's GPT-MoE as it was when docs/quality_study.md was measured (LayerNorm, GeLU MLPs
-# with biases, tied embeddings; scripts/quickstart_cpu.sh now trains the Qwen3-MoE layout so that
-# its checkpoints export), evaluated more often for the curves.
+# scripts/quickstart_cpu.sh's model and schedule (its LSH flags aside), evaluated more often.
 MODEL_FLAGS = [
     "--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4", "--seq-length", "256",
-    "--position-embedding-type", "rope", "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
+    "--hf-architecture", "qwen3_moe", "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
     "--num-experts", "8", "--moe-router-topk", "2", "--moe-layer-freq", "2", "--moe-aux-loss-coeff", "1e-2",
     "--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall",
-    "--micro-batch-size", "8", "--global-batch-size", "16",
     "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "50",
     "--weight-decay", "0.1", "--clip-grad", "1.0", "--seed", "1234",
-    "--num-workers", "0", "--log-interval", "50", "--eval-interval", "100", "--eval-iters", "8",
+    "--num-workers", "0", "--log-interval", "50", "--eval-iters", "8",
 ]
-# The behaviour before the controller and the bound: explicit, so it holds whatever the defaults.
-OLD_DEFAULT = ["--lsh", "--lsh-hash-type", "cross_polytope", "--lsh-num-hashes", "6", "--lsh-num-buckets", "4",
-               "--lsh-compensation", "none", "--lsh-target-compression", "off", "--lsh-error-bound", "off",
-               "--lsh-redraw-interval", "0"]
+# Steps of 16 sequences of 256 (2048 tokens per rank and micro-batch), or four times larger.
+BATCH = {"main": ["--micro-batch-size", "8", "--global-batch-size", "16"],
+         "scale": ["--micro-batch-size", "32", "--global-batch-size", "64"]}
+SCALE = 4
+# Fixed hashing as the paper runs it: explicit, so it holds whatever the defaults.
+CP6 = ["--lsh", "--lsh-hash-type", "cross_polytope", "--lsh-num-hashes", "6", "--lsh-num-buckets", "4",
+       "--lsh-compensation", "none", "--lsh-target-compression", "off", "--lsh-error-bound", "off",
+       "--lsh-redraw-interval", "0"]
+MXFP8_ALL = ["--moe-dispatch-fwd-dtype", "mxfp8", "--moe-dispatch-bwd-dtype", "mxfp8",
+             "--moe-combine-fwd-dtype", "mxfp8", "--moe-combine-bwd-dtype", "mxfp8"]
+# Megatron-LM's two: the token->expert direction of the forward and of the backward.
+MXFP8_DISPATCH = ["--moe-dispatch-fwd-dtype", "mxfp8", "--moe-combine-bwd-dtype", "mxfp8"]
+DEFAULT_SEEDS = ("1234", "42", "7")
 
 
 @dataclass
 class Variant:
     name: str
     flags: List[str]
-    main: bool  # full length (else ablation length)
+    group: str  # 'main', 'scale' or 'ablation'
     question: str = ""
+    peer: bool = False  # 8-bit payloads without LSH: the low-precision peer
 
 
 def with_flags(base: List[str], **overrides: str) -> List[str]:
@@ -77,43 +93,54 @@ def with_flags(base: List[str], **overrides: str) -> List[str]:
 
 
 def plan() -> List[Variant]:
-    old = OLD_DEFAULT
-    return [
-        Variant("stock", ["--no-lsh"], True),
-        Variant("old default", old, True),
-        Variant("new default", ["--lsh"], True),
-        Variant("stock", ["--no-lsh"], False, "reference"),
-        Variant("cp6 fixed", old, False, "the old default"),
-        Variant("target 0.2", with_flags(old, lsh_target_compression="0.2"), False, "the controller alone"),
-        Variant("target 0.3", with_flags(old, lsh_target_compression="0.3"), False, "the controller alone"),
-        Variant("cp6 bound 0.3", with_flags(old, lsh_error_bound="0.3"), False, "the error bound"),
-        Variant("cp6 exact gradients", with_flags(old, lsh_gradient_study="exact_gradients"), False,
-                "LSH forward values, stock gradients: the forward error alone"),
-        Variant("cp6 exact values", with_flags(old, lsh_gradient_study="exact_values"), False,
-                "stock forward values, LSH gradients: the gradient error alone"),
-        Variant("cp6 residual compensation", with_flags(old, lsh_compensation="residual"), False,
-                "the paper's E(c) + (x - c)"),
-        Variant("cp6 expert-gain compensation", with_flags(old, lsh_compensation="expert_gain"), False,
-                "E(c) + g_e (x - c), g_e fitted on the expert's own (c, E(c)) pairs"),
-        Variant("cp6 redrawn every 100", with_flags(old, lsh_redraw_interval="100"), False,
-                "fixed against redrawn projections"),
+    bound = with_flags(CP6, lsh_error_bound="0.3")
+    variants = []
+    for group in ("main", "scale"):
+        variants += [
+            Variant("stock", ["--no-lsh"], group),
+            Variant("mxfp8", ["--no-lsh", *MXFP8_ALL], group, peer=True),
+            Variant("default", ["--lsh"], group),
+        ]
+    variants += [
+        Variant("stock", ["--no-lsh"], "ablation", "reference"),
+        Variant("mxfp8 dispatch", ["--no-lsh", *MXFP8_DISPATCH], "ablation",
+                "Megatron-LM's two 8-bit directions (dispatch forward, combine backward)", peer=True),
+        Variant("mxfp8", ["--no-lsh", *MXFP8_ALL], "ablation", "8-bit payloads in all four directions", peer=True),
+        Variant("cp6", CP6, "ablation", "fixed hashing, the paper's"),
+        Variant("target 0.3", with_flags(CP6, lsh_target_compression="0.3"), "ablation",
+                "the controller holding 0.3 (the default before this study)"),
+        Variant("bound 0.3", bound, "ablation", "the error bound alone"),
+        Variant("cp6 + mxfp8", CP6 + MXFP8_ALL, "ablation", "fixed hashing, stacked"),
+        Variant("bound 0.3 + mxfp8", bound + MXFP8_ALL, "ablation", "the error bound, stacked"),
     ]
+    variants += [Variant(f"default seed {seed}", ["--lsh", "--lsh-seed", seed], "ablation",
+                         "the default at another hash seed") for seed in DEFAULT_SEEDS]
+    return variants
 
 
-def run_key(variant: Variant) -> str:
-    return ("main" if variant.main else "ablation") + "-" + variant.name.replace(" ", "_").replace(".", "")
+def run_key(corpus: str, variant: Variant) -> str:
+    return f"{corpus}-{variant.group}-" + variant.name.replace(" + ", "+").replace(" ", "_").replace(".", "")
 
 
-def execute(variant: Variant, iters: int, data: Dict[str, str], work: Path, port: int) -> Dict:
-    out = work / "runs" / run_key(variant)
+def run_length(variant: Variant, args) -> int:
+    return {"main": args.iters, "scale": args.iters // SCALE, "ablation": args.ablation_iters}[variant.group]
+
+
+def execute(corpus: str, variant: Variant, iters: int, data: Dict[str, str], work: Path, port: int) -> Dict:
+    key = run_key(corpus, variant)
+    out = work / "runs" / key
     shutil.rmtree(out, ignore_errors=True)  # a stale run's events would be read again
     out.mkdir(parents=True)
+    eval_interval = max(iters // 15, 10)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-        "pretrain_gpt_moe.py", *MODEL_FLAGS, "--train-iters", str(iters),
+        "pretrain_gpt_moe.py", *MODEL_FLAGS, *BATCH["scale" if variant.group == "scale" else "main"],
+        "--train-iters", str(iters), "--eval-interval", str(eval_interval),
         "--train-data-path", data["train"], "--valid-data-path", data["valid"],
         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", data["tokenizer"],
         "--tensorboard-dir", str(out / "tensorboard"), *variant.flags,
+        # The trained model, for evaluations at other settings (e.g. LSH on a stock model).
+        "--save", str(out / "checkpoint"),
     ]
     start = time.time()
     with open(out / "train.log", "w") as log:
@@ -121,12 +148,14 @@ def execute(variant: Variant, iters: int, data: Dict[str, str], work: Path, port
                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
     if process.returncode != 0:
         tail = (out / "train.log").read_text()[-3000:]
-        raise RuntimeError(f"run {variant.name!r} failed:\n{tail}")
+        raise RuntimeError(f"run {key!r} failed:\n{tail}")
     summary = summarize(out / "tensorboard", iters)
-    summary.update(name=variant.name, main=variant.main, flags=variant.flags, iters=iters,
-                   question=variant.question, wall_s=time.time() - start)
+    summary.update(name=variant.name, corpus=corpus, group=variant.group, flags=variant.flags, iters=iters,
+                   question=variant.question, peer=variant.peer, wall_s=time.time() - start,
+                   warnings=[line.strip() for line in (out / "train.log").read_text().splitlines()
+                             if "cannot reach its target" in line])
     SUMMARIES.mkdir(parents=True, exist_ok=True)
-    (SUMMARIES / f"{run_key(variant)}.json").write_text(json.dumps(summary, indent=1))
+    (SUMMARIES / f"{key}.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
@@ -151,6 +180,11 @@ def summarize(tensorboard: Path, iters: int) -> Dict:
     layers = sorted(t.split("/", 1)[1] for t in tags
                     if t.startswith("lsh compression rate/") and " vs " not in t)
     ppl = series("validation lm loss PPL")
+    # Bytes sent up to each evaluation, as a fraction of what stock sends over the whole run
+    # (a run that logs no bytes sends what stock does, evenly).
+    total_stock = sum(v for _, v in stock)
+    bytes_so_far = [(step, sum(v for s, v in sent if s <= step) / total_stock if total_stock else step / iters)
+                    for step, _ in ppl]
     return {
         "final_ppl": ppl[-1][1] if ppl else float("nan"),
         "ppl_by_iteration": ppl,
@@ -158,51 +192,104 @@ def summarize(tensorboard: Path, iters: int) -> Dict:
         "compression_by_layer": {layer: series(f"lsh compression rate/{layer}") for layer in layers},
         "compression": series("lsh compression rate"),
         "relative_error": series("lsh relative error"),
-        "merge_radius_by_layer": {layer: series(f"lsh merge radius/{layer}") for layer in layers},
+        "merge_threshold_by_layer": {layer: series(f"lsh merge threshold/{layer}") for layer in layers},
+        "exact_rows": series("lsh exact rows"),
+        "bytes_fraction_by_iteration": bytes_so_far,
         "bytes_ratio_run": bytes_ratio(0),
         "bytes_ratio_last_10pct": bytes_ratio(tail_from),
     }
 
 
+# The bound on a trained model as tokens per micro-batch grow (evaluate --lsh on the stock
+# ablation run's checkpoint): hashes and micro-batch sizes.
+SCALE_MICRO_BATCHES = (8, 32, 128)
+SCALE_HASHES = (6, 10, 16)
+SCALE_BOUND = "0.3"
+
+
+def bound_at_scale(corpus: str, work: Path, data: Dict[str, str]) -> Dict:
+    """Perplexity and compression of the error bound on the stock model, per micro-batch size
+    and number of hashes, against the exact model on the same windows."""
+    checkpoint = work / "runs" / f"{corpus}-ablation-stock" / "checkpoint"
+    if not checkpoint.exists():
+        raise RuntimeError(f"{checkpoint}: run {corpus}-ablation-stock first (--groups ablation)")
+
+    def evaluate(micro_batch: int, *flags: str) -> Dict:
+        command = [sys.executable, "-m", "megatron_lsh.checkpoint.evaluate", "--load", str(checkpoint),
+                   "--data-path", data["valid"], "--micro-batch-size", str(micro_batch), *flags]
+        output = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout
+        match = re.search(r"perplexity ([0-9.]+) over ([0-9,]+) tokens.*?(?:LSH compression rate ([0-9.]+))?$",
+                          output.strip().splitlines()[-1])
+        return {"ppl": float(match[1]), "tokens": int(match[2].replace(",", "")),
+                "rate": float(match[3]) if match[3] else None}
+
+    rows = []
+    for micro_batch in SCALE_MICRO_BATCHES:
+        exact = evaluate(micro_batch)
+        for hashes in SCALE_HASHES:
+            bounded = evaluate(micro_batch, "--lsh", "--lsh-error-bound", SCALE_BOUND, "--lsh-num-hashes", str(hashes))
+            rows.append({"micro_batch": micro_batch, "tokens_per_micro_batch": micro_batch * 256, "hashes": hashes,
+                         "exact_ppl": exact["ppl"], "ppl": bounded["ppl"], "rate": bounded["rate"]})
+            print(f"    micro-batch {micro_batch}, {hashes} hashes: rate {bounded['rate']:.3f}, "
+                  f"perplexity {bounded['ppl'] / exact['ppl']:.4f}x exact", flush=True)
+    summary = {"corpus": corpus, "group": "bound_at_scale", "bound": float(SCALE_BOUND), "rows": rows,
+               "checkpoint_iters": json.loads((SUMMARIES / f"{corpus}-ablation-stock.json").read_text())["iters"]}
+    (SUMMARIES / f"{corpus}-bound_at_scale.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=1500, help="length of the main runs")
-    parser.add_argument("--ablation-iters", type=int, default=400, help="length of the ablation runs")
+    parser.add_argument("--ablation-iters", type=int, default=600, help="length of the ablation runs")
+    parser.add_argument("--corpus", default=",".join(CORPORA), help=f"comma-separated, of {', '.join(CORPORA)}")
+    parser.add_argument("--groups", default="ablation,bound_at_scale,main,scale",
+                        help="comma-separated, of ablation, bound_at_scale (evaluations of the ablation stock "
+                             "run's model), main, scale")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "quality_study")
-    parser.add_argument("--only", default="", help="comma-separated run keys or names to run (others are kept)")
-    parser.add_argument("--skip-ablations", action="store_true")
-    parser.add_argument("--fresh", action="store_true", help="run every variant even if its summary exists")
+    parser.add_argument("--only", default="", help="comma-separated run keys (corpus-group-name) to run")
+    parser.add_argument("--fresh", action="store_true", help="run every chosen variant even if its summary exists")
     parser.add_argument("--report-only", action="store_true", help="rewrite docs/ from the saved summaries")
     args = parser.parse_args()
 
-    variants = [v for v in plan() if v.main or not args.skip_ablations]
+    corpora = [c.strip() for c in args.corpus.split(",") if c.strip()]
+    unknown = sorted(set(corpora) - set(CORPORA))
+    if unknown:
+        parser.error(f"--corpus {','.join(unknown)}: not a corpus of the study; use {', '.join(CORPORA)}")
+    groups = {g.strip() for g in args.groups.split(",") if g.strip()}
     wanted = {w.strip() for w in args.only.split(",") if w.strip()}
     summaries: Dict[str, Dict] = {}
-    data = None if args.report_only else prepare_data(args.work)
     study_start = time.time()
-    for index, variant in enumerate(variants):
-        iters = args.iters if variant.main else args.ablation_iters
-        saved = SUMMARIES / f"{run_key(variant)}.json"
-        previous = json.loads(saved.read_text()) if saved.exists() else None
-        reusable = previous is not None and previous["flags"] == variant.flags and previous["iters"] == iters
-        chosen = not wanted or run_key(variant) in wanted or variant.name in wanted
-        if args.report_only or (reusable and not args.fresh) or not chosen:
-            if previous is not None:
-                # Read the events again: a newer summary may take more from them.
-                events = args.work / "runs" / run_key(variant) / "tensorboard"
-                if events.exists():
+    for path in sorted(SUMMARIES.glob("*.json")):  # every saved run goes into the doc
+        summaries[path.stem] = json.loads(path.read_text())
+    for corpus_index, corpus in enumerate(corpora):
+        data = None
+        for index, variant in enumerate(plan()):
+            key, iters = run_key(corpus, variant), run_length(variant, args)
+            previous = summaries.get(key)
+            reusable = previous is not None and previous["flags"] == variant.flags and previous["iters"] == iters
+            chosen = (variant.group in groups) and (not wanted or key in wanted)
+            if args.report_only or not chosen or (reusable and not args.fresh):
+                events = args.work / "runs" / key / "tensorboard"
+                if previous is not None and events.exists():  # a newer summary may take more from them
                     previous.update(summarize(events, previous["iters"]))
-                summaries[run_key(variant)] = previous
-            continue
-        print(f"[{time.time() - study_start:6.0f}s] {run_key(variant)}: {iters} iterations", flush=True)
-        summary = execute(variant, iters, data, args.work, port=29600 + index)
-        summaries[run_key(variant)] = summary
-        print(f"    final PPL {summary['final_ppl']:.2f}, bytes {summary['bytes_ratio_run']:.3f}x stock "
-              f"(last 10%: {summary['bytes_ratio_last_10pct']:.3f}x), {summary['wall_s']:.0f}s", flush=True)
-    write_docs(summaries, args)
+                continue
+            data = data or prepare_data(args.work, corpus)
+            print(f"[{time.time() - study_start:6.0f}s] {key}: {iters} iterations", flush=True)
+            summary = execute(corpus, variant, iters, data, args.work, port=29600 + 50 * corpus_index + index)
+            summaries[key] = summary
+            print(f"    final PPL {summary['final_ppl']:.2f}, bytes {summary['bytes_ratio_run']:.3f}x stock "
+                  f"(last 10%: {summary['bytes_ratio_last_10pct']:.3f}x), {summary['wall_s']:.0f}s", flush=True)
+            write_docs(summaries)  # the doc grows as the runs finish
+        if "bound_at_scale" in groups and not args.report_only and (args.fresh or f"{corpus}-bound_at_scale" not in summaries):
+            print(f"[{time.time() - study_start:6.0f}s] {corpus}-bound_at_scale", flush=True)
+            summaries[f"{corpus}-bound_at_scale"] = bound_at_scale(corpus, args.work, data or prepare_data(args.work, corpus))
+            write_docs(summaries)
+    write_docs(summaries)
 
 
-def write_docs(summaries: Dict[str, Dict], args) -> None:
+def write_docs(summaries: Dict[str, Dict]) -> None:
     from quality_report import write_report
 
     write_report(summaries, DOCS)

@@ -171,24 +171,33 @@ class WireCounter:
         torch.distributed.all_to_all_single = self._original
 
 
-def clustered_traffic(rank, world_size, num_experts, topk, distinct):
-    """Bytes on the wire for stock and LSH dispatch of tokens drawn from a few prototypes (plus
-    tiny noise), with the LSH stats and the cluster counts the prototypes imply."""
+def clustered_traffic(rank, world_size, num_experts, topk, distinct, payload_format="bf16"):
+    """Bytes on the wire for stock and LSH dispatch of bf16 tokens drawn from a few prototypes
+    (plus tiny noise), both all-to-alls sending ``payload_format``, with the LSH stats, the
+    round trip's error and the cluster counts the prototypes imply."""
     initialize_distributed(expert_model_parallel_size=world_size, seed=7)
     tokens, prototype_of_token, routing_map = hand_routed_tokens(
         rank, world_size, num_experts, topk, distinct, num_tokens=256
     )
     tokens = tokens + 1e-4 * torch.randn(tokens.shape, generator=torch.Generator().manual_seed(9))
+    tokens = tokens.bfloat16()
     probs = routing_map.float() * torch.rand(routing_map.shape, generator=torch.Generator().manual_seed(rank))
-    wire = {}
+    probs = probs.bfloat16()
+    formats = dict(moe_dispatch_fwd_dtype=payload_format, moe_combine_fwd_dtype=payload_format)
+    wire, stock_stats = {}, None
     for lsh_enabled in (False, True):
         layer = build_moe_layer(
             moe_config(world_size, lsh_enabled=lsh_enabled, num_moe_experts=num_experts,
-                       moe_router_topk=topk, lsh_num_hashes=8)
+                       moe_router_topk=topk, lsh_num_hashes=8, **formats)
         )
         with WireCounter(rank) as counter:
-            round_trip(layer.token_dispatcher, tokens, routing_map, probs)
+            restored = round_trip(layer.token_dispatcher, tokens, routing_map, probs)
         wire["lsh" if lsh_enabled else "stock"] = counter.bytes
+        if not lsh_enabled and payload_format != "bf16":
+            stock_stats = layer.token_dispatcher.last_stats
+            # Each token comes back as the sum of its routed copies weighted by their probs.
+            expected = tokens.float() * probs.float().sum(dim=1, keepdim=True)
+            stock_error = ((restored.float() - expected).norm() / expected.norm()).item()
     local = num_experts // world_size
     pairs = {(p, e) for t, p in enumerate(prototype_of_token.tolist()) for e in routing_map[t].nonzero().flatten().tolist()}
     remote_pairs = [pe for pe in pairs if pe[1] // local != rank]
@@ -196,6 +205,8 @@ def clustered_traffic(rank, world_size, num_experts, topk, distinct):
     return {
         "wire": wire,
         "stats": layer.token_dispatcher.last_stats,
+        "stock_stats": stock_stats,
+        "stock_round_trip_error": stock_error if stock_stats is not None else None,
         "expected_centroids": len(pairs),
         "expected_remote_centroids": len(remote_pairs),
         "expected_remote_rows": remote_rows,
@@ -237,7 +248,8 @@ def scoped_traffic(rank, world_size, scope, ranks_per_node):
         rank, world_size, num_experts, topk, 6, num_tokens=256
     )
     tokens = tokens + 1e-4 * torch.randn(tokens.shape, generator=torch.Generator().manual_seed(9))
-    probs = routing_map.float() / topk
+    tokens = tokens.bfloat16()
+    probs = (routing_map.float() / topk).bfloat16()
     layer = build_moe_layer(
         moe_config(world_size, num_moe_experts=num_experts, moe_router_topk=topk, lsh_num_hashes=8,
                    lsh_scope=scope, lsh_ranks_per_node=ranks_per_node)

@@ -54,7 +54,8 @@ def test_spherical_hashing_accepts_odd_bucket_counts():
 
 # -- one home per setting: the flags, the evaluation CLI and old checkpoints follow the fields --
 
-from megatron_lsh.moe.config import flag_of, lsh_settings, settings_before_they_existed  # noqa: E402
+from megatron_lsh.moe.config import (  # noqa: E402
+    PAYLOAD_SETTINGS, added_settings, flag_of, settings_before_they_existed)
 from megatron_lsh.training.arguments import build_parser, lsh_config_kwargs, parse_args  # noqa: E402
 from megatron_lsh.training.config import in_flag_terms  # noqa: E402
 
@@ -63,7 +64,7 @@ TRAINING_FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-h
 
 
 def test_every_lsh_setting_is_a_flag_of_its_own_name_except_the_listed_ones():
-    flags = {f.name: flag_of(f) for f in lsh_settings()}
+    flags = {f.name: flag_of(f) for f in added_settings()}
     exceptions = {"lsh_enabled": "--lsh", "lsh_ranks_per_node": None}
     for name, flag in flags.items():
         assert flag == exceptions.get(name, "--" + name.replace("_", "-"))
@@ -74,7 +75,7 @@ def test_every_lsh_setting_is_a_flag_of_its_own_name_except_the_listed_ones():
 def test_flag_defaults_are_the_config_defaults_except_the_training_default_target():
     args = parse_args("test", TRAINING_FLAGS)
     kwargs = lsh_config_kwargs(args)
-    expected = {f.name: f.default for f in lsh_settings() if flag_of(f)}
+    expected = {f.name: f.default for f in added_settings() if flag_of(f)}
     expected["lsh_target_compression"] = 0.3
     assert kwargs == expected
 
@@ -97,6 +98,13 @@ def test_a_flag_reaches_its_config_field_with_off_as_none():
     (dict(moe_token_dispatcher_type="allgather"), "set --moe-token-dispatcher-type alltoall or --no-lsh"),
     (dict(num_moe_experts=6, expert_model_parallel_size=4), "--num-experts 6 is not divisible by "
                                                              "--expert-model-parallel-size 4"),
+    (dict(moe_dispatch_fwd_dtype="fp4"), "--moe-dispatch-fwd-dtype fp4: 'fp4' is not a payload format; "
+                                         "use one of 'bf16', 'mxfp8'"),
+    (dict(moe_combine_bwd_dtype="mxfp8", hidden_size=48, num_attention_heads=4),
+     "--moe-combine-bwd-dtype mxfp8: 'mxfp8' scales blocks of 32 elements, which do not divide the hidden size 48"),
+    (dict(moe_dispatch_fwd_dtype="mxfp8", moe_token_dispatcher_type="allgather", lsh_enabled=False),
+     "low-precision payloads are sent by the all-to-all dispatcher, but --moe-token-dispatcher-type "
+     "allgather; set --moe-token-dispatcher-type alltoall"),
 ])
 def test_config_errors_read_in_the_flags_the_user_typed(settings, flag_message):
     with pytest.raises(LSHConfigError) as error:
@@ -106,10 +114,12 @@ def test_config_errors_read_in_the_flags_the_user_typed(settings, flag_message):
 
 
 def test_a_run_saved_before_a_setting_existed_loads_with_what_it_ran_with():
+    bf16_payloads = {name: "bf16" for name in PAYLOAD_SETTINGS}
     assert settings_before_they_existed({"lsh_error_compensation": True}) == {
-        "lsh_compensation": "residual", "lsh_error_bound": None, "lsh_target_compression": None}
+        "lsh_compensation": "residual", "lsh_error_bound": None, "lsh_target_compression": None,
+        **bf16_payloads}
     assert settings_before_they_existed({"lsh_compensation": "none", "lsh_error_bound": 0.3,
-                                         "lsh_target_compression": 0.3}) == {}
+                                         "lsh_target_compression": 0.3, **bf16_payloads}) == {}
 
 
 def test_evaluation_overrides_only_the_lsh_settings_given_and_off_means_no_bound():

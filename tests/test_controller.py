@@ -15,18 +15,27 @@ from tests.distributed import run_distributed
 @dataclass
 class FakeLayer:
     """A layer whose rate falls as the threshold grows, and rises as training spreads its states
-    (the drift seen in the quickstart): rate = spread / (spread + threshold), clipped."""
+    (the drift seen in the quickstart): rate = spread / (spread + threshold), but never below
+    ``bound_rate``, the rate at which the error bound keeps every cluster from growing."""
 
     layer_name: str
     merge_threshold: float
     spread: float = 0.1
+    bound_rate: float = 0.0
     window_rows: int = 0
     window_centroids: int = 0
+    window_threshold_splits: int = 0
+    window_threshold_kept: int = 0
 
     def forward(self, rows=8192):
-        rate = min(1.0, self.spread / (self.spread + self.merge_threshold))
+        free_rate = min(1.0, self.spread / (self.spread + self.merge_threshold))
+        rate = max(free_rate, self.bound_rate)
         self.window_rows += rows
         self.window_centroids += max(1, round(rate * rows))
+        # The threshold splits clusters as long as it, not the bound, sets the rate; it keeps
+        # clusters whole as long as any row merges.
+        self.window_threshold_splits += int(free_rate > self.bound_rate)
+        self.window_threshold_kept += int(rate < 1.0)
         return rate
 
 
@@ -58,14 +67,29 @@ def test_noise_inside_the_dead_band_leaves_the_threshold_alone():
     assert layer.merge_threshold == 0.4
 
 
-def test_an_unreachable_target_leaves_the_threshold_at_its_limit_and_says_so(caplog):
-    from megatron_lsh.moe.controller import MAX_THRESHOLD
-
-    layer = FakeLayer("layer_2", 1.0, spread=1e9)  # the rate never falls
+def test_a_target_the_bound_forbids_stops_the_threshold_where_it_stops_acting_and_says_so(caplog):
+    layer = FakeLayer("layer_2", 1.0, spread=5.0, bound_rate=0.6)  # the bound holds the rate at 0.6
     controller = CompressionController([layer], target=0.2, bound=0.5)
-    drive(controller, [layer], 200)
-    assert layer.merge_threshold == MAX_THRESHOLD
-    assert "--lsh-error-bound 0.5" in caplog.text
+    rates = drive(controller, [layer], 300)
+    assert rates[0][0] > 0.8 and rates[-1] == [0.6]
+    # No windup: the threshold stopped rising once the bound, not the threshold, set the rate
+    # (within one step of the point where it did).
+    assert 0.6 * 0.8 < 5.0 / (5.0 + layer.merge_threshold) <= 0.6
+    assert caplog.text.count("layer_2: compression 0.600 cannot reach its target 0.2: every cluster is as "
+                             "coarse as --lsh-error-bound 0.5 allows") == 1
+    # So when the data let it, the layer reaches the target within a few dozen steps.
+    layer.bound_rate = 0.0
+    rates = drive(controller, [layer], 40)
+    assert abs(math.log(rates[-1][0] / 0.2)) <= DEAD_BAND + 0.02, rates
+
+
+def test_a_layer_that_merges_more_than_asked_reaches_the_target_from_below():
+    # Early in training every token looks alike: the first threshold merges far beyond the target.
+    layer = FakeLayer("layer_2", 1.0, spread=0.01)
+    controller = CompressionController([layer], target=0.3, bound=None)
+    rates = drive(controller, [layer], 60)
+    assert rates[0][0] < 0.02
+    assert abs(math.log(rates[-1][0] / 0.3)) <= DEAD_BAND + 0.02, rates
 
 
 def test_state_round_trips_by_layer_name_and_refuses_a_missing_layer():

@@ -111,11 +111,12 @@ def test_each_tensor_parallel_rank_clusters_its_own_sequence_shard(tensor_parall
 
 
 def test_statistics_count_the_gather_among_expert_tensor_parallel_peers(tensor_parallel_parity):
-    # Rows that cross the all-to-all, at 64 fp32 values each; expert tensor parallel 2 also sends
+    # Rows that cross the all-to-all, at 64 bf16 values each (as counted, whatever the run computes
+    # in); expert tensor parallel 2 also sends
     # every row received to the peer and gets the peer's outputs back: more bytes than that.
     for rank_results in tensor_parallel_parity:
         stats = rank_results[0]["stats"]
-        all_to_all_only = rank_results[0]["remote_rows"] * 64 * 4
+        all_to_all_only = rank_results[0]["remote_rows"] * 64 * 2
         if rank_results[0]["expert_tensor_parallel"] == 1:
             assert stats.combine_bytes == all_to_all_only
         else:
@@ -171,41 +172,59 @@ def test_round_trip_really_compressed(round_trips):
 def test_bytes_on_the_wire_fall_to_the_compression_rate(world_size):
     ranks = run_distributed(clustered_traffic, world_size, 8, 2, 6)
     for r in ranks:
-        stats, row_bytes = r["stats"], 64 * 4
+        # bf16 rows, and bf16 probs with megatron-core's rows (LSH keeps them home).
+        stats, row_bytes = r["stats"], 64 * 2
         # Clusters are exactly the (prototype, expert) pairs.
         assert stats.centroids == r["expected_centroids"]
         assert stats.dispatch_bytes == r["expected_remote_centroids"] * row_bytes
-        assert stats.dispatch_bytes_stock == r["expected_remote_rows"] * (row_bytes + 4)
+        assert stats.dispatch_bytes_stock == r["expected_remote_rows"] * (row_bytes + 2)
         assert stats.combine_bytes_stock == r["expected_remote_rows"] * row_bytes
+        assert stats.backward_bytes == stats.backward_bytes_stock == 0  # no gradients asked for
     # What the collectives really carried, both directions, summed over ranks.
     lsh_wire = sum(r["wire"]["lsh"] for r in ranks)
     stock_wire = sum(r["wire"]["stock"] for r in ranks)
-    assert lsh_wire == sum(r["stats"].dispatch_bytes + r["stats"].combine_bytes for r in ranks)
-    assert stock_wire == sum(
-        r["stats"].dispatch_bytes_stock + r["stats"].combine_bytes_stock for r in ranks
-    )
+    assert lsh_wire == sum(r["stats"].bytes_sent for r in ranks)
+    assert stock_wire == sum(r["stats"].bytes_stock for r in ranks)
     rate = sum(r["stats"].centroids for r in ranks) / sum(r["stats"].tokens for r in ranks)
     assert rate < 0.2
     assert abs(lsh_wire / stock_wire - rate) < 0.05
+
+
+def test_mxfp8_payloads_send_a_byte_an_element_and_a_scale_per_32():
+    """Both forward all-to-alls in mxfp8, for megatron-core's rows and for LSH's centroids: the
+    wire carries 64 + 2 bytes a row (and 2 for a stock row's prob), as the stats count it."""
+    ranks = run_distributed(clustered_traffic, 2, 8, 2, 6, "mxfp8")
+    for r in ranks:
+        stock, lsh = r["stock_stats"], r["stats"]
+        assert stock.dispatch_bytes == r["expected_remote_rows"] * (64 + 2 + 2)
+        assert stock.combine_bytes == r["expected_remote_rows"] * (64 + 2)
+        assert stock.dispatch_bytes_stock == r["expected_remote_rows"] * (128 + 2)
+        assert lsh.dispatch_bytes == lsh.combine_bytes == r["expected_remote_centroids"] * (64 + 2)
+        assert r["stock_round_trip_error"] < 2 ** -4  # e4m3's relative rounding, at most
+        assert r["stock_round_trip_error"] > 0  # and it did round
+    assert sum(r["wire"]["stock"] for r in ranks) == sum(r["stock_stats"].bytes_sent for r in ranks)
+    assert sum(r["wire"]["lsh"] for r in ranks) == sum(r["stats"].bytes_sent for r in ranks)
+    stock_ratio = sum(r["stock_stats"].bytes_sent for r in ranks) / sum(r["stock_stats"].bytes_stock for r in ranks)
+    assert abs(stock_ratio - (2 * 66 + 2) / (2 * 128 + 2)) < 1e-9
 
 
 def test_inter_node_scope_merges_only_rows_bound_for_other_nodes():
     """Two nodes of two ranks: rows for experts on the rank's own node travel exact, rows for
     the other node's experts merge into one centroid per (prototype, expert)."""
     ranks = run_distributed(scoped_traffic, 4, "inter-node", 2)
-    row_bytes = 64 * 4
+    row_bytes = 64 * 2  # bf16
     for r in ranks:
         stats = r["stats"]
         assert stats.tokens == r["off_node_rows"]  # the rate is a rate of the rows in scope
         assert stats.centroids == r["off_node_pairs"]
         assert stats.inter_node_bytes == r["off_node_pairs"] * 2 * row_bytes
-        assert stats.inter_node_bytes_stock == r["off_node_rows"] * (2 * row_bytes + 4)
+        assert stats.inter_node_bytes_stock == r["off_node_rows"] * (2 * row_bytes + 2)
         # Every row to the neighbour on the same node crossed as itself.
         same_node_remote_rows = r["rows_to_other_ranks"] - r["off_node_rows"]
         assert stats.dispatch_bytes == (same_node_remote_rows + r["off_node_pairs"]) * row_bytes
         assert r["same_node_round_trip_error"] < 1e-5
     # Combine bytes are counted where outputs return to: the totals are what the wire carried.
-    assert sum(r["wire"] for r in ranks) == sum(r["stats"].dispatch_bytes + r["stats"].combine_bytes for r in ranks)
+    assert sum(r["wire"] for r in ranks) == sum(r["stats"].bytes_sent for r in ranks)
     # Rank 0 routes to its own node only; the others send the other node many rows.
     assert all(r["off_node_pairs"] < r["off_node_rows"] / 4 for r in ranks[1:])
     assert ranks[0]["stats"].inter_node_bytes_stock == 0
@@ -213,7 +232,7 @@ def test_inter_node_scope_merges_only_rows_bound_for_other_nodes():
 
 def test_all_scope_counts_inter_node_bytes_and_merges_same_node_rows_too():
     ranks = run_distributed(scoped_traffic, 4, "all", 2)
-    row_bytes = 64 * 4
+    row_bytes = 64 * 2  # bf16
     for r in ranks:
         stats = r["stats"]
         assert stats.tokens == r["off_node_rows"] + r["same_node_rows"]

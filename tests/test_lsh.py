@@ -328,11 +328,9 @@ def test_a_larger_merge_threshold_keeps_clusters_coarser_within_the_bound(radius
     counts = [bounded_clusters(tokens, groups, radius, num_groups=1, threshold=t)[1].num_clusters
               for t in (1e-4, 1.0, 30.0, 1e6)]
     assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
-    # The smallest threshold splits every cluster to the last level: plain buckets of all hashes.
-    family = build_hash_family("cross_polytope", DIM, 6, 4, seed=11)
-    plain = cluster_tokens(tokens, family.bucket_ids(tokens), groups, 1, family.total_buckets)
-    if radius is None:
-        assert counts[0] == plain.num_clusters
+    # The smallest threshold acts beyond the last level: every row travels as itself, so a
+    # controller can reach any rate.
+    assert counts[0] == tokens.size(0)
     for threshold in (1.0, 1e6):
         _, clusters = bounded_clusters(tokens, groups, radius, num_groups=1, threshold=threshold)
         if radius is not None:
@@ -431,3 +429,22 @@ def test_gathering_the_checked_rows_and_masking_all_rows_decide_alike(threshold,
     assert torch.equal(decided[True].bucket_ids, decided[False].bucket_ids)
     assert int(decided[True].exact_rows) == int(decided[False].exact_rows)
     assert len(decided[True].bucket_ids.unique()) < 400  # clusters merge rows
+
+
+def test_the_threshold_counts_say_in_which_direction_it_still_acts():
+    tokens = torch.cat([centred_blobs(), gaussian(100, seed=9) * 2])
+    groups = torch.zeros(tokens.size(0), dtype=torch.long)
+    codes = build_hash_family("cross_polytope", DIM, 6, 4, seed=11).codes(tokens)
+
+    def counts(threshold, bound=None):
+        assignment = adaptive_bucket_ids(tokens, codes, groups, 4, threshold, bound)
+        return int(assignment.threshold_splits), int(assignment.threshold_kept), int(assignment.exact_rows)
+
+    splits, kept, _ = counts(1.0)
+    assert splits > 0 and kept > 0  # in its range it acts both ways
+    assert counts(1e9)[0] == 0  # nothing left to keep whole: raising it changes nothing
+    assert counts(1e-12)[1] == 0  # nothing kept whole: lowering it changes nothing
+    assert counts(1e-12)[2] > 0  # rows of last-level clusters sent as themselves
+    # With a tight bound, the bound splits what a large threshold would keep: nothing left for it.
+    assert counts(1e9, bound=1e-6)[0] == 0
+    assert counts(None, 0.3) == (0, 0, counts(None, 0.3)[2])  # no threshold, no counts

@@ -49,7 +49,8 @@ def test_a_samples_loss_mask_does_not_depend_on_the_sample_read_before_it():
             assert torch.equal(dataset[i]["loss_mask"], mask), (first, i)
 
 
-LSH = {"--lsh": True, "--lsh-num-hashes": "4"}
+# With Megatron-LM's two 8-bit directions: payload formats resume exactly too.
+LSH = {"--lsh": True, "--lsh-num-hashes": "4", "--moe-dispatch-fwd-dtype": "mxfp8", "--moe-combine-bwd-dtype": "mxfp8"}
 
 
 @pytest.fixture(scope="module")

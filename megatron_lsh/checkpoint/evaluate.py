@@ -23,7 +23,7 @@ from megatron_lsh.checkpoint.loading import load_for_inference, saved_run, task_
 from megatron_lsh.data.gpt_data import DataError, data_iterator
 from megatron_lsh.data.preprocess import preprocess_jsonl
 from megatron_lsh.moe import CompressionStats, get_compression_tracker
-from megatron_lsh.moe.config import lsh_settings
+from megatron_lsh.moe.config import added_settings
 from megatron_lsh.training.arguments import ArgumentError, add_setting_flag
 from megatron_lsh.training.t5_task import T5_TASK
 from megatron_lsh.training.task import perplexity, summed_token_loss
@@ -81,12 +81,15 @@ def parse_args(argv=None):
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--max-samples", type=int, default=None, help="Stop after this many samples.")
     parser.add_argument("--lsh", action="store_true", help="Evaluate with the run's LSH dispatch.")
-    overridable = [f for f in lsh_settings() if f.metadata["evaluation_override"]]
+    overridable = [f for f in added_settings() if f.metadata["evaluation_override"]]
     for config_field in overridable:
         # No default at all (SUPPRESS): a flag left out leaves no attribute, 'off' leaves None.
-        add_setting_flag(parser, config_field, default=argparse.SUPPRESS, help_suffix=(
-            " With --lsh: instead of the run's" + (" (and no controller)." if config_field.name == "lsh_error_bound"
-                                                   else ".")))
+        if not config_field.name.startswith("lsh_"):  # payload formats act with or without LSH
+            suffix = " Instead of the run's."
+        else:
+            suffix = " With --lsh: instead of the run's" + (
+                " (and no controller)." if config_field.name == "lsh_error_bound" else ".")
+        add_setting_flag(parser, config_field, default=argparse.SUPPRESS, help_suffix=suffix)
     args = parser.parse_args(argv)
     return args, {f.name: getattr(args, f.name) for f in overridable if hasattr(args, f.name)}
 

@@ -2,6 +2,7 @@
 
 from megatron_lsh.lsh.clustering import (
     BoundedAssignment,
+    ClusterCounts,
     GroupedClusters,
     adaptive_bucket_ids,
     cluster_tokens,
@@ -21,6 +22,7 @@ from megatron_lsh.lsh.hashing import (
 
 __all__ = [
     "BoundedAssignment",
+    "ClusterCounts",
     "adaptive_bucket_ids",
     "fit_expert_gains",
     "hash_and_cluster",

@@ -121,13 +121,20 @@ class BoundedAssignment:
 
     bucket_ids:    [N] int64 ids in [0, total_buckets): tokens with equal ids (and group) merge.
     total_buckets: the id space, for ``cluster_tokens``.
-    exact_rows:    [] int64 tensor (on the tokens' device): tokens sent as themselves because no
-                   cluster kept them within the bound.
+    exact_rows:    [] int64 tensor (on the tokens' device): tokens sent as themselves, because no
+                   cluster kept them within the bound or the threshold.
+    threshold_splits: [] int64: clusters the merge threshold split (or, at the last level, sent
+                   as rows of their own) that the bound alone could have kept: a larger threshold
+                   would merge more.
+    threshold_kept: [] int64: clusters of distinct members the threshold let through: a smaller
+                   threshold would merge less. Both 0 without a threshold.
     """
 
     bucket_ids: torch.Tensor
     total_buckets: int
     exact_rows: torch.Tensor
+    threshold_splits: torch.Tensor
+    threshold_kept: torch.Tensor
 
 
 # Where the rows a level checks against the bound are gathered first (their count read on the
@@ -184,6 +191,7 @@ def adaptive_bucket_ids(
     num_buckets: int,
     merge_threshold: Optional[float] = None,
     error_bound: Optional[float] = None,
+    uncounted_groups: Optional[torch.Tensor] = None,
 ) -> BoundedAssignment:
     """Coarse-to-fine buckets: each cluster as coarse as its error allows.
 
@@ -193,9 +201,11 @@ def adaptive_bucket_ids(
         most ``merge_threshold`` (the knob the compression controller turns: splitting the
         clusters that lose the most first spends centroids where they buy the most), and
       * with ``error_bound``, every member keeps ||x - c|| <= error_bound * ||x||.
-    Other clusters go on to the next level. At the last level the threshold no longer splits;
-    members beyond the bound travel as themselves and the rest of their cluster is checked once
-    more against its new centroid (what still breaks it travels as itself too).
+    Other clusters go on to the next level. A cluster of the last level beyond the threshold
+    sends its members as themselves: the threshold acts down to every row exact, so a controller
+    can always reach its target from below. Members of a last-level cluster beyond the bound
+    travel as themselves and the rest of their cluster is checked once more against its new
+    centroid (what still breaks it travels as itself too).
 
     Cost: the finest buckets' sums are taken once over the tokens; each coarser level adds up
     those sums (a bucket is a union of finest buckets). A cluster's spread, sum ||x - c||^2 =
@@ -209,6 +219,7 @@ def adaptive_bucket_ids(
 
     Args:
         tokens: [N, hidden]; codes: [N, L] codes in [0, num_buckets); group_ids: [N] experts.
+        uncounted_groups: [num_groups] bool, groups left out of the threshold's counts.
     """
     num_tokens, num_hashes = codes.shape
     device = codes.device
@@ -233,6 +244,9 @@ def adaptive_bucket_ids(
     representative = torch.full((slots,), num_tokens - 1, dtype=torch.long, device=device).scatter_reduce_(
         0, fine_of_token, torch.arange(num_tokens, device=device), reduce="amin")
     fine_prefixes, fine_groups = prefixes.index_select(0, representative), groups.index_select(0, representative)
+    counted = torch.ones(slots, dtype=torch.bool, device=device)
+    threshold_splits = threshold_kept = torch.zeros((), dtype=torch.long, device=device)
+    dissolved = torch.zeros(slots, dtype=torch.bool, device=device)  # finest clusters sent as rows
 
     undecided = fine_counts > 0  # finest clusters not yet taken (empty slots never are)
     for level in range(num_hashes):
@@ -248,11 +262,21 @@ def adaptive_bucket_ids(
         squares = _per_slot(fine_squares, into, slots + 1)[:slots]
         spread = (squares - counts * centroids.square().sum(dim=1)).clamp(min=0)
         candidate = torch.ones(slots, dtype=torch.bool, device=device)
-        if merge_threshold is not None and not last_level:
-            candidate &= counts * spread <= merge_threshold * squares.clamp(min=1e-30)
         if error_bound is not None:
             # Slack for cancellation in the spread: a candidate let through wrongly is checked below.
             candidate &= spread <= _per_slot(fine_limits, into, slots + 1)[:slots] * (1 + 1e-3) + 1e-6 * squares
+        if merge_threshold is not None:
+            within = counts * spread <= merge_threshold * squares.clamp(min=1e-30)
+            if uncounted_groups is not None:
+                counted = _per_slot(
+                    (~uncounted_groups.index_select(0, fine_groups)).long(), into, slots + 1)[:slots] > 0
+            several = counted & (counts > 1)
+            threshold_splits = threshold_splits + (several & candidate & ~within).sum()
+            threshold_kept = threshold_kept + (several & within & (spread > 0)).sum()
+            if last_level:
+                dissolved = undecided & ~within.index_select(0, coarse_of_fine)
+            candidate &= within
+        if error_bound is not None:
             # Each token of a candidate cluster, checked against its centroid.
             coarse_of_token = coarse_of_fine.index_select(0, fine_of_token)
             checked = undecided.index_select(0, fine_of_token) & candidate.index_select(0, coarse_of_token)
@@ -270,22 +294,23 @@ def adaptive_bucket_ids(
         bucket_ids = torch.where(taken.index_select(0, fine_of_token),
                                  level * level_buckets + prefixes[:, level], bucket_ids)
         undecided &= ~taken
-    if error_bound is None:  # the last level takes every cluster left
-        return BoundedAssignment(bucket_ids, total_buckets, torch.zeros((), dtype=torch.long, device=device))
-
-    # Only the bound leaves clusters undecided after the last level: their members beyond it
-    # travel exact, the rest is averaged again, and a rest that still breaks it travels exact.
-    left = undecided.index_select(0, fine_of_token)
-    outliers = _members_beyond_bound(values, limits_sq, fine_of_token, left, slots)
-    rest = left & ~outliers
-    rest_broken = _members_beyond_bound(values, limits_sq, fine_of_token, rest, slots)
-    broken = torch.zeros(slots, dtype=torch.bool, device=device).index_put_(
-        (fine_of_token,), rest_broken, accumulate=True)
-    exact = outliers | (rest & broken.index_select(0, fine_of_token))
-    last = (num_hashes - 1) * level_buckets + prefixes[:, -1]
-    bucket_ids = torch.where(left, last, bucket_ids)
+    exact = dissolved.index_select(0, fine_of_token)
+    if error_bound is None:  # the last level took every cluster left within the threshold
+        bucket_ids = torch.where(undecided.index_select(0, fine_of_token) & ~exact,
+                                 (num_hashes - 1) * level_buckets + prefixes[:, -1], bucket_ids)
+    else:
+        # The bound leaves clusters undecided after the last level: their members beyond it travel
+        # exact, the rest is averaged again, and a rest that still breaks it travels exact.
+        left = undecided.index_select(0, fine_of_token) & ~exact
+        outliers = _members_beyond_bound(values, limits_sq, fine_of_token, left, slots)
+        rest = left & ~outliers
+        rest_broken = _members_beyond_bound(values, limits_sq, fine_of_token, rest, slots)
+        broken = torch.zeros(slots, dtype=torch.bool, device=device).index_put_(
+            (fine_of_token,), rest_broken, accumulate=True)
+        exact = exact | outliers | (rest & broken.index_select(0, fine_of_token))
+        bucket_ids = torch.where(left, (num_hashes - 1) * level_buckets + prefixes[:, -1], bucket_ids)
     bucket_ids = torch.where(exact, num_hashes * level_buckets + torch.arange(num_tokens, device=device), bucket_ids)
-    return BoundedAssignment(bucket_ids, total_buckets, exact.sum())
+    return BoundedAssignment(bucket_ids, total_buckets, exact.sum(), threshold_splits, threshold_kept)
 
 
 @torch.no_grad()
@@ -294,6 +319,18 @@ def relative_errors(tokens: torch.Tensor, clusters: GroupedClusters) -> torch.Te
     values = tokens.detach().float()
     centroids = clusters.centroids.detach().float().index_select(0, clusters.token_to_cluster)
     return (values - centroids).norm(dim=1) / values.norm(dim=1).clamp(min=1e-30)
+
+
+@dataclass
+class ClusterCounts:
+    """What a clustering decided, in counts ([] int64 tensors on the tokens' device, no host wait)."""
+
+    exact_rows: torch.Tensor
+    """Rows sent as themselves by the bound or the threshold (not those of ``exact_groups``)."""
+    threshold_splits: torch.Tensor
+    """See BoundedAssignment: clusters a larger merge threshold would keep whole."""
+    threshold_kept: torch.Tensor
+    """Clusters a smaller merge threshold would split."""
 
 
 def hash_and_cluster(tokens: torch.Tensor, family, group_ids: torch.Tensor, num_groups: int,
@@ -306,24 +343,26 @@ def hash_and_cluster(tokens: torch.Tensor, family, group_ids: torch.Tensor, num_
     (in the dispatcher, experts whose rows do not cross a slow link). They are hashed with the
     rest, so that no size depends on the data, and their buckets ignored.
 
-    Returns (GroupedClusters, [N] relative errors ||x - c|| / ||x|| (no gradient), [] int64
-    tensor: rows sent as themselves because of the bound). The host waits for the count of
-    clusters (``cluster_tokens``) and, on the coarse-to-fine path, for the count of finest ones.
+    Returns (GroupedClusters, [N] relative errors ||x - c|| / ||x|| (no gradient), ClusterCounts).
+    The host waits for the count of clusters (``cluster_tokens``) and, on the coarse-to-fine
+    path, for the count of finest ones.
     """
+    zero = torch.zeros((), dtype=torch.long, device=tokens.device)
     if merge_threshold is None and error_bound is None:
         bucket_ids, total_buckets = family.bucket_ids(tokens), family.total_buckets
-        exact = torch.zeros((), dtype=torch.long, device=tokens.device)
+        counts = ClusterCounts(zero, zero, zero)
     else:
         assignment = adaptive_bucket_ids(tokens, family.codes(tokens), group_ids, family.num_buckets,
-                                         merge_threshold, error_bound)
-        bucket_ids, total_buckets, exact = assignment.bucket_ids, assignment.total_buckets, assignment.exact_rows
+                                         merge_threshold, error_bound, exact_groups)
+        bucket_ids, total_buckets = assignment.bucket_ids, assignment.total_buckets
+        counts = ClusterCounts(assignment.exact_rows, assignment.threshold_splits, assignment.threshold_kept)
     if exact_groups is not None:
         # Unhashed rows get ids of their own, past every bucket id the hashed rows can have.
         unhashed = exact_groups.index_select(0, group_ids.long())
         own_ids = total_buckets + torch.arange(tokens.size(0), dtype=torch.int64, device=tokens.device)
+        if merge_threshold is not None or error_bound is not None:  # rows sent exact, among the hashed ones
+            counts.exact_rows = ((bucket_ids >= total_buckets - tokens.size(0)) & ~unhashed).sum()
         bucket_ids = torch.where(unhashed, own_ids, bucket_ids.long())
         total_buckets += tokens.size(0)
-        if error_bound is not None:  # rows the bound sent exact, among the hashed ones
-            exact = ((bucket_ids >= assignment.total_buckets - tokens.size(0)) & ~unhashed).sum()
     clusters = cluster_tokens(tokens, bucket_ids, group_ids, num_groups, total_buckets)
-    return clusters, relative_errors(tokens, clusters), exact
+    return clusters, relative_errors(tokens, clusters), counts

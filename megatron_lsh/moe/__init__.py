@@ -1,7 +1,7 @@
 """LSH-compressed expert-parallel dispatch for megatron-core MoE layers."""
 
 from megatron_lsh.moe.config import LSH_DISPATCHER_TYPES, LSHConfigError, LSHTransformerConfig
-from megatron_lsh.moe.dispatcher import LSHAlltoAllTokenDispatcher
+from megatron_lsh.moe.dispatcher import LSHAlltoAllTokenDispatcher, PayloadAlltoAllTokenDispatcher
 from megatron_lsh.moe.layer import (
     LSHMoELayer,
     get_gpt_lsh_layer_local_spec,
@@ -26,6 +26,7 @@ __all__ = [
     "LSHConfigError",
     "LSHMoELayer",
     "LSHTransformerConfig",
+    "PayloadAlltoAllTokenDispatcher",
     "get_compression_tracker",
     "get_gpt_lsh_layer_local_spec",
     "get_lsh_moe_module_spec",

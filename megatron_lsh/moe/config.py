@@ -2,7 +2,7 @@
 
 Each setting is one field here, documented once: the training flags, the evaluation CLI's
 overrides, the dispatcher's check and what checkpoints of older runs lack are all derived from
-these fields (``lsh_settings``). Adding a setting is a field and its check.
+these fields (``added_settings``). Adding a setting is a field and its check.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import re
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_lsh.lsh.hashing import HASH_TYPES, MAX_TOTAL_BUCKETS
+from megatron_lsh.moe.payload import PAYLOAD_FORMATS, PayloadFormatError, check_payload_format
 from megatron_lsh.moe.topology import LSH_SCOPES
 
 
@@ -121,6 +122,27 @@ class LSHTransformerConfig(TransformerConfig):
         None, "Processes per node, which tells the dispatcher which peers share its node (scope and "
         "per-link statistics). None: torchrun's LOCAL_WORLD_SIZE.", value_type=int, flag=None)
 
+    moe_dispatch_fwd_dtype: str = setting(
+        "bf16", "Payload format of the dispatch all-to-all's forward (token rows to their experts): "
+        "'bf16' as computed (counted at 2 bytes an element); 'mxfp8' e4m3 elements with one "
+        "power-of-two scale per 32 (1.03 bytes an element). Megatron-LM's name.",
+        choices=PAYLOAD_FORMATS, evaluation_override=True, before_it_existed="bf16")
+
+    moe_dispatch_bwd_dtype: str = setting(
+        "bf16", "Payload format of the dispatch all-to-all's backward (the rows' gradients back to "
+        "their tokens): 'bf16' or 'mxfp8'.",
+        choices=PAYLOAD_FORMATS, before_it_existed="bf16")
+
+    moe_combine_fwd_dtype: str = setting(
+        "bf16", "Payload format of the combine all-to-all's forward (expert outputs back to their "
+        "tokens): 'bf16' or 'mxfp8'.",
+        choices=PAYLOAD_FORMATS, evaluation_override=True, before_it_existed="bf16")
+
+    moe_combine_bwd_dtype: str = setting(
+        "bf16", "Payload format of the combine all-to-all's backward (the outputs' gradients to the "
+        "experts): 'bf16' or 'mxfp8'. Megatron-LM's name.",
+        choices=PAYLOAD_FORMATS, before_it_existed="bf16")
+
     lsh_seed: int = setting(1234, "Seed of the hash projections; every rank derives the same projections from it.")
 
     lsh_redraw_interval: int = setting(0, "Draw new projections every this many training iterations (0: never).")
@@ -196,6 +218,7 @@ class LSHTransformerConfig(TransformerConfig):
                 f"lsh_gradient_study={self.lsh_gradient_study!r} is not supported; use one of "
                 f"{', '.join(repr(s) for s in GRADIENT_STUDIES)} or None"
             )
+        self._check_payload_formats()
         if not self.lsh_enabled:
             if self.lsh_gradient_study is not None:
                 raise LSHConfigError(
@@ -228,10 +251,40 @@ class LSHTransformerConfig(TransformerConfig):
                 "unset one of them"
             )
 
+    def payload_formats(self) -> Dict[str, str]:
+        """The all-to-alls' payload formats by direction."""
+        return {name: getattr(self, name) for name in PAYLOAD_SETTINGS}
 
-def lsh_settings() -> List[Field]:
-    """The LSH settings of LSHTransformerConfig, in declaration order."""
-    return [f for f in fields(LSHTransformerConfig) if f.name.startswith("lsh_")]
+    def sends_low_precision(self) -> bool:
+        return any(f != "bf16" for f in self.payload_formats().values())
+
+    def _check_payload_formats(self) -> None:
+        for name, payload_format in self.payload_formats().items():
+            try:
+                check_payload_format(payload_format, self.hidden_size)
+            except PayloadFormatError as error:
+                raise LSHConfigError(f"{name}={payload_format!r}: {error}") from None
+        if self.sends_low_precision():
+            if self.num_moe_experts is None:
+                raise LSHConfigError(
+                    "moe_dispatch_fwd_dtype and the other payload formats are formats of the MoE "
+                    "all-to-alls; a model without experts has none: leave them 'bf16'")
+            if self.moe_token_dispatcher_type not in LSH_DISPATCHER_TYPES:
+                raise LSHConfigError(
+                    f"low-precision payloads are sent by the all-to-all dispatcher, but "
+                    f"moe_token_dispatcher_type={self.moe_token_dispatcher_type!r}; set "
+                    "moe_token_dispatcher_type='alltoall' or leave the payload formats 'bf16'")
+
+
+# The payload format of each all-to-all and direction (dispatch: tokens to experts).
+PAYLOAD_SETTINGS = ("moe_dispatch_fwd_dtype", "moe_dispatch_bwd_dtype", "moe_combine_fwd_dtype",
+                    "moe_combine_bwd_dtype")
+
+
+def added_settings() -> List[Field]:
+    """The settings LSHTransformerConfig adds to TransformerConfig (LSH and payload formats), in
+    declaration order."""
+    return [f for f in fields(LSHTransformerConfig) if "doc" in f.metadata]
 
 
 def flag_named_after(setting_name: str) -> str:
@@ -248,7 +301,7 @@ def flag_of(config_field: Field) -> Optional[str]:
 def settings_before_they_existed(saved: Dict[str, Any]) -> Dict[str, Any]:
     """What a run saved (as a dict of its arguments) before some settings existed ran with."""
     older = {}
-    for config_field in lsh_settings():
+    for config_field in added_settings():
         value = config_field.metadata["before_it_existed"]
         if config_field.name not in saved and value is not MISSING:
             older[config_field.name] = value(saved) if callable(value) else value

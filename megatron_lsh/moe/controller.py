@@ -9,6 +9,13 @@ centroids over all ranks and moves the layer's log-threshold against the log of 
 error, damped and with a dead band, so noise from batch to batch leaves it alone and every rank
 takes the same decision from the same integers. lsh_error_bound holds whatever the threshold:
 when the target would need more error than the bound allows, the rate stays above the target.
+
+No windup: the threshold moves only in a direction in which it still acts. The dispatchers count
+the clusters the threshold split that the bound would have kept, and the clusters of distinct
+members it kept whole; with none of the first, raising it changes nothing (every cluster is as
+coarse as the bound or the first hash allows), with none of the second, lowering it changes
+nothing. So it never drifts beyond the point of effect while a layer cannot follow, and answers
+at once when the data change. Each such layer is named once in the log.
 """
 
 from __future__ import annotations
@@ -32,16 +39,25 @@ DEAD_BAND = 0.03
 # (the rate changes more slowly than the threshold: a cluster's error grows with its size).
 GAIN = 0.5
 MAX_STEP = 0.2
-# The threshold stays in [MIN_THRESHOLD, MAX_THRESHOLD]: below, every cluster splits to the
-# last level; above, every cluster stays at the first.
+# The threshold stays in [MIN_THRESHOLD, MAX_THRESHOLD]: below, nearly every row travels as
+# itself; above, every cluster stays at the first level (a guard: the counts stop it sooner).
 MIN_THRESHOLD = 1e-4
 MAX_THRESHOLD = 1e4
 
 
+# A dispatcher's counts since the controller last looked, in the order update() reads them.
+_WINDOWS = ("window_rows", "window_centroids", "window_threshold_splits", "window_threshold_kept")
+
+
+def _window(dispatcher) -> tuple:
+    return tuple(getattr(dispatcher, window) for window in _WINDOWS)
+
+
 class CompressionController:
     def __init__(self, dispatchers, target: float, bound: Optional[float], layer_names=None):
-        """dispatchers: this rank's LSH dispatchers (anything with layer_name, merge_threshold,
-        window_rows and window_centroids) whose rates to hold at target. layer_names: every
+        """dispatchers: this rank's LSH dispatchers (anything with layer_name, merge_threshold and
+        the window counts window_rows, window_centroids, window_threshold_splits and
+        window_threshold_kept) whose rates to hold at target. layer_names: every
         layer of the model, this rank's and other pipeline stages' (default: this rank's).
         bound: the error bound in force, named when it keeps the rate above the target.
 
@@ -74,31 +90,38 @@ class CompressionController:
         # Windows are numbers or device tensors (a dispatch does not wait for the host to count).
         device = compute_device()
         counts = torch.stack([
-            torch.stack([torch.as_tensor(count, dtype=torch.float64, device=device) for count in
-                         ((local[n].window_rows, local[n].window_centroids) if n in local else (0, 0))])
+            torch.stack([torch.as_tensor(count, dtype=torch.float64, device=device)
+                         for count in (_window(local[n]) if n in local else (0, 0, 0, 0))])
             for n in names
-        ]) if names else torch.zeros(0, 2, dtype=torch.float64, device=device)
+        ]) if names else torch.zeros(0, len(_WINDOWS), dtype=torch.float64, device=device)
         for dispatcher in self.dispatchers:
-            dispatcher.window_rows = dispatcher.window_centroids = 0
+            for window in _WINDOWS:
+                setattr(dispatcher, window, 0)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts, group=group)
-        for name, (rows, centroids) in zip(names, counts.tolist()):
+        for name, (rows, centroids, splits, kept) in zip(names, counts.tolist()):
             if rows == 0 or centroids == 0:
                 continue
-            error = math.log(centroids / rows) - math.log(self.target)
+            rate = centroids / rows
+            error = math.log(rate) - math.log(self.target)
             if abs(error) <= DEAD_BAND:
+                continue
+            if error > 0 and splits == 0:
+                self._cannot_reach(name, local, rate, "every cluster is as coarse as " + (
+                    f"--lsh-error-bound {self.bound} allows" if self.bound is not None else "the first hash allows"))
+                continue
+            if error < 0 and kept == 0:
+                self._cannot_reach(name, local, rate, "its merged rows are identical, which no threshold splits")
                 continue
             step = max(-MAX_STEP, min(MAX_STEP, GAIN * error))
             threshold = math.exp(math.log(self._thresholds[name]) + step)
             self._thresholds[name] = min(MAX_THRESHOLD, max(MIN_THRESHOLD, threshold))
-            if threshold > MAX_THRESHOLD and name in local and name not in self._warned_at_limit:
-                self._warned_at_limit.add(name)
-                logger.warning(
-                    f"{name}: compression {centroids / rows:.3f} stays above the target "
-                    f"{self.target} with every cluster as coarse as "
-                    + (f"--lsh-error-bound {self.bound} allows" if self.bound is not None else "the first hash allows")
-                )
         self._apply()
+
+    def _cannot_reach(self, name: str, local, rate: float, why: str) -> None:
+        if name in local and name not in self._warned_at_limit:
+            self._warned_at_limit.add(name)
+            logger.warning(f"{name}: compression {rate:.3f} cannot reach its target {self.target}: {why}")
 
     def _apply(self) -> None:
         for dispatcher in self.dispatchers:

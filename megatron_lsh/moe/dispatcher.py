@@ -33,7 +33,8 @@ from megatron_lsh.lsh import (
     hash_and_cluster,
 )
 from megatron_lsh.lsh.hashing import LSHFamily, derive_seed
-from megatron_lsh.moe.config import LSHConfigError, lsh_settings
+from megatron_lsh.moe.config import LSHConfigError, added_settings
+from megatron_lsh.moe.payload import BF16_BYTES, payload_all_to_all, row_bytes
 from megatron_lsh.moe.stats import CompressionStats, get_compression_tracker
 from megatron_lsh.moe.topology import nodes_of_group, ranks_per_node
 
@@ -48,13 +49,16 @@ def initial_merge_threshold(config) -> Optional[float]:
     return INITIAL_MERGE_THRESHOLD if config.lsh_target_compression is not None else None
 
 
-class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
-    """All-to-all token dispatcher whose both all-to-alls carry LSH centroids.
+class PayloadAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
+    """megatron-core's all-to-all dispatcher, its all-to-alls sending rows in the payload formats
+    of the config (``moe_dispatch_fwd_dtype`` and the others) and counting what they send.
 
-    Same constructor as MoEAlltoAllTokenDispatcher; the LSH settings come from the config
-    (an LSHTransformerConfig). Statistics of every dispatch go to ``last_stats`` and to the
-    process-wide tracker (``megatron_lsh.moe.get_compression_tracker()``).
+    The counts of every dispatch go to ``last_stats`` and to the process-wide tracker
+    (``megatron_lsh.moe.get_compression_tracker()``), in bytes a bf16 run would send.
     """
+
+    # Routing probabilities travel with the rows, as in megatron-core (LSH keeps them home).
+    sends_probs = True
 
     def __init__(
         self,
@@ -63,41 +67,20 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         config: TransformerConfig,
         pg_collection: Optional[ProcessGroupCollection] = None,
     ) -> None:
-        missing = [f.name for f in lsh_settings() if not hasattr(config, f.name)]
+        missing = [f.name for f in added_settings() if not hasattr(config, f.name)]
         if missing:
             raise LSHConfigError(
-                f"LSHAlltoAllTokenDispatcher needs an LSHTransformerConfig; the config lacks "
-                f"{', '.join(missing)}"
+                f"{type(self).__name__} needs an LSHTransformerConfig; the config lacks {', '.join(missing)}"
             )
         super().__init__(num_local_experts, local_expert_indices, config, pg_collection)
         self.ep_rank = utils.get_pg_rank(self.ep_group)
         # Which peers share this rank's node: rows to the others cross the slow links.
         nodes = nodes_of_group(self.ep_group, ranks_per_node(getattr(config, "lsh_ranks_per_node", None)))
         self._off_node_ranks = torch.tensor([node != nodes[self.ep_rank] for node in nodes])
-        # With lsh_scope 'inter-node', the experts whose rows travel exact: those on this node.
-        self._exact_experts: Optional[torch.Tensor] = None
-        if config.lsh_scope == "inter-node":
-            self._exact_experts = ~self._off_node_ranks.repeat_interleave(self.num_local_experts)
         self.layer_number: Optional[int] = None
         self.layer_name = "moe"
-        self.iteration = 0
         self._last_stats: Optional[torch.Tensor] = None
-        self._hash_family: Optional[LSHFamily] = None
-        self._hash_family_key = None
-        # State of one forward pass, between dispatch_preprocess and combine_postprocess.
-        self._clusters: Optional[GroupedClusters] = None
-        self._token_rows: Optional[torch.Tensor] = None
-        self._token_row_probs: Optional[torch.Tensor] = None
         self._token_rows_per_expert: Optional[torch.Tensor] = None
-        self._expert_inputs: Optional[torch.Tensor] = None
-        self._expert_gains: Optional[torch.Tensor] = None
-        # The merge threshold in force (None: no controller), which the compression controller
-        # steers towards the target rate.
-        self.merge_threshold: Optional[float] = initial_merge_threshold(config)
-        # Rows and centroids of training forwards since the controller last looked.
-        self.training = True
-        self.window_rows = 0
-        self.window_centroids = 0
 
     @property
     def last_stats(self) -> Optional[CompressionStats]:
@@ -105,9 +88,150 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         return None if self._last_stats is None else CompressionStats.from_vector(self._last_stats)
 
     def set_layer_number(self, layer_number: int, layer_name: Optional[str] = None) -> None:
-        """Each layer hashes with its own projections and records stats under its own name."""
+        """Each layer records stats under its own name (and, with LSH, hashes with its own
+        projections)."""
         self.layer_number = layer_number
         self.layer_name = layer_name or f"layer_{layer_number}"
+
+    def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
+        self._token_rows_per_expert = routing_map.sum(dim=0)
+        return super().dispatch_preprocess(hidden_states, routing_map, probs)
+
+    def token_dispatch(self, rows, probs):
+        """Send rows to their experts' ranks in the dispatch formats; probs as megatron-core does."""
+        self.tokens_per_expert = self._maybe_dtoh_and_synchronize("before_ep_alltoall", self.tokens_per_expert)
+        global_rows = payload_all_to_all(
+            self.ep_group, rows, self.output_splits, self.input_splits,
+            self.config.moe_dispatch_fwd_dtype, self.config.moe_dispatch_bwd_dtype,
+        )
+        return global_rows, self._dispatch_probs(probs, global_rows.size(0))
+
+    def _dispatch_probs(self, probs, num_global_rows: int):
+        return all_to_all(self.ep_group, probs, self.output_splits, self.input_splits)
+
+    def dispatch_postprocess(self, global_rows, global_probs):
+        self._record_stats(global_rows.size(-1), backward=global_rows.requires_grad)
+        return super().dispatch_postprocess(global_rows, global_probs)
+
+    def token_combine(self, hidden_states, *args, **kwargs):
+        """Return the experts' outputs to their tokens' ranks in the combine formats."""
+        return payload_all_to_all(
+            self.ep_group, hidden_states, self.input_splits, self.output_splits,
+            self.config.moe_combine_fwd_dtype, self.config.moe_combine_bwd_dtype,
+        )
+
+    def _sent_rows_per_expert(self) -> torch.Tensor:
+        """Rows this rank sends each expert (all of them, here: every token row)."""
+        return self._token_rows_per_expert
+
+    def _rows_per_tp_peer(self):
+        """Rows each expert-tensor-parallel peer holds for this rank's experts: as sent, and as
+        megatron-core's dispatch would have them."""
+        sent = torch.tensor([int(r) for r in self.output_splits_tp], dtype=torch.float64)  # host list
+        return sent, sent
+
+    def _compression_counts(self) -> dict:
+        """What the compression rate and error are counts of (nothing without LSH)."""
+        return {}
+
+    def _record_stats(self, row_width: int, backward: bool) -> None:
+        """What this rank sends over expert parallel (the all-to-alls) and, with expert tensor
+        parallelism, over its peers (the gather before the experts, the reduce-scatter after),
+        in the forward and, when ``backward`` (gradients will flow), in the backward.
+
+        Bytes as a bf16 run sends them, whatever this run computes in: rows in their payload
+        format (bf16: 2 bytes an element; scales included), probabilities 2 bytes each, against
+        megatron-core's dispatch with bf16 payloads. Counted on the device: a dispatch never
+        waits for the host for its statistics."""
+        formats = self.config.payload_formats()
+        bytes_of = {name: row_bytes(payload_format, row_width) for name, payload_format in formats.items()}
+        stock_row = row_bytes("bf16", row_width)
+        prob = BF16_BYTES if self.sends_probs else 0
+        dispatch_row = bytes_of["moe_dispatch_fwd_dtype"] + prob
+        combine_row = bytes_of["moe_combine_fwd_dtype"]
+        backward_row = bytes_of["moe_combine_bwd_dtype"] + bytes_of["moe_dispatch_bwd_dtype"] + prob
+        stock_dispatch_row, stock_backward_row = stock_row + BF16_BYTES, 2 * stock_row + BF16_BYTES
+        if not backward:
+            backward_row = stock_backward_row = 0
+        counts = self._compression_counts()
+        if self.ep_size > 1:
+            token_rows_per_rank = self._token_rows_per_expert.view(self.ep_size, self.num_local_experts).sum(dim=1)
+            sent_rows_per_rank = self._sent_rows_per_expert().view(self.ep_size, self.num_local_experts).sum(dim=1)
+            if self._off_node_ranks.device != token_rows_per_rank.device:
+                self._off_node_ranks = self._off_node_ranks.to(token_rows_per_rank.device)  # once
+            off_node = self._off_node_ranks
+            remote_token_rows = token_rows_per_rank.sum() - token_rows_per_rank[self.ep_rank]
+            remote_sent_rows = sent_rows_per_rank.sum() - sent_rows_per_rank[self.ep_rank]
+            counts.update(
+                dispatch_bytes=remote_sent_rows * dispatch_row,
+                dispatch_bytes_stock=remote_token_rows * stock_dispatch_row,
+                combine_bytes=remote_sent_rows * combine_row,
+                combine_bytes_stock=remote_token_rows * stock_row,
+                backward_bytes=remote_sent_rows * backward_row,
+                backward_bytes_stock=remote_token_rows * stock_backward_row,
+                inter_node_bytes=(sent_rows_per_rank * off_node).sum() * (dispatch_row + combine_row + backward_row),
+                inter_node_bytes_stock=(token_rows_per_rank * off_node).sum()
+                * (stock_dispatch_row + stock_row + stock_backward_row),
+            )
+        stats = CompressionStats.vector_of(**counts)
+        if self.tp_size > 1:
+            # The gather sends this rank's rows (and their probs) to every peer, the reduce-scatter
+            # each peer its own rows' partial outputs; in bf16, and again in the backward.
+            sent_per_peer, stock_per_peer = self._rows_per_tp_peer()
+            own_sent, own_stock = sent_per_peer[self.tp_rank], stock_per_peer[self.tp_rank]
+            gather, gather_stock = (own * (self.tp_size - 1) * (stock_row + BF16_BYTES) for own in (own_sent, own_stock))
+            scatter = (sent_per_peer.sum() - own_sent) * stock_row
+            scatter_stock = (stock_per_peer.sum() - own_stock) * stock_row
+            stats = stats + CompressionStats.vector_of(
+                dispatch_bytes=gather, dispatch_bytes_stock=gather_stock,
+                combine_bytes=scatter, combine_bytes_stock=scatter_stock,
+                backward_bytes=(gather + scatter) if backward else 0,
+                backward_bytes_stock=(gather_stock + scatter_stock) if backward else 0,
+            )
+        self._token_rows_per_expert = None
+        self._last_stats = stats
+        get_compression_tracker().record(self.layer_name, stats)
+
+
+class LSHAlltoAllTokenDispatcher(PayloadAlltoAllTokenDispatcher):
+    """All-to-all token dispatcher whose both all-to-alls carry LSH centroids.
+
+    Same constructor as MoEAlltoAllTokenDispatcher; the LSH settings come from the config
+    (an LSHTransformerConfig). Statistics of every dispatch go to ``last_stats`` and to the
+    process-wide tracker (``megatron_lsh.moe.get_compression_tracker()``).
+    """
+
+    sends_probs = False
+
+    def __init__(
+        self,
+        num_local_experts: int,
+        local_expert_indices: List[int],
+        config: TransformerConfig,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+    ) -> None:
+        super().__init__(num_local_experts, local_expert_indices, config, pg_collection)
+        # With lsh_scope 'inter-node', the experts whose rows travel exact: those on this node.
+        self._exact_experts: Optional[torch.Tensor] = None
+        if config.lsh_scope == "inter-node":
+            self._exact_experts = ~self._off_node_ranks.repeat_interleave(self.num_local_experts)
+        self.iteration = 0
+        self._hash_family: Optional[LSHFamily] = None
+        self._hash_family_key = None
+        # State of one forward pass, between dispatch_preprocess and combine_postprocess.
+        self._clusters: Optional[GroupedClusters] = None
+        self._token_rows: Optional[torch.Tensor] = None
+        self._token_row_probs: Optional[torch.Tensor] = None
+        self._expert_inputs: Optional[torch.Tensor] = None
+        self._expert_gains: Optional[torch.Tensor] = None
+        # The merge threshold in force (None: no controller), which the compression controller
+        # steers towards the target rate.
+        self.merge_threshold: Optional[float] = initial_merge_threshold(config)
+        # Counts of training forwards since the controller last looked: rows, centroids, and
+        # whether the threshold still acts (clusters it split, clusters it kept whole).
+        self.training = True
+        self.window_rows = self.window_centroids = 0
+        self.window_threshold_splits = self.window_threshold_kept = 0
 
     def set_iteration(self, iteration: int) -> None:
         """The training iteration, which picks the projections when they are redrawn."""
@@ -174,7 +298,7 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         exact_experts = self._exact_experts
         if exact_experts is not None and exact_experts.device != token_rows.device:
             exact_experts = self._exact_experts = exact_experts.to(token_rows.device)  # once
-        clusters, errors, exact_rows = hash_and_cluster(
+        clusters, errors, cluster_counts = hash_and_cluster(
             token_rows, family, expert_of_row, self.num_experts, self.merge_threshold,
             self.config.lsh_error_bound, exact_experts,
         )
@@ -186,10 +310,12 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             in_scope = ~exact_experts
             rows_in_scope = (rows_per_expert * in_scope).sum()
             centroids_in_scope = (clusters.clusters_per_group * in_scope).sum()
-        self._error_stats = (errors.sum(), exact_rows, rows_in_scope, centroids_in_scope)
+        self._error_stats = (errors.sum(), cluster_counts.exact_rows, rows_in_scope, centroids_in_scope)
         if self.training:
             self.window_rows = self.window_rows + rows_in_scope
             self.window_centroids = self.window_centroids + centroids_in_scope
+            self.window_threshold_splits = self.window_threshold_splits + cluster_counts.threshold_splits
+            self.window_threshold_kept = self.window_threshold_kept + cluster_counts.threshold_kept
         self._clusters = clusters
         # Kept for the residual x - c only when compensation needs it.
         self._token_rows = token_rows if self.config.lsh_compensation != "none" else None
@@ -218,22 +344,11 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         )
         return clusters.centroids, centroid_probs
 
-    def token_dispatch(self, centroids, centroid_probs):
-        """Send centroids to their experts' ranks; probs stay home, the experts get ones."""
-        self.tokens_per_expert = self._maybe_dtoh_and_synchronize(
-            "before_ep_alltoall", self.tokens_per_expert
-        )
-        global_centroids = all_to_all(
-            self.ep_group, centroids, self.output_splits, self.input_splits
-        )
-        global_probs = torch.ones(
-            global_centroids.size(0), dtype=centroid_probs.dtype, device=global_centroids.device
-        )
-        return global_centroids, global_probs
+    def _dispatch_probs(self, centroid_probs, num_global_rows: int):
+        """Probs stay home: the experts get ones."""
+        return torch.ones(num_global_rows, dtype=centroid_probs.dtype, device=centroid_probs.device)
 
     def dispatch_postprocess(self, global_centroids, global_probs):
-        # Rows and probs keep their width and dtype through the all-to-all.
-        self._record_stats(global_centroids.size(-1) * global_centroids.element_size(), global_probs.element_size())
         dispatched, tokens_per_expert, probs = super().dispatch_postprocess(global_centroids, global_probs)
         if self.config.lsh_compensation == "expert_gain":
             self._expert_inputs = (dispatched.detach(), torch.as_tensor(tokens_per_expert).tolist())
@@ -273,45 +388,14 @@ class LSHAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         row_outputs = (row_outputs * token_row_probs.unsqueeze(-1)).to(centroid_outputs.dtype)
         return super().combine_postprocess(row_outputs)
 
-    def _record_stats(self, row_bytes: int, prob_bytes: int) -> None:
-        """What this rank sends: over expert parallel (the all-to-alls) and, with expert tensor
-        parallelism, over its peers (the gather before the experts, the reduce-scatter after).
-        Counted on the device: a dispatch never waits for the host for its statistics."""
-        clusters = self._clusters
+    def _sent_rows_per_expert(self) -> torch.Tensor:
+        return self._clusters.clusters_per_group
+
+    def _rows_per_tp_peer(self):
+        sent = torch.tensor([int(r) for r in self.output_splits_tp], dtype=torch.float64)  # host list
+        return sent.to(self._stock_rows_per_tp_peer.device), self._stock_rows_per_tp_peer
+
+    def _compression_counts(self) -> dict:
         relative_error_sum, exact_rows, rows_in_scope, centroids_in_scope = self._error_stats
-        counts = dict(tokens=rows_in_scope, centroids=centroids_in_scope, exact_rows=exact_rows,
-                      relative_error_sum=relative_error_sum)
-        if self.ep_size > 1:
-            token_rows_per_rank = self._token_rows_per_expert.view(self.ep_size, self.num_local_experts).sum(dim=1)
-            centroid_rows_per_rank = clusters.clusters_per_group.view(self.ep_size, self.num_local_experts).sum(dim=1)
-            if self._off_node_ranks.device != token_rows_per_rank.device:
-                self._off_node_ranks = self._off_node_ranks.to(token_rows_per_rank.device)  # once
-            off_node = self._off_node_ranks
-            remote_token_rows = token_rows_per_rank.sum() - token_rows_per_rank[self.ep_rank]
-            remote_centroid_rows = centroid_rows_per_rank.sum() - centroid_rows_per_rank[self.ep_rank]
-            off_node_token_rows = (token_rows_per_rank * off_node).sum()
-            off_node_centroid_rows = (centroid_rows_per_rank * off_node).sum()
-            counts.update(
-                dispatch_bytes=remote_centroid_rows * row_bytes,
-                dispatch_bytes_stock=remote_token_rows * (row_bytes + prob_bytes),
-                combine_bytes=remote_centroid_rows * row_bytes,
-                combine_bytes_stock=remote_token_rows * row_bytes,
-                inter_node_bytes=off_node_centroid_rows * 2 * row_bytes,
-                inter_node_bytes_stock=off_node_token_rows * (2 * row_bytes + prob_bytes),
-            )
-        stats = CompressionStats.vector_of(**counts)
-        if self.tp_size > 1:
-            # The gather sends this rank's rows (and their probs: ones for centroids) to every
-            # peer; the reduce-scatter sends each peer its own rows' partial outputs.
-            centroids_per_peer = [int(r) for r in self.output_splits_tp]  # megatron-core's host list
-            tokens_per_peer = self._stock_rows_per_tp_peer
-            own_centroids, own_tokens = centroids_per_peer[self.tp_rank], tokens_per_peer[self.tp_rank]
-            stats = stats + CompressionStats.vector_of(
-                dispatch_bytes=own_centroids * (self.tp_size - 1) * (row_bytes + prob_bytes),
-                dispatch_bytes_stock=own_tokens * (self.tp_size - 1) * (row_bytes + prob_bytes),
-                combine_bytes=(sum(centroids_per_peer) - own_centroids) * row_bytes,
-                combine_bytes_stock=(tokens_per_peer.sum() - own_tokens) * row_bytes,
-            )
-        self._token_rows_per_expert = None
-        self._last_stats = stats
-        get_compression_tracker().record(self.layer_name, stats)
+        return dict(tokens=rows_in_scope, centroids=centroids_in_scope, exact_rows=exact_rows,
+                    relative_error_sum=relative_error_sum)

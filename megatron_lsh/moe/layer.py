@@ -18,7 +18,7 @@ from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispa
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_lsh.moe.dispatcher import LSHAlltoAllTokenDispatcher
+from megatron_lsh.moe.dispatcher import LSHAlltoAllTokenDispatcher, PayloadAlltoAllTokenDispatcher
 
 
 def _skip_expert_reduce_without_expert_parallelism(experts, pg_collection) -> None:
@@ -36,9 +36,10 @@ def _skip_expert_reduce_without_expert_parallelism(experts, pg_collection) -> No
 
 
 class LSHMoELayer(MoELayer):
-    """megatron-core's MoELayer with the LSH dispatcher when ``config.lsh_enabled``.
+    """megatron-core's MoELayer with the LSH dispatcher when ``config.lsh_enabled``, else with
+    megatron-core's dispatcher sending low-precision payloads when the config asks for them.
 
-    With LSH disabled (or a plain TransformerConfig) it is exactly MoELayer.
+    With neither (or a plain TransformerConfig) it is exactly MoELayer.
     """
 
     def __init__(
@@ -70,6 +71,13 @@ class LSHMoELayer(MoELayer):
                     self.num_local_experts, self.local_expert_indices, config=self.config,
                     pg_collection=pg_collection,
                 )
+        elif hasattr(config, "sends_low_precision") and config.sends_low_precision():
+            self.token_dispatcher = PayloadAlltoAllTokenDispatcher(
+                self.num_local_experts, self.local_expert_indices, config=self.config,
+                pg_collection=pg_collection,
+            )
+            if self.use_shared_expert and self.shared_expert_overlap:
+                self.token_dispatcher.set_shared_experts(self.shared_experts)
 
     def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):
         dispatcher = self.lsh_dispatcher
@@ -102,8 +110,8 @@ class LSHMoELayer(MoELayer):
 
     def set_layer_number(self, layer_number: int, layer_name: Optional[str] = None):
         super().set_layer_number(layer_number)
-        if self.lsh_dispatcher is not None:
-            self.lsh_dispatcher.set_layer_number(layer_number, layer_name)
+        if isinstance(self.token_dispatcher, PayloadAlltoAllTokenDispatcher):
+            self.token_dispatcher.set_layer_number(layer_number, layer_name)
 
 
 def lsh_moe_layers(model: torch.nn.Module):

@@ -1,11 +1,12 @@
 """Compression statistics of LSH dispatch, per MoE layer, for training loops to log.
 
-Every LSH dispatch records its counts under its layer's name in the process-wide tracker, as a
+Every dispatch of ours (LSH, or low-precision payloads) records its counts under its layer's name in the process-wide tracker, as a
 vector on the device (``CompressionStats.vector_of``): adding them up costs no wait for the host,
 which comes once, when the loop takes them with ``take()``. Bytes are
-those crossing between expert-parallel ranks (a rank's rows for its own experts never leave it).
-Combine bytes are counted at the rank the outputs return to, so a rank's dispatch and combine
-figures describe the same rows, and sums over ranks give the total traffic of each all-to-all.
+those crossing between expert-parallel ranks (a rank's rows for its own experts never leave it),
+as a bf16 run sends them whatever this run computes in, against megatron-core's dispatch with
+bf16 payloads. Combine and backward bytes are counted at the rank whose rows they are, so a
+rank's figures describe the same rows, and sums over ranks give the total traffic.
 """
 
 from __future__ import annotations
@@ -37,8 +38,13 @@ class CompressionStats:
     """Bytes the combine all-to-all returned from other ranks."""
     combine_bytes_stock: int = 0
     """Bytes megatron-core's combine would have returned."""
+    backward_bytes: int = 0
+    """Bytes the backwards of both all-to-alls send: the outputs' gradients to the experts and
+    the rows' gradients back to their tokens."""
+    backward_bytes_stock: int = 0
+    """What megatron-core's backwards would have sent (the probs' gradients too)."""
     inter_node_bytes: int = 0
-    """Of dispatch and combine bytes together, those exchanged with ranks on other nodes."""
+    """Of all the bytes above (forward and backward), those exchanged with ranks on other nodes."""
     inter_node_bytes_stock: int = 0
     """What megatron-core would have exchanged with ranks on other nodes."""
 
@@ -54,6 +60,20 @@ class CompressionStats:
     @property
     def dispatch_bytes_ratio(self) -> float:
         return self.dispatch_bytes / self.dispatch_bytes_stock if self.dispatch_bytes_stock else 1.0
+
+    @property
+    def bytes_sent(self) -> int:
+        """Every all-to-all, forward and backward."""
+        return self.dispatch_bytes + self.combine_bytes + self.backward_bytes
+
+    @property
+    def bytes_stock(self) -> int:
+        return self.dispatch_bytes_stock + self.combine_bytes_stock + self.backward_bytes_stock
+
+    @property
+    def bytes_ratio(self) -> float:
+        """Bytes of all four all-to-alls against megatron-core's with bf16 payloads."""
+        return self.bytes_sent / self.bytes_stock if self.bytes_stock else 1.0
 
     @property
     def inter_node_bytes_ratio(self) -> float:
@@ -87,6 +107,7 @@ class CompressionStats:
             "mean_relative_error": self.mean_relative_error,
             "dispatch_bytes_ratio": self.dispatch_bytes_ratio,
             "combine_bytes_ratio": self.combine_bytes_ratio,
+            "bytes_ratio": self.bytes_ratio,
             "inter_node_bytes_ratio": self.inter_node_bytes_ratio,
         }
 

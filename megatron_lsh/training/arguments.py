@@ -12,7 +12,7 @@ from dataclasses import MISSING
 
 from megatron_lsh.models.architectures import ARCHITECTURES, ArchitectureFlagError, apply_architecture
 from megatron_lsh.data.tokenizer import TOKENIZER_TYPES
-from megatron_lsh.moe.config import flag_of, lsh_settings
+from megatron_lsh.moe.config import flag_of, added_settings
 
 
 class ArgumentError(ValueError):
@@ -64,7 +64,7 @@ def add_lsh_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """One flag per LSHTransformerConfig setting (moe/config.py), plus the paper's name for the
     residual compensation."""
     group = parser.add_argument_group("LSH-MoE")
-    for config_field in lsh_settings():
+    for config_field in added_settings():
         if flag_of(config_field) is not None:
             add_setting_flag(group, config_field)
     group.add_argument(
@@ -81,7 +81,7 @@ def add_lsh_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def lsh_config_kwargs(args: argparse.Namespace) -> dict:
     """The LSHTransformerConfig settings the --lsh-* flags give."""
-    return {f.name: getattr(args, f.name) for f in lsh_settings() if hasattr(args, f.name)}
+    return {f.name: getattr(args, f.name) for f in added_settings() if hasattr(args, f.name)}
 
 
 def add_model_args(parser):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from megatron_lsh.models.architectures import routes_pre_softmax
 from megatron_lsh.moe import LSHConfigError, LSHTransformerConfig
-from megatron_lsh.moe.config import flag_named_after, flag_of, lsh_settings
+from megatron_lsh.moe.config import flag_named_after, flag_of, added_settings
 from megatron_lsh.training.arguments import ArgumentError, lsh_config_kwargs
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
@@ -24,7 +24,7 @@ _MEGATRON_SETTINGS_NAMED = ("expert_tensor_parallel_size", "expert_model_paralle
 
 def _flags_of_settings() -> dict:
     """setting -> (flag, the flag's word for None or None): every setting a config error names."""
-    flags = {f.name: (flag_of(f), f.metadata["off"]) for f in lsh_settings() if flag_of(f) is not None}
+    flags = {f.name: (flag_of(f), f.metadata["off"]) for f in added_settings() if flag_of(f) is not None}
     flags.update({name: (flag_named_after(name), None) for name in _MEGATRON_SETTINGS_NAMED})
     flags.update({name: (flag, None) for name, flag in _FLAG_EXCEPTIONS.items()})
     return flags

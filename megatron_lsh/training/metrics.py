@@ -42,19 +42,23 @@ def compression_metrics(stats: Dict[str, CompressionStats], prefix: str = "") ->
         return {}
     total = sum(stats.values(), CompressionStats())
     metrics = {
-        f"{prefix}lsh compression rate": total.compression_rate,
+        f"{prefix}a2a bytes ratio": total.bytes_ratio,
         f"{prefix}a2a dispatch bytes ratio": total.dispatch_bytes_ratio,
         f"{prefix}a2a combine bytes ratio": total.combine_bytes_ratio,
-        f"{prefix}a2a bytes sent": float(total.dispatch_bytes + total.combine_bytes),
-        f"{prefix}a2a bytes stock": float(total.dispatch_bytes_stock + total.combine_bytes_stock),
+        f"{prefix}a2a bytes sent": float(total.bytes_sent),
+        f"{prefix}a2a bytes stock": float(total.bytes_stock),
     }
     if total.inter_node_bytes_stock:
         metrics[f"{prefix}a2a inter-node bytes sent"] = float(total.inter_node_bytes)
         metrics[f"{prefix}a2a inter-node bytes stock"] = float(total.inter_node_bytes_stock)
+    for layer, s in sorted(stats.items()):
+        metrics[f"{prefix}a2a bytes sent/{layer}"] = float(s.bytes_sent)
+    if not total.tokens:  # no LSH: low-precision payloads alone
+        return metrics
+    metrics[f"{prefix}lsh compression rate"] = total.compression_rate
     metrics[f"{prefix}lsh relative error"] = total.mean_relative_error
     metrics[f"{prefix}lsh exact rows"] = float(total.exact_rows)
     for layer, s in sorted(stats.items()):
         metrics[f"{prefix}lsh compression rate/{layer}"] = s.compression_rate
         metrics[f"{prefix}lsh relative error/{layer}"] = s.mean_relative_error
-        metrics[f"{prefix}a2a bytes sent/{layer}"] = float(s.dispatch_bytes + s.combine_bytes)
     return metrics
