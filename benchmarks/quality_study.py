@@ -61,11 +61,12 @@ BATCH = {"main": ["--micro-batch-size", "8", "--global-batch-size", "16"],
          "scale": ["--micro-batch-size", "32", "--global-batch-size", "64"]}
 SCALE = 4
 # Fixed hashing as the paper runs it: explicit, so it holds whatever the defaults.
-CP6 = ["--lsh", "--lsh-hash-type", "cross_polytope", "--lsh-num-hashes", "6", "--lsh-num-buckets", "4",
-       "--lsh-compensation", "none", "--lsh-target-compression", "off", "--lsh-error-bound", "off",
-       "--lsh-redraw-interval", "0"]
 MXFP8_ALL = ["--moe-dispatch-fwd-dtype", "mxfp8", "--moe-dispatch-bwd-dtype", "mxfp8",
              "--moe-combine-fwd-dtype", "mxfp8", "--moe-combine-bwd-dtype", "mxfp8"]
+BF16_ALL = [value if value != "mxfp8" else "bf16" for value in MXFP8_ALL]
+CP6 = ["--lsh", "--lsh-hash-type", "cross_polytope", "--lsh-num-hashes", "6", "--lsh-num-buckets", "4",
+       "--lsh-compensation", "none", "--lsh-target-compression", "off", "--lsh-error-bound", "off",
+       "--lsh-redraw-interval", "0", *BF16_ALL]
 # Megatron-LM's two: the token->expert direction of the forward and of the backward.
 MXFP8_DISPATCH = ["--moe-dispatch-fwd-dtype", "mxfp8", "--moe-combine-bwd-dtype", "mxfp8"]
 DEFAULT_SEEDS = ("1234", "42", "7")
@@ -78,6 +79,11 @@ class Variant:
     group: str  # 'main', 'scale' or 'ablation'
     question: str = ""
     peer: bool = False  # 8-bit payloads without LSH: the low-precision peer
+
+
+def stacked(base: List[str], payloads: List[str]) -> List[str]:
+    """base with its payload formats replaced by those of ``payloads``."""
+    return with_flags(base, **{payloads[i][2:].replace("-", "_"): payloads[i + 1] for i in range(0, len(payloads), 2)})
 
 
 def with_flags(base: List[str], **overrides: str) -> List[str]:
@@ -106,12 +112,16 @@ def plan() -> List[Variant]:
         Variant("mxfp8 dispatch", ["--no-lsh", *MXFP8_DISPATCH], "ablation",
                 "Megatron-LM's two 8-bit directions (dispatch forward, combine backward)", peer=True),
         Variant("mxfp8", ["--no-lsh", *MXFP8_ALL], "ablation", "8-bit payloads in all four directions", peer=True),
+        Variant("bound 0.3 h16 + mxfp8", stacked(with_flags(bound, lsh_num_hashes="16"), MXFP8_ALL), "ablation",
+                "the bound with 16 levels of hashes, stacked"),
+        Variant("bound 0.5 h16 + mxfp8", stacked(with_flags(bound, lsh_num_hashes="16", lsh_error_bound="0.5"), MXFP8_ALL),
+                "ablation", "a looser bound with 16 levels, stacked"),
         Variant("cp6", CP6, "ablation", "fixed hashing, the paper's"),
         Variant("target 0.3", with_flags(CP6, lsh_target_compression="0.3"), "ablation",
                 "the controller holding 0.3 (the default before this study)"),
         Variant("bound 0.3", bound, "ablation", "the error bound alone"),
-        Variant("cp6 + mxfp8", CP6 + MXFP8_ALL, "ablation", "fixed hashing, stacked"),
-        Variant("bound 0.3 + mxfp8", bound + MXFP8_ALL, "ablation", "the error bound, stacked"),
+        Variant("cp6 + mxfp8", stacked(CP6, MXFP8_ALL), "ablation", "fixed hashing, stacked"),
+        Variant("bound 0.3 + mxfp8", stacked(bound, MXFP8_ALL), "ablation", "the error bound, stacked"),
     ]
     variants += [Variant(f"default seed {seed}", ["--lsh", "--lsh-seed", seed], "ablation",
                          "the default at another hash seed") for seed in DEFAULT_SEEDS]

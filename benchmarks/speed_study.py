@@ -67,7 +67,9 @@ def lsh(hash_type: str, hashes: int, compensation: bool = False) -> List[str]:
     # Fixed hashing, as the study's rows say: no controller, no bound, whatever the defaults.
     return ["--lsh", "--lsh-hash-type", hash_type, "--lsh-num-hashes", str(hashes),
             "--lsh-num-buckets", "4", "--lsh-compensation", "residual" if compensation else "none",
-            "--lsh-target-compression", "off", "--lsh-error-bound", "off"]
+            "--lsh-target-compression", "off", "--lsh-error-bound", "off",
+            *[flag for name in ("dispatch-fwd", "dispatch-bwd", "combine-fwd", "combine-bwd")
+              for flag in (f"--moe-{name}-dtype", "bf16")]]
 
 
 def plan(quick: bool) -> List[Run]:

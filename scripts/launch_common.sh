@@ -7,7 +7,7 @@
 #   TENSOR_PARALLEL (1; above 1 adds --sequence-parallel, as MoE needs), PIPELINE_PARALLEL (1),
 #   VIRTUAL_PIPELINE_LAYERS (unset; layers per interleaved pipeline chunk), EXPERT_TENSOR_PARALLEL
 #   (1: experts whole), EXPERT_PARALLEL (default: processes / (PIPELINE_PARALLEL x
-#   EXPERT_TENSOR_PARALLEL)); data parallel takes what is left. LSH_NUM_HASHES (6),
+#   EXPERT_TENSOR_PARALLEL)); data parallel takes what is left. LSH_NUM_HASHES (16),
 #   LSH_TARGET_COMPRESSION and LSH_ERROR_BOUND (a number or off; unset: the flags' defaults),
 #   LSH_SCOPE (all, or inter-node: compress only what crosses between nodes).
 #   DATA_PATH (required), VALID_DATA_PATH (optional: held-out data instead of a --split),
@@ -73,12 +73,10 @@ if [ -n "${VIRTUAL_PIPELINE_LAYERS:-}" ]; then
     PARALLEL_ARGS+=(--num-layers-per-virtual-pipeline-stage "$VIRTUAL_PIPELINE_LAYERS")
 fi
 
-LSH_ARGS=(
-    --lsh
-    --lsh-hash-type cross_polytope
-    --lsh-num-hashes "${LSH_NUM_HASHES:-6}"
-    --lsh-num-buckets 4
-)
+LSH_ARGS=(--lsh)  # training's default (the bound, 16 levels of hashes, 8-bit payloads)
+if [ -n "${LSH_NUM_HASHES:-}" ]; then
+    LSH_ARGS+=(--lsh-num-hashes "$LSH_NUM_HASHES")
+fi
 if [ -n "${LSH_TARGET_COMPRESSION:-}" ]; then
     LSH_ARGS+=(--lsh-target-compression "$LSH_TARGET_COMPRESSION")
 fi

@@ -55,7 +55,7 @@ COMMON_ARGS=(
     --hidden-size 128 --num-attention-heads 4 --attention-dropout 0.0 --hidden-dropout 0.0
     --num-experts 8 --moe-layer-freq 2 --moe-aux-loss-coeff 1e-2
     --expert-model-parallel-size 2 --moe-token-dispatcher-type alltoall
-    --lsh --lsh-hash-type cross_polytope --lsh-num-hashes 6 --lsh-num-buckets 4
+    --lsh
     --micro-batch-size 8 --global-batch-size 16 --train-iters "$TRAIN_ITERS"
     --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 50 --weight-decay 0.1
     --clip-grad 1.0

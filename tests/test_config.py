@@ -72,12 +72,16 @@ def test_every_lsh_setting_is_a_flag_of_its_own_name_except_the_listed_ones():
     assert {flag for flag in flags.values() if flag} <= options
 
 
-def test_flag_defaults_are_the_config_defaults_except_the_training_default_target():
-    args = parse_args("test", TRAINING_FLAGS)
-    kwargs = lsh_config_kwargs(args)
+def test_flag_defaults_are_the_config_defaults_except_the_training_default():
+    """Training's --lsh: the bound, 16 levels of hashes, 8-bit payloads; --no-lsh: stock bf16."""
     expected = {f.name: f.default for f in added_settings() if flag_of(f)}
-    expected["lsh_target_compression"] = 0.3
-    assert kwargs == expected
+    with_lsh = {**expected, "lsh_error_bound": 0.3, "lsh_num_hashes": 16, **{name: "mxfp8" for name in PAYLOAD_SETTINGS}}
+    assert lsh_config_kwargs(parse_args("test", TRAINING_FLAGS)) == with_lsh
+    assert lsh_config_kwargs(parse_args("test", TRAINING_FLAGS + ["--no-lsh"])) == {
+        **with_lsh, "lsh_enabled": False, **{name: "bf16" for name in PAYLOAD_SETTINGS}}
+    # A format given explicitly holds either way.
+    given = parse_args("test", TRAINING_FLAGS + ["--no-lsh", "--moe-dispatch-fwd-dtype", "mxfp8"])
+    assert (given.moe_dispatch_fwd_dtype, given.moe_combine_fwd_dtype) == ("mxfp8", "bf16")
 
 
 def test_a_flag_reaches_its_config_field_with_off_as_none():

@@ -14,6 +14,8 @@ VALIDATION_LINE = re.compile(r"validation loss at iteration (\d+) \| lm loss val
 TP2_EP2 = {"--tensor-model-parallel-size": "2", "--sequence-parallel": True,
            "--expert-model-parallel-size": "2", "--expert-tensor-parallel-size": "1"}
 PP2_EP2 = {"--pipeline-model-parallel-size": "2", "--expert-model-parallel-size": "2"}
+# The controller alone (training's default is the bound): its rates are the ones to check.
+CONTROLLER = {"--lsh-target-compression": "0.3", "--lsh-error-bound": "off", "--lsh-num-hashes": "6"}
 
 
 def validation_losses(output):
@@ -33,7 +35,7 @@ def validation_losses(output):
 )
 def test_four_ranks_train_with_lsh_and_falling_loss(corpus, layout):
     output = torchrun(model_flags(corpus, **{
-        "--train-iters": "16", "--log-interval": "4", "--eval-interval": "100", **layout}), nproc=4)
+        "--train-iters": "16", "--log-interval": "4", "--eval-interval": "100", **CONTROLLER, **layout}), nproc=4)
     loss = losses(output)
     assert sorted(loss) == [4, 8, 12, 16]
     assert loss[16] < loss[4] - 0.3, loss

@@ -65,6 +65,12 @@ def test_mxfp8_keeps_zeros_and_signs_and_decodes_to_the_sender_dtype():
     assert torch.all(back[1] <= 0)
 
 
+def test_a_rank_with_no_rows_sends_an_empty_payload():
+    wire = encode_mxfp8(torch.zeros(0, 64))
+    assert wire.shape == (0, 66)
+    assert decode_mxfp8(wire, 64, torch.float32).shape == (0, 64)
+
+
 def test_bf16_payloads_are_sent_as_they_are():
     rows = rows_of_many_magnitudes()
     assert round_trip(rows, "bf16") is rows

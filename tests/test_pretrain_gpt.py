@@ -30,8 +30,8 @@ def logged_run(corpus, tmp_path_factory):
         corpus, **{"--train-iters": "30", "--log-interval": "5", "--eval-interval": "10",
                    "--tensorboard-dir": str(work / "tb"), "--wandb-project": "test",
                    "--wandb-save-dir": str(work / "wandb"), "--save": str(work / "ckpt"),
-                   "--timing-log-level": "1", "--moe-dispatch-fwd-dtype": "mxfp8",
-                   "--moe-combine-fwd-dtype": "mxfp8"}))
+                   "--timing-log-level": "1", "--moe-dispatch-bwd-dtype": "bf16",
+                   "--moe-combine-bwd-dtype": "bf16"}))
     return output, work
 
 
@@ -124,11 +124,12 @@ def test_checkpoint_tracker_names_the_final_complete_checkpoint(logged_run):
 
 @pytest.mark.slow
 def test_kill_and_resume_gives_the_same_losses(corpus, tmp_path):
-    # The default controller with an error bound: its merge thresholds travel in the checkpoint,
-    # so the resumed run merges exactly as the uninterrupted one would have. A half-written save
-    # of a later iteration is ignored.
+    # The controller with an error bound: its merge thresholds travel in the checkpoint, so the
+    # resumed run merges exactly as the uninterrupted one would have. A half-written save of a
+    # later iteration is ignored.
     flags = lambda save: model_flags(corpus, **{  # noqa: E731
         "--train-iters": "12", "--log-interval": "1", "--eval-interval": "100", "--lsh-error-bound": "2.0",
+        "--lsh-target-compression": "0.3",
         "--save": str(save), "--load": str(save), "--save-interval": "4"})
     uninterrupted, resumed = kill_at_checkpoint_and_resume(flags, tmp_path, killed_after=8, crash_mid_save=True)
     assert sorted(resumed) == [9, 10, 11, 12]

@@ -36,8 +36,33 @@ class LSHConfigError(ValueError):
 COMPENSATIONS = ("none", "residual", "expert_gain")
 GRADIENT_STUDIES = ("exact_gradients", "exact_values")
 
+# What training runs with plain --lsh (the config's own defaults are the paper's fixed hashing):
+# every token within the bound of its centroid, as few centroids as that allows found over 16
+# levels of hashes, sent as 8-bit payloads; --no-lsh keeps megatron-core's bf16 dispatch.
+# docs/quality_study.md measures why.
+TRAINING_DEFAULT_BOUND = 0.3
+TRAINING_DEFAULT_HASHES = 16
+
 # Dispatcher types whose all-to-all LSH compresses.
 LSH_DISPATCHER_TYPES = ("alltoall",)
+
+
+@dataclass(frozen=True)
+class WithAndWithoutLSH:
+    """A training flag's default that depends on --lsh/--no-lsh (the LSH default's payloads are
+    8-bit; stock dispatch stays megatron-core's)."""
+
+    with_lsh: Any
+    without_lsh: Any
+
+    def __str__(self) -> str:
+        return f"{self.with_lsh} with --lsh, {self.without_lsh} with --no-lsh"
+
+    def value(self, lsh_enabled: bool) -> Any:
+        return self.with_lsh if lsh_enabled else self.without_lsh
+
+
+LSH_PAYLOADS = WithAndWithoutLSH("mxfp8", "bf16")
 
 
 def setting(default, doc: str, *, value_type: Optional[type] = None, choices: Optional[Tuple] = None,
@@ -49,7 +74,8 @@ def setting(default, doc: str, *, value_type: Optional[type] = None, choices: Op
     value_type: int, float, str or bool (default: the type of ``default``).
     flag: the flag's name; "" derives it (``lsh_num_hashes`` -> ``--lsh-num-hashes``), None: no flag.
     off: the word the flag takes for None ('off'), for settings that None switches off.
-    flag_default: the flag's default where it differs from the config's.
+    flag_default: the flag's default where it differs from the config's (a WithAndWithoutLSH:
+        one for each of --lsh and --no-lsh).
     evaluation_override: ``checkpoint.evaluate`` may replace the run's value with ``--lsh``.
     before_it_existed: what a checkpoint saved before the setting existed ran with: a value, or
         a callable of the saved arguments.
@@ -81,7 +107,10 @@ class LSHTransformerConfig(TransformerConfig):
 
     lsh_num_hashes: int = setting(
         6, "Hash functions per token; a token's bucket is the tuple of all their codes. More hashes: "
-        "finer buckets, more centroids, less error (the paper's default is 6).", evaluation_override=True)
+        "finer buckets, more centroids, less error (the paper's default is 6). With an error bound or "
+        "a target, the levels of the coarse-to-fine clustering: a cluster splits only as far as it must, "
+        "so more levels find the near neighbours that more tokens per rank bring (training's default, 16).",
+        evaluation_override=True, flag_default=TRAINING_DEFAULT_HASHES)
 
     lsh_num_buckets: int = setting(
         4, "Buckets per hash function (even for cross-polytope: b/2 projections and their signs).",
@@ -97,15 +126,18 @@ class LSHTransformerConfig(TransformerConfig):
     lsh_error_bound: Optional[float] = setting(
         None, "Bound on ||x - c|| / ||x||: a token merges only into a cluster whose centroid is this "
         "close to it, relative to its own norm; clusters that break it are split by further hash "
-        "functions, and tokens that still break it travel as themselves. None ('off'): no bound.",
-        value_type=float, off="off", evaluation_override=True, before_it_existed=None)
+        "functions, and tokens that still break it travel as themselves. None ('off'): no bound. "
+        "Training's default: no token's error beyond it, and bytes as low as it allows.",
+        value_type=float, off="off", evaluation_override=True, before_it_existed=None,
+        flag_default=TRAINING_DEFAULT_BOUND)
 
     lsh_target_compression: Optional[float] = setting(
         None, "Hold this compression rate (centroids / rows, in (0, 1]) per layer through training: a "
         "controller steers each layer's merge threshold (how much error a cluster may hold before the "
         "next hash splits it) from the rate all-reduced over every rank; lsh_error_bound still holds. "
-        "None ('off'): fixed hashing, the rate goes where the data take it.",
-        value_type=float, off="off", flag_default=0.3, before_it_existed=None)
+        "None ('off'): the rate goes where the data (and lsh_error_bound) take it. A layer that cannot "
+        "reach the target within the bound is named in the log.",
+        value_type=float, off="off", before_it_existed=None)
 
     lsh_gradient_study: Optional[str] = setting(
         None, "Study only (runs the experts twice): 'exact_gradients' trains with LSH forward values "
@@ -126,22 +158,22 @@ class LSHTransformerConfig(TransformerConfig):
         "bf16", "Payload format of the dispatch all-to-all's forward (token rows to their experts): "
         "'bf16' as computed (counted at 2 bytes an element); 'mxfp8' e4m3 elements with one "
         "power-of-two scale per 32 (1.03 bytes an element). Megatron-LM's name.",
-        choices=PAYLOAD_FORMATS, evaluation_override=True, before_it_existed="bf16")
+        choices=PAYLOAD_FORMATS, evaluation_override=True, before_it_existed="bf16", flag_default=LSH_PAYLOADS)
 
     moe_dispatch_bwd_dtype: str = setting(
         "bf16", "Payload format of the dispatch all-to-all's backward (the rows' gradients back to "
         "their tokens): 'bf16' or 'mxfp8'.",
-        choices=PAYLOAD_FORMATS, before_it_existed="bf16")
+        choices=PAYLOAD_FORMATS, before_it_existed="bf16", flag_default=LSH_PAYLOADS)
 
     moe_combine_fwd_dtype: str = setting(
         "bf16", "Payload format of the combine all-to-all's forward (expert outputs back to their "
         "tokens): 'bf16' or 'mxfp8'.",
-        choices=PAYLOAD_FORMATS, evaluation_override=True, before_it_existed="bf16")
+        choices=PAYLOAD_FORMATS, evaluation_override=True, before_it_existed="bf16", flag_default=LSH_PAYLOADS)
 
     moe_combine_bwd_dtype: str = setting(
         "bf16", "Payload format of the combine all-to-all's backward (the outputs' gradients to the "
         "experts): 'bf16' or 'mxfp8'. Megatron-LM's name.",
-        choices=PAYLOAD_FORMATS, before_it_existed="bf16")
+        choices=PAYLOAD_FORMATS, before_it_existed="bf16", flag_default=LSH_PAYLOADS)
 
     lsh_seed: int = setting(1234, "Seed of the hash projections; every rank derives the same projections from it.")
 

@@ -397,5 +397,5 @@ class LSHAlltoAllTokenDispatcher(PayloadAlltoAllTokenDispatcher):
 
     def _compression_counts(self) -> dict:
         relative_error_sum, exact_rows, rows_in_scope, centroids_in_scope = self._error_stats
-        return dict(tokens=rows_in_scope, centroids=centroids_in_scope, exact_rows=exact_rows,
+        return dict(lsh_dispatches=1, tokens=rows_in_scope, centroids=centroids_in_scope, exact_rows=exact_rows,
                     relative_error_sum=relative_error_sum)

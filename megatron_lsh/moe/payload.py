@@ -62,7 +62,7 @@ def encode_mxfp8(rows: torch.Tensor) -> torch.Tensor:
     exponent = exponent.clamp(-_E8M0_BIAS, _E8M0_BIAS)
     elements = (blocks * torch.exp2(-exponent)).to(torch.float8_e4m3fn).view(torch.uint8)
     scales = (exponent + _E8M0_BIAS).to(torch.uint8)
-    return torch.cat([elements.reshape(n, width), scales.reshape(n, -1)], dim=1)
+    return torch.cat([elements.reshape(n, width), scales.reshape(n, width // MX_BLOCK)], dim=1)
 
 
 def decode_mxfp8(wire: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:

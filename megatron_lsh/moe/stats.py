@@ -21,6 +21,8 @@ from megatron_lsh.device import compute_device
 
 @dataclass
 class CompressionStats:
+    lsh_dispatches: int = 0
+    """Dispatches that clustered (0: low-precision payloads alone, whose stats are bytes only)."""
     tokens: int = 0
     """Token rows LSH may merge: all rows entering dispatch (tokens x top-k), or with
     lsh_scope 'inter-node' those bound for experts on other nodes."""

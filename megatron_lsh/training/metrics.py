@@ -53,7 +53,7 @@ def compression_metrics(stats: Dict[str, CompressionStats], prefix: str = "") ->
         metrics[f"{prefix}a2a inter-node bytes stock"] = float(total.inter_node_bytes_stock)
     for layer, s in sorted(stats.items()):
         metrics[f"{prefix}a2a bytes sent/{layer}"] = float(s.bytes_sent)
-    if not total.tokens:  # no LSH: low-precision payloads alone
+    if not total.lsh_dispatches:  # low-precision payloads alone
         return metrics
     metrics[f"{prefix}lsh compression rate"] = total.compression_rate
     metrics[f"{prefix}lsh relative error"] = total.mean_relative_error
