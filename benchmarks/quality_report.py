@@ -35,7 +35,27 @@ def pareto_front(points: List[tuple]) -> List[tuple]:
 
 
 def _group(summaries: Dict[str, Dict], corpus: str, group: str) -> Dict[str, Dict]:
-    return {s["name"]: s for s in summaries.values() if s.get("corpus") == corpus and s.get("group") == group}
+    """The runs of a corpus and group, most bytes first."""
+    runs = [s for s in summaries.values() if s.get("corpus") == corpus and s.get("group") == group]
+    return {s["name"]: s for s in sorted(runs, key=lambda s: (-s["bytes_ratio_run"], s["name"]))}
+
+
+def _lsh_settings_of(flags: List[str]) -> Dict:
+    """The LSH and payload settings a run's flags give, with today's training defaults for the rest."""
+    from megatron_lsh.training.arguments import lsh_config_kwargs, parse_args
+
+    required = ["--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "4", "--micro-batch-size", "8",
+                "--train-iters", "10", "--lr", "1e-3", "--num-experts", "8"]
+    return lsh_config_kwargs(parse_args("quality report", required + list(flags)))
+
+
+def _runs_of_the_default(ablations: Dict[str, Dict]) -> List[str]:
+    """The ablations that ran what plain --lsh runs today."""
+    default = _lsh_settings_of(["--lsh"])
+    ignored = {"lsh_seed"}
+    same = lambda settings: {k: v for k, v in settings.items() if k not in ignored} == \
+        {k: v for k, v in default.items() if k not in ignored}  # noqa: E731
+    return [name for name, s in ablations.items() if same(_lsh_settings_of(s["flags"]))]
 
 
 def _ratio(s: Dict, reference: Dict) -> float:
@@ -114,6 +134,9 @@ def _ablation_section(corpus: str, ablations: Dict[str, Dict]) -> List[str]:
              "`cp6`: cross-polytope, 6 hashes x 4 buckets, fixed (the paper's). `default`: plain `--lsh`, the code's "
              "defaults when the run was made.", ""]
     lines += _table(ablations, reference, with_question=True)
+    defaults = _runs_of_the_default(ablations)
+    if defaults:
+        lines += [f"Training's default today (plain `--lsh`) is what {', '.join(defaults)} ran.", ""]
     spread = _seed_spread(ablations, reference)
     if spread:
         low, high, count = spread
