@@ -122,7 +122,8 @@ def _table(runs: Dict[str, Dict], reference: Dict, with_question: bool) -> List[
 
 
 def _seed_spread(ablations: Dict[str, Dict], reference: Dict) -> Optional[tuple]:
-    ratios = [_ratio(s, reference) for name, s in ablations.items() if name.startswith("default seed")]
+    """Lowest and highest perplexity ratio of the runs of today's default (hash seeds apart)."""
+    ratios = [_ratio(ablations[name], reference) for name in _runs_of_the_default(ablations)]
     return (min(ratios), max(ratios), len(ratios)) if len(ratios) >= 2 else None
 
 

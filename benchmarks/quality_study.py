@@ -13,8 +13,8 @@ Python code (the standard library of the Python that runs the study), tokenised 
 model of its own. Groups of runs:
 
 * ``ablation``: --ablation-iters (at least 600): stock, 8-bit payloads alone, LSH alone, LSH stacked
-  with 8-bit payloads, the default at three --lsh-seed values (the spread that makes a difference
-  a tie);
+  with 8-bit payloads, the default at two more --lsh-seed values (the spread that makes a
+  difference a tie);
 * ``main``: --iters (at least 1500): stock, 8-bit payloads alone, the default;
 * ``scale``: the main runs' tokens in steps four times larger (micro-batches of 8192 tokens per
   rank), so the doc shows how the gap moves with tokens per rank.
@@ -69,7 +69,9 @@ CP6 = ["--lsh", "--lsh-hash-type", "cross_polytope", "--lsh-num-hashes", "6", "-
        "--lsh-redraw-interval", "0", *BF16_ALL]
 # Megatron-LM's two: the token->expert direction of the forward and of the backward.
 MXFP8_DISPATCH = ["--moe-dispatch-fwd-dtype", "mxfp8", "--moe-combine-bwd-dtype", "mxfp8"]
-DEFAULT_SEEDS = ("1234", "42", "7")
+# Hash seeds of the default besides its own (1234): the run of the default's settings at 1234 is
+# among the ablations already.
+DEFAULT_SEEDS = ("42", "7")
 
 
 @dataclass

@@ -87,6 +87,15 @@ def setting(default, doc: str, *, value_type: Optional[type] = None, choices: Op
     })
 
 
+def payload_setting(direction: str, evaluation_override: bool = False) -> Field:
+    """The payload format setting of one all-to-all direction."""
+    return setting(
+        "bf16", f"Payload format of {direction}: 'bf16' as computed (counted at 2 bytes an element); "
+        "'mxfp8' e4m3 elements with one power-of-two scale per 32 (1.03 bytes an element).",
+        choices=PAYLOAD_FORMATS, evaluation_override=evaluation_override, before_it_existed="bf16",
+        flag_default=LSH_PAYLOADS)
+
+
 @dataclass
 class LSHTransformerConfig(TransformerConfig):
     """TransformerConfig with LSH-compressed expert-parallel dispatch.
@@ -154,26 +163,17 @@ class LSHTransformerConfig(TransformerConfig):
         None, "Processes per node, which tells the dispatcher which peers share its node (scope and "
         "per-link statistics). None: torchrun's LOCAL_WORLD_SIZE.", value_type=int, flag=None)
 
-    moe_dispatch_fwd_dtype: str = setting(
-        "bf16", "Payload format of the dispatch all-to-all's forward (token rows to their experts): "
-        "'bf16' as computed (counted at 2 bytes an element); 'mxfp8' e4m3 elements with one "
-        "power-of-two scale per 32 (1.03 bytes an element). Megatron-LM's name.",
-        choices=PAYLOAD_FORMATS, evaluation_override=True, before_it_existed="bf16", flag_default=LSH_PAYLOADS)
+    moe_dispatch_fwd_dtype: str = payload_setting(
+        "the dispatch all-to-all's forward (token rows to their experts; Megatron-LM's name)", evaluation_override=True)
 
-    moe_dispatch_bwd_dtype: str = setting(
-        "bf16", "Payload format of the dispatch all-to-all's backward (the rows' gradients back to "
-        "their tokens): 'bf16' or 'mxfp8'.",
-        choices=PAYLOAD_FORMATS, before_it_existed="bf16", flag_default=LSH_PAYLOADS)
+    moe_dispatch_bwd_dtype: str = payload_setting("the dispatch all-to-all's backward (the rows' gradients back to "
+                                                  "their tokens)")
 
-    moe_combine_fwd_dtype: str = setting(
-        "bf16", "Payload format of the combine all-to-all's forward (expert outputs back to their "
-        "tokens): 'bf16' or 'mxfp8'.",
-        choices=PAYLOAD_FORMATS, evaluation_override=True, before_it_existed="bf16", flag_default=LSH_PAYLOADS)
+    moe_combine_fwd_dtype: str = payload_setting(
+        "the combine all-to-all's forward (expert outputs back to their tokens)", evaluation_override=True)
 
-    moe_combine_bwd_dtype: str = setting(
-        "bf16", "Payload format of the combine all-to-all's backward (the outputs' gradients to the "
-        "experts): 'bf16' or 'mxfp8'. Megatron-LM's name.",
-        choices=PAYLOAD_FORMATS, before_it_existed="bf16", flag_default=LSH_PAYLOADS)
+    moe_combine_bwd_dtype: str = payload_setting("the combine all-to-all's backward (the outputs' gradients to the "
+                                                 "experts; Megatron-LM's name)")
 
     lsh_seed: int = setting(1234, "Seed of the hash projections; every rank derives the same projections from it.")
 

@@ -203,14 +203,9 @@ class LSHAlltoAllTokenDispatcher(PayloadAlltoAllTokenDispatcher):
 
     sends_probs = False
 
-    def __init__(
-        self,
-        num_local_experts: int,
-        local_expert_indices: List[int],
-        config: TransformerConfig,
-        pg_collection: Optional[ProcessGroupCollection] = None,
-    ) -> None:
-        super().__init__(num_local_experts, local_expert_indices, config, pg_collection)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        config = self.config
         # With lsh_scope 'inter-node', the experts whose rows travel exact: those on this node.
         self._exact_experts: Optional[torch.Tensor] = None
         if config.lsh_scope == "inter-node":

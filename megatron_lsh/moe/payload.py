@@ -97,7 +97,7 @@ def _send(group, rows: torch.Tensor, output_splits, input_splits, payload_format
     return decode_mxfp8(received, rows.size(-1), rows.dtype)
 
 
-class _PayloadAllToAll(torch.autograd.Function):
+class PayloadAllToAll(torch.autograd.Function):
     """All-to-all of rows, the forward in one format and the gradient's way back in another."""
 
     @staticmethod
@@ -120,4 +120,4 @@ def payload_all_to_all(group, rows: torch.Tensor, output_splits: Optional[Sequen
         rows_each = rows.size(0) // group.size()
         output_splits = input_splits = [rows_each] * group.size()
     output_splits, input_splits = [int(s) for s in output_splits], [int(s) for s in input_splits]
-    return _PayloadAllToAll.apply(group, rows, output_splits, input_splits, forward_format, backward_format)
+    return PayloadAllToAll.apply(group, rows, output_splits, input_splits, forward_format, backward_format)

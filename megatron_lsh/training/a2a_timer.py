@@ -1,7 +1,9 @@
 """Wall time spent in expert-parallel all-to-alls, forward and backward, stock or LSH.
 
-Both dispatchers send through megatron-core's ``tensor_parallel.mappings._AllToAll``; timing its
-forward and backward covers every all-to-all of a step, including those autograd runs. On GPUs
+The dispatchers send through megatron-core's ``tensor_parallel.mappings._AllToAll`` (stock
+dispatch, routing probabilities) or megatron-lsh's ``PayloadAllToAll`` (rows in their payload
+formats, encoding and decoding included); timing their forwards and backwards covers every
+all-to-all of a step, including those autograd runs. On GPUs
 the device is synchronised around each one so the time is the collective's own, which removes
 any overlap: so it is opt-in, with --timing-log-level 1 or more (Megatron-LM's timing flag).
 """
@@ -13,6 +15,8 @@ import time
 
 import torch
 from megatron.core.tensor_parallel import mappings
+
+from megatron_lsh.moe.payload import PayloadAllToAll
 
 # The --timing-log-level from which the all-to-alls are timed.
 TIMING_LOG_LEVEL = 1
@@ -32,7 +36,6 @@ def install() -> None:
     if _installed:
         return
     _installed = True
-    forward, backward = mappings._AllToAll.forward, mappings._AllToAll.backward
 
     def timed(fn):
         def wrapper(ctx, *args):
@@ -46,8 +49,8 @@ def install() -> None:
 
         return staticmethod(wrapper)
 
-    mappings._AllToAll.forward = timed(forward)
-    mappings._AllToAll.backward = timed(backward)
+    for function in (mappings._AllToAll, PayloadAllToAll):
+        function.forward, function.backward = timed(function.forward), timed(function.backward)
 
 
 def take_seconds() -> float:
