@@ -5,7 +5,8 @@
 
 GPT: next-token perplexity over windows of the training sequence length. T5: span-corruption
 loss and perplexity of the decoder targets. Runs on one process with every expert merged; the
-exact MoE by default, or with the run's LSH dispatch (--lsh) to see what compression costs.
+exact MoE by default (bf16 payloads too), or as the run trained, with its LSH dispatch and payload
+formats (--lsh), to see what compression costs.
 """
 
 from __future__ import annotations
@@ -80,12 +81,13 @@ def parse_args(argv=None):
     source.add_argument("--data-path", help="A preprocessed prefix made with the run's tokenizer.")
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--max-samples", type=int, default=None, help="Stop after this many samples.")
-    parser.add_argument("--lsh", action="store_true", help="Evaluate with the run's LSH dispatch.")
+    parser.add_argument("--lsh", action="store_true",
+                        help="Evaluate with the run's LSH dispatch and payload formats (default: the exact MoE).")
     overridable = [f for f in added_settings() if f.metadata["evaluation_override"]]
     for config_field in overridable:
         # No default at all (SUPPRESS): a flag left out leaves no attribute, 'off' leaves None.
         if not config_field.name.startswith("lsh_"):  # payload formats act with or without LSH
-            suffix = " Instead of the run's."
+            suffix = " Instead of the run's with --lsh, of bf16 without."
         else:
             suffix = " With --lsh: instead of the run's" + (
                 " (and no controller)." if config_field.name == "lsh_error_bound" else ".")

@@ -19,7 +19,7 @@ from megatron_lsh.training.checkpointing import (
     iteration_dir,
 )
 from megatron_lsh.data.tokenizer import build_tokenizer
-from megatron_lsh.moe.config import settings_before_they_existed
+from megatron_lsh.moe.config import PAYLOAD_SETTINGS, settings_before_they_existed
 from megatron_lsh.moe.controller import CompressionController
 from megatron_lsh.training.arguments import flag_defaults
 from megatron_lsh.training.config import transformer_config_from_args
@@ -78,6 +78,8 @@ def load_for_inference(load_dir: str, lsh: bool = False, dtype=torch.float32,
     args.virtual_pipeline_model_parallel_size = None
     args.sequence_parallel = False
     args.lsh_enabled = lsh
+    if not lsh:  # the exact MoE: no approximation on the way to the experts and back either
+        vars(args).update({name: "bf16" for name in PAYLOAD_SETTINGS})
     args.lsh_gradient_study = None  # a training-time study; evaluation runs one path
     # One process has no other nodes: an inter-node run is evaluated as if every row crossed
     # one, its most compressed case.
