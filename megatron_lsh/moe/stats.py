@@ -29,7 +29,7 @@ class CompressionStats:
     centroids: int = 0
     """Rows LSH sent instead (one per cluster)."""
     exact_rows: int = 0
-    """Rows the error bound sent as themselves (no cluster kept them within it)."""
+    """Rows sent as themselves: no cluster kept them within the error bound or the merge threshold."""
     relative_error_sum: float = 0.0
     """Sum over token rows of ||x - c|| / ||x||, the distance to the centroid that replaced x."""
     dispatch_bytes: int = 0
