@@ -93,6 +93,7 @@ def write_report(summaries: Dict[str, Dict], docs: Path) -> None:
         lines += _ablation_section(corpus, ablations)
         points_by_corpus[corpus] = _pareto_points(ablations)
         lines += _frontier_section(corpus, ablations, points_by_corpus[corpus])
+        lines += _gradient_section(corpus, ablations, _group(summaries, corpus, "gradient"))
         lines += _bound_at_scale(corpus, summaries.get(f"{corpus}-bound_at_scale"))
         lines += _main_section(corpus, main, "main", "Main runs")
         lines += _main_section(corpus, scale, "scale", "The same tokens in steps four times larger "
@@ -172,6 +173,29 @@ def _frontier_section(corpus: str, ablations: Dict[str, Dict], points: List[tupl
             lines.append(f"- Nothing with LSH is ahead of {peer} ({peer_bytes:.3f}x bytes, {peer_ppl:.3f}x): "
                          "no LSH run has lower perplexity at its bytes or fewer bytes at its perplexity.")
     return lines + [""]
+
+
+def _gradient_section(corpus: str, ablations: Dict[str, Dict], runs: Dict[str, Dict]) -> List[str]:
+    """Merged tokens' gradients: each run's share of fixed cp6's gap to stock (same length)."""
+    stock, cp6 = ablations.get("stock"), ablations.get("cp6")
+    if not runs:
+        return [f"Merged tokens' gradients: not run yet (`python benchmarks/quality_study.py --corpus {corpus} "
+                "--groups gradient`).", ""]
+    if stock is None or cp6 is None or _ratio(cp6, stock) <= 1:
+        return ["Merged tokens' gradients: the ablations' stock and cp6 runs are missing (or cp6 has no gap).", ""]
+    gap = cp6["final_ppl"] - stock["final_ppl"]
+    lines = [f"### Merged tokens' gradients ({stock['iters']} iterations, fixed cp6, against its gap to stock)", "",
+             f"cp6 ends at {_ratio(cp6, stock):.3f}x stock ({cp6['final_ppl']:.2f} against {stock['final_ppl']:.2f}). "
+             "A rule (`--lsh-gradient-rule`) changes only the input gradient each member of a cluster gets, so it "
+             "sends cp6's bytes; a study mode (`--lsh-gradient-study`) trains on exact values with some of LSH's "
+             "gradients, which says where the gap comes from. Gap closed: (cp6 - run) / (cp6 - stock) in perplexity; "
+             "a study mode's 'gap left' is the part of cp6's gap its gradients alone cost.", "",
+             "| run | question | final val PPL | vs stock | gap closed | gap left |", "|---|---|---|---|---|---|"]
+    for name, s in runs.items():
+        closed = (cp6["final_ppl"] - s["final_ppl"]) / gap
+        lines.append(f"| {name} | {s.get('question', '')} | {s['final_ppl']:.2f} | {_ratio(s, stock):.3f}x | "
+                     f"{100 * closed:.0f}% | {100 * (1 - closed):.0f}% |")
+    return lines + ["", "Flags: " + "; ".join(f"{name}: `{' '.join(s['flags'])}`" for name, s in runs.items()), ""]
 
 
 def _bound_at_scale(corpus: str, summary: Optional[Dict]) -> List[str]:

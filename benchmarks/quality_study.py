@@ -17,7 +17,11 @@ model of its own. Groups of runs:
   difference a tie);
 * ``main``: --iters (at least 1500): stock, 8-bit payloads alone, the default;
 * ``scale``: the main runs' tokens in steps four times larger (micro-batches of 8192 tokens per
-  rank), so the doc shows how the gap moves with tokens per rank.
+  rank), so the doc shows how the gap moves with tokens per rank;
+* ``gradient``: --ablation-iters, fixed cp6 with each backward rule for merged tokens
+  (--lsh-gradient-rule, at cp6's bytes), and the study modes that split cp6's gap into its
+  gradient parts (exact values with LSH's gradients on everything, on the input only, on the
+  experts' weights only); against the ablations' stock and cp6.
 
 Per run, from its tensorboard events: validation perplexity against tokens and against bytes, the
 compression rate per layer, the relative error, all-to-all bytes (all four, as a bf16 run sends
@@ -78,7 +82,7 @@ DEFAULT_SEEDS = ("42", "7")
 class Variant:
     name: str
     flags: List[str]
-    group: str  # 'main', 'scale' or 'ablation'
+    group: str  # 'main', 'scale', 'ablation' or 'gradient'
     question: str = ""
     peer: bool = False  # 8-bit payloads without LSH: the low-precision peer
 
@@ -116,6 +120,8 @@ def plan() -> List[Variant]:
         Variant("mxfp8", ["--no-lsh", *MXFP8_ALL], "ablation", "8-bit payloads in all four directions", peer=True),
         Variant("bound 0.3 h16 + mxfp8", stacked(with_flags(bound, lsh_num_hashes="16"), MXFP8_ALL), "ablation",
                 "the bound with 16 levels of hashes, stacked"),
+        Variant("bound 0.2 h16 + mxfp8", stacked(with_flags(bound, lsh_num_hashes="16", lsh_error_bound="0.2"), MXFP8_ALL),
+                "ablation", "a tighter bound with 16 levels, stacked"),
         Variant("bound 0.5 h16 + mxfp8", stacked(with_flags(bound, lsh_num_hashes="16", lsh_error_bound="0.5"), MXFP8_ALL),
                 "ablation", "a looser bound with 16 levels, stacked"),
         Variant("cp6", CP6, "ablation", "fixed hashing, the paper's"),
@@ -127,7 +133,25 @@ def plan() -> List[Variant]:
     ]
     variants += [Variant(f"default seed {seed}", ["--lsh", "--lsh-seed", seed], "ablation",
                          "the default at another hash seed") for seed in DEFAULT_SEEDS]
+    # Merged tokens' gradients (against the ablations' stock and cp6): backward rules at cp6's
+    # bytes, then where cp6's gap comes from.
+    variants += [Variant(f"cp6 {rule}", with_flags(CP6, lsh_gradient_rule=rule), "gradient", question)
+                 for rule, question in GRADIENT_RULE_QUESTIONS.items()]
+    variants += [Variant(f"cp6 {study}", with_flags(CP6, lsh_gradient_study=study), "gradient", question)
+                 for study, question in GRADIENT_STUDY_QUESTIONS.items()]
     return variants
+
+
+GRADIENT_RULE_QUESTIONS = {
+    "share": "each member's share of the summed output gradient",
+    "straight_through": "the mean plus each member's own output-gradient deviation (alpha 1)",
+    "rotation": "the mean rotated from the centroid's direction to the member's",
+}
+GRADIENT_STUDY_QUESTIONS = {
+    "exact_values": "exact values, all of LSH's gradients: the whole gradient gap",
+    "lsh_input_gradients": "exact values, LSH's gradients on the layer's input only",
+    "lsh_expert_gradients": "exact values, LSH's gradients on the experts' weights only",
+}
 
 
 def run_key(corpus: str, variant: Variant) -> str:
@@ -135,7 +159,8 @@ def run_key(corpus: str, variant: Variant) -> str:
 
 
 def run_length(variant: Variant, args) -> int:
-    return {"main": args.iters, "scale": args.iters // SCALE, "ablation": args.ablation_iters}[variant.group]
+    return {"main": args.iters, "scale": args.iters // SCALE, "ablation": args.ablation_iters,
+            "gradient": args.ablation_iters}[variant.group]
 
 
 def execute(corpus: str, variant: Variant, iters: int, data: Dict[str, str], work: Path, port: int) -> Dict:
@@ -256,9 +281,10 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=1500, help="length of the main runs")
     parser.add_argument("--ablation-iters", type=int, default=600, help="length of the ablation runs")
     parser.add_argument("--corpus", default=",".join(CORPORA), help=f"comma-separated, of {', '.join(CORPORA)}")
-    parser.add_argument("--groups", default="ablation,bound_at_scale,main,scale",
+    parser.add_argument("--groups", default="ablation,bound_at_scale,main,scale,gradient",
                         help="comma-separated, of ablation, bound_at_scale (evaluations of the ablation stock "
-                             "run's model), main, scale")
+                             "run's model), main, scale, gradient (merged tokens' backward rules and where "
+                             "cp6's gap comes from)")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "quality_study")
     parser.add_argument("--only", default="", help="comma-separated run keys (corpus-group-name) to run")
     parser.add_argument("--fresh", action="store_true", help="run every chosen variant even if its summary exists")

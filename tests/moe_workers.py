@@ -55,7 +55,7 @@ def stock_vs_lsh_unclustered(rank, world_size, cases, tensor_parallel=1, expert_
     for overrides in cases:
         # Many fine hashes: random Gaussian tokens never share all 16 codes.
         settings = dict(lsh_num_hashes=16, lsh_num_buckets=8, **layout, **overrides)
-        stock_settings = {k: v for k, v in settings.items() if k != "lsh_gradient_study"}
+        stock_settings = {k: v for k, v in settings.items() if not k.startswith("lsh_gradient")}
         stock = build_moe_layer(moe_config(expert_parallel, lsh_enabled=False, **stock_settings))
         lsh = build_moe_layer(moe_config(expert_parallel, lsh_enabled=True, **settings))
         lsh.load_state_dict(stock.state_dict())
@@ -375,3 +375,46 @@ def merged_clusters_against_reference(rank, world_size):
     return {"max_difference": (out.view(-1, 64) - reference).abs().max().item(),
             "scale": reference.abs().max().item(), "rows": int(routing_map.sum()),
             "clusters_seen": clusters_seen, "stats_centroids": stats.centroids, "stats_rows": stats.tokens}
+
+
+def gradient_rules_on_merged_tokens(rank, world_size, rules):
+    """Per rule: outputs, input gradients and parameter gradients of one LSH layer (the same
+    weights and input for every rule) whose coarse hashing merges many rows."""
+    initialize_distributed(expert_model_parallel_size=world_size, seed=7)
+    generator = torch.Generator().manual_seed(100 + rank)
+    hidden = torch.randn(16, 2, 64, generator=generator)
+    grad = torch.randn(16, 2, 64, generator=generator)
+    results, weights = {}, None
+    for rule in rules:
+        layer = build_moe_layer(moe_config(world_size, lsh_num_hashes=1, lsh_num_buckets=2, lsh_gradient_rule=rule))
+        if weights is None:
+            weights = layer.state_dict()
+        layer.load_state_dict(weights)
+        x = hidden.clone().requires_grad_(True)
+        out, _ = layer(x)
+        out.backward(grad)
+        results[rule] = dict(out=out.detach(), grad_in=x.grad, rate=layer.token_dispatcher.last_stats.compression_rate,
+                             grad_params={n: p.grad for n, p in layer.named_parameters()})
+    return results
+
+
+def gradient_study_modes(rank, world_size, studies):
+    """Per study mode (and None: the stock layer): outputs and gradients of one layer (the same
+    weights and input for all) whose coarse hashing merges many rows."""
+    initialize_distributed(expert_model_parallel_size=world_size, seed=7)
+    generator = torch.Generator().manual_seed(100 + rank)
+    hidden = torch.randn(16, 2, 64, generator=generator)
+    grad = torch.randn(16, 2, 64, generator=generator)
+    results, weights = {}, None
+    for study in (None, *studies):
+        layer = build_moe_layer(moe_config(world_size, lsh_enabled=study is not None, lsh_num_hashes=1,
+                                           lsh_num_buckets=2, lsh_gradient_study=study))
+        if weights is None:
+            weights = layer.state_dict()
+        layer.load_state_dict(weights)
+        x = hidden.clone().requires_grad_(True)
+        out, _ = layer(x)
+        out.backward(grad)
+        results[study] = dict(out=out.detach(), grad_in=x.grad,
+                              grad_params={n: p.grad for n, p in layer.named_parameters()})
+    return results

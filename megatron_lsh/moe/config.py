@@ -14,6 +14,7 @@ import re
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_lsh.lsh.gradient_rules import GRADIENT_RULES
 from megatron_lsh.lsh.hashing import HASH_TYPES, MAX_TOTAL_BUCKETS
 from megatron_lsh.moe.payload import PAYLOAD_FORMATS, PayloadFormatError, check_payload_format
 from megatron_lsh.moe.topology import LSH_SCOPES
@@ -34,7 +35,7 @@ class LSHConfigError(ValueError):
 
 
 COMPENSATIONS = ("none", "residual", "expert_gain")
-GRADIENT_STUDIES = ("exact_gradients", "exact_values")
+GRADIENT_STUDIES = ("exact_gradients", "exact_values", "lsh_input_gradients", "lsh_expert_gradients")
 
 # What training runs with plain --lsh (the config's own defaults are the paper's fixed hashing):
 # every token within the bound of its centroid, as few centroids as that allows found over 16
@@ -150,8 +151,22 @@ class LSHTransformerConfig(TransformerConfig):
 
     lsh_gradient_study: Optional[str] = setting(
         None, "Study only (runs the experts twice): 'exact_gradients' trains with LSH forward values "
-        "and the exact MoE's gradients; 'exact_values' the other way round. Separates the two errors.",
+        "and the exact MoE's gradients; 'exact_values' the other way round. Separates the two errors. "
+        "'lsh_input_gradients': exact values, LSH's gradients on the layer's input only; "
+        "'lsh_expert_gradients': exact values, LSH's gradients on the experts' weights only.",
         value_type=str, choices=GRADIENT_STUDIES)
+
+    lsh_gradient_rule: str = setting(
+        "mean", "The input gradient each member of a cluster gets from its centroid's (no extra bytes): "
+        "'mean' an equal part (autograd of the mean); 'share' a part in proportion to the member's share "
+        "of the cluster's summed output gradient; 'straight_through' the mean plus lsh_gradient_alpha "
+        "times the member's own output gradient less the cluster's mean; 'rotation' the mean carried by "
+        "the rotation from the centroid's direction to the member's (Fifty et al. 2024).",
+        choices=GRADIENT_RULES, before_it_existed="mean")
+
+    lsh_gradient_alpha: float = setting(
+        1.0, "straight_through's factor on each member's own output gradient (the expert taken as "
+        "alpha times the identity around the centroid).", value_type=float, before_it_existed=1.0)
 
     lsh_scope: str = setting(
         "all", "Which rows LSH may merge: 'all' every row of the all-to-all; 'inter-node' only rows "
@@ -250,11 +265,30 @@ class LSHTransformerConfig(TransformerConfig):
                 f"lsh_gradient_study={self.lsh_gradient_study!r} is not supported; use one of "
                 f"{', '.join(repr(s) for s in GRADIENT_STUDIES)} or None"
             )
+        if self.lsh_gradient_rule not in GRADIENT_RULES:
+            raise LSHConfigError(
+                f"lsh_gradient_rule={self.lsh_gradient_rule!r} is not supported; use one of "
+                f"{', '.join(repr(r) for r in GRADIENT_RULES)}"
+            )
+        alpha = self.lsh_gradient_alpha
+        if isinstance(alpha, bool) or not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
+            raise LSHConfigError(f"lsh_gradient_alpha={alpha!r} must be a finite number (e.g. 1.0)")
+        if self.lsh_gradient_rule == "straight_through" and self.lsh_compensation != "none":
+            raise LSHConfigError(
+                f"lsh_gradient_rule='straight_through' is the backward of lsh_compensation="
+                f"{self.lsh_compensation!r} without its forward term; use one of them (the other "
+                "'mean' or 'none')"
+            )
         self._check_payload_formats()
         if not self.lsh_enabled:
             if self.lsh_gradient_study is not None:
                 raise LSHConfigError(
                     "lsh_gradient_study compares LSH with the exact MoE, so it needs lsh_enabled=True"
+                )
+            if self.lsh_gradient_rule != "mean":
+                raise LSHConfigError(
+                    f"lsh_gradient_rule={self.lsh_gradient_rule!r} is a rule for tokens LSH merges, so "
+                    "it needs lsh_enabled=True (--lsh); without LSH no token is merged"
                 )
             return
         if self.lsh_compensation == "expert_gain" and (self.expert_tensor_parallel_size or 1) > 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -89,12 +90,31 @@ class LSHMoELayer(MoELayer):
             return super().forward(hidden_states, intermediate_tensors, padding_mask)
         if not self.training:  # evaluation sees the values the study trains with
             return self._with_dispatcher(self._exact_dispatcher, hidden_states, padding_mask) \
-                if study == "exact_values" else super().forward(hidden_states, None, padding_mask)
+                if study != "exact_gradients" else super().forward(hidden_states, None, padding_mask)
+        if study in ("lsh_input_gradients", "lsh_expert_gradients"):
+            return self._split_gradients(hidden_states, padding_mask, lsh_for_inputs=study == "lsh_input_gradients")
         lsh_output, bias = super().forward(hidden_states, None, padding_mask)
         exact_output, _ = self._with_dispatcher(self._exact_dispatcher, hidden_states, padding_mask)
         if study == "exact_gradients":  # LSH values, the exact MoE's gradients
             return exact_output + (lsh_output - exact_output).detach(), bias
         return lsh_output + (exact_output - lsh_output).detach(), bias  # exact values, LSH gradients
+
+    def _split_gradients(self, hidden_states, padding_mask, lsh_for_inputs: bool):
+        """Exact values; LSH's gradients either on the layer's input alone (every weight gets the
+        exact MoE's) or on the experts' weights alone (the input, router and shared experts get
+        the exact MoE's). Each path runs with what it must not train detached."""
+        experts = list(self.experts.parameters())
+        everything = list(self.parameters())
+        if lsh_for_inputs:
+            with _detached(self, everything):
+                lsh_output, _ = super().forward(hidden_states, None, padding_mask)
+            exact_output, bias = self._with_dispatcher(self._exact_dispatcher, hidden_states.detach(), padding_mask)
+        else:
+            with _detached(self, [p for p in everything if not any(p is e for e in experts)]):
+                lsh_output, _ = super().forward(hidden_states.detach(), None, padding_mask)
+            with _detached(self, experts):
+                exact_output, bias = self._with_dispatcher(self._exact_dispatcher, hidden_states, padding_mask)
+        return exact_output + (lsh_output - lsh_output.detach()), bias
 
     def _with_dispatcher(self, dispatcher, hidden_states, padding_mask):
         lsh_dispatcher, self.token_dispatcher = self.token_dispatcher, dispatcher
@@ -112,6 +132,24 @@ class LSHMoELayer(MoELayer):
         super().set_layer_number(layer_number)
         if isinstance(self.token_dispatcher, PayloadAlltoAllTokenDispatcher):
             self.token_dispatcher.set_layer_number(layer_number, layer_name)
+
+
+@contextlib.contextmanager
+def _detached(root: torch.nn.Module, parameters):
+    """Within: each of ``parameters`` reads, in the modules of ``root`` that hold it, as a
+    detached view of itself (same values, no gradient). Study only."""
+    wanted = {id(p) for p in parameters}
+    swapped = []
+    for owner in root.modules():
+        for name, parameter in list(owner._parameters.items()):
+            if parameter is not None and id(parameter) in wanted:
+                swapped.append((owner, name, parameter))
+                owner._parameters[name] = parameter.detach()
+    try:
+        yield
+    finally:
+        for owner, name, parameter in swapped:
+            owner._parameters[name] = parameter
 
 
 def lsh_moe_layers(model: torch.nn.Module):

@@ -1,0 +1,135 @@
+"""Backward rules for merged tokens: which input gradient each member of a cluster receives.
+
+A cluster's centroid c is the mean of its members x_i; the experts run on c, and every member
+gets E(c) back (weighted by its own prob p_i). The backward then knows, per cluster, the centroid's
+input gradient G = J_E(c)^T S, S = sum_i p_i g_i the summed output gradients of the members, and,
+per member, its own output gradient h_i = p_i g_i. The exact gradient of member i would be
+J_E(x_i)^T h_i; no rule may send more bytes than G, so each guesses it from G, h_i and x_i:
+
+- 'mean' (autograd of the mean): G / n for every member; exact when all h_i are equal.
+- 'share': w_i G with w_i = <h_i, S> / ||S||^2 (the w_i sum to 1); exact when the h_i are parallel.
+- 'straight_through': G / n + alpha (h_i - S / n): each member's own deviation from the cluster's
+  mean output gradient, passed as if the expert were alpha times the identity around c (the
+  backward of the paper's residual compensation, without its forward term).
+- 'rotation': the rotation trick (Fifty et al. 2024) per member: (||c|| / ||x_i||) R_i^T (G / n),
+  R_i the rotation taking x_i's direction to c's in the plane of the two.
+
+Every rule gives a singleton cluster exactly its centroid's gradient. Rules other than 'mean' are
+a pair of autograd functions sharing one ``MemberGradients`` per forward pass: the expansion's
+backward (which runs first) leaves what it learns about each member, the merge's backward uses it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+GRADIENT_RULES = ("mean", "share", "straight_through", "rotation")
+
+
+class MemberGradients:
+    """What one forward pass's expansion backward tells its merge backward, per member row.
+
+    rule: one of GRADIENT_RULES other than 'mean'; alpha: straight_through's factor.
+    After the expansion's backward: ``shares`` [N] ('share') or ``deviations`` [N, hidden]
+    ('straight_through'); both None until then (the merge then falls back to the mean).
+    """
+
+    def __init__(self, rule: str, alpha: float = 1.0):
+        if rule not in GRADIENT_RULES or rule == "mean":
+            raise ValueError(f"gradient rule {rule!r}: use one of {', '.join(GRADIENT_RULES[1:])}")
+        self.rule, self.alpha = rule, alpha
+        self.shares: Optional[torch.Tensor] = None
+        self.deviations: Optional[torch.Tensor] = None
+
+    def learn(self, member_grads: torch.Tensor, token_to_cluster: torch.Tensor, cluster_sizes: torch.Tensor,
+              cluster_grads: torch.Tensor) -> None:
+        """From each member's output gradient h_i [N, hidden] and their sums S [C, hidden] (fp32)."""
+        if self.rule == "share":
+            summed = cluster_grads.index_select(0, token_to_cluster)
+            norm_sq = cluster_grads.square().sum(dim=1).index_select(0, token_to_cluster)
+            even = 1.0 / cluster_sizes.index_select(0, token_to_cluster).to(member_grads.dtype)
+            # A cluster whose gradients cancel (S = 0) has no direction to share along: the mean.
+            self.shares = torch.where(norm_sq > 0, (member_grads * summed).sum(dim=1) / norm_sq.clamp(min=1e-30),
+                                      even)
+        elif self.rule == "straight_through":
+            mean = cluster_grads / cluster_sizes.unsqueeze(1).to(cluster_grads.dtype)
+            self.deviations = self.alpha * (member_grads - mean.index_select(0, token_to_cluster))
+
+
+class _MergeToCentroids(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tokens, token_to_cluster, cluster_sizes, num_clusters: int, members: MemberGradients):
+        accumulate_dtype = torch.promote_types(tokens.dtype, torch.float32)
+        sums = torch.zeros(num_clusters, tokens.size(1), dtype=accumulate_dtype, device=tokens.device)
+        sums.index_add_(0, token_to_cluster, tokens.to(accumulate_dtype))
+        centroids = sums / cluster_sizes.unsqueeze(1).to(accumulate_dtype)
+        ctx.members = members
+        ctx.save_for_backward(token_to_cluster, cluster_sizes,
+                              tokens if members.rule == "rotation" else None,
+                              centroids if members.rule == "rotation" else None)
+        return centroids.to(tokens.dtype)
+
+    @staticmethod
+    def backward(ctx, centroid_grads):
+        token_to_cluster, cluster_sizes, tokens, centroids = ctx.saved_tensors
+        members: MemberGradients = ctx.members
+        grads = centroid_grads.float()
+        per_member = (grads / cluster_sizes.unsqueeze(1).float()).index_select(0, token_to_cluster)
+        if members.rule == "share" and members.shares is not None:
+            per_member = grads.index_select(0, token_to_cluster) * members.shares.unsqueeze(1)
+        elif members.rule == "straight_through" and members.deviations is not None:
+            per_member = per_member + members.deviations
+        elif members.rule == "rotation":
+            per_member = rotated(per_member, tokens.float(), centroids.float().index_select(0, token_to_cluster))
+        members.shares = members.deviations = None  # one backward per forward
+        return per_member.to(centroid_grads.dtype), None, None, None, None
+
+
+class _ExpandFromCentroids(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, centroid_values, token_to_cluster, cluster_sizes, members: MemberGradients):
+        ctx.members = members
+        ctx.num_clusters = centroid_values.size(0)
+        ctx.save_for_backward(token_to_cluster, cluster_sizes)
+        return centroid_values.index_select(0, token_to_cluster)
+
+    @staticmethod
+    def backward(ctx, member_grads):
+        token_to_cluster, cluster_sizes = ctx.saved_tensors
+        accumulate_dtype = torch.promote_types(member_grads.dtype, torch.float32)
+        member_grads32 = member_grads.to(accumulate_dtype)
+        sums = torch.zeros(ctx.num_clusters, member_grads.size(1), dtype=accumulate_dtype, device=member_grads.device)
+        sums.index_add_(0, token_to_cluster, member_grads32)
+        ctx.members.learn(member_grads32, token_to_cluster, cluster_sizes, sums)
+        return sums.to(member_grads.dtype), None, None, None
+
+
+def rotated(grads: torch.Tensor, tokens: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """(||c|| / ||x||) R^T g per row, R the rotation taking x's direction to c's (identity off
+    their plane): R^T g = g - 2 r <r, g> + 2 x^ <c^, g>, r = (x^ + c^) / ||x^ + c^||."""
+    x_norm = tokens.norm(dim=1, keepdim=True).clamp(min=1e-30)
+    c_norm = centroids.norm(dim=1, keepdim=True).clamp(min=1e-30)
+    x_hat, c_hat = tokens / x_norm, centroids / c_norm
+    half_way = x_hat + c_hat
+    half_way_norm = half_way.norm(dim=1, keepdim=True)
+    # Opposite directions (x^ = -c^) have no single rotation between them: leave those rows alone.
+    opposite = half_way_norm < 1e-6
+    r = half_way / half_way_norm.clamp(min=1e-6)
+    rotated_grads = grads - 2 * r * (r * grads).sum(dim=1, keepdim=True) + 2 * x_hat * (c_hat * grads).sum(dim=1, keepdim=True)
+    return torch.where(opposite, grads, rotated_grads * (c_norm / x_norm))
+
+
+def merge_to_centroids(tokens: torch.Tensor, token_to_cluster: torch.Tensor, cluster_sizes: torch.Tensor,
+                       members: MemberGradients) -> torch.Tensor:
+    """[C, hidden] means of the clusters (half precision summed in fp32), whose backward follows
+    ``members.rule``."""
+    return _MergeToCentroids.apply(tokens, token_to_cluster, cluster_sizes, cluster_sizes.numel(), members)
+
+
+def expand_from_centroids(centroid_values: torch.Tensor, token_to_cluster: torch.Tensor,
+                          cluster_sizes: torch.Tensor, members: MemberGradients) -> torch.Tensor:
+    """[N, hidden] each member's row of its cluster's value; its backward sums the members'
+    gradients (as a gather's would) and tells ``members`` what it saw."""
+    return _ExpandFromCentroids.apply(centroid_values, token_to_cluster, cluster_sizes, members)
