@@ -139,3 +139,36 @@ def one_process_runs(rank, world_size, gpt_flags, t5_flags, work_dir, valid_json
     destroy_distributed()
     convert(["--load", save, "--output", f"{work_dir}/hf"])
     return {"histories": histories, "evaluated": evaluated}
+
+
+def import_and_compare(rank, world_size, hf_dir, save_dir, back_dir, upcycle):
+    """Import a Hugging Face model (upcycling a dense one when ``upcycle``), and compare logits:
+    megatron-lsh's of the import against transformers' of the original, and (no upcycling)
+    transformers' of the import converted back against the original's."""
+    import megatron_lsh  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_lsh.checkpoint.convert import convert
+    from megatron_lsh.checkpoint.import_hf import import_hf
+    from megatron_lsh.checkpoint.loading import load_for_inference
+
+    flags = import_hf(hf_dir, save_dir, upcycle=upcycle)
+    loaded = load_for_inference(save_dir)
+    original = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    vocab = original.config.vocab_size
+    ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(5))
+    result = {"flags": flags, "tokenizer": type(loaded.tokenizer).__name__}
+    with torch.no_grad():
+        theirs = original(ids).logits
+        ours = loaded.model(ids, torch.arange(ids.size(1)).unsqueeze(0).expand(2, -1), None)
+        result["import_difference"] = (ours[..., :vocab] - theirs).abs().max().item()
+        result["logit_scale"] = theirs.abs().max().item()
+        if not upcycle:
+            convert(save_dir, back_dir)
+            back = AutoModelForCausalLM.from_pretrained(back_dir, dtype=torch.float32).eval()
+            result["round_trip_difference"] = (back(ids).logits - theirs).abs().max().item()
+            result["back_architecture"] = type(back).__name__
+    text = "The king speaks of the crown.\nA fool dreams of the sea!"
+    result["same_ids"] = loaded.tokenizer.tokenize(text) == AutoTokenizer.from_pretrained(hf_dir)(
+        text, add_special_tokens=False).input_ids
+    return result

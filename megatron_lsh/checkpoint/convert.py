@@ -31,6 +31,7 @@ from megatron_lsh.checkpoint.hf_export import (
     switch_state_dict,
 )
 from megatron_lsh.checkpoint.hf_tokenizer import save_hf_tokenizer
+from megatron_lsh.data.tokenizer import HuggingFaceTokenizer
 from megatron_lsh.checkpoint.loading import load_for_inference, saved_run
 
 MODEL_OF_TASK = {"GPT-MoE": "gpt", "T5-MoE": "t5"}
@@ -61,7 +62,10 @@ def convert(load_dir: str, output_dir: str, dtype: str = "fp32") -> str:
     with open(os.path.join(output_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     save_safetensors(weights, output_dir, DTYPES[dtype])
-    save_hf_tokenizer(args.tokenizer_model, output_dir, model_max_length=args.max_position_embeddings)
+    if isinstance(tokenizer, HuggingFaceTokenizer):  # the model's own, as it came
+        tokenizer.save(output_dir)
+    else:
+        save_hf_tokenizer(args.tokenizer_model, output_dir, model_max_length=args.max_position_embeddings)
     return architecture
 
 

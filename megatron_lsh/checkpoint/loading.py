@@ -14,6 +14,7 @@ from megatron.core import dist_checkpointing
 
 from megatron_lsh.training.checkpointing import (
     TOKENIZER_COPY,
+    TOKENIZER_DIR_COPY,
     CheckpointError,
     find_latest_checkpoint,
     iteration_dir,
@@ -60,6 +61,9 @@ def task_of_run(task_name: str):
 
 def tokenizer_model_path(load_dir: str, args: dict) -> str:
     """The tokenizer saved with the run (copied beside its checkpoints), else the one it named."""
+    if args.get("tokenizer_type") == "HuggingFaceTokenizer":
+        copy = os.path.join(load_dir, TOKENIZER_DIR_COPY)
+        return copy if os.path.isdir(copy) else args.get("tokenizer_model")
     copy = os.path.join(load_dir, TOKENIZER_COPY)
     return copy if os.path.isfile(copy) else args.get("tokenizer_model")
 

@@ -1,5 +1,9 @@
 """Tokenizers with the interface megatron-core's datasets read (eod, pad, vocab_size, ...).
 
+``HuggingFaceTokenizer`` reads a Hugging Face model's tokenizer directory (Megatron-LM's
+``--tokenizer-type HuggingFaceTokenizer``), so a corpus is preprocessed with the vocabulary of the
+model it continues.
+
 ``SentencePieceTokenizer`` wraps a model trained by ``train_sentencepiece`` (data_tools/
 train_tokenizer.py): pad, eos, unk and bos are pieces 0-3 (T5's layout; other formats find them by
 their strings), and T5-style sentinels ``<extra_id_N>``, when asked for, are pieces of the model
@@ -15,7 +19,12 @@ from functools import cached_property
 from typing import Dict, Iterable, List, Sequence
 
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "NullTokenizer")
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+
+# The files of a Hugging Face tokenizer directory that define its ids (what the fingerprint hashes
+# and what a checkpoint copies).
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                      "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model")
 
 
 class TokenizerError(ValueError):
@@ -158,6 +167,82 @@ def train_sentencepiece(
     return model_prefix + ".model"
 
 
+class HuggingFaceTokenizer:
+    """A Hugging Face tokenizer directory (a model's own, e.g. one `import_hf` imports), loaded
+    with ``AutoTokenizer`` from local files only. Documents end with its end-of-sequence token."""
+
+    def __init__(self, model_dir: str):
+        files = [name for name in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(model_dir or "", name))]
+        if not model_dir or not os.path.isdir(model_dir) or not files:
+            raise TokenizerError(
+                f"--tokenizer-model {model_dir}: not a Hugging Face tokenizer directory (no "
+                "tokenizer.json, tokenizer_config.json or vocabulary file); pass the model's directory")
+        from transformers import AutoTokenizer
+
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        except Exception as error:  # transformers raises many kinds; one line for the user
+            raise TokenizerError(f"--tokenizer-model {model_dir}: transformers cannot load it ({error})") from None
+        self.model_path = model_dir
+        if self._tokenizer.eos_token_id is None:
+            raise TokenizerError(f"--tokenizer-model {model_dir} has no end-of-sequence token, which ends every "
+                                 "document in the data; set eos_token in its tokenizer_config.json")
+        self.vocab_size = len(self._tokenizer)
+        digest = hashlib.sha256()
+        for name in files:
+            digest.update(name.encode() + b"\0" + file_fingerprint(os.path.join(model_dir, name)).encode())
+        self.fingerprint = digest.hexdigest()
+        self.unique_identifiers = OrderedDict(
+            [("class", type(self).__name__), ("tokenizer_path", [model_dir]), ("fingerprint", self.fingerprint)])
+
+    @property
+    def eos(self) -> int:
+        return self._tokenizer.eos_token_id
+
+    @property
+    def eod(self) -> int:
+        return self.eos
+
+    @property
+    def bos(self):
+        return self._tokenizer.bos_token_id
+
+    @property
+    def pad(self) -> int:
+        """Its padding token, or the end of sequence for tokenizers without one (Llama's)."""
+        pad = self._tokenizer.pad_token_id
+        return self.eos if pad is None else pad
+
+    @property
+    def unk(self):
+        return self._tokenizer.unk_token_id
+
+    cls = None
+    sep = None
+
+    @property
+    def additional_special_tokens_ids(self) -> List[int]:
+        """T5 sentinels <extra_id_N> the tokenizer holds, in order."""
+        ids = []
+        while (token := self._tokenizer.convert_tokens_to_ids(f"<extra_id_{len(ids)}>")) not in (None, self.unk):
+            ids.append(token)
+        return ids
+
+    @property
+    def mask(self):
+        return self.unk
+
+    def tokenize(self, text: str) -> List[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode([int(i) for i in ids])
+
+    def save(self, output_dir: str) -> None:
+        """The tokenizer's files in output_dir (a Hugging Face export's)."""
+        self._tokenizer.save_pretrained(output_dir)
+
+
 class NullTokenizer:
     """Token ids as text of integers; for --mock-data. The last id is the end of document."""
 
@@ -185,6 +270,11 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None, voc
         if not tokenizer_model:
             raise TokenizerError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model")
         return SentencePieceTokenizer(tokenizer_model)
+    if tokenizer_type == "HuggingFaceTokenizer":
+        if not tokenizer_model:
+            raise TokenizerError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR (the model's "
+                                 "Hugging Face directory)")
+        return HuggingFaceTokenizer(tokenizer_model)
     if tokenizer_type == "NullTokenizer":
         return NullTokenizer(vocab_size)
     raise TokenizerError(

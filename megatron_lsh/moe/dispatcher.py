@@ -393,7 +393,7 @@ class LSHAlltoAllTokenDispatcher(PayloadAlltoAllTokenDispatcher):
         return self._clusters.clusters_per_group
 
     def _rows_per_tp_peer(self):
-        sent = torch.tensor([int(r) for r in self.output_splits_tp], dtype=torch.float64)  # host list
+        sent, _ = super()._rows_per_tp_peer()  # centroids; stock would have sent every token row
         return sent.to(self._stock_rows_per_tp_peer.device), self._stock_rows_per_tp_peer
 
     def _compression_counts(self) -> dict:

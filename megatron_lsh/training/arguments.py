@@ -509,3 +509,7 @@ def validate_args(args, world_size: int) -> None:
             raise ArgumentError(f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model")
         if not os.path.isfile(args.tokenizer_model):
             raise ArgumentError(f"--tokenizer-model {args.tokenizer_model}: no such file")
+    if args.tokenizer_type == "HuggingFaceTokenizer":
+        if not args.tokenizer_model or not os.path.isdir(args.tokenizer_model):
+            raise ArgumentError(f"--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR, a Hugging Face "
+                                f"model or tokenizer directory (got {args.tokenizer_model})")

@@ -7,7 +7,7 @@ Layout, Megatron-LM style:
                                               expert-parallel layout), scheduler, iteration,
                                               consumed samples, arguments (common state)
     SAVE/iter_0000100/rng/rank_00000.pt       each rank's RNG streams
-    SAVE/tokenizer.model                      the run's tokenizer
+    SAVE/tokenizer.model                      the run's tokenizer (SAVE/tokenizer/: a Hugging Face one)
 
 A checkpoint is written into ``iter_N.partial`` and renamed to ``iter_N`` only when every rank has
 finished; the tracker is replaced atomically afterwards. A crash mid-save leaves the previous
@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 TOKENIZER_COPY = "tokenizer.model"
+# A Hugging Face tokenizer (a directory of files) travels as a directory.
+TOKENIZER_DIR_COPY = "tokenizer"
 COMPLETE_MARKER = "complete"
 
 
@@ -167,7 +169,9 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, cons
         os.makedirs(partial)  # dist_checkpointing writes into an existing, empty directory
         # The run's tokenizer travels with its checkpoints, for conversion and evaluation.
         tokenizer = getattr(args, "tokenizer_model", None)
-        if tokenizer and not os.path.isfile(os.path.join(root, TOKENIZER_COPY)):
+        if tokenizer and os.path.isdir(tokenizer):
+            _copy_tokenizer_dir(tokenizer, os.path.join(root, TOKENIZER_DIR_COPY))
+        elif tokenizer and not os.path.isfile(os.path.join(root, TOKENIZER_COPY)):
             shutil.copy(tokenizer, os.path.join(root, TOKENIZER_COPY + ".tmp"))
             os.replace(os.path.join(root, TOKENIZER_COPY + ".tmp"), os.path.join(root, TOKENIZER_COPY))
     _barrier()
@@ -201,6 +205,21 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, cons
         os.replace(tracker + ".tmp", tracker)
     _barrier()
     return final
+
+
+def _copy_tokenizer_dir(source: str, target: str) -> None:
+    """A Hugging Face tokenizer's files (only those; not the model's weights) into target, once."""
+    from megatron_lsh.data.tokenizer import HF_TOKENIZER_FILES
+
+    if os.path.isdir(target) or os.path.abspath(source) == os.path.abspath(target):
+        return
+    partial = target + ".tmp"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    for name in HF_TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copy(os.path.join(source, name), os.path.join(partial, name))
+    os.replace(partial, target)
 
 
 @dataclass
