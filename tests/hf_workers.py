@@ -152,21 +152,36 @@ def import_and_compare(rank, world_size, hf_dir, save_dir, back_dir, upcycle):
     from megatron_lsh.checkpoint.import_hf import import_hf
     from megatron_lsh.checkpoint.loading import load_for_inference
 
+    from megatron.core.datasets.t5_dataset import T5MaskedWordPieceDataset
+    from transformers import AutoModelForSeq2SeqLM
+
     flags = import_hf(hf_dir, save_dir, upcycle=upcycle)
     loaded = load_for_inference(save_dir)
-    original = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    seq2seq = loaded.task_name == "T5-MoE"
+    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    original = auto.from_pretrained(hf_dir, dtype=torch.float32).eval()
     vocab = original.config.vocab_size
     ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(5))
+    decoder_ids = ids[:, :10]
+
+    def hf_logits(model):
+        return model(input_ids=ids, decoder_input_ids=decoder_ids).logits if seq2seq else model(ids).logits
+
     result = {"flags": flags, "tokenizer": type(loaded.tokenizer).__name__}
     with torch.no_grad():
-        theirs = original(ids).logits
-        ours = loaded.model(ids, torch.arange(ids.size(1)).unsqueeze(0).expand(2, -1), None)
+        theirs = hf_logits(original)
+        if seq2seq:
+            masks = T5MaskedWordPieceDataset.config_attention_mask(
+                ids, decoder_ids, torch.ones_like(ids), torch.ones_like(decoder_ids), use_local=True)
+            ours = loaded.model(ids, decoder_ids, *masks)
+        else:
+            ours = loaded.model(ids, torch.arange(ids.size(1)).unsqueeze(0).expand(2, -1), None)
         result["import_difference"] = (ours[..., :vocab] - theirs).abs().max().item()
         result["logit_scale"] = theirs.abs().max().item()
         if not upcycle:
             convert(save_dir, back_dir)
-            back = AutoModelForCausalLM.from_pretrained(back_dir, dtype=torch.float32).eval()
-            result["round_trip_difference"] = (back(ids).logits - theirs).abs().max().item()
+            back = auto.from_pretrained(back_dir, dtype=torch.float32).eval()
+            result["round_trip_difference"] = (hf_logits(back) - theirs).abs().max().item()
             result["back_architecture"] = type(back).__name__
     text = "The king speaks of the crown.\nA fool dreams of the sea!"
     result["same_ids"] = loaded.tokenizer.tokenize(text) == AutoTokenizer.from_pretrained(hf_dir)(

@@ -1,4 +1,5 @@
-"""Import from Hugging Face: tiny models made by transformers from a config (no downloads) become
+"""Import from Hugging Face: tiny models made by transformers from a config (no downloads; Mixtral,
+Qwen3-MoE, Switch Transformers, and dense Qwen3 and Llama to upcycle) become
 megatron-lsh checkpoints whose logits are transformers', export back to the same model, upcycle
 a dense model to an MoE that starts as the dense one, and continue training at other layouts."""
 
@@ -35,8 +36,15 @@ def save_tiny(kind, directory, tokenizer, **overrides):
             num_hidden_layers=2, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)),
         "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_hidden_layers=2, head_dim=16, intermediate_size=96)),
         "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_hidden_layers=2, intermediate_size=96)),
+        # T5's tied head (output scaled by d_model^-0.5); capacity past every token: dropless.
+        "switch_transformers": ("SwitchTransformersConfig", "SwitchTransformersForConditionalGeneration", dict(
+            d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=2, num_heads=4, num_experts=4,
+            num_sparse_encoder_layers=1, num_sparse_decoder_layers=2, expert_capacity=1000, router_jitter_noise=0.0,
+            dropout_rate=0.0, tie_word_embeddings=True)),
     }[kind]
-    config = getattr(transformers, config_class)(vocab_size=300, **{**TINY, **settings, **overrides})
+    common = {} if kind == "switch_transformers" else TINY
+    vocab = 340 if kind == "switch_transformers" else 300
+    config = getattr(transformers, config_class)(vocab_size=vocab, **{**common, **settings, **overrides})
     torch.manual_seed(0)
     model = getattr(transformers, model_class)(config)
     with torch.no_grad():  # logits far from a fresh model's, whose loss is about ln(300) = 5.7
@@ -50,12 +58,13 @@ def save_tiny(kind, directory, tokenizer, **overrides):
 def imports(corpus, tmp_path_factory):
     """Per kind: the original's directory and what importing it gave."""
     work = tmp_path_factory.mktemp("imports")
-    cases = {"qwen3_moe": None, "mixtral": None, "qwen3": {"num_experts": 4, "topk": 2},
+    cases = {"qwen3_moe": None, "mixtral": None, "switch_transformers": None, "qwen3": {"num_experts": 4, "topk": 2},
              "llama": {"num_experts": 4, "topk": 2}}
     results = {}
     for kind, upcycle in cases.items():
         overrides = {"tie_word_embeddings": True} if kind == "llama" else {}
-        hf_dir = save_tiny(kind, work / kind, corpus["tokenizer"], **overrides)
+        tokenizer = corpus["t5_tokenizer"] if kind == "switch_transformers" else corpus["tokenizer"]
+        hf_dir = save_tiny(kind, work / kind, tokenizer, **overrides)
         [result] = run_distributed(import_and_compare, 1, str(hf_dir), str(work / f"{kind}-ckpt"),
                                    str(work / f"{kind}-back"), upcycle)
         results[kind] = dict(result, hf_dir=hf_dir, save=work / f"{kind}-ckpt")
@@ -63,12 +72,13 @@ def imports(corpus, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "switch_transformers"])
 def test_an_imported_moe_gives_transformers_logits_and_exports_back_to_the_same_model(imports, kind):
     result = imports[kind]
     assert result["import_difference"] < 1e-4 * max(1.0, result["logit_scale"])
     assert result["round_trip_difference"] < 1e-5
-    assert result["back_architecture"] == {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}[kind]
+    assert result["back_architecture"] == {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+                                           "switch_transformers": "SwitchTransformersForConditionalGeneration"}[kind]
     assert result["tokenizer"] == "HuggingFaceTokenizer" and result["same_ids"]
 
 

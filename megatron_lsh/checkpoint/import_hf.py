@@ -4,8 +4,10 @@
     python -m megatron_lsh.checkpoint.import_hf --hf-model hf/Qwen3-0.6B --save checkpoints/up \\
         --moe-upcycle --num-experts 8 --moe-router-topk 2
 
-Reads config.json and the safetensors weights (the hub's layout) of MixtralForCausalLM or
-Qwen3MoeForCausalLM (dense and MoE layers interleaved, q/k norms), or of a dense Qwen3 / Llama model
+Reads config.json and the safetensors weights (the hub's layout) of MixtralForCausalLM,
+Qwen3MoeForCausalLM (dense and MoE layers interleaved, q/k norms) or
+SwitchTransformersForConditionalGeneration (a T5-MoE, trained on dropless: its expert capacity is
+not kept), or of a dense Qwen3 / Llama model
 with ``--moe-upcycle`` (sparse upcycling, Komatsuzaki et al. 2023: every expert starts as a copy of
 the layer's MLP; with the top-k weights renormalised to sum to 1, the MoE's first forward is the
 dense model's whatever the router says). Writes iteration 0 of a checkpoint (model weights only,
@@ -40,14 +42,16 @@ from megatron_lsh.data.tokenizer import HuggingFaceTokenizer, TokenizerError
 from megatron_lsh.training.arguments import ArgumentError, parse_args, validate_args
 from megatron_lsh.training.checkpointing import CheckpointError, find_latest_checkpoint, save_checkpoint
 from megatron_lsh.training.config import transformer_config_from_args
+from megatron_lsh.models.architectures import switch_sparse_pattern
 from megatron_lsh.training.gpt_task import GPT_TASK
+from megatron_lsh.training.t5_task import T5_TASK, add_t5_args
 from megatron_lsh.training.initialize import free_port, initialize_distributed
 from megatron_lsh.training.task import padded_vocab_size
 
 logger = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
-MOE_TYPES = ("mixtral", "qwen3_moe")
+MOE_TYPES = ("mixtral", "qwen3_moe", "switch_transformers")
 DENSE_TYPES = ("qwen3", "llama")  # with --moe-upcycle
 # The MoE architecture each dense one becomes (Qwen3's q/k norms are Qwen3-MoE's).
 UPCYCLED_AS = {"qwen3": "qwen3_moe", "llama": "mixtral"}
@@ -133,6 +137,8 @@ def model_flags(config: dict, hf_dir: str, upcycle: Optional[dict] = None) -> Li
                             "--moe-upcycle --num-experts N to start every expert as a copy of its MLP")
     if model_type in MOE_TYPES and upcycle is not None:
         raise HFImportError(f"--moe-upcycle: {path} is already an MoE ({model_type}); drop --moe-upcycle")
+    if model_type == "switch_transformers":
+        return _switch_flags(config, path)
     _require(config, path, "hidden_act", ("silu",), "the experts are SwiGLU")
     for field in ("attention_bias", "mlp_bias"):
         _require(config, path, field, (None, False), "megatron-lsh's decoder layers have no biases")
@@ -187,6 +193,34 @@ def model_flags(config: dict, hf_dir: str, upcycle: Optional[dict] = None) -> Li
     return flags
 
 
+def _switch_flags(config: dict, path: str) -> List[str]:
+    """SwitchTransformers: T5 with experts in every sparse_step-th layer, top-1 routing."""
+    def field(*names):
+        return _field(config, path, *names)
+
+    _require(config, path, "dense_act_fn", ("relu",), "the MLPs are ReLU")
+    _require(config, path, "is_gated_act", (None, False), "the MLPs are not gated")
+    _require(config, path, "router_bias", (None, False), "the router has no bias")
+    encoder_layers, decoder_layers = field("num_layers"), config.get("num_decoder_layers") or field("num_layers")
+    patterns = []
+    for layers, sparse in ((encoder_layers, config.get("num_sparse_encoder_layers", 0)),
+                           (decoder_layers, config.get("num_sparse_decoder_layers", 0))):
+        patterns += switch_sparse_pattern(layers, layers // sparse if sparse else 0)
+    logger.info("%s: expert_capacity %s is not kept; megatron-lsh trains dropless", path, config.get("expert_capacity"))
+    return [
+        "--hf-architecture", "switch_transformers", "--encoder-num-layers", str(encoder_layers),
+        "--decoder-num-layers", str(decoder_layers), "--hidden-size", str(field("d_model")),
+        "--num-attention-heads", str(field("num_heads")), "--kv-channels", str(field("d_kv")),
+        "--ffn-hidden-size", str(field("d_ff")), "--num-experts", str(field("num_experts")), "--moe-router-topk", "1",
+        "--moe-layer-freq", "[" + ",".join(map(str, patterns)) + "]",
+        "--norm-epsilon", repr(float(config.get("layer_norm_epsilon", 1e-6))),
+        "--relative-attention-num-buckets", str(config.get("relative_attention_num_buckets", 32)),
+        "--relative-attention-max-distance", str(config.get("relative_attention_max_distance", 128)),
+        "--make-vocab-size-divisible-by", str(field("vocab_size")),
+        "--moe-aux-loss-coeff", repr(float(config.get("router_aux_loss_coef", 0.0))),
+    ]
+
+
 def _fused_qkv(q: Tensor, k: Tensor, v: Tensor, groups: int, head_dim: int) -> Tensor:
     """Separate q, k, v projections as megatron-core's fused rows: per query group, its query
     heads, then its key, then its value."""
@@ -196,8 +230,65 @@ def _fused_qkv(q: Tensor, k: Tensor, v: Tensor, groups: int, head_dim: int) -> T
     return torch.cat([q, k, v], dim=1).reshape(-1, hidden)
 
 
+def _fused_kv(k: Tensor, v: Tensor, groups: int, head_dim: int) -> Tensor:
+    """Cross-attention's k and v as megatron-core's fused rows, [k, v] per group."""
+    hidden = k.size(-1)
+    return torch.cat([k.reshape(groups, head_dim, hidden), v.reshape(groups, head_dim, hidden)], dim=1).reshape(-1, hidden)
+
+
+def switch_megatron_state_dict(weights: Dict[str, Tensor], config: dict, args) -> Dict[str, Tensor]:
+    heads, head_dim = args.num_attention_heads, args.kv_channels
+    # A tied LM head reads the decoder output scaled by d_model^-0.5: untied, the scale goes into it.
+    tied = config.get("tie_word_embeddings", True)
+    output = weights["shared.weight"] * args.hidden_size ** -0.5 if tied else weights["lm_head.weight"]
+    out = {
+        "embedding.word_embeddings.weight": weights["shared.weight"],
+        "output_layer.weight": output,
+        "lm_head.output_layer.weight": output,  # megatron-core's T5 holds the layer under both names
+        "encoder_relative_pos_emb.relative_attention_bias.weight":
+            weights["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"],
+        "decoder_relative_pos_emb.relative_attention_bias.weight":
+            weights["decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"],
+        "encoder.final_layernorm.weight": weights["encoder.final_layer_norm.weight"],
+        "decoder.final_layernorm.weight": weights["decoder.final_layer_norm.weight"],
+    }
+    pattern = list(args.moe_layer_freq)
+    stacks = (("encoder", pattern[:args.encoder_num_layers], False), ("decoder", pattern[args.encoder_num_layers:], True))
+    for stack, sparse_layers, decoder in stacks:
+        for i, sparse in enumerate(sparse_layers):
+            src, dst = f"{stack}.block.{i}", f"{stack}.layers.{i}"
+            attention = f"{src}.layer.0.SelfAttention"
+            out[f"{dst}.input_layernorm.weight"] = weights[f"{src}.layer.0.layer_norm.weight"]
+            out[f"{dst}.self_attention.linear_qkv.weight"] = _fused_qkv(
+                weights[f"{attention}.q.weight"], weights[f"{attention}.k.weight"], weights[f"{attention}.v.weight"],
+                heads, head_dim)
+            out[f"{dst}.self_attention.linear_proj.weight"] = weights[f"{attention}.o.weight"]
+            mlp_index = 1
+            if decoder:
+                cross = f"{src}.layer.1.EncDecAttention"
+                out[f"{dst}.pre_cross_attn_layernorm.weight"] = weights[f"{src}.layer.1.layer_norm.weight"]
+                out[f"{dst}.cross_attention.linear_q.weight"] = weights[f"{cross}.q.weight"]
+                out[f"{dst}.cross_attention.linear_kv.weight"] = _fused_kv(
+                    weights[f"{cross}.k.weight"], weights[f"{cross}.v.weight"], heads, head_dim)
+                out[f"{dst}.cross_attention.linear_proj.weight"] = weights[f"{cross}.o.weight"]
+                mlp_index = 2
+            ff = f"{src}.layer.{mlp_index}"
+            out[f"{dst}.pre_mlp_layernorm.weight"] = weights[f"{ff}.layer_norm.weight"]
+            if sparse:
+                out[f"{dst}.mlp.router.weight"] = weights[f"{ff}.mlp.router.classifier.weight"]
+                for e in range(args.num_experts):
+                    out[f"{dst}.mlp.experts.local_experts.{e}.linear_fc1.weight"] = weights[f"{ff}.mlp.experts.expert_{e}.wi.weight"]
+                    out[f"{dst}.mlp.experts.local_experts.{e}.linear_fc2.weight"] = weights[f"{ff}.mlp.experts.expert_{e}.wo.weight"]
+            else:
+                out[f"{dst}.mlp.linear_fc1.weight"] = weights[f"{ff}.mlp.wi.weight"]
+                out[f"{dst}.mlp.linear_fc2.weight"] = weights[f"{ff}.mlp.wo.weight"]
+    return out
+
+
 def megatron_state_dict(weights: Dict[str, Tensor], config: dict, args, upcycle: bool) -> Dict[str, Tensor]:
     """Our model's tensors by name from the Hugging Face ones (KeyError on a missing one)."""
+    if config["model_type"] == "switch_transformers":
+        return switch_megatron_state_dict(weights, config, args)
     groups = args.num_query_groups if args.group_query_attention else args.num_attention_heads
     head_dim = args.kv_channels
     tied = config.get("tie_word_embeddings", False)
@@ -250,6 +341,7 @@ def import_hf(hf_dir: str, save_dir: str, tokenizer_dir: Optional[str] = None, u
               seed: int = 1234) -> List[str]:
     """Write iteration 0 of a checkpoint in save_dir; returns the model flags training needs."""
     config = read_config(hf_dir)
+    config_path = os.path.join(hf_dir, "config.json")
     flags = model_flags(config, hf_dir, upcycle)
     tokenizer_dir = tokenizer_dir or hf_dir
     try:
@@ -268,16 +360,29 @@ def import_hf(hf_dir: str, save_dir: str, tokenizer_dir: Optional[str] = None, u
         raise HFImportError(f"--save {save_dir} already holds a checkpoint; import into an empty directory")
     weights = read_weights(hf_dir)
 
+    t5 = config["model_type"] == "switch_transformers"
+    task = T5_TASK if t5 else GPT_TASK
+    if t5:
+        if tokenizer is None:
+            raise HFImportError(f"--hf-model {hf_dir}: a Switch Transformers model needs its tokenizer (T5's span "
+                                "corruption writes its sentinels); pass --tokenizer DIR")
+        flags += ["--vocab-extra-ids", str(len(tokenizer.additional_special_tokens_ids))]
     tokenizer_flags = (["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer_dir]
                        if tokenizer is not None else ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab_rows)])
-    training = ["--seq-length", str(min(config["max_position_embeddings"], 4096)), "--micro-batch-size", "1",
-                "--train-iters", "1", "--lr", "1e-5", "--mock-data", "--seed", str(seed), "--no-lsh", *tokenizer_flags]
+    lengths = (["--encoder-seq-length", "64", "--decoder-seq-length", "32"] if t5 else
+               ["--seq-length", str(min(_field(config, config_path, "max_position_embeddings"), 4096))])
+    training = [*lengths, "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-5", "--seed", str(seed),
+                "--no-lsh", *tokenizer_flags]
     try:
-        args = parse_args("import", flags + training)
-        GPT_TASK.validate(args)
+        args = parse_args("import", flags + training, extra_args=add_t5_args if t5 else None)
+        task.validate(args)
+        # No data to read here: the data checks pass as for synthetic data (which T5's own
+        # check refuses, so it ran first).
+        args.mock_data = True
         validate_args(args, world_size=1)
-    except (ArgumentError, SystemExit) as error:
-        raise HFImportError(f"{os.path.join(hf_dir, 'config.json')} gives a model training refuses: {error}") from None
+        args.mock_data = False
+    except (ArgumentError, TokenizerError, SystemExit) as error:
+        raise HFImportError(f"{config_path} gives a model training refuses: {error}") from None
 
     for key, value in dict(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
         os.environ.setdefault(key, value)
@@ -285,7 +390,7 @@ def import_hf(hf_dir: str, save_dir: str, tokenizer_dir: Optional[str] = None, u
     initialize_distributed(expert_model_parallel_size=1, seed=seed)
     model_config = transformer_config_from_args(args, hidden_dropout=0.0, attention_dropout=0.0)
     vocab = padded_vocab_size(tokenizer.vocab_size if tokenizer else vocab_rows, args.make_vocab_size_divisible_by)
-    model = GPT_TASK.build_model(args, model_config, vocab)
+    model = task.build_model(args, model_config, vocab)
     try:
         state = megatron_state_dict(weights, config, args, upcycle is not None)
     except KeyError as error:
@@ -307,7 +412,7 @@ def import_hf(hf_dir: str, save_dir: str, tokenizer_dir: Optional[str] = None, u
     # Everything checked: only now is anything written, and a failure removes what was.
     existed = os.path.isdir(save_dir)
     try:
-        save_checkpoint(save_dir, 0, [model], None, None, 0, args, GPT_TASK.name)
+        save_checkpoint(save_dir, 0, [model], None, None, 0, args, task.name)
     except BaseException:
         if not existed:
             shutil.rmtree(save_dir, ignore_errors=True)
@@ -337,7 +442,8 @@ def main(argv=None) -> None:
         flags = import_hf(args.hf_model, args.save, args.tokenizer, upcycle, args.seed)
     except (HFImportError, CheckpointError) as error:
         sys.exit(f"error: {error}")
-    print(f"wrote iteration 0 of {args.save}; continue it with pretrain_gpt_moe.py --load {args.save} --finetune "
+    script = "pretrain_t5_moe.py" if read_config(args.hf_model)["model_type"] == "switch_transformers" else "pretrain_gpt_moe.py"
+    print(f"wrote iteration 0 of {args.save}; continue it with {script} --load {args.save} --finetune "
           "and these model flags:")
     print(" ".join(f"'{f}'" if f.startswith("[") else f for f in flags))
 

@@ -232,6 +232,15 @@ class HuggingFaceTokenizer:
     def mask(self):
         return self.unk
 
+    @cached_property
+    def vocab(self) -> Dict[str, int]:
+        return dict(self._tokenizer.get_vocab())
+
+    @cached_property
+    def inv_vocab(self) -> Dict[int, str]:
+        """Id to token; megatron-core's span corruption reads it to find word starts."""
+        return {i: token for token, i in self.vocab.items()}
+
     def tokenize(self, text: str) -> List[int]:
         return self._tokenizer.encode(text, add_special_tokens=False)
 
