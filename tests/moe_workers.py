@@ -377,44 +377,34 @@ def merged_clusters_against_reference(rank, world_size):
             "clusters_seen": clusters_seen, "stats_centroids": stats.centroids, "stats_rows": stats.tokens}
 
 
-def gradient_rules_on_merged_tokens(rank, world_size, rules):
-    """Per rule: outputs, input gradients and parameter gradients of one LSH layer (the same
-    weights and input for every rule) whose coarse hashing merges many rows."""
+def _coarse_layers_on_one_input(world_size, settings_by_key):
+    """Per key: outputs, input and parameter gradients of one layer (the same weights and input
+    for all) built with its settings over coarse hashing (many rows merge)."""
     initialize_distributed(expert_model_parallel_size=world_size, seed=7)
-    generator = torch.Generator().manual_seed(100 + rank)
+    generator = torch.Generator().manual_seed(100 + torch.distributed.get_rank())
     hidden = torch.randn(16, 2, 64, generator=generator)
     grad = torch.randn(16, 2, 64, generator=generator)
     results, weights = {}, None
-    for rule in rules:
-        layer = build_moe_layer(moe_config(world_size, lsh_num_hashes=1, lsh_num_buckets=2, lsh_gradient_rule=rule))
+    for key, settings in settings_by_key.items():
+        layer = build_moe_layer(moe_config(world_size, lsh_num_hashes=1, lsh_num_buckets=2, **settings))
         if weights is None:
             weights = layer.state_dict()
         layer.load_state_dict(weights)
         x = hidden.clone().requires_grad_(True)
         out, _ = layer(x)
         out.backward(grad)
-        results[rule] = dict(out=out.detach(), grad_in=x.grad, rate=layer.token_dispatcher.last_stats.compression_rate,
-                             grad_params={n: p.grad for n, p in layer.named_parameters()})
+        stats = getattr(layer.token_dispatcher, "last_stats", None)
+        results[key] = dict(out=out.detach(), grad_in=x.grad, rate=stats.compression_rate if stats else None,
+                            grad_params={n: p.grad for n, p in layer.named_parameters()})
     return results
+
+
+def gradient_rules_on_merged_tokens(rank, world_size, rules):
+    """Per backward rule, one LSH layer's outputs and gradients (``_coarse_layers_on_one_input``)."""
+    return _coarse_layers_on_one_input(world_size, {rule: dict(lsh_gradient_rule=rule) for rule in rules})
 
 
 def gradient_study_modes(rank, world_size, studies):
-    """Per study mode (and None: the stock layer): outputs and gradients of one layer (the same
-    weights and input for all) whose coarse hashing merges many rows."""
-    initialize_distributed(expert_model_parallel_size=world_size, seed=7)
-    generator = torch.Generator().manual_seed(100 + rank)
-    hidden = torch.randn(16, 2, 64, generator=generator)
-    grad = torch.randn(16, 2, 64, generator=generator)
-    results, weights = {}, None
-    for study in (None, *studies):
-        layer = build_moe_layer(moe_config(world_size, lsh_enabled=study is not None, lsh_num_hashes=1,
-                                           lsh_num_buckets=2, lsh_gradient_study=study))
-        if weights is None:
-            weights = layer.state_dict()
-        layer.load_state_dict(weights)
-        x = hidden.clone().requires_grad_(True)
-        out, _ = layer(x)
-        out.backward(grad)
-        results[study] = dict(out=out.detach(), grad_in=x.grad,
-                              grad_params={n: p.grad for n, p in layer.named_parameters()})
-    return results
+    """Per study mode, and None for the stock layer, outputs and gradients."""
+    return _coarse_layers_on_one_input(world_size, {None: dict(lsh_enabled=False), **{
+        study: dict(lsh_gradient_study=study) for study in studies}})
