@@ -108,17 +108,23 @@ class _ExpandFromCentroids(torch.autograd.Function):
 
 def rotated(grads: torch.Tensor, tokens: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """(||c|| / ||x||) R^T g per row, R the rotation taking x's direction to c's (identity off
-    their plane): R^T g = g - 2 r <r, g> + 2 x^ <c^, g>, r = (x^ + c^) / ||x^ + c^||."""
+    their plane): R^T g = g - 2 r <r, g> + 2 x^ <c^, g>, r = (x^ + c^) / ||x^ + c^||.
+
+    With a = <x^, g>, b = <c^, g>, d = <x^, c^> (so 2 r <r, g> = (x^ + c^)(a + b) / (1 + d)) it is
+    l g + p x + q c with per-row scalars: five dot products and one pass over the rows."""
     x_norm = tokens.norm(dim=1, keepdim=True).clamp(min=1e-30)
     c_norm = centroids.norm(dim=1, keepdim=True).clamp(min=1e-30)
-    x_hat, c_hat = tokens / x_norm, centroids / c_norm
-    half_way = x_hat + c_hat
-    half_way_norm = half_way.norm(dim=1, keepdim=True)
+    a = (tokens * grads).sum(dim=1, keepdim=True) / x_norm
+    b = (centroids * grads).sum(dim=1, keepdim=True) / c_norm
+    one_plus_d = 1 + (tokens * centroids).sum(dim=1, keepdim=True) / (x_norm * c_norm)
     # Opposite directions (x^ = -c^) have no single rotation between them: leave those rows alone.
-    opposite = half_way_norm < 1e-6
-    r = half_way / half_way_norm.clamp(min=1e-6)
-    rotated_grads = grads - 2 * r * (r * grads).sum(dim=1, keepdim=True) + 2 * x_hat * (c_hat * grads).sum(dim=1, keepdim=True)
-    return torch.where(opposite, grads, rotated_grads * (c_norm / x_norm))
+    opposite = one_plus_d < 1e-6
+    share = (a + b) / one_plus_d.clamp(min=1e-6)
+    scale = c_norm / x_norm
+    on_x = scale * (2 * b - share) / x_norm
+    on_c = -scale * share / c_norm
+    out = torch.addcmul(torch.addcmul(scale * grads, on_x, tokens), on_c, centroids)
+    return torch.where(opposite, grads, out)
 
 
 def merge_to_centroids(tokens: torch.Tensor, token_to_cluster: torch.Tensor, cluster_sizes: torch.Tensor,
