@@ -45,7 +45,7 @@ def parse_args():
     # The LSH settings' flags as training has them (defaults: the config's).
     settings = {f.name: f for f in added_settings()}
     for name in ("lsh_hash_type", "lsh_num_hashes", "lsh_num_buckets", "lsh_error_bound", "lsh_gradient_rule",
-                 "lsh_gradient_alpha", *PAYLOAD_SETTINGS):
+                 *PAYLOAD_SETTINGS):
         add_setting_flag(p, settings[name], default=settings[name].default)
     p.add_argument("--lsh-merge-threshold", type=float, default=None,
                    help="Coarse-to-fine clustering at this merge threshold, as the compression controller "
@@ -129,7 +129,7 @@ def measure(hidden, tokens, args, device, dtype):
 
     def lsh_pass(rule):
         r = rows.detach().requires_grad_(True)
-        members = None if rule == "mean" else MemberGradients(rule, args.lsh_gradient_alpha)
+        members = None if rule == "mean" else MemberGradients(rule)
         c = cluster(r, members)
         n = [c.num_clusters]
         # An identity expert in between: every LSH and payload op, forward and backward, and

@@ -144,7 +144,6 @@ def plan() -> List[Variant]:
 
 GRADIENT_RULE_QUESTIONS = {
     "share": "each member's share of the summed output gradient",
-    "straight_through": "the mean plus each member's own output-gradient deviation (alpha 1)",
     "rotation": "the mean rotated from the centroid's direction to the member's",
 }
 GRADIENT_STUDY_QUESTIONS = {

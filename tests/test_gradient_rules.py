@@ -7,12 +7,12 @@ import torch
 from megatron_lsh.lsh import GRADIENT_RULES, MemberGradients, cluster_tokens, expand_to_tokens
 
 
-def merged_backward(rule, tokens, bucket_ids, member_grads, expert=None, alpha=1.0, compensation=False):
+def merged_backward(rule, tokens, bucket_ids, member_grads, expert=None, compensation=False):
     """Gradients (tokens, expert weight) and the forward rows of: merge into clusters, an expert
     (a linear map), each member's row of its centroid's output, loss sum_i <h_i, y_i>."""
     tokens = tokens.clone().requires_grad_(True)
     expert = (torch.eye(tokens.size(1)) if expert is None else expert).clone().requires_grad_(True)
-    members = None if rule == "mean" else MemberGradients(rule, alpha)
+    members = None if rule == "mean" else MemberGradients(rule)
     groups = torch.zeros(tokens.size(0), dtype=torch.long)
     clusters = cluster_tokens(tokens, bucket_ids, groups, 1, int(bucket_ids.max()) + 1, members)
     outputs = clusters.centroids @ expert.T
@@ -31,7 +31,6 @@ H = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
 @pytest.mark.parametrize("rule, expected", [
     ("mean", [[2.0, 0.0], [2.0, 0.0]]),  # G / 2 each
     ("share", [[1.0, 0.0], [3.0, 0.0]]),  # <h_i, S> / |S|^2 = 1/4 and 3/4 of G: exact, the h_i parallel
-    ("straight_through", [[1.0, 0.0], [3.0, 0.0]]),  # G / 2 + (h_i - S / 2)
     # x1's direction turned onto c's is a turn of +45 degrees: G / 2 = (2, 0) turned back by 45
     # degrees, scaled by |c| / |x1| = 1/sqrt(2); x2 turns the other way.
     ("rotation", [[1.0, -1.0], [1.0, 1.0]]),
@@ -39,11 +38,6 @@ H = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
 def test_each_rule_gives_the_hand_computed_member_gradients(rule, expected):
     token_grads, _, _ = merged_backward(rule, TWO, ONE_CLUSTER, H)
     torch.testing.assert_close(token_grads, torch.tensor(expected))
-
-
-def test_straight_through_scales_each_members_deviation_by_alpha():
-    token_grads, _, _ = merged_backward("straight_through", TWO, ONE_CLUSTER, H, alpha=0.5)
-    torch.testing.assert_close(token_grads, torch.tensor([[1.5, 0.0], [2.5, 0.0]]))
 
 
 def test_share_falls_back_to_the_mean_when_the_members_gradients_cancel():

@@ -8,9 +8,6 @@ J_E(x_i)^T h_i; no rule may send more bytes than G, so each guesses it from G, h
 
 - 'mean' (autograd of the mean): G / n for every member; exact when all h_i are equal.
 - 'share': w_i G with w_i = <h_i, S> / ||S||^2 (the w_i sum to 1); exact when the h_i are parallel.
-- 'straight_through': G / n + alpha (h_i - S / n): each member's own deviation from the cluster's
-  mean output gradient, passed as if the expert were alpha times the identity around c (the
-  backward of the paper's residual compensation, without its forward term).
 - 'rotation': the rotation trick (Fifty et al. 2024) per member: (||c|| / ||x_i||) R_i^T (G / n),
   R_i the rotation taking x_i's direction to c's in the plane of the two.
 
@@ -25,23 +22,25 @@ from typing import Optional
 
 import torch
 
-GRADIENT_RULES = ("mean", "share", "straight_through", "rotation")
+GRADIENT_RULES = ("mean", "share", "rotation")
+# Measured and removed (docs/quality_study.md, merged tokens' gradients): 'straight_through',
+# G / n + (h_i - S / n), the backward of the paper's residual compensation without its forward
+# term, which takes each expert for the identity around its centroid; it trained far worse.
 
 
 class MemberGradients:
     """What one forward pass's expansion backward tells its merge backward, per member row.
 
-    rule: one of GRADIENT_RULES other than 'mean'; alpha: straight_through's factor.
-    After the expansion's backward: ``shares`` [N] ('share') or ``deviations`` [N, hidden]
-    ('straight_through'); both None until then (the merge then falls back to the mean).
+    rule: one of GRADIENT_RULES other than 'mean'.
+    After the expansion's backward: ``shares`` [N] ('share'); None until then (the merge then
+    falls back to the mean).
     """
 
-    def __init__(self, rule: str, alpha: float = 1.0):
+    def __init__(self, rule: str):
         if rule not in GRADIENT_RULES or rule == "mean":
             raise ValueError(f"gradient rule {rule!r}: use one of {', '.join(GRADIENT_RULES[1:])}")
-        self.rule, self.alpha = rule, alpha
+        self.rule = rule
         self.shares: Optional[torch.Tensor] = None
-        self.deviations: Optional[torch.Tensor] = None
 
     def learn(self, member_grads: torch.Tensor, token_to_cluster: torch.Tensor, cluster_sizes: torch.Tensor,
               cluster_grads: torch.Tensor) -> None:
@@ -53,9 +52,6 @@ class MemberGradients:
             # A cluster whose gradients cancel (S = 0) has no direction to share along: the mean.
             self.shares = torch.where(norm_sq > 0, (member_grads * summed).sum(dim=1) / norm_sq.clamp(min=1e-30),
                                       even)
-        elif self.rule == "straight_through":
-            mean = cluster_grads / cluster_sizes.unsqueeze(1).to(cluster_grads.dtype)
-            self.deviations = self.alpha * (member_grads - mean.index_select(0, token_to_cluster))
 
 
 class _MergeToCentroids(torch.autograd.Function):
@@ -79,11 +75,9 @@ class _MergeToCentroids(torch.autograd.Function):
         per_member = (grads / cluster_sizes.unsqueeze(1).float()).index_select(0, token_to_cluster)
         if members.rule == "share" and members.shares is not None:
             per_member = grads.index_select(0, token_to_cluster) * members.shares.unsqueeze(1)
-        elif members.rule == "straight_through" and members.deviations is not None:
-            per_member = per_member + members.deviations
         elif members.rule == "rotation":
             per_member = rotated(per_member, tokens.float(), centroids.float().index_select(0, token_to_cluster))
-        members.shares = members.deviations = None  # one backward per forward
+        members.shares = None  # one backward per forward
         return per_member.to(centroid_grads.dtype), None, None, None, None
 
 

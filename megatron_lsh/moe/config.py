@@ -159,14 +159,9 @@ class LSHTransformerConfig(TransformerConfig):
     lsh_gradient_rule: str = setting(
         "mean", "The input gradient each member of a cluster gets from its centroid's (no extra bytes): "
         "'mean' an equal part (autograd of the mean); 'share' a part in proportion to the member's share "
-        "of the cluster's summed output gradient; 'straight_through' the mean plus lsh_gradient_alpha "
-        "times the member's own output gradient less the cluster's mean; 'rotation' the mean carried by "
+        "of the cluster's summed output gradient; 'rotation' the mean carried by "
         "the rotation from the centroid's direction to the member's (Fifty et al. 2024).",
         choices=GRADIENT_RULES, before_it_existed="mean")
-
-    lsh_gradient_alpha: float = setting(
-        1.0, "straight_through's factor on each member's own output gradient (the expert taken as "
-        "alpha times the identity around the centroid).", value_type=float, before_it_existed=1.0)
 
     lsh_scope: str = setting(
         "all", "Which rows LSH may merge: 'all' every row of the all-to-all; 'inter-node' only rows "
@@ -269,15 +264,6 @@ class LSHTransformerConfig(TransformerConfig):
             raise LSHConfigError(
                 f"lsh_gradient_rule={self.lsh_gradient_rule!r} is not supported; use one of "
                 f"{', '.join(repr(r) for r in GRADIENT_RULES)}"
-            )
-        alpha = self.lsh_gradient_alpha
-        if isinstance(alpha, bool) or not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
-            raise LSHConfigError(f"lsh_gradient_alpha={alpha!r} must be a finite number (e.g. 1.0)")
-        if self.lsh_gradient_rule == "straight_through" and self.lsh_compensation != "none":
-            raise LSHConfigError(
-                f"lsh_gradient_rule='straight_through' is the backward of lsh_compensation="
-                f"{self.lsh_compensation!r} without its forward term; use one of them (the other "
-                "'mean' or 'none')"
             )
         self._check_payload_formats()
         if not self.lsh_enabled:

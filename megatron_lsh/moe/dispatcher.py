@@ -297,7 +297,7 @@ class LSHAlltoAllTokenDispatcher(PayloadAlltoAllTokenDispatcher):
             exact_experts = self._exact_experts = exact_experts.to(token_rows.device)  # once
         rule = self.config.lsh_gradient_rule
         # One per forward: the expansion's backward tells the merge's backward about each member.
-        self._members = None if rule == "mean" else MemberGradients(rule, self.config.lsh_gradient_alpha)
+        self._members = None if rule == "mean" else MemberGradients(rule)
         clusters, errors, cluster_counts = hash_and_cluster(
             token_rows, family, expert_of_row, self.num_experts, self.merge_threshold,
             self.config.lsh_error_bound, exact_experts, self._members,
