@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from megatron_lsh.lsh.gradient_rules import MemberGradients, expand_from_centroids, merge_to_centroids
+from megatron_lsh.lsh.gradient_rules import MemberGradients, cluster_means, expand_from_centroids, merge_to_centroids
 
 
 @dataclass
@@ -76,13 +76,8 @@ def cluster_tokens(
 
     if members is not None:
         centroids = merge_to_centroids(tokens, token_to_cluster, cluster_sizes, members)
-    else:
-        # Half-precision tokens are summed in fp32: a bf16 running sum loses the mean.
-        accumulate_dtype = torch.promote_types(tokens.dtype, torch.float32)
-        sums = torch.zeros(
-            unique_keys.numel(), tokens.size(1), dtype=accumulate_dtype, device=tokens.device
-        ).index_add(0, token_to_cluster, tokens.to(accumulate_dtype))
-        centroids = (sums / cluster_sizes.unsqueeze(1).to(accumulate_dtype)).to(tokens.dtype)
+    else:  # autograd's own backward: the mean rule
+        centroids = cluster_means(tokens, token_to_cluster, cluster_sizes).to(tokens.dtype)
     return GroupedClusters(
         centroids=centroids,
         token_to_cluster=token_to_cluster,

@@ -54,13 +54,19 @@ class MemberGradients:
                                       even)
 
 
+def cluster_means(tokens: torch.Tensor, token_to_cluster: torch.Tensor, cluster_sizes: torch.Tensor) -> torch.Tensor:
+    """[C, hidden] mean of each cluster's members, in fp32 or wider: a half-precision running sum
+    loses the mean."""
+    accumulate_dtype = torch.promote_types(tokens.dtype, torch.float32)
+    sums = torch.zeros(cluster_sizes.numel(), tokens.size(1), dtype=accumulate_dtype, device=tokens.device)
+    sums.index_add_(0, token_to_cluster, tokens.to(accumulate_dtype))
+    return sums / cluster_sizes.unsqueeze(1).to(accumulate_dtype)
+
+
 class _MergeToCentroids(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tokens, token_to_cluster, cluster_sizes, num_clusters: int, members: MemberGradients):
-        accumulate_dtype = torch.promote_types(tokens.dtype, torch.float32)
-        sums = torch.zeros(num_clusters, tokens.size(1), dtype=accumulate_dtype, device=tokens.device)
-        sums.index_add_(0, token_to_cluster, tokens.to(accumulate_dtype))
-        centroids = sums / cluster_sizes.unsqueeze(1).to(accumulate_dtype)
+    def forward(ctx, tokens, token_to_cluster, cluster_sizes, members: MemberGradients):
+        centroids = cluster_means(tokens, token_to_cluster, cluster_sizes)
         ctx.members = members
         ctx.save_for_backward(token_to_cluster, cluster_sizes,
                               tokens if members.rule == "rotation" else None,
@@ -78,7 +84,7 @@ class _MergeToCentroids(torch.autograd.Function):
         elif members.rule == "rotation":
             per_member = rotated(per_member, tokens.float(), centroids.float().index_select(0, token_to_cluster))
         members.shares = None  # one backward per forward
-        return per_member.to(centroid_grads.dtype), None, None, None, None
+        return per_member.to(centroid_grads.dtype), None, None, None
 
 
 class _ExpandFromCentroids(torch.autograd.Function):
@@ -125,7 +131,7 @@ def merge_to_centroids(tokens: torch.Tensor, token_to_cluster: torch.Tensor, clu
                        members: MemberGradients) -> torch.Tensor:
     """[C, hidden] means of the clusters (half precision summed in fp32), whose backward follows
     ``members.rule``."""
-    return _MergeToCentroids.apply(tokens, token_to_cluster, cluster_sizes, cluster_sizes.numel(), members)
+    return _MergeToCentroids.apply(tokens, token_to_cluster, cluster_sizes, members)
 
 
 def expand_from_centroids(centroid_values: torch.Tensor, token_to_cluster: torch.Tensor,

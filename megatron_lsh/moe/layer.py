@@ -104,13 +104,14 @@ class LSHMoELayer(MoELayer):
         exact MoE's) or on the experts' weights alone (the input, router and shared experts get
         the exact MoE's). Each path runs with what it must not train detached."""
         experts = list(self.experts.parameters())
+        expert_ids = {id(p) for p in experts}
         everything = list(self.parameters())
         if lsh_for_inputs:
             with _detached(self, everything):
                 lsh_output, _ = super().forward(hidden_states, None, padding_mask)
             exact_output, bias = self._with_dispatcher(self._exact_dispatcher, hidden_states.detach(), padding_mask)
         else:
-            with _detached(self, [p for p in everything if not any(p is e for e in experts)]):
+            with _detached(self, [p for p in everything if id(p) not in expert_ids]):
                 lsh_output, _ = super().forward(hidden_states.detach(), None, padding_mask)
             with _detached(self, experts):
                 exact_output, bias = self._with_dispatcher(self._exact_dispatcher, hidden_states, padding_mask)
