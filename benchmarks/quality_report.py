@@ -190,11 +190,24 @@ def _gradient_section(corpus: str, ablations: Dict[str, Dict], runs: Dict[str, D
              "sends cp6's bytes; a study mode (`--lsh-gradient-study`) trains on exact values with some of LSH's "
              "gradients, which says where the gap comes from. Gap closed: (cp6 - run) / (cp6 - stock) in perplexity; "
              "a study mode's 'gap left' is the part of cp6's gap its gradients alone cost.", "",
-             "| run | question | final val PPL | vs stock | gap closed | gap left |", "|---|---|---|---|---|---|"]
+             "| run | question | final val PPL | vs stock | a2a bytes vs stock | gap closed | gap left |",
+             "|---|---|---|---|---|---|---|"]
+    from megatron_lsh.lsh import GRADIENT_RULES
+
     for name, s in runs.items():
         closed = (cp6["final_ppl"] - s["final_ppl"]) / gap
-        lines.append(f"| {name} | {s.get('question', '')} | {s['final_ppl']:.2f} | {_ratio(s, stock):.3f}x | "
-                     f"{100 * closed:.0f}% | {100 * (1 - closed):.0f}% |")
+        flags = s["flags"]
+        rule = flags[flags.index("--lsh-gradient-rule") + 1] if "--lsh-gradient-rule" in flags else None
+        removed = " (removed from the code after this run)" if rule is not None and rule not in GRADIENT_RULES else ""
+        left = f"{100 * (1 - closed):.0f}%" if "--lsh-gradient-study" in flags else "-"
+        lines.append(f"| {name}{removed} | {s.get('question', '')} | {s['final_ppl']:.2f} | {_ratio(s, stock):.3f}x | "
+                     f"{s['bytes_ratio_run']:.3f} | {100 * closed:.0f}% | {left} |")
+    spread = _seed_spread(ablations, stock)
+    if spread:
+        low, high, count = spread
+        lines += ["", f"For scale: the default at {count} hash seeds spans {100 * (high - low):.1f} points of perplexity "
+                  f"ratio on this corpus, against cp6's gap of {100 * (_ratio(cp6, stock) - 1):.1f}; a run within that "
+                  "spread of cp6 is a tie."]
     return lines + ["", "Flags: " + "; ".join(f"{name}: `{' '.join(s['flags'])}`" for name, s in runs.items()), ""]
 
 
