@@ -141,7 +141,12 @@ def one_process_runs(rank, world_size, gpt_flags, t5_flags, work_dir, valid_json
     return {"histories": histories, "evaluated": evaluated}
 
 
-def import_and_compare(rank, world_size, hf_dir, save_dir, back_dir, upcycle):
+def import_and_compare(rank, world_size, cases):
+    """Per case (hf_dir, save_dir, back_dir, upcycle), in one process: ``import_one``."""
+    return [import_one(*case) for case in cases]
+
+
+def import_one(hf_dir, save_dir, back_dir, upcycle):
     """Import a Hugging Face model (upcycling a dense one when ``upcycle``), and compare logits:
     megatron-lsh's of the import against transformers' of the original, and (no upcycling)
     transformers' of the import converted back against the original's."""

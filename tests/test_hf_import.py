@@ -60,15 +60,14 @@ def imports(corpus, tmp_path_factory):
     work = tmp_path_factory.mktemp("imports")
     cases = {"qwen3_moe": None, "mixtral": None, "switch_transformers": None, "qwen3": {"num_experts": 4, "topk": 2},
              "llama": {"num_experts": 4, "topk": 2}}
-    results = {}
-    for kind, upcycle in cases.items():
+    for kind in cases:
         overrides = {"tie_word_embeddings": True} if kind == "llama" else {}
         tokenizer = corpus["t5_tokenizer"] if kind == "switch_transformers" else corpus["tokenizer"]
-        hf_dir = save_tiny(kind, work / kind, tokenizer, **overrides)
-        [result] = run_distributed(import_and_compare, 1, str(hf_dir), str(work / f"{kind}-ckpt"),
-                                   str(work / f"{kind}-back"), upcycle)
-        results[kind] = dict(result, hf_dir=hf_dir, save=work / f"{kind}-ckpt")
-    return results
+        save_tiny(kind, work / kind, tokenizer, **overrides)
+    [results] = run_distributed(import_and_compare, 1, [
+        (str(work / kind), str(work / f"{kind}-ckpt"), str(work / f"{kind}-back"), upcycle)
+        for kind, upcycle in cases.items()], timeout=900)
+    return {kind: dict(result, hf_dir=work / kind, save=work / f"{kind}-ckpt") for kind, result in zip(cases, results)}
 
 
 @pytest.mark.slow
