@@ -28,7 +28,7 @@ import megatron_lsh  # noqa: F401  (CPU workarounds)
 from megatron.core.transformer.moe.moe_utils import permute
 from megatron.core.transformer.spec_utils import build_module
 from megatron_lsh.data.synthetic import clustered_hidden_states
-from megatron_lsh.lsh import MemberGradients, build_hash_family, expand_to_tokens, hash_and_cluster
+from megatron_lsh.lsh import build_hash_family, expand_to_tokens, hash_and_cluster
 from megatron_lsh.moe import LSHTransformerConfig, get_lsh_moe_module_spec
 from megatron_lsh.moe.config import PAYLOAD_SETTINGS, added_settings
 from megatron_lsh.moe.payload import BF16_BYTES, payload_all_to_all, row_bytes
@@ -44,8 +44,7 @@ def parse_args():
     p.add_argument("--moe-router-topk", type=int, default=2)
     # The LSH settings' flags as training has them (defaults: the config's).
     settings = {f.name: f for f in added_settings()}
-    for name in ("lsh_hash_type", "lsh_num_hashes", "lsh_num_buckets", "lsh_error_bound", "lsh_gradient_rule",
-                 *PAYLOAD_SETTINGS):
+    for name in ("lsh_hash_type", "lsh_num_hashes", "lsh_num_buckets", "lsh_error_bound", *PAYLOAD_SETTINGS):
         add_setting_flag(p, settings[name], default=settings[name].default)
     p.add_argument("--lsh-merge-threshold", type=float, default=None,
                    help="Coarse-to-fine clustering at this merge threshold, as the compression controller "
@@ -111,9 +110,9 @@ def measure(hidden, tokens, args, device, dtype):
     experts = experts_for(hidden, args, dtype).to(device)
     family = build_hash_family(args.lsh_hash_type, hidden, args.lsh_num_hashes, args.lsh_num_buckets, seed=1)
 
-    def cluster(r, members=None):
+    def cluster(r):
         return hash_and_cluster(r, family, expert_of_row, args.num_experts, args.lsh_merge_threshold,
-                                args.lsh_error_bound, members=members)[0]
+                                args.lsh_error_bound)[0]
 
     clusters = cluster(rows)
     centroids_per_expert = clusters.clusters_per_group.cpu()
@@ -127,21 +126,18 @@ def measure(hidden, tokens, args, device, dtype):
 
     group = torch.distributed.group.WORLD  # one rank: the formats act, nothing is sent
 
-    def lsh_pass(rule):
+    def lsh_pass():
         r = rows.detach().requires_grad_(True)
-        members = None if rule == "mean" else MemberGradients(rule)
-        c = cluster(r, members)
+        c = cluster(r)
         n = [c.num_clusters]
         # An identity expert in between: every LSH and payload op, forward and backward, and
         # nothing else.
         sent = payload_all_to_all(group, c.centroids, n, n, args.moe_dispatch_fwd_dtype, args.moe_dispatch_bwd_dtype)
         back = payload_all_to_all(group, sent, n, n, args.moe_combine_fwd_dtype, args.moe_combine_bwd_dtype)
-        expand_to_tokens(back, c, None, None, members).backward(grad_rows)
+        expand_to_tokens(back, c, r).backward(grad_rows)
 
     t_expert = timed(lambda: expert_pass(rows, rows_per_expert.cpu(), grad_rows), args.repeats, device)
-    t_lsh = timed(lambda: lsh_pass(args.lsh_gradient_rule), args.repeats, device)
-    # A backward rule's own cost: the same pass with the mean rule, timed in the same run.
-    t_lsh_mean = t_lsh if args.lsh_gradient_rule == "mean" else timed(lambda: lsh_pass("mean"), args.repeats, device)
+    t_lsh = timed(lsh_pass, args.repeats, device)
     t_expert_centroids = timed(
         lambda: expert_pass(clusters.centroids, centroids_per_expert, grad_centroids), args.repeats, device
     )
@@ -154,7 +150,6 @@ def measure(hidden, tokens, args, device, dtype):
         "bytes_ratio": clusters.num_clusters * centroid_bytes / (rows.size(0) * stock_bytes),
         "t_expert": t_expert,
         "t_lsh": t_lsh,
-        "t_rule": t_lsh - t_lsh_mean,
         "t_expert_centroids": t_expert_centroids,
     }
 
@@ -181,7 +176,6 @@ def main():
     header = (
         f"{'hidden':>6} {'tokens':>6} {'rows':>6} {'centroids':>9} {'rate':>6} {'bytes':>6} "
         f"{'expert ms':>10} {'lsh ms':>8} {'overhead':>8} {'expert on centroids':>20}"
-        + (f" {'rule extra':>10}" if args.lsh_gradient_rule != "mean" else "")
     )
     print(header)
     print("-" * len(header))
@@ -191,15 +185,12 @@ def main():
             print(
                 f"{hidden:>6} {tokens:>6} {r['rows']:>6} {r['centroids']:>9} {r['rate']:>6.3f} "
                 f"{r['bytes_ratio']:>6.3f} {1000 * r['t_expert']:>10.1f} {1000 * r['t_lsh']:>8.1f} "
-                f"{r['t_lsh'] / r['t_expert']:>8.1%} {r['t_expert_centroids'] / r['t_expert']:>19.2f}x"
-                + (f" {r['t_rule'] / r['t_expert']:>10.1%}" if args.lsh_gradient_rule != "mean" else ""),
+                f"{r['t_lsh'] / r['t_expert']:>8.1%} {r['t_expert_centroids'] / r['t_expert']:>19.2f}x",
                 flush=True,
             )
     print(
         "rate: centroids / token rows. bytes: all four all-to-alls vs bf16 stock (token rows + bf16 probs). "
         "overhead: LSH and payload formats fwd+bwd / expert MLP fwd+bwd on all rows."
-        + (f" rule extra: --lsh-gradient-rule {args.lsh_gradient_rule}'s pass less the mean rule's, / the same."
-           if args.lsh_gradient_rule != "mean" else "")
     )
 
 

@@ -186,19 +186,18 @@ def _gradient_section(corpus: str, ablations: Dict[str, Dict], runs: Dict[str, D
     gap = cp6["final_ppl"] - stock["final_ppl"]
     lines = [f"### Merged tokens' gradients ({stock['iters']} iterations, fixed cp6, against its gap to stock)", "",
              f"cp6 ends at {_ratio(cp6, stock):.3f}x stock ({cp6['final_ppl']:.2f} against {stock['final_ppl']:.2f}). "
-             "A rule (`--lsh-gradient-rule`) changes only the input gradient each member of a cluster gets, so it "
-             "sends cp6's bytes; a study mode (`--lsh-gradient-study`) trains on exact values with some of LSH's "
+             "A backward rule (`--lsh-gradient-rule`, removed since: each member's input gradient from its "
+             "centroid's other than the mean's equal part, at cp6's bytes) is recorded as it ran; a study mode (`--lsh-gradient-study`) trains on exact values with some of LSH's "
              "gradients, which says where the gap comes from. Gap closed: (cp6 - run) / (cp6 - stock) in perplexity; "
              "a study mode's 'gap left' is the part of cp6's gap its gradients alone cost.", "",
              "| run | question | final val PPL | vs stock | a2a bytes vs stock | gap closed | gap left |",
              "|---|---|---|---|---|---|---|"]
-    from megatron_lsh.lsh import GRADIENT_RULES
-
     for name, s in runs.items():
         closed = (cp6["final_ppl"] - s["final_ppl"]) / gap
         flags = s["flags"]
         rule = flags[flags.index("--lsh-gradient-rule") + 1] if "--lsh-gradient-rule" in flags else None
-        removed = " (removed from the code after this run)" if rule is not None and rule not in GRADIENT_RULES else ""
+        # Every rule measured here lost to the mean (autograd's own rule, the only one left).
+        removed = " (removed from the code after this run)" if rule not in (None, "mean") else ""
         left = f"{100 * (1 - closed):.0f}%" if "--lsh-gradient-study" in flags else "-"
         lines.append(f"| {name}{removed} | {s.get('question', '')} | {s['final_ppl']:.2f} | {_ratio(s, stock):.3f}x | "
                      f"{s['bytes_ratio_run']:.3f} | {100 * closed:.0f}% | {left} |")

@@ -18,8 +18,7 @@ model of its own. Groups of runs:
 * ``main``: --iters (at least 1500): stock, 8-bit payloads alone, the default;
 * ``scale``: the main runs' tokens in steps four times larger (micro-batches of 8192 tokens per
   rank), so the doc shows how the gap moves with tokens per rank;
-* ``gradient``: --ablation-iters, fixed cp6 with each backward rule for merged tokens
-  (--lsh-gradient-rule, at cp6's bytes), and the study modes that split cp6's gap into its
+* ``gradient``: --ablation-iters, fixed cp6 with the study modes that split cp6's gap into its
   gradient parts (exact values with LSH's gradients on everything, on the input only, on the
   experts' weights only); against the ablations' stock and cp6.
 
@@ -133,19 +132,14 @@ def plan() -> List[Variant]:
     ]
     variants += [Variant(f"default seed {seed}", ["--lsh", "--lsh-seed", seed], "ablation",
                          "the default at another hash seed") for seed in DEFAULT_SEEDS]
-    # Merged tokens' gradients (against the ablations' stock and cp6): backward rules at cp6's
-    # bytes, then where cp6's gap comes from.
-    variants += [Variant(f"cp6 {rule}", with_flags(CP6, lsh_gradient_rule=rule), "gradient", question)
-                 for rule, question in GRADIENT_RULE_QUESTIONS.items()]
+    # Merged tokens' gradients (against the ablations' stock and cp6): where cp6's gap comes from.
+    # The backward rules measured beside them (share, straight_through, rotation) lost to the mean
+    # and were removed; their summaries stay in docs/data.
     variants += [Variant(f"cp6 {study}", with_flags(CP6, lsh_gradient_study=study), "gradient", question)
                  for study, question in GRADIENT_STUDY_QUESTIONS.items()]
     return variants
 
 
-GRADIENT_RULE_QUESTIONS = {
-    "share": "each member's share of the summed output gradient",
-    "rotation": "the mean rotated from the centroid's direction to the member's",
-}
 GRADIENT_STUDY_QUESTIONS = {
     "exact_values": "exact values, all of LSH's gradients: the whole gradient gap",
     "lsh_input_gradients": "exact values, LSH's gradients on the layer's input only",
@@ -282,7 +276,7 @@ def main() -> None:
     parser.add_argument("--corpus", default=",".join(CORPORA), help=f"comma-separated, of {', '.join(CORPORA)}")
     parser.add_argument("--groups", default="ablation,bound_at_scale,main,scale,gradient",
                         help="comma-separated, of ablation, bound_at_scale (evaluations of the ablation stock "
-                             "run's model), main, scale, gradient (merged tokens' backward rules and where "
+                             "run's model), main, scale, gradient (where "
                              "cp6's gap comes from)")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "quality_study")
     parser.add_argument("--only", default="", help="comma-separated run keys (corpus-group-name) to run")

@@ -399,11 +399,6 @@ def _coarse_layers_on_one_input(world_size, settings_by_key):
     return results
 
 
-def gradient_rules_on_merged_tokens(rank, world_size, rules):
-    """Per backward rule, one LSH layer's outputs and gradients (``_coarse_layers_on_one_input``)."""
-    return _coarse_layers_on_one_input(world_size, {rule: dict(lsh_gradient_rule=rule) for rule in rules})
-
-
 def gradient_study_modes(rank, world_size, studies):
     """Per study mode, and None for the stock layer, outputs and gradients."""
     return _coarse_layers_on_one_input(world_size, {None: dict(lsh_enabled=False), **{

@@ -100,9 +100,6 @@ def test_a_flag_reaches_its_config_field_with_off_as_none():
     (dict(lsh_enabled=False, lsh_gradient_study="exact_values"), "--lsh-gradient-study compares LSH with the exact "
                                                                   "MoE, so it needs --lsh"),
     (dict(moe_token_dispatcher_type="allgather"), "set --moe-token-dispatcher-type alltoall or --no-lsh"),
-    (dict(lsh_gradient_rule="newton"), "--lsh-gradient-rule newton is not supported; use one of 'mean', 'share'"),
-    (dict(lsh_enabled=False, lsh_gradient_rule="share"), "--lsh-gradient-rule share is a rule for tokens LSH "
-                                                          "merges, so it needs --lsh"),
     (dict(num_moe_experts=6, expert_model_parallel_size=4), "--num-experts 6 is not divisible by "
                                                              "--expert-model-parallel-size 4"),
     (dict(moe_dispatch_fwd_dtype="fp4"), "--moe-dispatch-fwd-dtype fp4: 'fp4' is not a payload format; "
@@ -124,10 +121,9 @@ def test_a_run_saved_before_a_setting_existed_loads_with_what_it_ran_with():
     bf16_payloads = {name: "bf16" for name in PAYLOAD_SETTINGS}
     assert settings_before_they_existed({"lsh_error_compensation": True}) == {
         "lsh_compensation": "residual", "lsh_error_bound": None, "lsh_target_compression": None,
-        "lsh_gradient_rule": "mean", **bf16_payloads}
+        **bf16_payloads}
     assert settings_before_they_existed({"lsh_compensation": "none", "lsh_error_bound": 0.3,
-                                         "lsh_target_compression": 0.3, "lsh_gradient_rule": "share",
-                                         **bf16_payloads}) == {}
+                                         "lsh_target_compression": 0.3, **bf16_payloads}) == {}
 
 
 def test_evaluation_overrides_only_the_lsh_settings_given_and_off_means_no_bound():

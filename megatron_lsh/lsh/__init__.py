@@ -1,4 +1,4 @@
-"""LSH-MoE core: hashing, clustering, residual compensation and merged tokens' backward rules. Pure torch, no communication."""
+"""LSH-MoE core: hashing, clustering and residual compensation. Pure torch, no communication."""
 
 from megatron_lsh.lsh.clustering import (
     BoundedAssignment,
@@ -11,7 +11,6 @@ from megatron_lsh.lsh.clustering import (
     relative_errors,
 )
 from megatron_lsh.lsh.compensation import fit_expert_gains
-from megatron_lsh.lsh.gradient_rules import GRADIENT_RULES, MemberGradients
 from megatron_lsh.lsh.hashing import (
     HASH_TYPES,
     CrossPolytopeHash,
@@ -26,8 +25,6 @@ __all__ = [
     "ClusterCounts",
     "adaptive_bucket_ids",
     "fit_expert_gains",
-    "GRADIENT_RULES",
-    "MemberGradients",
     "hash_and_cluster",
     "relative_errors",
     "HASH_TYPES",

@@ -12,8 +12,6 @@ from typing import Optional
 
 import torch
 
-from megatron_lsh.lsh.gradient_rules import MemberGradients, cluster_means, expand_from_centroids, merge_to_centroids
-
 
 @dataclass
 class GroupedClusters:
@@ -47,7 +45,6 @@ def cluster_tokens(
     group_ids: torch.Tensor,
     num_groups: int,
     total_buckets: int,
-    members: Optional[MemberGradients] = None,
 ) -> GroupedClusters:
     """Group tokens that share both a group id and a bucket id, and average each group.
 
@@ -57,8 +54,6 @@ def cluster_tokens(
         group_ids: [N] int64 ids in [0, num_groups).
         num_groups: number of groups (experts).
         total_buckets: number of distinct bucket ids the hash family can give.
-        members: the backward rule of the merge (None: autograd of the mean), shared with the
-            ``expand_to_tokens`` of the same clusters.
     """
     if total_buckets * num_groups > 2**63 - 1:
         raise ValueError(
@@ -74,10 +69,12 @@ def cluster_tokens(
     clusters_per_group = torch.zeros(num_groups, dtype=torch.long, device=keys.device).index_add_(
         0, cluster_groups, torch.ones_like(cluster_groups))
 
-    if members is not None:
-        centroids = merge_to_centroids(tokens, token_to_cluster, cluster_sizes, members)
-    else:  # autograd's own backward: the mean rule
-        centroids = cluster_means(tokens, token_to_cluster, cluster_sizes).to(tokens.dtype)
+    # Half-precision tokens are summed in fp32: a bf16 running sum loses the mean.
+    accumulate_dtype = torch.promote_types(tokens.dtype, torch.float32)
+    sums = torch.zeros(
+        unique_keys.numel(), tokens.size(1), dtype=accumulate_dtype, device=tokens.device
+    ).index_add(0, token_to_cluster, tokens.to(accumulate_dtype))
+    centroids = (sums / cluster_sizes.unsqueeze(1).to(accumulate_dtype)).to(tokens.dtype)
     return GroupedClusters(
         centroids=centroids,
         token_to_cluster=token_to_cluster,
@@ -92,23 +89,16 @@ def expand_to_tokens(
     clusters: GroupedClusters,
     tokens: Optional[torch.Tensor] = None,
     residual_scale: Optional[torch.Tensor] = None,
-    members: Optional[MemberGradients] = None,
 ) -> torch.Tensor:
     """One output row per token from one output row per centroid.
 
     With ``tokens`` given, residual error compensation: token x in cluster c gets
     E(c) + s (x - c), the first-order correction that restores each token's own deviation from
     its centroid, with s = 1 (the paper's) or ``residual_scale`` [C], one factor per cluster.
-    Without, every member of a cluster gets E(c). ``members``: the merge's backward rule
-    (``cluster_tokens``), which learns the members' output gradients here.
+    Without, every member of a cluster gets E(c).
     """
-    def per_member(values):
-        if members is None:
-            return values.index_select(0, clusters.token_to_cluster)
-        return expand_from_centroids(values, clusters.token_to_cluster, clusters.cluster_sizes, members)
-
     if tokens is None:
-        return per_member(centroid_outputs)
+        return centroid_outputs.index_select(0, clusters.token_to_cluster)
     # E(c) + s (x - c) as s x + (E(c) - s c): the difference is taken once per cluster, so only
     # one gather and one add touch the (much larger) token rows, forward and backward. Half
     # precision adds in fp32 and rounds once: x and E(c) - c are large, their sum E(x) may be small.
@@ -121,7 +111,7 @@ def expand_to_tokens(
         scale = residual_scale.to(accumulate_dtype).unsqueeze(1)
         corrections = centroid_outputs.to(accumulate_dtype) - scale * centroids
         token_values = token_values * scale.index_select(0, clusters.token_to_cluster)
-    per_token = per_member(corrections)
+    per_token = corrections.index_select(0, clusters.token_to_cluster)
     return (token_values + per_token).to(centroid_outputs.dtype)
 
 
@@ -345,14 +335,13 @@ class ClusterCounts:
 
 def hash_and_cluster(tokens: torch.Tensor, family, group_ids: torch.Tensor, num_groups: int,
                      merge_threshold: Optional[float] = None, error_bound: Optional[float] = None,
-                     exact_groups: Optional[torch.Tensor] = None, members: Optional[MemberGradients] = None):
+                     exact_groups: Optional[torch.Tensor] = None):
     """Clusters of tokens by ``family``'s buckets within each group: plain buckets of all L
     hashes, or with a merge threshold and/or an error bound, ``adaptive_bucket_ids``.
 
     ``exact_groups`` ([num_groups] bool): groups whose tokens each form a cluster of their own
     (in the dispatcher, experts whose rows do not cross a slow link). They are hashed with the
-    rest, so that no size depends on the data, and their buckets ignored. ``members``: the
-    merge's backward rule (``cluster_tokens``).
+    rest, so that no size depends on the data, and their buckets ignored.
 
     Returns (GroupedClusters, [N] relative errors ||x - c|| / ||x|| (no gradient), ClusterCounts).
     The host waits for the count of clusters (``cluster_tokens``) and, on the coarse-to-fine
@@ -375,5 +364,5 @@ def hash_and_cluster(tokens: torch.Tensor, family, group_ids: torch.Tensor, num_
             counts.exact_rows = ((bucket_ids >= total_buckets - tokens.size(0)) & ~unhashed).sum()
         bucket_ids = torch.where(unhashed, own_ids, bucket_ids.long())
         total_buckets += tokens.size(0)
-    clusters = cluster_tokens(tokens, bucket_ids, group_ids, num_groups, total_buckets, members)
+    clusters = cluster_tokens(tokens, bucket_ids, group_ids, num_groups, total_buckets)
     return clusters, relative_errors(tokens, clusters), counts

@@ -14,7 +14,6 @@ import re
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_lsh.lsh.gradient_rules import GRADIENT_RULES
 from megatron_lsh.lsh.hashing import HASH_TYPES, MAX_TOTAL_BUCKETS
 from megatron_lsh.moe.payload import PAYLOAD_FORMATS, PayloadFormatError, check_payload_format
 from megatron_lsh.moe.topology import LSH_SCOPES
@@ -156,13 +155,6 @@ class LSHTransformerConfig(TransformerConfig):
         "'lsh_expert_gradients': exact values, LSH's gradients on the experts' weights only.",
         value_type=str, choices=GRADIENT_STUDIES)
 
-    lsh_gradient_rule: str = setting(
-        "mean", "The input gradient each member of a cluster gets from its centroid's (no extra bytes): "
-        "'mean' an equal part (autograd of the mean); 'share' a part in proportion to the member's share "
-        "of the cluster's summed output gradient; 'rotation' the mean carried by "
-        "the rotation from the centroid's direction to the member's (Fifty et al. 2024).",
-        choices=GRADIENT_RULES, before_it_existed="mean")
-
     lsh_scope: str = setting(
         "all", "Which rows LSH may merge: 'all' every row of the all-to-all; 'inter-node' only rows "
         "bound for experts on other nodes, so rows that stay on fast intra-node links travel exact "
@@ -260,21 +252,11 @@ class LSHTransformerConfig(TransformerConfig):
                 f"lsh_gradient_study={self.lsh_gradient_study!r} is not supported; use one of "
                 f"{', '.join(repr(s) for s in GRADIENT_STUDIES)} or None"
             )
-        if self.lsh_gradient_rule not in GRADIENT_RULES:
-            raise LSHConfigError(
-                f"lsh_gradient_rule={self.lsh_gradient_rule!r} is not supported; use one of "
-                f"{', '.join(repr(r) for r in GRADIENT_RULES)}"
-            )
         self._check_payload_formats()
         if not self.lsh_enabled:
             if self.lsh_gradient_study is not None:
                 raise LSHConfigError(
                     "lsh_gradient_study compares LSH with the exact MoE, so it needs lsh_enabled=True"
-                )
-            if self.lsh_gradient_rule != "mean":
-                raise LSHConfigError(
-                    f"lsh_gradient_rule={self.lsh_gradient_rule!r} is a rule for tokens LSH merges, so "
-                    "it needs lsh_enabled=True (--lsh); without LSH no token is merged"
                 )
             return
         if self.lsh_compensation == "expert_gain" and (self.expert_tensor_parallel_size or 1) > 1:

@@ -27,7 +27,6 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_lsh.lsh import (
     GroupedClusters,
-    MemberGradients,
     build_hash_family,
     expand_to_tokens,
     fit_expert_gains,
@@ -220,7 +219,6 @@ class LSHAlltoAllTokenDispatcher(PayloadAlltoAllTokenDispatcher):
         self._token_row_probs: Optional[torch.Tensor] = None
         self._expert_inputs: Optional[torch.Tensor] = None
         self._expert_gains: Optional[torch.Tensor] = None
-        self._members: Optional[MemberGradients] = None
         # The merge threshold in force (None: no controller), which the compression controller
         # steers towards the target rate.
         self.merge_threshold: Optional[float] = initial_merge_threshold(config)
@@ -295,12 +293,9 @@ class LSHAlltoAllTokenDispatcher(PayloadAlltoAllTokenDispatcher):
         exact_experts = self._exact_experts
         if exact_experts is not None and exact_experts.device != token_rows.device:
             exact_experts = self._exact_experts = exact_experts.to(token_rows.device)  # once
-        rule = self.config.lsh_gradient_rule
-        # One per forward: the expansion's backward tells the merge's backward about each member.
-        self._members = None if rule == "mean" else MemberGradients(rule)
         clusters, errors, cluster_counts = hash_and_cluster(
             token_rows, family, expert_of_row, self.num_experts, self.merge_threshold,
-            self.config.lsh_error_bound, exact_experts, self._members,
+            self.config.lsh_error_bound, exact_experts,
         )
         # Rows LSH may merge and their centroids: what the compression rate is a rate of. Kept
         # on the device, as every count here: the host reads them when the loop logs.
@@ -384,8 +379,7 @@ class LSHAlltoAllTokenDispatcher(PayloadAlltoAllTokenDispatcher):
                 0, clusters.cluster_groups
             )
             self._expert_gains = None
-        members, self._members = self._members, None
-        row_outputs = expand_to_tokens(centroid_outputs, clusters, token_rows, residual_scale, members)
+        row_outputs = expand_to_tokens(centroid_outputs, clusters, token_rows, residual_scale)
         row_outputs = (row_outputs * token_row_probs.unsqueeze(-1)).to(centroid_outputs.dtype)
         return super().combine_postprocess(row_outputs)
 
