@@ -220,7 +220,7 @@ class HuggingFaceTokenizer:
     cls = None
     sep = None
 
-    @property
+    @cached_property
     def additional_special_tokens_ids(self) -> List[int]:
         """T5 sentinels <extra_id_N> the tokenizer holds, in order."""
         ids = []
