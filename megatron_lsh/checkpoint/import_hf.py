@@ -352,7 +352,7 @@ def import_hf(hf_dir: str, save_dir: str, tokenizer_dir: Optional[str] = None, u
         logger.warning("%s has no tokenizer (%s): the checkpoint is written without one; pass "
                        "--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR when training", hf_dir, error)
         tokenizer = None
-    vocab_rows = config["vocab_size"]
+    vocab_rows = _field(config, config_path, "vocab_size")
     if tokenizer is not None and tokenizer.vocab_size > vocab_rows:
         raise HFImportError(f"--tokenizer {tokenizer_dir}: {tokenizer.vocab_size} tokens, more than the model's "
                             f"vocab_size {vocab_rows} ({os.path.join(hf_dir, 'config.json')}); pass the model's own tokenizer")
