@@ -28,6 +28,8 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+from megatron_lsh.data.tokenizer import HF_TOKENIZER_FILES
+
 logger = logging.getLogger(__name__)
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -209,8 +211,6 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, cons
 
 def _copy_tokenizer_dir(source: str, target: str) -> None:
     """A Hugging Face tokenizer's files (only those; not the model's weights) into target, once."""
-    from megatron_lsh.data.tokenizer import HF_TOKENIZER_FILES
-
     if os.path.isdir(target) or os.path.abspath(source) == os.path.abspath(target):
         return
     partial = target + ".tmp"
