@@ -201,6 +201,7 @@ def _gradient_section(corpus: str, ablations: Dict[str, Dict], runs: Dict[str, D
         left = f"{100 * (1 - closed):.0f}%" if "--lsh-gradient-study" in flags else "-"
         lines.append(f"| {name}{removed} | {s.get('question', '')} | {s['final_ppl']:.2f} | {_ratio(s, stock):.3f}x | "
                      f"{s['bytes_ratio_run']:.3f} | {100 * closed:.0f}% | {left} |")
+    lines += _gradient_split(runs, stock, gap)
     spread = _seed_spread(ablations, stock)
     if spread:
         low, high, count = spread
@@ -208,6 +209,25 @@ def _gradient_section(corpus: str, ablations: Dict[str, Dict], runs: Dict[str, D
                   f"ratio on this corpus, against cp6's gap of {100 * (_ratio(cp6, stock) - 1):.1f}; a run within that "
                   "spread of cp6 is a tie."]
     return lines + ["", "Flags: " + "; ".join(f"{name}: `{' '.join(s['flags'])}`" for name, s in runs.items()), ""]
+
+
+def _gradient_split(runs: Dict[str, Dict], stock: Dict, gap: float) -> List[str]:
+    """One sentence from the three study modes, once all three have run: where cp6's gap comes from."""
+    by_mode = {}
+    for s in runs.values():
+        if "--lsh-gradient-study" in s["flags"]:
+            by_mode[s["flags"][s["flags"].index("--lsh-gradient-study") + 1]] = s
+    if not {"exact_values", "lsh_input_gradients", "lsh_expert_gradients"} <= set(by_mode):
+        return []
+
+    def cost(mode):
+        return 100 * (by_mode[mode]["final_ppl"] - stock["final_ppl"]) / gap
+
+    inputs, experts, both = cost("lsh_input_gradients"), cost("lsh_expert_gradients"), cost("exact_values")
+    larger = "the members' input gradients" if inputs > experts else "the experts' weight gradients"
+    return ["", f"Split: on exact values, LSH's gradients cost {both:.0f}% of cp6's gap when on everything, "
+                f"{inputs:.0f}% on the layer's input alone and {experts:.0f}% on the experts' weights alone: "
+                f"{larger} cost more here."]
 
 
 def _bound_at_scale(corpus: str, summary: Optional[Dict]) -> List[str]:
