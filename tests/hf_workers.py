@@ -7,6 +7,39 @@ import json
 import torch
 
 
+def command_line(rank, world_size, module, argv):
+    """``python -m module argv`` in a forked process that has torch and megatron-core imported
+    already: (exit code, stdout, stderr). The one-line error contract itself is checked on real
+    subprocesses elsewhere; this runs the same main() for the cases around it."""
+    import contextlib
+    import importlib
+    import io
+    import logging
+
+    out, err = io.StringIO(), io.StringIO()
+    # main() may find the root logger configured already; its warnings are the user's output too.
+    handler = logging.StreamHandler(err)
+    logging.getLogger().addHandler(handler)
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            importlib.import_module(module).main(argv)
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+            if stop.code is not None and not isinstance(stop.code, int):
+                print(stop.code, file=err)  # what the interpreter would print on exit
+    logging.getLogger().removeHandler(handler)
+    return code, out.getvalue(), err.getvalue()
+
+
+def convert_then_compare(rank, world_size, load_dir, hf_dir, jsonl_path):
+    """The convert command line, then ``compare_with_transformers`` on what it wrote."""
+    code, out, err = command_line(rank, world_size, "megatron_lsh.checkpoint.convert",
+                                  ["--load", load_dir, "--output", hf_dir])
+    assert code == 0, err[-3000:]
+    return dict(compare_with_transformers(rank, world_size, load_dir, hf_dir, jsonl_path), convert_output=out)
+
+
 def compare_with_transformers(rank, world_size, load_dir, hf_dir, jsonl_path):
     """Logits of the megatron model (every expert, LSH off) and of the exported transformers model
     on the same tokens, the loading report, and the tokenizer round trip."""

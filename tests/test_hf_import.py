@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.distributed import run_distributed
-from tests.hf_workers import import_and_compare
+from tests.hf_workers import command_line, import_and_compare
 from tests.launch import REPO, environment, torchrun
 
 pytest.importorskip("transformers")
@@ -147,9 +147,14 @@ def test_a_directory_without_a_model_or_with_a_foreign_tokenizer_is_refused(tmp_
     assert not (tmp_path / "ckpt").exists()
 
 
-def run_import(*flags):
-    return subprocess.run([sys.executable, "-m", "megatron_lsh.checkpoint.import_hf", *flags], cwd=REPO,
-                          env=environment(), capture_output=True, text=True, timeout=300)
+def run_import(*flags, fresh_interpreter=True):
+    """(exit code, stdout, stderr) of the import command line: as a user runs it, or its main() in a
+    forked process (seconds instead of a fresh interpreter's imports)."""
+    if not fresh_interpreter:
+        return run_distributed(command_line, 1, "megatron_lsh.checkpoint.import_hf", list(flags))[0]
+    result = subprocess.run([sys.executable, "-m", "megatron_lsh.checkpoint.import_hf", *flags], cwd=REPO,
+                            env=environment(), capture_output=True, text=True, timeout=300)
+    return result.returncode, result.stdout, result.stderr
 
 
 @pytest.mark.slow
@@ -158,26 +163,28 @@ def test_missing_or_misshaped_weights_fail_in_one_line_and_write_nothing(corpus,
 
     hf = save_tiny("mixtral", tmp_path / "hf", corpus["tokenizer"])
     weights = load_file(hf / "model.safetensors")
-    for change, message in [
+    for change, message, fresh_interpreter in [
         (lambda w: w.pop("model.layers.1.block_sparse_moe.experts.3.w2.weight"),
-         "weight model.layers.1.block_sparse_moe.experts.3.w2.weight is missing from its safetensors files"),
+         "weight model.layers.1.block_sparse_moe.experts.3.w2.weight is missing from its safetensors files", True),
         (lambda w: w.update({"model.norm.weight": w["model.norm.weight"][:32]}),
-         "decoder.final_layernorm.weight comes out (32,) from the safetensors files, the model of config.json has (64,)"),
+         "decoder.final_layernorm.weight comes out (32,) from the safetensors files, the model of config.json has (64,)",
+         False),
     ]:
         broken = dict(weights)
         change(broken)
         save_file(broken, str(hf / "model.safetensors"))
-        result = run_import("--hf-model", str(hf), "--save", str(tmp_path / "ckpt"))
-        assert result.returncode != 0
-        assert result.stderr.strip().splitlines()[-1] == f"error: --hf-model {hf}: {message}"
+        code, _, stderr = run_import("--hf-model", str(hf), "--save", str(tmp_path / "ckpt"),
+                                     fresh_interpreter=fresh_interpreter)
+        assert code != 0
+        assert stderr.strip().splitlines()[-1] == f"error: --hf-model {hf}: {message}"
         assert not (tmp_path / "ckpt").exists()
     # Whole weights and no tokenizer: imported, with a warning, and no tokenizer flags printed.
     save_file(weights, str(hf / "model.safetensors"))
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
         (hf / name).unlink(missing_ok=True)
-    result = run_import("--hf-model", str(hf), "--save", str(tmp_path / "ckpt"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert f"{hf} has no tokenizer" in result.stderr and "--tokenizer-type" not in result.stdout
+    code, stdout, stderr = run_import("--hf-model", str(hf), "--save", str(tmp_path / "ckpt"), fresh_interpreter=False)
+    assert code == 0, stderr[-2000:]
+    assert f"{hf} has no tokenizer" in stderr and "--tokenizer-type" not in stdout
     assert (tmp_path / "ckpt" / "iter_0000000" / "complete").exists()
 
 

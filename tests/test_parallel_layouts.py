@@ -49,12 +49,17 @@ def test_four_ranks_train_with_lsh_and_falling_loss(corpus, layout):
 
 @pytest.mark.slow
 def test_pipeline_parallel_kill_and_resume_gives_the_same_losses(corpus, tmp_path):
-    # Interleaved: two chunks of one layer per rank.
+    # Interleaved: two chunks of one layer per rank. The controller with an error bound: its merge
+    # thresholds travel in the checkpoint (each stage saves its own layers'), so the resumed run
+    # merges exactly as the uninterrupted one would have. A half-written save of a later
+    # iteration is ignored.
     flags = lambda save: model_flags(corpus, **{  # noqa: E731
         "--train-iters": "12", "--log-interval": "1", "--eval-interval": "100",
         "--save": str(save), "--load": str(save), "--save-interval": "4", **PP2_EP2,
-        "--num-layers": "4", "--num-layers-per-virtual-pipeline-stage": "1"})
-    uninterrupted, resumed = kill_at_checkpoint_and_resume(flags, tmp_path, killed_after=8, nproc=4)
+        "--num-layers": "4", "--num-layers-per-virtual-pipeline-stage": "1",
+        "--lsh-error-bound": "2.0", "--lsh-target-compression": "0.3"})
+    uninterrupted, resumed = kill_at_checkpoint_and_resume(flags, tmp_path, killed_after=8, nproc=4,
+                                                           crash_mid_save=True)
     assert uninterrupted[12] < uninterrupted[1] - 0.3, uninterrupted
     assert sorted(resumed) == [9, 10, 11, 12]
     assert all(resumed[i] == uninterrupted[i] for i in resumed), (resumed, uninterrupted)

@@ -14,7 +14,6 @@ import pytest
 from tests.launch import (
     REPO,
     environment,
-    kill_at_checkpoint_and_resume,
     losses,
     model_flags,
     pretrain_error,
@@ -123,17 +122,23 @@ def test_checkpoint_tracker_names_the_final_complete_checkpoint(logged_run):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_gives_the_same_losses(corpus, tmp_path):
-    # The controller with an error bound: its merge thresholds travel in the checkpoint, so the
-    # resumed run merges exactly as the uninterrupted one would have. A half-written save of a
-    # later iteration is ignored.
-    flags = lambda save: model_flags(corpus, **{  # noqa: E731
-        "--train-iters": "12", "--log-interval": "1", "--eval-interval": "100", "--lsh-error-bound": "2.0",
-        "--lsh-target-compression": "0.3",
-        "--save": str(save), "--load": str(save), "--save-interval": "4"})
-    uninterrupted, resumed = kill_at_checkpoint_and_resume(flags, tmp_path, killed_after=8, crash_mid_save=True)
-    assert sorted(resumed) == [9, 10, 11, 12]
-    assert all(resumed[i] == uninterrupted[i] for i in resumed), (resumed, uninterrupted)
+def test_checkpoint_without_a_hugging_face_equivalent_names_the_flags(logged_run, tmp_path):
+    # LayerNorm, GELU, biases, a tied head: the run above has no Hugging Face architecture.
+    _, work = logged_run
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_lsh.checkpoint.convert", "--load", str(work / "ckpt"),
+         "--output", str(tmp_path / "hf")],
+        cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: this checkpoint has no equivalent in Hugging Face")
+    mixtral, qwen3_moe = error.split("; or ")
+    for flag in ("--normalization RMSNorm", "--swiglu", "--disable-bias-linear",
+                 "--untie-embeddings-and-output-weights", "--hf-architecture mixtral"):
+        assert flag in mixtral
+    for flag in ("--normalization RMSNorm", "--swiglu", "--qk-layernorm", "--hf-architecture qwen3_moe"):
+        assert flag in qwen3_moe
+    assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.slow

@@ -74,9 +74,13 @@ def resume_and_compare(save, lsh, uninterrupted_run, stopped_at, scratch):
 
 
 @pytest.mark.slow
-def test_exit_interval_then_the_time_limit_then_resume_give_the_same_losses(tmp_path, uninterrupted):
-    """Stopped by --exit-interval at 5, resumed and stopped by --exit-duration-in-mins after one
-    more whole step (a limit shorter than a step), resumed again to the end."""
+def test_exit_interval_then_the_time_limit_then_sigterm_then_resume_give_the_same_losses(tmp_path, uninterrupted):
+    """Stopped by --exit-interval at 5; resumed and stopped by --exit-duration-in-mins after one
+    more whole step (a limit shorter than a step); resumed and stopped by SIGTERM, as SLURM stops
+    a job ahead of its time limit, with the signal handler on (it saves and exits 0); resumed again
+    to the end. Every loss on the way is the uninterrupted run's."""
+    import psutil
+
     save = tmp_path / "run"
     first = losses(torchrun(flags(**LSH, **{"--save": str(save), "--exit-interval": "5"})))
     assert sorted(first) == list(range(1, 6))
@@ -85,31 +89,28 @@ def test_exit_interval_then_the_time_limit_then_resume_give_the_same_losses(tmp_
     assert "stopping at iteration 6: --exit-duration-in-mins 0.001 reached" in output
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
     assert all(loss == uninterrupted[0][i] for i, loss in {**first, **losses(output)}.items())
-    resume_and_compare(save, LSH, uninterrupted, 6, tmp_path)
 
-
-@pytest.mark.slow
-def test_sigterm_with_the_signal_handler_saves_exits_zero_and_resumes_exactly(tmp_path, uninterrupted):
-    import psutil
-
-    save = tmp_path / "run"
     process = subprocess.Popen(
-        torchrun_command(flags(**LSH, **{"--save": str(save), "--exit-signal-handler": True})),
+        torchrun_command(flags(**LSH, **{"--save": str(save), "--load": str(save), "--exit-signal-handler": True})),
         cwd=REPO, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = []
     for line in process.stdout:
         output.append(line)
-        if re.search(r"iteration\s+4/", line):
+        if re.search(r"iteration\s+8/", line):
             # What SLURM does ahead of a time limit: SIGTERM to every process of the job.
             for worker in psutil.Process(process.pid).children(recursive=True):
                 worker.send_signal(signal.SIGTERM)
             break
     output.append(process.stdout.read())
-    assert process.wait(timeout=120) == 0, "".join(output)[-3000:]
-    stopped = re.search(r"stopping at iteration (\d+): received SIGTERM", "".join(output))
-    assert stopped, "".join(output)[-3000:]
+    output = "".join(output)
+    assert process.wait(timeout=120) == 0, output[-3000:]
+    assert "resuming at iteration 6" in output
+    stopped = re.search(r"stopping at iteration (\d+): received SIGTERM", output)
+    assert stopped, output[-3000:]
     stopped_at = int(stopped[1])
+    assert 8 <= stopped_at < 14, output[-3000:]
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped_at)
+    assert all(loss == uninterrupted[0][i] for i, loss in losses(output).items())
     resume_and_compare(save, LSH, uninterrupted, stopped_at, tmp_path)
 
 
