@@ -1,4 +1,5 @@
-"""Launching the pretraining scripts as a user does: torchrun subprocesses on CPU."""
+"""Launching the pretraining scripts on CPU: torchrun subprocesses as a user starts them, or the
+scripts' body on ranks forked from a process that has imported torch and megatron-core once."""
 
 import os
 import re
@@ -44,11 +45,56 @@ def torchrun_command(flags, nproc=2, script="pretrain_gpt_moe.py"):
             "--master_port", str(free_port()), str(REPO / script), *flags]
 
 
-def torchrun(flags, nproc=2, timeout=600, script="pretrain_gpt_moe.py"):
-    result = subprocess.run(torchrun_command(flags, nproc, script), cwd=REPO, env=environment(),
-                            capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result.stdout
+def run_ranks(flags, nproc=2, timeout=600, script="pretrain_gpt_moe.py"):
+    """What `script` does under torchrun with these flags, its stdout (rank 0's lines first): the
+    script's body, `pretrain`, on nproc ranks that find torchrun's environment (RANK, LOCAL_RANK,
+    WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_*). The ranks fork from a server that has imported torch
+    and megatron-core once, instead of paying a fresh interpreter's imports (about 8 CPU-seconds a
+    process on 2 cores) for every rank of every run. What torchrun itself adds (the launch, signals
+    to every worker, exit codes, the launchers in scripts/) is tested through `torchrun_command`."""
+    import tempfile
+
+    from tests.distributed import run_distributed
+
+    with tempfile.TemporaryDirectory() as logs:
+        codes = run_distributed(pretrain_on_rank, nproc, script, [str(f) for f in flags], logs, timeout=timeout)
+        stdout = "".join(Path(logs, f"rank{rank}.out").read_text() for rank in range(nproc))
+        stderr = "".join(Path(logs, f"rank{rank}.err").read_text() for rank in range(nproc))
+    assert codes == [0] * nproc, f"exit codes {codes}\n" + stdout[-3000:] + stderr[-5000:]
+    return stdout
+
+
+def pretrain_on_rank(rank, world_size, script, flags, logs):
+    """One rank of `run_ranks`: the entry script's body with this rank's stdout and stderr (file
+    descriptors, so C-level and child-process output too) in logs/rank{rank}.out and .err."""
+    import traceback
+
+    from megatron_lsh.training.arguments import parse_args
+    from megatron_lsh.training.gpt_task import GPT_TASK
+    from megatron_lsh.training.loop import pretrain
+    from megatron_lsh.training.t5_task import T5_TASK, add_t5_args
+
+    task, extra = {"pretrain_gpt_moe.py": (GPT_TASK, None), "pretrain_t5_moe.py": (T5_TASK, add_t5_args)}[script]
+    os.environ.update(LOCAL_WORLD_SIZE=str(world_size), WANDB_MODE="offline")
+    os.environ.pop("WANDB_API_KEY", None)
+    os.chdir(REPO)
+    code = 0
+    with open(Path(logs, f"rank{rank}.out"), "w") as out, open(Path(logs, f"rank{rank}.err"), "w") as err:
+        sys.stdout.flush(), sys.stderr.flush()
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        try:
+            pretrain(task, parse_args(script, flags, extra_args=extra))
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+            if stop.code is not None and not isinstance(stop.code, int):
+                print(stop.code, file=sys.stderr)
+        except BaseException:  # the traceback goes where the rank's stderr would have
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+    return code
 
 
 def losses(output):
@@ -119,7 +165,7 @@ def kill_at_checkpoint_and_resume(flags_for, tmp_path, killed_after, script="pre
     final checkpoints must be equal bit for bit. With crash_mid_save, the killed run also leaves
     what a crash in the middle of saving a later iteration would: a half-written `.partial`
     directory, which the resume must ignore."""
-    uninterrupted = losses(torchrun(flags_for(tmp_path / "uninterrupted"), nproc=nproc, script=script))
+    uninterrupted = losses(run_ranks(flags_for(tmp_path / "uninterrupted"), nproc=nproc, script=script))
     save = tmp_path / "killed"
     process = subprocess.Popen(torchrun_command(flags_for(save), nproc=nproc, script=script), cwd=REPO,
                                env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -136,7 +182,7 @@ def kill_at_checkpoint_and_resume(flags_for, tmp_path, killed_after, script="pre
         partial.mkdir()
         (partial / "__0_0.distcp").write_bytes(b"half written")
         assert find_latest_checkpoint(str(save)) == killed_after
-    output = torchrun(flags_for(save), nproc=nproc, script=script)
+    output = run_ranks(flags_for(save), nproc=nproc, script=script)
     assert f"resuming at iteration {killed_after}" in output
     final = int((tmp_path / "uninterrupted" / "latest_checkpointed_iteration.txt").read_text())
     assert_checkpoints_equal(tmp_path / "uninterrupted", save, final, tmp_path)

@@ -17,7 +17,7 @@ from tests.hf_workers import (
     convert_then_compare,
     evaluation_against_plain_forwards,
 )
-from tests.launch import REPO, environment, model_flags, torchrun
+from tests.launch import REPO, environment, model_flags, run_ranks
 from tests.test_pretrain_t5 import t5_flags
 
 # Every test here runs several processes or trains end to end.
@@ -36,7 +36,7 @@ def convert(load, output):
 @pytest.fixture(scope="module")
 def mixtral(corpus, tmp_path_factory):
     work = tmp_path_factory.mktemp("mixtral")
-    torchrun([*model_flags(corpus, **{"--train-iters": "4", "--eval-iters": "0", "--log-interval": "2",
+    run_ranks([*model_flags(corpus, **{"--train-iters": "4", "--eval-iters": "0", "--log-interval": "2",
                                       "--num-attention-heads": "4", "--save": str(work / "ckpt")}),
               "--hf-architecture", "mixtral", "--group-query-attention", "--num-query-groups", "2"])
     # The convert command line in a forked process (qwen3_moe_export runs it as a subprocess).
@@ -49,7 +49,7 @@ def qwen3_moe_export(corpus, tmp_path_factory):
     """Dense and MoE layers interleaved (MoE in layers 0 and 2 of 4, the paper's layout), top-1,
     grouped queries: Qwen3-MoE, whose dense layers keep their own width."""
     work = tmp_path_factory.mktemp("qwen3_moe")
-    torchrun([*model_flags(corpus, **{"--train-iters": "4", "--eval-iters": "0", "--log-interval": "2",
+    run_ranks([*model_flags(corpus, **{"--train-iters": "4", "--eval-iters": "0", "--log-interval": "2",
                                       "--num-layers": "4", "--moe-layer-freq": "2", "--moe-router-topk": "1",
                                       "--ffn-hidden-size": "96", "--moe-ffn-hidden-size": "64",
                                       "--save": str(work / "ckpt")}),
@@ -69,7 +69,7 @@ def qwen3_moe(corpus, qwen3_moe_export):
 @pytest.fixture(scope="module")
 def switch(corpus, tmp_path_factory):
     work = tmp_path_factory.mktemp("switch")
-    torchrun([*t5_flags(corpus, **{"--train-iters": "4", "--eval-iters": "0", "--log-interval": "2",
+    run_ranks([*t5_flags(corpus, **{"--train-iters": "4", "--eval-iters": "0", "--log-interval": "2",
                                    "--moe-router-topk": None, "--moe-layer-freq": "2",
                                    "--save": str(work / "ckpt")}),
               "--hf-architecture", "switch_transformers"], script="pretrain_t5_moe.py")

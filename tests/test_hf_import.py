@@ -12,7 +12,7 @@ import pytest
 
 from tests.distributed import run_distributed
 from tests.hf_workers import command_line, import_and_compare
-from tests.launch import REPO, environment, torchrun
+from tests.launch import REPO, environment, run_ranks
 
 pytest.importorskip("transformers")
 
@@ -203,9 +203,9 @@ def test_an_imported_model_continues_training_at_tp2_ep2_and_at_pp2_from_the_sam
               "--eval-iters", "2", "--eval-interval", "1", "--train-data-path", data["train"],
               "--valid-data-path", data["valid"], "--num-workers", "0", "--no-lsh", "--seed", "3"]
     outputs = {
-        "tp2-ep2": torchrun([*common, "--tensor-model-parallel-size", "2", "--sequence-parallel",
+        "tp2-ep2": run_ranks([*common, "--tensor-model-parallel-size", "2", "--sequence-parallel",
                              "--expert-model-parallel-size", "2"], nproc=4),
-        "pp2": torchrun([*common, "--pipeline-model-parallel-size", "2"], nproc=2),
+        "pp2": run_ranks([*common, "--pipeline-model-parallel-size", "2"], nproc=2),
     }
     first = {name: float(re.search(r"validation loss at iteration 0 \| lm loss value: (\S+)", out).group(1))
              for name, out in outputs.items()}

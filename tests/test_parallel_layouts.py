@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.launch import REPO, environment, kill_at_checkpoint_and_resume, losses, model_flags, torchrun
+from tests.launch import REPO, environment, kill_at_checkpoint_and_resume, losses, model_flags, run_ranks
 
 VALIDATION_LINE = re.compile(r"validation loss at iteration (\d+) \| lm loss value: ([0-9.E+-]+) \|")
 
@@ -34,7 +34,7 @@ def validation_losses(output):
     ids=["tp2-sp-ep2", "tp2-sp-ep2-etp2"],
 )
 def test_four_ranks_train_with_lsh_and_falling_loss(corpus, layout):
-    output = torchrun(model_flags(corpus, **{
+    output = run_ranks(model_flags(corpus, **{
         "--train-iters": "16", "--log-interval": "4", "--eval-interval": "100", **CONTROLLER, **layout}), nproc=4)
     loss = losses(output)
     assert sorted(loss) == [4, 8, 12, 16]
@@ -75,13 +75,13 @@ def test_checkpoint_saved_at_tp2_ep2_resumes_at_tp1_ep4_with_a_sharded_optimizer
     mxfp8 = {f"--moe-{name}-dtype": "mxfp8" for name in ("dispatch-fwd", "dispatch-bwd", "combine-fwd", "combine-bwd")}
     common = {"--no-lsh": True, "--hidden-dropout": "0", "--attention-dropout": "0", "--log-interval": "1",
               "--eval-interval": "6", "--save": str(save), **mxfp8}
-    first = torchrun(model_flags(corpus, **{**common, **TP2_EP2, "--train-iters": "10", "--save-interval": "6"}),
+    first = run_ranks(model_flags(corpus, **{**common, **TP2_EP2, "--train-iters": "10", "--save-interval": "6"}),
                      nproc=4)
     at6 = tmp_path / "at6"  # the run's iteration-6 checkpoint as the newest of a directory
     shutil.copytree(save / "iter_0000006", at6 / "iter_0000006")
     (at6 / "latest_checkpointed_iteration.txt").write_text("6\n")
     # The resumed run shards its optimizer state: the replicated checkpoint loads into it.
-    resumed = torchrun(model_flags(corpus, **{
+    resumed = run_ranks(model_flags(corpus, **{
         **common, "--train-iters": "10", "--load": str(at6), "--save": str(at6),
         "--expert-model-parallel-size": "4", "--use-distributed-optimizer": True}), nproc=4)
     assert "resuming at iteration 6" in resumed
@@ -112,9 +112,9 @@ def test_t5_trained_at_tp2_ep2_evaluates_alike_at_tp1_ep4(corpus, tmp_path):
     save = tmp_path / "ckpt"
     common = {"--no-lsh": True, "--hidden-dropout": "0", "--attention-dropout": "0", "--train-iters": "4",
               "--log-interval": "2", "--eval-interval": "4", "--save": str(save), "--load": str(save)}
-    tensor_parallel = torchrun(t5_flags(corpus, **common, **TP2_EP2), nproc=4, script="pretrain_t5_moe.py")
+    tensor_parallel = run_ranks(t5_flags(corpus, **common, **TP2_EP2), nproc=4, script="pretrain_t5_moe.py")
     # Resumed at its last iteration, the run only evaluates: now with whole attention layers.
-    expert_parallel = torchrun(t5_flags(corpus, **common, **{"--expert-model-parallel-size": "4"}), nproc=4,
+    expert_parallel = run_ranks(t5_flags(corpus, **common, **{"--expert-model-parallel-size": "4"}), nproc=4,
                                script="pretrain_t5_moe.py")
     assert "resuming at iteration 4" in expert_parallel
     assert validation_losses(expert_parallel)[4] == pytest.approx(validation_losses(tensor_parallel)[4], rel=1e-5)
@@ -137,9 +137,9 @@ def test_distributed_optimizer_and_overlapped_reduction_train_like_the_replicate
     # bf16, so the fp32 master weights are sharded too.
     flags = {"--train-iters": "8", "--log-interval": "1", "--eval-interval": "100",
              "--expert-model-parallel-size": "2", "--micro-batch-size": "2", "--bf16": True}
-    replicated = losses(torchrun(model_flags(corpus, **flags), nproc=4))
+    replicated = losses(run_ranks(model_flags(corpus, **flags), nproc=4))
     save = tmp_path / "ckpt"
-    sharded = losses(torchrun(model_flags(corpus, **{
+    sharded = losses(run_ranks(model_flags(corpus, **{
         **flags, "--use-distributed-optimizer": True, "--overlap-grad-reduce": True,
         "--save": str(save), "--save-interval": "4"}), nproc=4))
     assert sorted(sharded) == list(range(1, 9))
@@ -148,7 +148,7 @@ def test_distributed_optimizer_and_overlapped_reduction_train_like_the_replicate
     # Killed at 4 and resumed, sharded state and all: the same steps again.
     shutil.rmtree(save / "iter_0000008")
     (save / "latest_checkpointed_iteration.txt").write_text("4\n")
-    resumed = losses(torchrun(model_flags(corpus, **{
+    resumed = losses(run_ranks(model_flags(corpus, **{
         **flags, "--use-distributed-optimizer": True, "--overlap-grad-reduce": True,
         "--save": str(save), "--load": str(save), "--save-interval": "4"}), nproc=4))
     assert sorted(resumed) == [5, 6, 7, 8]

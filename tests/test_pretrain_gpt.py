@@ -18,14 +18,14 @@ from tests.launch import (
     model_flags,
     pretrain_error,
     run_pretrain_expecting_error,
-    torchrun,
+    run_ranks,
     torchrun_command,
 )
 
 @pytest.fixture(scope="module")
 def logged_run(corpus, tmp_path_factory):
     work = tmp_path_factory.mktemp("run")
-    output = torchrun(model_flags(
+    output = run_ranks(model_flags(
         corpus, **{"--train-iters": "30", "--log-interval": "5", "--eval-interval": "10",
                    "--tensorboard-dir": str(work / "tb"), "--wandb-project": "test",
                    "--wandb-save-dir": str(work / "wandb"), "--save": str(work / "ckpt"),
@@ -212,7 +212,7 @@ def test_bad_parallel_and_batch_settings_give_one_clear_error(corpus, overrides,
 def test_the_controller_brings_the_rate_to_the_target_and_logs_each_layers_threshold(corpus, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    output = torchrun(model_flags(corpus, **{
+    output = run_ranks(model_flags(corpus, **{
         "--train-iters": "40", "--log-interval": "10", "--eval-interval": "100", "--eval-iters": "0",
         "--lsh-target-compression": "0.3", "--lsh-error-bound": "off", "--tensorboard-dir": str(tmp_path / "tb")}))
     rates = [float(r) for r in re.findall(r"lsh compression rate: ([0-9.]+)", output)]

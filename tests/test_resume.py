@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.launch import REPO, assert_checkpoints_equal, environment, losses, torchrun, torchrun_command
+from tests.launch import REPO, assert_checkpoints_equal, environment, losses, run_ranks, torchrun_command
 
 # The run of issue 13, as a new user tried it: mock data read by 2 data-loader workers per rank.
 MOCK_RUN = {
@@ -58,14 +58,14 @@ def uninterrupted(tmp_path_factory):
     """Losses and checkpoint directory (iterations 10 and 14) of a straight LSH run. (Stock dispatch
     resumes exactly in test_parallel_layouts.py, across layouts.)"""
     save = tmp_path_factory.mktemp("straight")
-    return losses(torchrun(flags(**LSH, **{"--save": str(save)}))), save
+    return losses(run_ranks(flags(**LSH, **{"--save": str(save)}))), save
 
 
 def resume_and_compare(save, lsh, uninterrupted_run, stopped_at, scratch):
     """The resumed run logs the uninterrupted run's losses and ends on its very checkpoint:
     weights and optimizer state of iteration 14 equal bit for bit."""
     straight, straight_save = uninterrupted_run
-    resumed = torchrun(flags(**lsh, **{"--save": str(save), "--load": str(save)}))
+    resumed = run_ranks(flags(**lsh, **{"--save": str(save), "--load": str(save)}))
     assert f"resuming at iteration {stopped_at}" in resumed
     resumed = losses(resumed)
     assert sorted(resumed) == list(range(stopped_at + 1, 15))
@@ -82,9 +82,9 @@ def test_exit_interval_then_the_time_limit_then_sigterm_then_resume_give_the_sam
     import psutil
 
     save = tmp_path / "run"
-    first = losses(torchrun(flags(**LSH, **{"--save": str(save), "--exit-interval": "5"})))
+    first = losses(run_ranks(flags(**LSH, **{"--save": str(save), "--exit-interval": "5"})))
     assert sorted(first) == list(range(1, 6))
-    output = torchrun(flags(**LSH, **{"--save": str(save), "--load": str(save), "--exit-duration-in-mins": "0.001"}))
+    output = run_ranks(flags(**LSH, **{"--save": str(save), "--load": str(save), "--exit-duration-in-mins": "0.001"}))
     assert "resuming at iteration 5" in output
     assert "stopping at iteration 6: --exit-duration-in-mins 0.001 reached" in output
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
@@ -130,7 +130,7 @@ def test_a_damaged_newest_checkpoint_is_named_and_an_earlier_one_can_be_loaded(t
     assert f"checkpoint {save / 'iter_0000014'} is damaged: __1_0.distcp is truncated (100 of" in errors[0]
     assert "resume from an earlier one with --ckpt-step 10 (complete: [10])" in errors[0]
     assert "]: Traceback" not in result.stderr  # no rank's (torchrun reports the exit code its way)
-    resumed = torchrun(flags(**LSH, **{"--load": str(save), "--save-interval": None, "--ckpt-step": "10"}))
+    resumed = run_ranks(flags(**LSH, **{"--load": str(save), "--save-interval": None, "--ckpt-step": "10"}))
     assert "resuming at iteration 10" in resumed
     assert all(loss == straight[i] for i, loss in losses(resumed).items())
     assert sorted(losses(resumed)) == [11, 12, 13, 14]
@@ -160,13 +160,13 @@ def test_t5_switch_style_stopped_by_the_time_limit_resumes_exactly(corpus, tmp_p
 
     run = {"--train-iters": "6", "--log-interval": "1", "--eval-interval": "100", "--lsh": True,
            "--moe-router-topk": "1", "--position-embedding-type": "relative"}
-    straight = losses(torchrun(t5_flags(corpus, **run, **{"--save": str(tmp_path / "straight")}),
+    straight = losses(run_ranks(t5_flags(corpus, **run, **{"--save": str(tmp_path / "straight")}),
                                script="pretrain_t5_moe.py"))
     save = str(tmp_path / "stopped")
-    stopped = torchrun(t5_flags(corpus, **run, **{"--save": save, "--exit-duration-in-mins": "0.001"}),
+    stopped = run_ranks(t5_flags(corpus, **run, **{"--save": save, "--exit-duration-in-mins": "0.001"}),
                        script="pretrain_t5_moe.py")
     assert "stopping at iteration 1: --exit-duration-in-mins 0.001 reached" in stopped
-    resumed = losses(torchrun(t5_flags(corpus, **run, **{"--save": save, "--load": save}),
+    resumed = losses(run_ranks(t5_flags(corpus, **run, **{"--save": save, "--load": save}),
                               script="pretrain_t5_moe.py"))
     assert sorted(resumed) == [2, 3, 4, 5, 6]
     assert all(resumed[i] == straight[i] for i in resumed), (resumed, straight)
