@@ -262,7 +262,7 @@ def test_all_scope_counts_inter_node_bytes_and_merges_same_node_rows_too():
         assert stats.dispatch_bytes == (r["same_node_pairs_to_other_ranks"] + r["off_node_pairs"]) * row_bytes
 
 
-# Expert parallel 2 trains in test_pretrain_gpt.py (torchrun, LSH) and test_resume.py (stock).
+# Expert parallel 2 trains in test_pretrain_gpt.py (2 ranks, LSH) and test_resume.py (stock).
 @pytest.mark.parametrize("world_size, lsh_enabled", [(4, True)], ids=["ep4-lsh"])
 
 def test_gpt_moe_trains_with_falling_loss(world_size, lsh_enabled):

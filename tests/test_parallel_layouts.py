@@ -1,4 +1,4 @@
-"""Tensor, sequence, pipeline and expert parallelism together, on 4 CPU ranks with torchrun."""
+"""Tensor, sequence, pipeline and expert parallelism together, on 4 CPU ranks."""
 
 import re
 import shutil

@@ -1,4 +1,5 @@
-"""pretrain_gpt_moe.py end to end: 2 CPU ranks with torchrun, as a user launches it."""
+"""pretrain_gpt_moe.py end to end on 2 CPU ranks: the script's body under torchrun's environment
+(tests/launch.py: run_ranks), and torchrun itself where it adds something."""
 
 import glob
 import json
