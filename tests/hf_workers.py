@@ -16,6 +16,8 @@ def command_line(rank, world_size, module, argv):
     import io
     import logging
 
+    from tests.launch import exit_status
+
     out, err = io.StringIO(), io.StringIO()
     # main() may find the root logger configured already; its warnings are the user's output too.
     handler = logging.StreamHandler(err)
@@ -25,9 +27,7 @@ def command_line(rank, world_size, module, argv):
         try:
             importlib.import_module(module).main(argv)
         except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else 1
-            if stop.code is not None and not isinstance(stop.code, int):
-                print(stop.code, file=err)  # what the interpreter would print on exit
+            code = exit_status(stop)
     logging.getLogger().removeHandler(handler)
     return code, out.getvalue(), err.getvalue()
 
