@@ -105,6 +105,14 @@ def exit_status(stop: SystemExit) -> int:
     return 1
 
 
+def convert(load, output):
+    """The Hugging Face export as a user runs it: `python -m megatron_lsh.checkpoint.convert`."""
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_lsh.checkpoint.convert", "--load", str(load), "--output", str(output)],
+        cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300,
+    )
+
+
 def losses(output):
     return {int(it): float(loss) for it, loss in LOSS_LINE.findall(output)}
 

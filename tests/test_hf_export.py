@@ -17,20 +17,13 @@ from tests.hf_workers import (
     convert_then_compare,
     evaluation_against_plain_forwards,
 )
-from tests.launch import REPO, environment, model_flags, run_ranks
+from tests.launch import REPO, convert, environment, model_flags, run_ranks
 from tests.test_pretrain_t5 import t5_flags
 
 # Every test here runs several processes or trains end to end.
 pytestmark = pytest.mark.slow
 
 pytest.importorskip("transformers")
-
-
-def convert(load, output):
-    return subprocess.run(
-        [sys.executable, "-m", "megatron_lsh.checkpoint.convert", "--load", str(load), "--output", str(output)],
-        cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300,
-    )
 
 
 @pytest.fixture(scope="module")

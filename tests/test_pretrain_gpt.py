@@ -14,6 +14,7 @@ import pytest
 
 from tests.launch import (
     REPO,
+    convert,
     environment,
     losses,
     model_flags,
@@ -126,10 +127,7 @@ def test_checkpoint_tracker_names_the_final_complete_checkpoint(logged_run):
 def test_checkpoint_without_a_hugging_face_equivalent_names_the_flags(logged_run, tmp_path):
     # LayerNorm, GELU, biases, a tied head: the run above has no Hugging Face architecture.
     _, work = logged_run
-    result = subprocess.run(
-        [sys.executable, "-m", "megatron_lsh.checkpoint.convert", "--load", str(work / "ckpt"),
-         "--output", str(tmp_path / "hf")],
-        cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+    result = convert(work / "ckpt", tmp_path / "hf")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error: this checkpoint has no equivalent in Hugging Face")
