@@ -137,6 +137,9 @@ def plan() -> List[Variant]:
     # and were removed; their summaries stay in docs/data.
     variants += [Variant(f"cp6 {study}", with_flags(CP6, lsh_gradient_study=study), "gradient", question)
                  for study, question in GRADIENT_STUDY_QUESTIONS.items()]
+    # The experts' side: a second row per cluster along its spread (more bytes, not equal ones).
+    variants += [Variant("cp6 axis", [*CP6, "--lsh-cluster-axis"], "gradient",
+                         "an axis row per cluster: experts run and learn at two points of it")]
     return variants
 
 
