@@ -57,7 +57,7 @@ def test_a_two_member_clusters_axis_row_is_one_of_its_members():
 def test_on_members_along_a_line_a_linear_expert_gives_exact_outputs_and_weight_gradients():
     """The secant of a linear map is the map: members on their cluster's axis get their own
     output, the weights their exact gradients, and each member its exact input gradient along
-    the axis (off it, the centroid's mean: the direction is held fixed)."""
+    the axis."""
     generator = torch.Generator().manual_seed(2)
     tokens, _ = line_cluster(generator)
     expert = torch.nn.Linear(HIDDEN, HIDDEN)
@@ -83,8 +83,8 @@ def test_on_members_along_a_line_a_linear_expert_gives_exact_outputs_and_weight_
 
 def test_gradients_of_a_merged_cluster_are_those_of_the_secant_written_out_by_hand():
     """Three members off any line, a nonlinear expert: the weights learn at c from sum (1 - t_i) g_i
-    and at a from sum t_i g_i; member i's input gradient is the centroid's mean share plus its
-    own coordinate's (with u and sigma held fixed)."""
+    and at a from sum t_i g_i; the members' input gradients are those of the whole forward,
+    through the centroid, the coordinates, the direction and the spread."""
     generator = torch.Generator().manual_seed(3)
     tokens = torch.randn(3, HIDDEN, generator=generator)
     grad = torch.randn(3, HIDDEN, generator=generator)
@@ -99,14 +99,19 @@ def test_gradients_of_a_merged_cluster_are_those_of_the_secant_written_out_by_ha
     outputs, axes = through_expert(expert, inputs, clusters)
     outputs.backward(grad)
 
-    # By hand: the same forward from first principles, differentiated by autograd.
-    direction, spread = principal_axes(tokens, clusters_of(tokens, [0, 0, 0], [0, 0, 0], num_groups=1))
-    unit, sigma = direction[0], spread[0]
+    # By hand: the same forward from first principles (two power iterations from the farthest
+    # member), differentiated by autograd.
     hand_weight = weight.clone().requires_grad_(True)
     hand_inputs = tokens.clone().requires_grad_(True)
     centroid = hand_inputs.mean(dim=0)
+    deviations = hand_inputs - centroid
+    unit = deviations[deviations.detach().norm(dim=1).argmax()]
+    for _ in range(2):
+        unit = (deviations @ unit) @ deviations
+        unit = unit / unit.norm()
+    sigma = (deviations @ unit).square().mean().sqrt()
     axis_point = centroid + sigma * unit
-    t = (hand_inputs - centroid) @ unit / sigma
+    t = deviations @ unit / sigma
     at_centroid, at_axis = torch.tanh(centroid @ hand_weight.T), torch.tanh(axis_point @ hand_weight.T)
     hand = at_centroid + t.unsqueeze(1) * (at_axis - at_centroid)
     hand.backward(grad)

@@ -11,9 +11,10 @@ members' scatter and sigma their RMS spread along it, and a member x gets the se
 exact at c and at a and first-order in between: the expert runs (and learns) at two points of
 the cluster, and each member's output, and so its gradient, depends on where it lies along the
 axis. The part of x - c off the axis is what compensation, if any, adds back. A two-member cluster
-sends exactly one of its members as a. Direction and spread are held fixed within a step, as the
-buckets are; values and gradients flow through c, a and t (autograd: the backward is the exact
-gradient of this forward). The cost is one more row per such cluster in every all-to-all.
+sends exactly one of its members as a. Everything is differentiable, the direction and the spread
+too (through the power iterations that find them): the backward is the exact gradient of this
+forward, as the mean rule is of centroids'. The cost is one more row per such cluster in every
+all-to-all.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ class ClusterAxes:
 
     clusters:    [A] index of the cluster of each axis row (non-decreasing, so the rows keep the
                  clusters' order by group).
-    points:      [A, hidden] a = c + sigma u, in the tokens' dtype; differentiable through c.
-    directions:  [C, hidden] sigma u per cluster (zeros where no axis), fp32, no gradient.
-    coordinates: [N] t of every token (0 in clusters without an axis), fp32; differentiable
-                 through the token and its centroid.
+    points:      [A, hidden] a = c + sigma u, in the tokens' dtype.
+    directions:  [C, hidden] sigma u per cluster (zeros where no axis), fp32.
+    coordinates: [N] t of every token (0 in clusters without an axis), fp32.
+    All three differentiable in the tokens.
     """
 
     clusters: torch.Tensor
@@ -59,30 +60,32 @@ def _per_cluster(values: torch.Tensor, token_to_cluster: torch.Tensor, num_clust
     return torch.zeros(shape, dtype=values.dtype, device=values.device).index_add_(0, token_to_cluster, values)
 
 
-@torch.no_grad()
 def principal_axes(tokens: torch.Tensor, clusters: GroupedClusters):
     """[C, hidden] unit principal directions of every cluster's members (fp32; zeros for
-    singletons) and [C] the members' RMS spread along them."""
+    singletons) and [C] the members' RMS spread along them, differentiable in the tokens (the
+    choice of the starting member aside)."""
     members_of = clusters.token_to_cluster
     num_clusters = clusters.num_clusters
-    deviations = tokens.detach().float() - clusters.centroids.detach().float().index_select(0, members_of)
-    norms = deviations.square().sum(dim=1)
-    # Start from the farthest member (the lowest index among equals, so the start is deterministic).
-    farthest_norm = torch.zeros(num_clusters, device=tokens.device).scatter_reduce_(
-        0, members_of, norms, reduce="amax", include_self=False)
-    is_farthest = norms == farthest_norm.index_select(0, members_of)
-    candidates = torch.where(is_farthest, torch.arange(tokens.size(0), device=tokens.device),
-                             torch.full_like(members_of, tokens.size(0)))
-    start = torch.full((num_clusters,), tokens.size(0), dtype=torch.long, device=tokens.device).scatter_reduce_(
-        0, members_of, candidates, reduce="amin")
+    deviations = tokens.float() - clusters.centroids.float().index_select(0, members_of)
+    with torch.no_grad():
+        norms = deviations.detach().square().sum(dim=1)
+        # Start from the farthest member (the lowest index among equals, so the start is deterministic).
+        farthest_norm = torch.zeros(num_clusters, device=tokens.device).scatter_reduce_(
+            0, members_of, norms, reduce="amax", include_self=False)
+        is_farthest = norms == farthest_norm.index_select(0, members_of)
+        candidates = torch.where(is_farthest, torch.arange(tokens.size(0), device=tokens.device),
+                                 torch.full_like(members_of, tokens.size(0)))
+        start = torch.full((num_clusters,), tokens.size(0), dtype=torch.long, device=tokens.device).scatter_reduce_(
+            0, members_of, candidates, reduce="amin")
     direction = deviations.index_select(0, start)
     for _ in range(POWER_ITERATIONS):
         projections = (deviations * direction.index_select(0, members_of)).sum(dim=1, keepdim=True)
         direction = _per_cluster(projections * deviations, members_of, num_clusters)
+        # A singleton's direction is 0 (its deviation is): the norm is kept off 0 for its gradient.
         direction = direction / direction.norm(dim=1, keepdim=True).clamp(min=1e-30)
     along = (deviations * direction.index_select(0, members_of)).sum(dim=1)
     sizes = clusters.cluster_sizes.to(torch.float32)
-    spread = (_per_cluster(along.square(), members_of, num_clusters) / sizes).sqrt()
+    spread = (_per_cluster(along.square(), members_of, num_clusters) / sizes).clamp(min=1e-30).sqrt()
     return direction, spread
 
 
@@ -97,9 +100,9 @@ def cluster_axes(tokens: torch.Tensor, clusters: GroupedClusters) -> ClusterAxes
                                         clusters.num_clusters) / clusters.cluster_sizes.float()
         has_axis = (clusters.cluster_sizes > 1) & (spread.square() > MIN_RELATIVE_SPREAD**2 * mean_square_norm)
         axis_clusters = has_axis.nonzero().squeeze(1)
-        unit = direction * has_axis.unsqueeze(1)
-        scale = torch.where(has_axis, spread, torch.ones_like(spread))
-        directions = unit * spread.unsqueeze(1)
+    unit = direction * has_axis.unsqueeze(1)
+    scale = torch.where(has_axis, spread, torch.ones_like(spread))
+    directions = unit * spread.unsqueeze(1)
     centroids = clusters.centroids.float()
     points = (centroids.index_select(0, axis_clusters) + directions.index_select(0, axis_clusters)).to(tokens.dtype)
     offsets = tokens.float() - centroids.index_select(0, members_of)
