@@ -95,6 +95,7 @@ def write_report(summaries: Dict[str, Dict], docs: Path) -> None:
         lines += _frontier_section(corpus, ablations, points_by_corpus[corpus])
         lines += _gradient_section(corpus, ablations, _group(summaries, corpus, "gradient"))
         lines += _bound_at_scale(corpus, summaries.get(f"{corpus}-bound_at_scale"))
+        lines += _axis_forward(corpus, summaries.get(f"{corpus}-axis_forward"))
         lines += _main_section(corpus, main, "main", "Main runs")
         lines += _main_section(corpus, scale, "scale", "The same tokens in steps four times larger "
                                "(8192 tokens per rank and micro-batch)")
@@ -250,6 +251,46 @@ def _bound_at_scale(corpus: str, summary: Optional[Dict]) -> List[str]:
         first, last = rows[0], rows[-1]
         lines.append(f"- {hashes} hashes: rate {first['rate']:.3f} at {first['tokens_per_micro_batch']} tokens, "
                      f"{last['rate']:.3f} at {last['tokens_per_micro_batch']}.")
+    return lines + [""]
+
+
+def _interpolated(points: List[tuple], rate: float) -> Optional[float]:
+    """The value at ``rate`` on the line through (rate, value) points, None outside their range."""
+    points = sorted(points)
+    for (low_rate, low), (high_rate, high) in zip(points, points[1:]):
+        if low_rate <= rate <= high_rate:
+            return low if high_rate == low_rate else low + (high - low) * (rate - low_rate) / (high_rate - low_rate)
+    return None
+
+
+def _axis_forward(corpus: str, summary: Optional[Dict]) -> List[str]:
+    if summary is None:
+        return [f"Axis rows, the forward alone: not measured yet (`python benchmarks/quality_study.py --corpus {corpus} "
+                "--groups axis_forward`).", ""]
+    exact = summary["exact_ppl"]
+    lines = ["### Axis rows against finer hashing, the forward alone", "",
+             f"`evaluate` on the stock ablation run's model ({summary['checkpoint_iters']} iterations, exact perplexity "
+             f"{exact:.2f}), micro-batch {summary['micro_batch']} on one process, fixed cross-polytope hashing "
+             "(4 buckets, no compensation, no bound) with and without `--lsh-cluster-axis`. The rate counts the axis rows.",
+             "", "| hashes | axis rows | compression rate | perplexity vs exact |", "|---|---|---|---|"]
+    for row in summary["rows"]:
+        lines.append(f"| {row['hashes']} | {'yes' if row['axis'] else 'no'} | {row['rate']:.3f} | {row['ppl'] / exact:.4f}x |")
+    line = [(row["rate"], row["ppl"] / exact) for row in summary["rows"] if not row["axis"]]
+    verdicts = []
+    lines.append("")
+    for row in summary["rows"]:
+        if not row["axis"]:
+            continue
+        same_rate = _interpolated(line, row["rate"])
+        if same_rate is None:
+            continue
+        better = row["ppl"] / exact < same_rate
+        verdicts.append(better)
+        lines.append(f"- {row['hashes']} hashes + axis: {row['ppl'] / exact:.4f}x at rate {row['rate']:.3f}; finer hashing "
+                     f"alone at that rate: {same_rate:.4f}x (interpolated): the axis row is "
+                     f"{'the better' if better else 'the worse'} use of those rows.")
+    if verdicts:
+        lines += ["", f"Axis rows beat finer hashing at equal rate at {sum(verdicts)} of {len(verdicts)} settings."]
     return lines + [""]
 
 

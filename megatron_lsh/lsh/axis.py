@@ -60,10 +60,15 @@ def _per_cluster(values: torch.Tensor, token_to_cluster: torch.Tensor, num_clust
     return torch.zeros(shape, dtype=values.dtype, device=values.device).index_add_(0, token_to_cluster, values)
 
 
-def principal_axes(tokens: torch.Tensor, clusters: GroupedClusters):
-    """[C, hidden] unit principal directions of every cluster's members (fp32; zeros for
-    singletons) and [C] the members' RMS spread along them, differentiable in the tokens (the
-    choice of the starting member aside)."""
+@dataclass
+class _Spread:
+    direction: torch.Tensor  # [C, hidden] unit principal direction (zeros for singletons)
+    spread: torch.Tensor  # [C] RMS of the members' coordinates along it
+    along: torch.Tensor  # [N] each token's <x - c, direction>
+    deviation_norms: torch.Tensor  # [N] ||x - c||^2, no gradient
+
+
+def _principal_spread(tokens: torch.Tensor, clusters: GroupedClusters) -> _Spread:
     members_of = clusters.token_to_cluster
     num_clusters = clusters.num_clusters
     deviations = tokens.float() - clusters.centroids.float().index_select(0, members_of)
@@ -86,27 +91,35 @@ def principal_axes(tokens: torch.Tensor, clusters: GroupedClusters):
     along = (deviations * direction.index_select(0, members_of)).sum(dim=1)
     sizes = clusters.cluster_sizes.to(torch.float32)
     spread = (_per_cluster(along.square(), members_of, num_clusters) / sizes).clamp(min=1e-30).sqrt()
-    return direction, spread
+    return _Spread(direction, spread, along, norms)
+
+
+def principal_axes(tokens: torch.Tensor, clusters: GroupedClusters):
+    """[C, hidden] unit principal directions of every cluster's members (fp32; zeros for
+    singletons) and [C] the members' RMS spread along them, differentiable in the tokens (the
+    choice of the starting member aside)."""
+    found = _principal_spread(tokens, clusters)
+    return found.direction, found.spread
 
 
 def cluster_axes(tokens: torch.Tensor, clusters: GroupedClusters) -> ClusterAxes:
     """The axis rows of ``clusters`` of [N, hidden] ``tokens`` (see the module's docstring):
     one for every cluster of two or more members that spread beyond ``MIN_RELATIVE_SPREAD``.
     The host waits for their count."""
-    direction, spread = principal_axes(tokens, clusters)
+    found = _principal_spread(tokens, clusters)
     members_of = clusters.token_to_cluster
-    with torch.no_grad():
-        mean_square_norm = _per_cluster(tokens.detach().float().square().sum(dim=1), members_of,
-                                        clusters.num_clusters) / clusters.cluster_sizes.float()
-        has_axis = (clusters.cluster_sizes > 1) & (spread.square() > MIN_RELATIVE_SPREAD**2 * mean_square_norm)
-        axis_clusters = has_axis.nonzero().squeeze(1)
-    unit = direction * has_axis.unsqueeze(1)
-    scale = torch.where(has_axis, spread, torch.ones_like(spread))
-    directions = unit * spread.unsqueeze(1)
     centroids = clusters.centroids.float()
+    with torch.no_grad():
+        # The members' mean ||x||^2 is their mean ||x - c||^2 plus ||c||^2 (the deviations sum to 0).
+        mean_square_norm = _per_cluster(found.deviation_norms, members_of, clusters.num_clusters) / \
+            clusters.cluster_sizes.float() + centroids.detach().square().sum(dim=1)
+        has_axis = (clusters.cluster_sizes > 1) & (found.spread.square() > MIN_RELATIVE_SPREAD**2 * mean_square_norm)
+        axis_clusters = has_axis.nonzero().squeeze(1)
+    directions = found.direction * (found.spread * has_axis).unsqueeze(1)
     points = (centroids.index_select(0, axis_clusters) + directions.index_select(0, axis_clusters)).to(tokens.dtype)
-    offsets = tokens.float() - centroids.index_select(0, members_of)
-    coordinates = (offsets * unit.index_select(0, members_of)).sum(dim=1) / scale.index_select(0, members_of)
+    # t = <x - c, u> / sigma where the cluster has an axis, 0 elsewhere.
+    per_unit_spread = has_axis / torch.where(has_axis, found.spread, torch.ones_like(found.spread))
+    coordinates = found.along * per_unit_spread.index_select(0, members_of)
     return ClusterAxes(axis_clusters, points, directions, coordinates)
 
 
