@@ -7,9 +7,7 @@ For each hidden size and number of tokens per rank: route tokens top-k over the 
   * the LSH work on the same rows, forward + backward: hashing, clustering into centroids,
     quantising them to the payload formats and back (both all-to-alls, both directions, on one
     rank: the formats' cost without the wire), and expanding centroid outputs back to tokens;
-  * the expert MLPs on the centroids only: what the experts cost under LSH
-(with --lsh-cluster-axis, the axis rows too: finding each cluster's axis, sending its row and the
-secant on the way back count as LSH work, the row's expert computation as the experts').
+  * the expert MLPs on the centroids only: what the experts cost under LSH.
 and print the compression rate and the bytes ratio of all four all-to-alls against bf16 stock
 (every row counted as remote).
 
@@ -31,7 +29,6 @@ from megatron.core.transformer.moe.moe_utils import permute
 from megatron.core.transformer.spec_utils import build_module
 from megatron_lsh.data.synthetic import clustered_hidden_states
 from megatron_lsh.lsh import build_hash_family, expand_to_tokens, hash_and_cluster
-from megatron_lsh.lsh.axis import cluster_axes, rows_with_axes
 from megatron_lsh.moe import LSHTransformerConfig, get_lsh_moe_module_spec
 from megatron_lsh.moe.config import PAYLOAD_SETTINGS, added_settings
 from megatron_lsh.moe.payload import BF16_BYTES, payload_all_to_all, row_bytes
@@ -47,8 +44,7 @@ def parse_args():
     p.add_argument("--moe-router-topk", type=int, default=2)
     # The LSH settings' flags as training has them (defaults: the config's).
     settings = {f.name: f for f in added_settings()}
-    for name in ("lsh_hash_type", "lsh_num_hashes", "lsh_num_buckets", "lsh_error_bound", "lsh_cluster_axis",
-                 *PAYLOAD_SETTINGS):
+    for name in ("lsh_hash_type", "lsh_num_hashes", "lsh_num_buckets", "lsh_error_bound", *PAYLOAD_SETTINGS):
         add_setting_flag(p, settings[name], default=settings[name].default)
     p.add_argument("--lsh-merge-threshold", type=float, default=None,
                    help="Coarse-to-fine clustering at this merge threshold, as the compression controller "
@@ -118,19 +114,10 @@ def measure(hidden, tokens, args, device, dtype):
         return hash_and_cluster(r, family, expert_of_row, args.num_experts, args.lsh_merge_threshold,
                                 args.lsh_error_bound)[0]
 
-    def rows_to_send(r, c):
-        """What the dispatch sends for clusters c of rows r: centroids, or with axes, both."""
-        if not args.lsh_cluster_axis:
-            return c.centroids, c.clusters_per_group, None, None
-        axes = cluster_axes(r, c)
-        sent = rows_with_axes(c, axes)
-        return sent.rows, sent.rows_per_group, axes, sent
-
     clusters = cluster(rows)
-    sent_rows, sent_per_expert, _, _ = rows_to_send(rows, clusters)
-    sent_per_expert = sent_per_expert.cpu()
+    centroids_per_expert = clusters.clusters_per_group.cpu()
     grad_rows = torch.randn_like(rows)
-    grad_sent = torch.randn_like(sent_rows)
+    grad_centroids = torch.randn_like(clusters.centroids)
 
     def expert_pass(inputs, per_expert, grad):
         inputs = inputs.detach().requires_grad_(True)
@@ -142,27 +129,25 @@ def measure(hidden, tokens, args, device, dtype):
     def lsh_pass():
         r = rows.detach().requires_grad_(True)
         c = cluster(r)
-        to_send, _, axes, sent = rows_to_send(r, c)
-        n = [to_send.size(0)]
+        n = [c.num_clusters]
         # An identity expert in between: every LSH and payload op, forward and backward, and
         # nothing else.
-        there = payload_all_to_all(group, to_send, n, n, args.moe_dispatch_fwd_dtype, args.moe_dispatch_bwd_dtype)
-        back = payload_all_to_all(group, there, n, n, args.moe_combine_fwd_dtype, args.moe_combine_bwd_dtype)
-        axis_outputs = None
-        if sent is not None:
-            back, axis_outputs = sent.split_outputs(back, c.num_clusters)
-        expand_to_tokens(back, c, r, None, axes, axis_outputs).backward(grad_rows)
+        sent = payload_all_to_all(group, c.centroids, n, n, args.moe_dispatch_fwd_dtype, args.moe_dispatch_bwd_dtype)
+        back = payload_all_to_all(group, sent, n, n, args.moe_combine_fwd_dtype, args.moe_combine_bwd_dtype)
+        expand_to_tokens(back, c, r).backward(grad_rows)
 
     t_expert = timed(lambda: expert_pass(rows, rows_per_expert.cpu(), grad_rows), args.repeats, device)
     t_lsh = timed(lsh_pass, args.repeats, device)
-    t_expert_centroids = timed(lambda: expert_pass(sent_rows, sent_per_expert, grad_sent), args.repeats, device)
+    t_expert_centroids = timed(
+        lambda: expert_pass(clusters.centroids, centroids_per_expert, grad_centroids), args.repeats, device
+    )
     centroid_bytes = sum(row_bytes(getattr(args, name), hidden) for name in PAYLOAD_SETTINGS)
     stock_bytes = 4 * row_bytes("bf16", hidden) + 2 * BF16_BYTES  # and a prob each way
     return {
         "rows": rows.size(0),
-        "centroids": sent_rows.size(0),
-        "rate": sent_rows.size(0) / rows.size(0),
-        "bytes_ratio": sent_rows.size(0) * centroid_bytes / (rows.size(0) * stock_bytes),
+        "centroids": clusters.num_clusters,
+        "rate": clusters.num_clusters / rows.size(0),
+        "bytes_ratio": clusters.num_clusters * centroid_bytes / (rows.size(0) * stock_bytes),
         "t_expert": t_expert,
         "t_lsh": t_lsh,
         "t_expert_centroids": t_expert_centroids,
@@ -185,8 +170,7 @@ def main():
         f"device {device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else f"device {torch.cuda.get_device_name()}",
         f"| {args.dtype} | {args.num_experts} experts, top-{args.moe_router_topk}, ffn 4h | "
         f"LSH {args.lsh_hash_type}, {args.lsh_num_hashes} hashes x {args.lsh_num_buckets} buckets, merge threshold "
-        f"{args.lsh_merge_threshold or 'none'}, error bound {args.lsh_error_bound or 'none'}"
-        f"{', axis rows' if args.lsh_cluster_axis else ''} | payloads "
+        f"{args.lsh_merge_threshold or 'none'}, error bound {args.lsh_error_bound or 'none'} | payloads "
         + ", ".join(f"{name[4:-6]} {getattr(args, name)}" for name in PAYLOAD_SETTINGS) + f" | data {data}",
     )
     header = (
@@ -205,7 +189,7 @@ def main():
                 flush=True,
             )
     print(
-        "rate: rows sent (centroids, and axis rows) / token rows. bytes: all four all-to-alls vs bf16 stock (token rows + bf16 probs). "
+        "rate: centroids / token rows. bytes: all four all-to-alls vs bf16 stock (token rows + bf16 probs). "
         "overhead: LSH and payload formats fwd+bwd / expert MLP fwd+bwd on all rows."
     )
 

@@ -189,7 +189,11 @@ def _gradient_section(corpus: str, ablations: Dict[str, Dict], runs: Dict[str, D
              f"cp6 ends at {_ratio(cp6, stock):.3f}x stock ({cp6['final_ppl']:.2f} against {stock['final_ppl']:.2f}). "
              "A backward rule (`--lsh-gradient-rule`, removed since: each member's input gradient from its "
              "centroid's other than the mean's equal part, at cp6's bytes) is recorded as it ran; a study mode (`--lsh-gradient-study`) trains on exact values with some of LSH's "
-             "gradients, which says where the gap comes from. Gap closed: (cp6 - run) / (cp6 - stock) in perplexity; "
+             "gradients, which says where the gap comes from. The experts' side: axis rows (`--lsh-cluster-axis`, "
+             f"removed since; the code is at commit {AXIS_COMMIT}) sent a second row per cluster, c + sigma u along "
+             "the members' principal direction u (sigma their RMS spread along it), and gave each member the secant "
+             "E(c) + t (E(a) - E(c)) by its coordinate t along u, so experts ran and learnt at two points of a cluster, "
+             "at one more row per cluster in every all-to-all. Gap closed: (cp6 - run) / (cp6 - stock) in perplexity; "
              "a study mode's 'gap left' is the part of cp6's gap its gradients alone cost.", "",
              "| run | question | final val PPL | vs stock | a2a bytes vs stock | gap closed | gap left |",
              "|---|---|---|---|---|---|---|"]
@@ -197,12 +201,15 @@ def _gradient_section(corpus: str, ablations: Dict[str, Dict], runs: Dict[str, D
         closed = (cp6["final_ppl"] - s["final_ppl"]) / gap
         flags = s["flags"]
         rule = flags[flags.index("--lsh-gradient-rule") + 1] if "--lsh-gradient-rule" in flags else None
-        # Every rule measured here lost to the mean (autograd's own rule, the only one left).
-        removed = " (removed from the code after this run)" if rule not in (None, "mean") else ""
+        # Every rule measured here lost to the mean (autograd's own rule, the only one left), and
+        # axis rows helped on one corpus only.
+        removed = " (removed from the code after this run)" if rule not in (None, "mean") or \
+            "--lsh-cluster-axis" in flags else ""
         left = f"{100 * (1 - closed):.0f}%" if "--lsh-gradient-study" in flags else "-"
         lines.append(f"| {name}{removed} | {s.get('question', '')} | {s['final_ppl']:.2f} | {_ratio(s, stock):.3f}x | "
                      f"{s['bytes_ratio_run']:.3f} | {100 * closed:.0f}% | {left} |")
     lines += _gradient_split(runs, stock, gap)
+    lines += _axis_verdict(runs, cp6, gap)
     spread = _seed_spread(ablations, stock)
     if spread:
         low, high, count = spread
@@ -210,6 +217,18 @@ def _gradient_section(corpus: str, ablations: Dict[str, Dict], runs: Dict[str, D
                   f"ratio on this corpus, against cp6's gap of {100 * (_ratio(cp6, stock) - 1):.1f}; a run within that "
                   "spread of cp6 is a tie."]
     return lines + ["", "Flags: " + "; ".join(f"{name}: `{' '.join(s['flags'])}`" for name, s in runs.items()), ""]
+
+
+def _axis_verdict(runs: Dict[str, Dict], cp6: Dict, gap: float) -> List[str]:
+    """One sentence per axis run whose direction was differentiable: the gap it closed, for what bytes."""
+    lines = []
+    for name, s in runs.items():
+        if "--lsh-cluster-axis" not in s["flags"] or "held fixed" in name:
+            continue
+        closed = (cp6["final_ppl"] - s["final_ppl"]) / gap
+        lines.append(f"- {name}: {100 * closed:.0f}% of cp6's gap closed at {s['bytes_ratio_run']:.3f}x bytes "
+                     f"({s['bytes_ratio_run'] / cp6['bytes_ratio_run']:.2f}x cp6's).")
+    return ["", "Axis rows:", *lines] if lines else []
 
 
 def _gradient_split(runs: Dict[str, Dict], stock: Dict, gap: float) -> List[str]:
@@ -254,6 +273,10 @@ def _bound_at_scale(corpus: str, summary: Optional[Dict]) -> List[str]:
     return lines + [""]
 
 
+# Where the removed axis rows (--lsh-cluster-axis) can still be run.
+AXIS_COMMIT = "08471ee"
+
+
 def _interpolated(points: List[tuple], rate: float) -> Optional[float]:
     """The value at ``rate`` on the line through (rate, value) points, None outside their range."""
     points = sorted(points)
@@ -264,14 +287,14 @@ def _interpolated(points: List[tuple], rate: float) -> Optional[float]:
 
 
 def _axis_forward(corpus: str, summary: Optional[Dict]) -> List[str]:
-    if summary is None:
-        return [f"Axis rows, the forward alone: not measured yet (`python benchmarks/quality_study.py --corpus {corpus} "
-                "--groups axis_forward`).", ""]
+    if summary is None:  # measured before the axis rows were removed, or never
+        return []
     exact = summary["exact_ppl"]
     lines = ["### Axis rows against finer hashing, the forward alone", "",
              f"`evaluate` on the stock ablation run's model ({summary['checkpoint_iters']} iterations, exact perplexity "
              f"{exact:.2f}), micro-batch {summary['micro_batch']} on one process, fixed cross-polytope hashing "
-             "(4 buckets, no compensation, no bound) with and without `--lsh-cluster-axis`. The rate counts the axis rows.",
+             "(4 buckets, no compensation, no bound) with and without `--lsh-cluster-axis` (removed since; "
+             f"`git checkout {AXIS_COMMIT}` runs it). The rate counts the axis rows.",
              "", "| hashes | axis rows | compression rate | perplexity vs exact |", "|---|---|---|---|"]
     for row in summary["rows"]:
         lines.append(f"| {row['hashes']} | {'yes' if row['axis'] else 'no'} | {row['rate']:.3f} | {row['ppl'] / exact:.4f}x |")

@@ -18,12 +18,9 @@ model of its own. Groups of runs:
 * ``main``: --iters (at least 1500): stock, 8-bit payloads alone, the default;
 * ``scale``: the main runs' tokens in steps four times larger (micro-batches of 8192 tokens per
   rank), so the doc shows how the gap moves with tokens per rank;
-* ``axis_forward``: the ablations' stock model evaluated with fixed hashing of 4 to 8 hashes, with
-  and without axis rows (``--lsh-cluster-axis``): the forward alone, rate against perplexity;
 * ``gradient``: --ablation-iters, fixed cp6 with the study modes that split cp6's gap into its
   gradient parts (exact values with LSH's gradients on everything, on the input only, on the
-  experts' weights only), and axis rows (``--lsh-cluster-axis``) on cp6 and on coarser hashing;
-  against the ablations' stock and cp6.
+  experts' weights only); against the ablations' stock and cp6.
 
 Per run, from its tensorboard events: validation perplexity against tokens and against bytes, the
 compression rate per layer, the relative error, all-to-all bytes (all four, as a bf16 run sends
@@ -140,12 +137,9 @@ def plan() -> List[Variant]:
     # and were removed; their summaries stay in docs/data.
     variants += [Variant(f"cp6 {study}", with_flags(CP6, lsh_gradient_study=study), "gradient", question)
                  for study, question in GRADIENT_STUDY_QUESTIONS.items()]
-    # The experts' side: a second row per cluster along its spread; with coarser hashing, at about
-    # cp6's bytes.
-    variants += [Variant("cp6 axis", [*CP6, "--lsh-cluster-axis"], "gradient",
-                         "an axis row per cluster: experts run and learn at two points of it")]
-    variants += [Variant(f"cp{hashes} axis", [*with_flags(CP6, lsh_num_hashes=str(hashes)), "--lsh-cluster-axis"],
-                         "gradient", "coarser hashing with axis rows, near cp6's bytes") for hashes in (4, 5)]
+    # Axis rows (--lsh-cluster-axis: a second row per cluster along its spread, the experts' side)
+    # helped on the code corpus only and were removed, as was the evaluation that set them against
+    # finer hashing (axis_forward); their summaries stay in docs/data.
     return variants
 
 
@@ -246,35 +240,28 @@ SCALE_HASHES = (6, 10, 16)
 SCALE_BOUND = "0.3"
 
 
-def stock_checkpoint(corpus: str, work: Path) -> Path:
-    checkpoint = work / "runs" / f"{corpus}-ablation-stock" / "checkpoint"
-    if not checkpoint.exists():
-        raise RuntimeError(f"{checkpoint}: run {corpus}-ablation-stock first (--groups ablation)")
-    return checkpoint
-
-
-def evaluate(checkpoint: Path, data: Dict[str, str], micro_batch: int, *flags: str) -> Dict:
-    """``checkpoint.evaluate`` of a model on the validation data, with evaluation flags."""
-    command = [sys.executable, "-m", "megatron_lsh.checkpoint.evaluate", "--load", str(checkpoint),
-               "--data-path", data["valid"], "--micro-batch-size", str(micro_batch), *flags]
-    output = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout
-    match = re.search(r"perplexity ([0-9.]+) over ([0-9,]+) tokens.*?(?:LSH compression rate ([0-9.]+))?$",
-                      output.strip().splitlines()[-1])
-    return {"ppl": float(match[1]), "tokens": int(match[2].replace(",", "")),
-            "rate": float(match[3]) if match[3] else None}
-
-
 def bound_at_scale(corpus: str, work: Path, data: Dict[str, str]) -> Dict:
     """Perplexity and compression of the error bound on the stock model, per micro-batch size
     and number of hashes, against the exact model on the same windows."""
-    checkpoint = stock_checkpoint(corpus, work)
+    checkpoint = work / "runs" / f"{corpus}-ablation-stock" / "checkpoint"
+    if not checkpoint.exists():
+        raise RuntimeError(f"{checkpoint}: run {corpus}-ablation-stock first (--groups ablation)")
+
+    def evaluate(micro_batch: int, *flags: str) -> Dict:
+        command = [sys.executable, "-m", "megatron_lsh.checkpoint.evaluate", "--load", str(checkpoint),
+                   "--data-path", data["valid"], "--micro-batch-size", str(micro_batch), *flags]
+        output = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout
+        match = re.search(r"perplexity ([0-9.]+) over ([0-9,]+) tokens.*?(?:LSH compression rate ([0-9.]+))?$",
+                          output.strip().splitlines()[-1])
+        return {"ppl": float(match[1]), "tokens": int(match[2].replace(",", "")),
+                "rate": float(match[3]) if match[3] else None}
+
     rows = []
     for micro_batch in SCALE_MICRO_BATCHES:
-        exact = evaluate(checkpoint, data, micro_batch)
+        exact = evaluate(micro_batch)
         for hashes in SCALE_HASHES:
-            bounded = evaluate(checkpoint, data, micro_batch, "--lsh", "--lsh-error-bound", SCALE_BOUND,
-                               "--lsh-num-hashes", str(hashes))
+            bounded = evaluate(micro_batch, "--lsh", "--lsh-error-bound", SCALE_BOUND, "--lsh-num-hashes", str(hashes))
             rows.append({"micro_batch": micro_batch, "tokens_per_micro_batch": micro_batch * 256, "hashes": hashes,
                          "exact_ppl": exact["ppl"], "ppl": bounded["ppl"], "rate": bounded["rate"]})
             print(f"    micro-batch {micro_batch}, {hashes} hashes: rate {bounded['rate']:.3f}, "
@@ -285,44 +272,15 @@ def bound_at_scale(corpus: str, work: Path, data: Dict[str, str]) -> Dict:
     return summary
 
 
-# Fixed hashing from coarse to fine, with and without axis rows: which spends a row better.
-AXIS_HASHES = (4, 5, 6, 7, 8)
-
-
-def axis_forward(corpus: str, work: Path, data: Dict[str, str]) -> Dict:
-    """The forward alone: the stock model evaluated with fixed cp hashing at several numbers of
-    hashes, with and without axis rows, at the training micro-batch (2048 tokens a rank)."""
-    checkpoint = stock_checkpoint(corpus, work)
-    micro_batch = int(BATCH["main"][1])
-    exact = evaluate(checkpoint, data, micro_batch)
-    # cp6's hashing, in the flags evaluation takes (one process: no payloads, no controller).
-    fixed = ["--lsh", "--lsh-hash-type", "cross_polytope", "--lsh-num-buckets", "4", "--lsh-compensation", "none",
-             "--lsh-error-bound", "off"]
-    rows = []
-    for axis in (False, True):
-        for hashes in AXIS_HASHES:
-            flags = with_flags(fixed, lsh_num_hashes=str(hashes)) + (["--lsh-cluster-axis"] if axis else [])
-            result = evaluate(checkpoint, data, micro_batch, *flags)
-            rows.append({"hashes": hashes, "axis": axis, "rate": result["rate"], "ppl": result["ppl"]})
-            print(f"    {hashes} hashes{' + axis' if axis else ''}: rate {result['rate']:.3f}, "
-                  f"perplexity {result['ppl'] / exact['ppl']:.4f}x exact", flush=True)
-    summary = {"corpus": corpus, "group": "axis_forward", "exact_ppl": exact["ppl"], "micro_batch": micro_batch,
-               "rows": rows, "checkpoint_iters": json.loads((SUMMARIES / f"{corpus}-ablation-stock.json").read_text())["iters"]}
-    (SUMMARIES / f"{corpus}-axis_forward.json").write_text(json.dumps(summary, indent=1))
-    return summary
-
-
-EVALUATION_GROUPS = {"bound_at_scale": bound_at_scale, "axis_forward": axis_forward}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=1500, help="length of the main runs")
     parser.add_argument("--ablation-iters", type=int, default=600, help="length of the ablation runs")
     parser.add_argument("--corpus", default=",".join(CORPORA), help=f"comma-separated, of {', '.join(CORPORA)}")
-    parser.add_argument("--groups", default="ablation,bound_at_scale,main,scale,gradient,axis_forward",
-                        help="comma-separated, of ablation, bound_at_scale and axis_forward (evaluations of the "
-                             "ablation stock run's model), main, scale, gradient (where cp6's gap comes from)")
+    parser.add_argument("--groups", default="ablation,bound_at_scale,main,scale,gradient",
+                        help="comma-separated, of ablation, bound_at_scale (evaluations of the ablation stock "
+                             "run's model), main, scale, gradient (where "
+                             "cp6's gap comes from)")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "quality_study")
     parser.add_argument("--only", default="", help="comma-separated run keys (corpus-group-name) to run")
     parser.add_argument("--fresh", action="store_true", help="run every chosen variant even if its summary exists")
@@ -358,11 +316,10 @@ def main() -> None:
             print(f"    final PPL {summary['final_ppl']:.2f}, bytes {summary['bytes_ratio_run']:.3f}x stock "
                   f"(last 10%: {summary['bytes_ratio_last_10pct']:.3f}x), {summary['wall_s']:.0f}s", flush=True)
             write_docs(summaries)  # the doc grows as the runs finish
-        for group, evaluation in EVALUATION_GROUPS.items():
-            if group in groups and not args.report_only and (args.fresh or f"{corpus}-{group}" not in summaries):
-                print(f"[{time.time() - study_start:6.0f}s] {corpus}-{group}", flush=True)
-                summaries[f"{corpus}-{group}"] = evaluation(corpus, args.work, data or prepare_data(args.work, corpus))
-                write_docs(summaries)
+        if "bound_at_scale" in groups and not args.report_only and (args.fresh or f"{corpus}-bound_at_scale" not in summaries):
+            print(f"[{time.time() - study_start:6.0f}s] {corpus}-bound_at_scale", flush=True)
+            summaries[f"{corpus}-bound_at_scale"] = bound_at_scale(corpus, args.work, data or prepare_data(args.work, corpus))
+            write_docs(summaries)
     write_docs(summaries)
 
 

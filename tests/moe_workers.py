@@ -55,8 +55,7 @@ def stock_vs_lsh_unclustered(rank, world_size, cases, tensor_parallel=1, expert_
     for overrides in cases:
         # Many fine hashes: random Gaussian tokens never share all 16 codes.
         settings = dict(lsh_num_hashes=16, lsh_num_buckets=8, **layout, **overrides)
-        stock_settings = {k: v for k, v in settings.items()
-                          if not k.startswith("lsh_gradient") and k != "lsh_cluster_axis"}
+        stock_settings = {k: v for k, v in settings.items() if not k.startswith("lsh_gradient")}
         stock = build_moe_layer(moe_config(expert_parallel, lsh_enabled=False, **stock_settings))
         lsh = build_moe_layer(moe_config(expert_parallel, lsh_enabled=True, **settings))
         lsh.load_state_dict(stock.state_dict())
@@ -340,16 +339,14 @@ def host_syncs_per_layer_step(rank, world_size, cases):
     return results
 
 
-def merged_clusters_against_reference(rank, world_size, cluster_axis=False):
+def merged_clusters_against_reference(rank, world_size):
     """An LSH layer whose clusters really merge (1 hash of 2 buckets: about two clusters per
     expert), against a reference written apart: route with the layer's router, group each
     expert's rows by the dispatcher's hash buckets, average each group, run that expert's MLP
     (weights gathered from every rank) on the average, and give each token the sum over its
-    top-k experts of its own prob times its group's output. With ``cluster_axis``, each group of
-    distinct rows also runs at c + sigma u (u by two power iterations from the farthest row) and
-    a row gets E(c) + t (E(a) - E(c)), t = <x - c, u> / sigma."""
+    top-k experts of its own prob times its group's output."""
     initialize_distributed(expert_model_parallel_size=world_size, seed=7)
-    config = moe_config(world_size, lsh_num_hashes=1, lsh_num_buckets=2, lsh_cluster_axis=cluster_axis)
+    config = moe_config(world_size, lsh_num_hashes=1, lsh_num_buckets=2)
     layer = build_moe_layer(config)
     hidden = torch.randn(16, 2, 64, generator=torch.Generator().manual_seed(11 + rank))
     with torch.no_grad():
@@ -364,35 +361,20 @@ def merged_clusters_against_reference(rank, world_size, cluster_axis=False):
     tokens = hidden.view(-1, 64)
     family = layer.token_dispatcher.hash_family(64)
     reference = torch.zeros_like(tokens)
-    clusters_seen = rows_sent = 0
+    clusters_seen = 0
     for expert, (fc1, fc2) in enumerate(weights):
-        def mlp(row):
-            return torch.nn.functional.gelu(row @ fc1.T) @ fc2.T
-
         rows = routing_map[:, expert].nonzero().squeeze(1)
         buckets = family.bucket_ids(tokens[rows])
         for bucket in buckets.unique():
             members = rows[buckets == bucket]
             centroid = tokens[members].mean(dim=0)
-            output = mlp(centroid).expand(len(members), -1)
-            clusters_seen += 1
-            rows_sent += 1
-            if cluster_axis and len(members) > 1:
-                deviations = tokens[members] - centroid
-                axis = deviations[deviations.norm(dim=1).argmax()]
-                for _ in range(2):
-                    axis = (deviations @ axis) @ deviations
-                    axis = axis / axis.norm()
-                sigma = (deviations @ axis).square().mean().sqrt()
-                t = (deviations @ axis / sigma).unsqueeze(1)
-                output = output + t * (mlp(centroid + sigma * axis) - mlp(centroid))
-                rows_sent += 1
+            output = torch.nn.functional.gelu(centroid @ fc1.T) @ fc2.T
             reference[members] += probs[members, expert].unsqueeze(1) * output
+            clusters_seen += 1
     stats = layer.token_dispatcher.last_stats
     return {"max_difference": (out.view(-1, 64) - reference).abs().max().item(),
             "scale": reference.abs().max().item(), "rows": int(routing_map.sum()),
-            "clusters_seen": clusters_seen, "rows_sent": rows_sent, "stats_centroids": stats.centroids,
-            "stats_rows": stats.tokens}
+            "clusters_seen": clusters_seen, "stats_centroids": stats.centroids, "stats_rows": stats.tokens}
 
 
 def _coarse_layers_on_one_input(world_size, settings_by_key):

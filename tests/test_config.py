@@ -99,8 +99,6 @@ def test_a_flag_reaches_its_config_field_with_off_as_none():
     (dict(lsh_hash_type="hyperplane"), "--lsh-hash-type hyperplane is not supported"),
     (dict(lsh_enabled=False, lsh_gradient_study="exact_values"), "--lsh-gradient-study compares LSH with the exact "
                                                                   "MoE, so it needs --lsh"),
-    (dict(lsh_enabled=False, lsh_cluster_axis=True), "--lsh-cluster-axis sends axis rows beside LSH's centroids, "
-                                                      "so it needs --lsh"),
     (dict(moe_token_dispatcher_type="allgather"), "set --moe-token-dispatcher-type alltoall or --no-lsh"),
     (dict(num_moe_experts=6, expert_model_parallel_size=4), "--num-experts 6 is not divisible by "
                                                              "--expert-model-parallel-size 4"),
@@ -122,9 +120,9 @@ def test_config_errors_read_in_the_flags_the_user_typed(settings, flag_message):
 def test_a_run_saved_before_a_setting_existed_loads_with_what_it_ran_with():
     bf16_payloads = {name: "bf16" for name in PAYLOAD_SETTINGS}
     assert settings_before_they_existed({"lsh_error_compensation": True}) == {
-        "lsh_compensation": "residual", "lsh_cluster_axis": False, "lsh_error_bound": None,
-        "lsh_target_compression": None, **bf16_payloads}
-    assert settings_before_they_existed({"lsh_compensation": "none", "lsh_cluster_axis": True, "lsh_error_bound": 0.3,
+        "lsh_compensation": "residual", "lsh_error_bound": None, "lsh_target_compression": None,
+        **bf16_payloads}
+    assert settings_before_they_existed({"lsh_compensation": "none", "lsh_error_bound": 0.3,
                                          "lsh_target_compression": 0.3, **bf16_payloads}) == {}
 
 

@@ -13,11 +13,3 @@ def test_merged_clusters_give_each_token_its_probs_times_its_experts_output_on_t
         assert result["clusters_seen"] < result["rows"] / 4  # clusters really merge rows
         assert (result["stats_centroids"], result["stats_rows"]) == (result["clusters_seen"], result["rows"])
         assert result["max_difference"] < 1e-5 * result["scale"], result
-
-
-@pytest.mark.parametrize("world_size", [1, pytest.param(2, marks=pytest.mark.slow)], ids=lambda n: f"ep{n}")
-def test_with_axis_rows_each_token_gets_the_secant_between_its_centroid_and_its_clusters_axis_row(world_size):
-    for result in run_distributed(merged_clusters_against_reference, world_size, True):
-        assert result["clusters_seen"] < result["rows_sent"] < result["rows"]  # clusters merge, and spread
-        assert (result["stats_centroids"], result["stats_rows"]) == (result["rows_sent"], result["rows"])
-        assert result["max_difference"] < 1e-5 * result["scale"], result

@@ -28,8 +28,6 @@ PARITY_CASES = [
     # The error bound's coarse-to-fine path, and expert-gain compensation, with singleton clusters.
     dict(num_moe_experts=8, moe_router_topk=2, lsh_error_bound=1e-6),
     dict(num_moe_experts=8, moe_router_topk=2, lsh_compensation="expert_gain"),
-    # Axis rows: singletons send none, so nothing changes.
-    dict(num_moe_experts=8, moe_router_topk=2, lsh_cluster_axis=True, lsh_compensation="residual"),
     # The study mode trains on LSH's values with the exact MoE's gradients: with singletons, stock.
     dict(num_moe_experts=4, moe_router_topk=2, lsh_gradient_study="exact_gradients"),
 ]

@@ -89,8 +89,6 @@ def expand_to_tokens(
     clusters: GroupedClusters,
     tokens: Optional[torch.Tensor] = None,
     residual_scale: Optional[torch.Tensor] = None,
-    axes=None,
-    axis_outputs: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """One output row per token from one output row per centroid.
 
@@ -98,40 +96,23 @@ def expand_to_tokens(
     E(c) + s (x - c), the first-order correction that restores each token's own deviation from
     its centroid, with s = 1 (the paper's) or ``residual_scale`` [C], one factor per cluster.
     Without, every member of a cluster gets E(c).
-
-    With ``axes`` (``megatron_lsh.lsh.axis.ClusterAxes``) and ``axis_outputs`` [A, hidden], the
-    outputs of their rows: a token also gets t (E(a) - E(c)) from its cluster's axis, and
-    compensation restores only the part of x - c off the axis, s (x - c - t sigma u).
     """
-    if tokens is None and axes is None:
+    if tokens is None:
         return centroid_outputs.index_select(0, clusters.token_to_cluster)
     # E(c) + s (x - c) as s x + (E(c) - s c): the difference is taken once per cluster, so only
     # one gather and one add touch the (much larger) token rows, forward and backward. Half
     # precision adds in fp32 and rounds once: x and E(c) - c are large, their sum E(x) may be small.
     accumulate_dtype = torch.promote_types(centroid_outputs.dtype, torch.float32)
-    members_of = clusters.token_to_cluster
-    corrections = centroid_outputs.to(accumulate_dtype)
-    token_values = None
-    if tokens is not None:
-        scale = None if residual_scale is None else residual_scale.to(accumulate_dtype).unsqueeze(1)
-        centroids = clusters.centroids.to(accumulate_dtype)
-        corrections = corrections - (centroids if scale is None else scale * centroids)
-        token_values = tokens.to(accumulate_dtype)
-        if scale is not None:
-            token_values = token_values * scale.index_select(0, members_of)
-    per_token = corrections.index_select(0, members_of)
-    if axes is not None:
-        # Along the axis the secant E(a) - E(c) replaces what compensation would add there.
-        secants = centroid_outputs.to(accumulate_dtype).index_select(0, axes.clusters)
-        secants = axis_outputs.to(accumulate_dtype) - secants
-        if tokens is not None:
-            along = axes.directions.index_select(0, axes.clusters).to(accumulate_dtype)
-            secants = secants - (along if scale is None else scale.index_select(0, axes.clusters) * along)
-        per_cluster = torch.zeros_like(corrections).index_copy(0, axes.clusters, secants)
-        per_token = per_token + axes.coordinates.to(accumulate_dtype).unsqueeze(1) * per_cluster.index_select(0, members_of)
-    if token_values is not None:
-        per_token = token_values + per_token
-    return per_token.to(centroid_outputs.dtype)
+    centroids = clusters.centroids.to(accumulate_dtype)
+    token_values = tokens.to(accumulate_dtype)
+    if residual_scale is None:
+        corrections = centroid_outputs.to(accumulate_dtype) - centroids
+    else:
+        scale = residual_scale.to(accumulate_dtype).unsqueeze(1)
+        corrections = centroid_outputs.to(accumulate_dtype) - scale * centroids
+        token_values = token_values * scale.index_select(0, clusters.token_to_cluster)
+    per_token = corrections.index_select(0, clusters.token_to_cluster)
+    return (token_values + per_token).to(centroid_outputs.dtype)
 
 
 @dataclass

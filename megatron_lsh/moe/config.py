@@ -132,14 +132,6 @@ class LSHTransformerConfig(TransformerConfig):
         choices=COMPENSATIONS, evaluation_override=True,
         before_it_existed=lambda saved: "residual" if saved.get("lsh_error_compensation") else "none")
 
-    lsh_cluster_axis: bool = setting(
-        False, "Send a second row per cluster of distinct members, c + sigma u along the members' "
-        "principal direction u (sigma their RMS spread along it), and give each member the secant "
-        "E(c) + t (E(a) - E(c)) by its coordinate t along u: the experts run, and learn, at two points "
-        "of a cluster, and members get outputs and gradients of their own. One more row per such "
-        "cluster in every all-to-all (counted in the compression rate).",
-        evaluation_override=True, before_it_existed=False)
-
     lsh_error_bound: Optional[float] = setting(
         None, "Bound on ||x - c|| / ||x||: a token merges only into a cluster whose centroid is this "
         "close to it, relative to its own norm; clusters that break it are split by further hash "
@@ -260,15 +252,8 @@ class LSHTransformerConfig(TransformerConfig):
                 f"lsh_gradient_study={self.lsh_gradient_study!r} is not supported; use one of "
                 f"{', '.join(repr(s) for s in GRADIENT_STUDIES)} or None"
             )
-        if not isinstance(self.lsh_cluster_axis, bool):
-            raise LSHConfigError(f"lsh_cluster_axis={self.lsh_cluster_axis!r} must be True or False")
         self._check_payload_formats()
         if not self.lsh_enabled:
-            if self.lsh_cluster_axis:
-                raise LSHConfigError(
-                    "lsh_cluster_axis=True sends axis rows beside LSH's centroids, so it needs "
-                    "lsh_enabled=True; drop it or enable LSH"
-                )
             if self.lsh_gradient_study is not None:
                 raise LSHConfigError(
                     "lsh_gradient_study compares LSH with the exact MoE, so it needs lsh_enabled=True"

@@ -32,7 +32,6 @@ from megatron_lsh.lsh import (
     fit_expert_gains,
     hash_and_cluster,
 )
-from megatron_lsh.lsh.axis import ClusterAxes, SentRows, cluster_axes, rows_with_axes
 from megatron_lsh.lsh.hashing import LSHFamily, derive_seed
 from megatron_lsh.moe.config import LSHConfigError, added_settings
 from megatron_lsh.moe.payload import BF16_BYTES, payload_all_to_all, row_bytes
@@ -216,8 +215,6 @@ class LSHAlltoAllTokenDispatcher(PayloadAlltoAllTokenDispatcher):
         self._hash_family_key = None
         # State of one forward pass, between dispatch_preprocess and combine_postprocess.
         self._clusters: Optional[GroupedClusters] = None
-        self._axes: Optional[ClusterAxes] = None
-        self._sent: Optional[SentRows] = None
         self._token_rows: Optional[torch.Tensor] = None
         self._token_row_probs: Optional[torch.Tensor] = None
         self._expert_inputs: Optional[torch.Tensor] = None
@@ -300,28 +297,14 @@ class LSHAlltoAllTokenDispatcher(PayloadAlltoAllTokenDispatcher):
             token_rows, family, expert_of_row, self.num_experts, self.merge_threshold,
             self.config.lsh_error_bound, exact_experts,
         )
-        sent_per_group = clusters.clusters_per_group
-        if self.config.lsh_cluster_axis:
-            self._axes = cluster_axes(token_rows, clusters)
-            self._sent = rows_with_axes(clusters, self._axes)
-            sent_per_group = self._sent.rows_per_group
-            # What a token is represented by on the way in: c + t sigma u, not c alone.
-            with torch.no_grad():
-                represented = clusters.centroids.float().index_select(0, clusters.token_to_cluster) + (
-                    self._axes.coordinates.detach().unsqueeze(1)
-                    * self._axes.directions.index_select(0, clusters.token_to_cluster))
-                values = token_rows.detach().float()
-                errors = (values - represented).norm(dim=1) / values.norm(dim=1).clamp(min=1e-30)
-        # Rows LSH may merge and the rows sent for them (centroids, and axis rows): what the
-        # compression rate is a rate of. Kept on the device, as every count here: the host reads
-        # them when the loop logs.
+        # Rows LSH may merge and their centroids: what the compression rate is a rate of. Kept
+        # on the device, as every count here: the host reads them when the loop logs.
         if exact_experts is None:  # sizes the host already knows
-            rows_in_scope = clusters.num_tokens
-            centroids_in_scope = clusters.num_clusters + (self._axes.num_axes if self._axes is not None else 0)
+            rows_in_scope, centroids_in_scope = clusters.num_tokens, clusters.num_clusters
         else:
             in_scope = ~exact_experts
             rows_in_scope = (rows_per_expert * in_scope).sum()
-            centroids_in_scope = (sent_per_group * in_scope).sum()
+            centroids_in_scope = (clusters.clusters_per_group * in_scope).sum()
         self._error_stats = (errors.sum(), cluster_counts.exact_rows, rows_in_scope, centroids_in_scope)
         if self.training:
             self.window_rows = self.window_rows + rows_in_scope
@@ -329,7 +312,6 @@ class LSHAlltoAllTokenDispatcher(PayloadAlltoAllTokenDispatcher):
             self.window_threshold_splits = self.window_threshold_splits + cluster_counts.threshold_splits
             self.window_threshold_kept = self.window_threshold_kept + cluster_counts.threshold_kept
         self._clusters = clusters
-        self._sent_rows_per_group = sent_per_group
         # Kept for the residual x - c only when compensation needs it.
         self._token_rows = token_rows if self.config.lsh_compensation != "none" else None
         self._token_row_probs = token_row_probs
@@ -345,16 +327,17 @@ class LSHAlltoAllTokenDispatcher(PayloadAlltoAllTokenDispatcher):
 
         # megatron-core's own metadata step (splits, per-expert counts, the count all-gather),
         # fed a routing map with one row per centroid.
-        sent_rows, sent_groups = clusters.centroids, clusters.cluster_groups
-        if self._sent is not None:
-            sent_rows, sent_groups = self._sent.rows, self._sent.groups
-        centroid_routing_map = torch.nn.functional.one_hot(sent_groups, self.num_experts).bool()
+        centroid_routing_map = torch.nn.functional.one_hot(
+            clusters.cluster_groups, self.num_experts
+        ).bool()
         self.tokens_per_expert = self.preprocess(centroid_routing_map)
         self.tokens_per_expert = self._maybe_dtoh_and_synchronize(
             "before_permutation_1", self.tokens_per_expert
         )
-        centroid_probs = torch.ones(sent_rows.size(0), dtype=probs.dtype, device=sent_rows.device)
-        return sent_rows, centroid_probs
+        centroid_probs = torch.ones(
+            clusters.num_clusters, dtype=probs.dtype, device=clusters.centroids.device
+        )
+        return clusters.centroids, centroid_probs
 
     def _dispatch_probs(self, centroid_probs, num_global_rows: int):
         """Probs stay home: the experts get ones."""
@@ -384,29 +367,24 @@ class LSHAlltoAllTokenDispatcher(PayloadAlltoAllTokenDispatcher):
 
     def combine_postprocess(self, centroid_outputs):
         """One output per token row from its centroid's output, weighted by its own prob."""
-        clusters, token_rows, token_row_probs, axes, sent = (
+        clusters, token_rows, token_row_probs = (
             self._clusters,
             self._token_rows,
             self._token_row_probs,
-            self._axes,
-            self._sent,
         )
-        self._clusters = self._token_rows = self._token_row_probs = self._axes = self._sent = None
-        axis_outputs = None
-        if sent is not None:
-            centroid_outputs, axis_outputs = sent.split_outputs(centroid_outputs, clusters.num_clusters)
+        self._clusters = self._token_rows = self._token_row_probs = None
         residual_scale = None
         if self.config.lsh_compensation == "expert_gain":
             residual_scale = self._expert_gains.to(centroid_outputs.device).index_select(
                 0, clusters.cluster_groups
             )
             self._expert_gains = None
-        row_outputs = expand_to_tokens(centroid_outputs, clusters, token_rows, residual_scale, axes, axis_outputs)
+        row_outputs = expand_to_tokens(centroid_outputs, clusters, token_rows, residual_scale)
         row_outputs = (row_outputs * token_row_probs.unsqueeze(-1)).to(centroid_outputs.dtype)
         return super().combine_postprocess(row_outputs)
 
     def _sent_rows_per_expert(self) -> torch.Tensor:
-        return self._sent_rows_per_group
+        return self._clusters.clusters_per_group
 
     def _rows_per_tp_peer(self):
         sent, _ = super()._rows_per_tp_peer()  # centroids; stock would have sent every token row
