@@ -101,6 +101,7 @@ def write_report(summaries: Dict[str, Dict], docs: Path) -> None:
                                "(8192 tokens per rank and micro-batch)")
         lines += _scale_findings(main, scale)
         lines += _warnings(corpus, summaries)
+    lines += _merged_gradients_verdict(summaries)
     lines += ["## Curves", ""]
     for corpus in points_by_corpus:
         lines += [f"![{corpus}: validation perplexity against tokens and against bytes](quality_curves_{corpus}.png)", "",
@@ -217,6 +218,34 @@ def _gradient_section(corpus: str, ablations: Dict[str, Dict], runs: Dict[str, D
                   f"ratio on this corpus, against cp6's gap of {100 * (_ratio(cp6, stock) - 1):.1f}; a run within that "
                   "spread of cp6 is a tie."]
     return lines + ["", "Flags: " + "; ".join(f"{name}: `{' '.join(s['flags'])}`" for name, s in runs.items()), ""]
+
+
+def _merged_gradients_verdict(summaries: Dict[str, Dict]) -> List[str]:
+    """Across both corpora: which measured alternative to LSH's own gradients (a backward rule or
+    axis rows) closed part of cp6's gap on both, i.e. which could have replaced the mean."""
+    closed_by_run: Dict[str, Dict[str, float]] = {}
+    for corpus in CORPUS_TITLES:
+        ablations = _group(summaries, corpus, "ablation")
+        stock, cp6 = ablations.get("stock"), ablations.get("cp6")
+        if stock is None or cp6 is None or _ratio(cp6, stock) <= 1:
+            return []
+        for name, s in _group(summaries, corpus, "gradient").items():
+            if "--lsh-gradient-study" in s["flags"] or "held fixed" in name:
+                continue
+            gap = cp6["final_ppl"] - stock["final_ppl"]
+            closed_by_run.setdefault(name, {})[corpus] = 100 * (cp6["final_ppl"] - s["final_ppl"]) / gap
+    measured = {name: by_corpus for name, by_corpus in closed_by_run.items() if len(by_corpus) == len(CORPUS_TITLES)}
+    if not measured:
+        return []
+    on_both = [name for name, by_corpus in measured.items() if min(by_corpus.values()) > 0]
+    each = "; ".join(f"{name}: " + ", ".join(f"{closed:.0f}% on {corpus}" for corpus, closed in by_corpus.items())
+                     for name, by_corpus in measured.items())
+    verdict = (f"closed part of it on both corpora: {', '.join(on_both)}" if on_both else
+               "closed any of it on both corpora, so merged tokens keep LSH's own gradients (the mean rule: autograd's "
+               "gradient of the centroid forward that runs)")
+    return ["## Merged tokens' gradients, both corpora", "",
+            f"Of the alternatives measured on both corpora, against cp6's gap ({each}), "
+            f"{'these' if on_both else 'none'} {verdict}.", ""]
 
 
 def _axis_verdict(runs: Dict[str, Dict], cp6: Dict, gap: float) -> List[str]:
