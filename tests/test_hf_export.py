@@ -30,8 +30,8 @@ pytest.importorskip("transformers")
 def mixtral(corpus, tmp_path_factory):
     work = tmp_path_factory.mktemp("mixtral")
     run_ranks([*model_flags(corpus, **{"--train-iters": "4", "--eval-iters": "0", "--log-interval": "2",
-                                      "--num-attention-heads": "4", "--save": str(work / "ckpt")}),
-              "--hf-architecture", "mixtral", "--group-query-attention", "--num-query-groups", "2"])
+                                       "--num-attention-heads": "4", "--save": str(work / "ckpt")}),
+               "--hf-architecture", "mixtral", "--group-query-attention", "--num-query-groups", "2"])
     # The convert command line in a forked process (qwen3_moe_export runs it as a subprocess).
     return run_distributed(convert_then_compare, 1, str(work / "ckpt"), str(work / "hf"),
                            str(corpus["jsonl"]["valid"]))[0]
@@ -43,10 +43,10 @@ def qwen3_moe_export(corpus, tmp_path_factory):
     grouped queries: Qwen3-MoE, whose dense layers keep their own width."""
     work = tmp_path_factory.mktemp("qwen3_moe")
     run_ranks([*model_flags(corpus, **{"--train-iters": "4", "--eval-iters": "0", "--log-interval": "2",
-                                      "--num-layers": "4", "--moe-layer-freq": "2", "--moe-router-topk": "1",
-                                      "--ffn-hidden-size": "96", "--moe-ffn-hidden-size": "64",
-                                      "--save": str(work / "ckpt")}),
-              "--hf-architecture", "qwen3_moe", "--group-query-attention", "--num-query-groups", "2"])
+                                       "--num-layers": "4", "--moe-layer-freq": "2", "--moe-router-topk": "1",
+                                       "--ffn-hidden-size": "96", "--moe-ffn-hidden-size": "64",
+                                       "--save": str(work / "ckpt")}),
+               "--hf-architecture", "qwen3_moe", "--group-query-attention", "--num-query-groups", "2"])
     result = convert(work / "ckpt", work / "hf")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "qwen3_moe" in result.stdout
@@ -63,9 +63,9 @@ def qwen3_moe(corpus, qwen3_moe_export):
 def switch(corpus, tmp_path_factory):
     work = tmp_path_factory.mktemp("switch")
     run_ranks([*t5_flags(corpus, **{"--train-iters": "4", "--eval-iters": "0", "--log-interval": "2",
-                                   "--moe-router-topk": None, "--moe-layer-freq": "2",
-                                   "--save": str(work / "ckpt")}),
-              "--hf-architecture", "switch_transformers"], script="pretrain_t5_moe.py")
+                                    "--moe-router-topk": None, "--moe-layer-freq": "2",
+                                    "--save": str(work / "ckpt")}),
+               "--hf-architecture", "switch_transformers"], script="pretrain_t5_moe.py")
     # The convert command line in a forked process (qwen3_moe_export runs it as a subprocess).
     return run_distributed(convert_then_compare, 1, str(work / "ckpt"), str(work / "hf"),
                            str(corpus["jsonl"]["valid"]))[0]

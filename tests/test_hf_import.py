@@ -204,7 +204,7 @@ def test_an_imported_model_continues_training_at_tp2_ep2_and_at_pp2_from_the_sam
               "--valid-data-path", data["valid"], "--num-workers", "0", "--no-lsh", "--seed", "3"]
     outputs = {
         "tp2-ep2": run_ranks([*common, "--tensor-model-parallel-size", "2", "--sequence-parallel",
-                             "--expert-model-parallel-size", "2"], nproc=4),
+                              "--expert-model-parallel-size", "2"], nproc=4),
         "pp2": run_ranks([*common, "--pipeline-model-parallel-size", "2"], nproc=2),
     }
     first = {name: float(re.search(r"validation loss at iteration 0 \| lm loss value: (\S+)", out).group(1))

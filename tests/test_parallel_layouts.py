@@ -76,7 +76,7 @@ def test_checkpoint_saved_at_tp2_ep2_resumes_at_tp1_ep4_with_a_sharded_optimizer
     common = {"--no-lsh": True, "--hidden-dropout": "0", "--attention-dropout": "0", "--log-interval": "1",
               "--eval-interval": "6", "--save": str(save), **mxfp8}
     first = run_ranks(model_flags(corpus, **{**common, **TP2_EP2, "--train-iters": "10", "--save-interval": "6"}),
-                     nproc=4)
+                      nproc=4)
     at6 = tmp_path / "at6"  # the run's iteration-6 checkpoint as the newest of a directory
     shutil.copytree(save / "iter_0000006", at6 / "iter_0000006")
     (at6 / "latest_checkpointed_iteration.txt").write_text("6\n")
@@ -115,7 +115,7 @@ def test_t5_trained_at_tp2_ep2_evaluates_alike_at_tp1_ep4(corpus, tmp_path):
     tensor_parallel = run_ranks(t5_flags(corpus, **common, **TP2_EP2), nproc=4, script="pretrain_t5_moe.py")
     # Resumed at its last iteration, the run only evaluates: now with whole attention layers.
     expert_parallel = run_ranks(t5_flags(corpus, **common, **{"--expert-model-parallel-size": "4"}), nproc=4,
-                               script="pretrain_t5_moe.py")
+                                script="pretrain_t5_moe.py")
     assert "resuming at iteration 4" in expert_parallel
     assert validation_losses(expert_parallel)[4] == pytest.approx(validation_losses(tensor_parallel)[4], rel=1e-5)
 

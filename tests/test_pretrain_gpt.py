@@ -201,7 +201,7 @@ def test_tokenizer_that_does_not_match_the_data_is_refused(corpus, tmp_path, cap
          "hf-t5-architecture"],
 )
 def test_bad_parallel_and_batch_settings_give_one_clear_error(corpus, overrides, world_size, expected, capfd,
-                                                             monkeypatch):
+                                                              monkeypatch):
     error = pretrain_error(model_flags(corpus, **{"--train-iters": "2", **overrides}), capfd, monkeypatch,
                            world_size)
     assert expected in error

@@ -71,7 +71,7 @@ def test_about_fifteen_percent_of_tokens_are_masked(samples):
 @pytest.mark.parametrize("lsh", ["--lsh"])  # stock T5 trains in test_parallel_layouts.py
 def test_two_ranks_train_t5_moe_with_falling_loss(corpus, lsh):
     output = run_ranks([*t5_flags(corpus, **{"--train-iters": "30", "--log-interval": "5",
-                                            "--eval-interval": "15"}), lsh], script=SCRIPT)
+                                             "--eval-interval": "15"}), lsh], script=SCRIPT)
     logged = losses(output)
     assert sorted(logged) == [5, 10, 15, 20, 25, 30]
     assert logged[30] < logged[5] - 0.5, logged

@@ -161,13 +161,13 @@ def test_t5_switch_style_stopped_by_the_time_limit_resumes_exactly(corpus, tmp_p
     run = {"--train-iters": "6", "--log-interval": "1", "--eval-interval": "100", "--lsh": True,
            "--moe-router-topk": "1", "--position-embedding-type": "relative"}
     straight = losses(run_ranks(t5_flags(corpus, **run, **{"--save": str(tmp_path / "straight")}),
-                               script="pretrain_t5_moe.py"))
+                                script="pretrain_t5_moe.py"))
     save = str(tmp_path / "stopped")
     stopped = run_ranks(t5_flags(corpus, **run, **{"--save": save, "--exit-duration-in-mins": "0.001"}),
-                       script="pretrain_t5_moe.py")
+                        script="pretrain_t5_moe.py")
     assert "stopping at iteration 1: --exit-duration-in-mins 0.001 reached" in stopped
     resumed = losses(run_ranks(t5_flags(corpus, **run, **{"--save": save, "--load": save}),
-                              script="pretrain_t5_moe.py"))
+                               script="pretrain_t5_moe.py"))
     assert sorted(resumed) == [2, 3, 4, 5, 6]
     assert all(resumed[i] == straight[i] for i in resumed), (resumed, straight)
     assert_checkpoints_equal(tmp_path / "straight", save, 6, tmp_path)
