@@ -210,7 +210,6 @@ def _gradient_section(corpus: str, ablations: Dict[str, Dict], runs: Dict[str, D
         lines.append(f"| {name}{removed} | {s.get('question', '')} | {s['final_ppl']:.2f} | {_ratio(s, stock):.3f}x | "
                      f"{s['bytes_ratio_run']:.3f} | {100 * closed:.0f}% | {left} |")
     lines += _gradient_split(runs, stock, gap)
-    lines += _axis_verdict(runs, cp6, gap)
     spread = _seed_spread(ablations, stock)
     if spread:
         low, high, count = spread
@@ -229,10 +228,10 @@ def _merged_gradients_verdict(summaries: Dict[str, Dict]) -> List[str]:
         stock, cp6 = ablations.get("stock"), ablations.get("cp6")
         if stock is None or cp6 is None or _ratio(cp6, stock) <= 1:
             return []
+        gap = cp6["final_ppl"] - stock["final_ppl"]
         for name, s in _group(summaries, corpus, "gradient").items():
-            if "--lsh-gradient-study" in s["flags"] or "held fixed" in name:
+            if "--lsh-gradient-study" in s["flags"] or s.get("superseded"):  # a study mode, or a replaced version
                 continue
-            gap = cp6["final_ppl"] - stock["final_ppl"]
             closed_by_run.setdefault(name, {})[corpus] = 100 * (cp6["final_ppl"] - s["final_ppl"]) / gap
     measured = {name: by_corpus for name, by_corpus in closed_by_run.items() if len(by_corpus) == len(CORPUS_TITLES)}
     if not measured:
@@ -246,18 +245,6 @@ def _merged_gradients_verdict(summaries: Dict[str, Dict]) -> List[str]:
     return ["## Merged tokens' gradients, both corpora", "",
             f"Of the alternatives measured on both corpora, against cp6's gap ({each}), "
             f"{'these' if on_both else 'none'} {verdict}.", ""]
-
-
-def _axis_verdict(runs: Dict[str, Dict], cp6: Dict, gap: float) -> List[str]:
-    """One sentence per axis run whose direction was differentiable: the gap it closed, for what bytes."""
-    lines = []
-    for name, s in runs.items():
-        if "--lsh-cluster-axis" not in s["flags"] or "held fixed" in name:
-            continue
-        closed = (cp6["final_ppl"] - s["final_ppl"]) / gap
-        lines.append(f"- {name}: {100 * closed:.0f}% of cp6's gap closed at {s['bytes_ratio_run']:.3f}x bytes "
-                     f"({s['bytes_ratio_run'] / cp6['bytes_ratio_run']:.2f}x cp6's).")
-    return ["", "Axis rows:", *lines] if lines else []
 
 
 def _gradient_split(runs: Dict[str, Dict], stock: Dict, gap: float) -> List[str]:
