@@ -291,6 +291,7 @@ def _bound_at_scale(corpus: str, summary: Optional[Dict]) -> List[str]:
 
 # Where the removed axis rows (--lsh-cluster-axis) can still be run.
 AXIS_COMMIT = "08471ee"
+AXIS_TIE = 0.005
 
 
 def _interpolated(points: List[tuple], rate: float) -> Optional[float]:
@@ -323,13 +324,15 @@ def _axis_forward(corpus: str, summary: Optional[Dict]) -> List[str]:
         same_rate = _interpolated(line, row["rate"])
         if same_rate is None:
             continue
-        better = row["ppl"] / exact < same_rate
-        verdicts.append(better)
+        difference = row["ppl"] / exact - same_rate
+        # Within half a point of perplexity ratio (one model, one hash seed): too close to call.
+        verdict = "as good a use" if abs(difference) < AXIS_TIE else ("the better use" if difference < 0 else "the worse use")
+        verdicts.append(verdict)
         lines.append(f"- {row['hashes']} hashes + axis: {row['ppl'] / exact:.4f}x at rate {row['rate']:.3f}; finer hashing "
-                     f"alone at that rate: {same_rate:.4f}x (interpolated): the axis row is "
-                     f"{'the better' if better else 'the worse'} use of those rows.")
+                     f"alone at that rate: {same_rate:.4f}x (interpolated): the axis row is {verdict} of those rows.")
     if verdicts:
-        lines += ["", f"Axis rows beat finer hashing at equal rate at {sum(verdicts)} of {len(verdicts)} settings."]
+        lines += ["", f"Axis rows beat finer hashing at equal rate at {verdicts.count('the better use')} of "
+                  f"{len(verdicts)} settings, tie at {verdicts.count('as good a use')}."]
     return lines + [""]
 
 
