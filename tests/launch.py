@@ -51,8 +51,8 @@ def run_ranks(flags, nproc=2, timeout=600, script="pretrain_gpt_moe.py"):
     WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_*). The ranks fork from a server that has imported torch
     and megatron-core once, instead of paying a fresh interpreter's start for every rank of every run
     (through torchrun, a 2-rank run of one iteration took 9.5 s on 2 cores, of nine iterations 10.5 s).
-    What torchrun itself adds (the launch, signals
-    to every worker, exit codes, the launchers in scripts/) is tested through `torchrun_command`."""
+    What torchrun itself adds (the launch, signals to every worker, exit codes, the launchers in
+    scripts/) is tested through `torchrun_command`."""
     import tempfile
 
     from tests.distributed import run_distributed
