@@ -25,7 +25,7 @@ RATES = [
     (0.200, "`--lsh-target-compression 0.2`: the same over the last 10% of its 400-iteration ablation in "
             "docs/quality_study.md, which cost +8.4% perplexity there"),
     (0.121, "cross-polytope 6 hashes, fixed hashing: compression rate of the 120-iteration runs at hidden 64 in "
-            "docs/speed_study.md"),
+            "docs/speed_study.md as of commit c71a3eb (that study now measures training's default instead)"),
 ]
 
 

@@ -1,0 +1,63 @@
+"""The speed study's bookkeeping: which runs it plans, and how it turns perplexity curves into wall
+times to stock's final perplexity and the issue's verdicts (no cluster needed)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import speed_study  # noqa: E402  (a script that imports its siblings as top-level modules)
+from speed_study import Run, plan, reach_cell, targets, time_to_reach  # noqa: E402
+
+
+def run(setting, curve, rate=1000, repeat=0):
+    return Run(setting, rate, repeat, 300 if setting == "stock" else 375, 300,
+               {"ppl_curve": curve, "final_ppl": curve[-1][1] if setting == "stock" else 0.0})
+
+
+def test_stock_runs_the_schedule_and_the_others_a_quarter_longer_interleaved_by_repeat():
+    runs = plan(300, repeats=3, slow_repeats=1)
+    assert [r.key for r in runs[:6]] == ["stock-1000mbit-0", "mxfp8-1000mbit-0", "default-1000mbit-0",
+                                         "stock-100mbit-0", "mxfp8-100mbit-0", "default-100mbit-0"]
+    assert len(runs) == 3 * 3 + 3
+    assert {(r.setting, r.iters) for r in runs} == {("stock", 300), ("mxfp8", 375), ("default", 375)}
+    assert all(r.schedule_iters == 300 and "--lr-decay-iters" in r.flags() for r in runs)
+    assert all(r.flags()[r.flags().index("--lr-decay-iters") + 1] == "300" for r in runs)
+
+
+def test_time_to_reach_interpolates_between_evaluations_and_is_none_when_never_reached():
+    curve = [(0, 1000.0), (10, 400.0), (20, 200.0)]
+    assert time_to_reach(curve, 300.0) == pytest.approx(15.0)
+    assert time_to_reach(curve, 1000.0) == 0.0
+    assert time_to_reach(curve, 199.0) is None
+
+
+def test_the_default_meets_the_target_when_it_reaches_stocks_final_perplexity_sooner_than_both():
+    runs = [run("stock", [(0, 900.0), (100, 300.0)], repeat=i) for i in range(3)]
+    runs += [run("mxfp8", [(0, 900.0), (80, 300.0), (90, 290.0)], repeat=i) for i in range(3)]
+    runs += [run("default", [(0, 900.0), (60 + i, 300.0), (80, 295.0)], repeat=i) for i in range(3)]
+    checks = {name: (value, met) for name, value, met in targets(runs)}
+    assert checks["the default reaches stock's final perplexity at 1 Gbit/s"] == ("61 s", True)
+    value, met = checks["... at least 1.3x sooner than stock"]
+    assert met and value.startswith(f"{100 / 61:.2f}x")
+    assert checks["... and sooner than 8-bit payloads alone"][1] is True
+
+
+def test_a_default_that_misses_stocks_final_perplexity_in_any_repeat_fails_the_target():
+    runs = [run("stock", [(0, 900.0), (100, 300.0)])]
+    runs += [run("default", [(0, 900.0), (60, 310.0)], repeat=0), run("default", [(0, 900.0), (60, 300.0)], repeat=1)]
+    checks = targets(runs)
+    assert checks == [("the default reaches stock's final perplexity at 1 Gbit/s", "not in every run", False)]
+    cell = reach_cell([None, 60.0], [100.0], is_stock=False)
+    assert cell == "60 s (1 of 2 runs reached it)"  # no speedup claimed from the runs that made it
+
+
+def test_report_only_refuses_a_summary_from_the_previous_version(tmp_path, monkeypatch):
+    old = tmp_path / "speed_study.json"
+    old.write_text('{"iters": 120, "runs": [], "fixed": []}')
+    monkeypatch.setattr(speed_study, "RESULTS", old)
+    monkeypatch.setattr(speed_study, "REPO", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["speed_study.py", "--report-only"])
+    with pytest.raises(SystemExit, match="older version"):
+        speed_study.main()
