@@ -11,7 +11,7 @@ For each hidden size and number of tokens per rank: route tokens top-k over the 
 and print the compression rate and the bytes ratio of all four all-to-alls against bf16 stock
 (every row counted as remote).
 
-    python benchmarks/lsh_overhead.py                     # CPU, fp32, hidden 256-1024
+    python benchmarks/lsh_overhead.py                     # CPU, fp32, hidden 256-1024, training's `--lsh` settings
     python benchmarks/lsh_overhead.py --device cuda --dtype bf16 --hidden-sizes 4096
 """
 
@@ -21,6 +21,7 @@ import argparse
 import os
 import statistics
 import time
+from dataclasses import MISSING
 
 import torch
 
@@ -30,10 +31,18 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron_lsh.data.synthetic import clustered_hidden_states
 from megatron_lsh.lsh import build_hash_family, expand_to_tokens, hash_and_cluster
 from megatron_lsh.moe import LSHTransformerConfig, get_lsh_moe_module_spec
-from megatron_lsh.moe.config import PAYLOAD_SETTINGS, added_settings
+from megatron_lsh.moe.config import PAYLOAD_SETTINGS, WithAndWithoutLSH, added_settings
 from megatron_lsh.moe.payload import BF16_BYTES, payload_all_to_all, row_bytes
 from megatron_lsh.training.arguments import add_setting_flag
 from megatron_lsh.training.initialize import initialize_distributed
+
+
+def default_with_lsh(config_field):
+    """What training takes for this setting when the user gives only `--lsh`."""
+    flag_default = config_field.metadata["flag_default"]
+    if isinstance(flag_default, WithAndWithoutLSH):
+        return flag_default.with_lsh
+    return config_field.default if flag_default is MISSING else flag_default
 
 
 def parse_args():
@@ -42,10 +51,10 @@ def parse_args():
     p.add_argument("--tokens-per-rank", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     p.add_argument("--num-experts", type=int, default=8)
     p.add_argument("--moe-router-topk", type=int, default=2)
-    # The LSH settings' flags as training has them (defaults: the config's).
+    # The LSH settings' flags as training has them, with the defaults a plain `--lsh` run takes.
     settings = {f.name: f for f in added_settings()}
     for name in ("lsh_hash_type", "lsh_num_hashes", "lsh_num_buckets", "lsh_error_bound", *PAYLOAD_SETTINGS):
-        add_setting_flag(p, settings[name], default=settings[name].default)
+        add_setting_flag(p, settings[name], default=default_with_lsh(settings[name]))
     p.add_argument("--lsh-merge-threshold", type=float, default=None,
                    help="Coarse-to-fine clustering at this merge threshold, as the compression controller "
                         "runs it (--lsh-target-compression); default: plain buckets of all hashes.")

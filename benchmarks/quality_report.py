@@ -96,9 +96,10 @@ def write_report(summaries: Dict[str, Dict], docs: Path) -> None:
         lines += _gradient_section(corpus, ablations, _group(summaries, corpus, "gradient"))
         lines += _bound_at_scale(corpus, summaries.get(f"{corpus}-bound_at_scale"))
         lines += _axis_forward(corpus, summaries.get(f"{corpus}-axis_forward"))
-        lines += _main_section(corpus, main, "main", "Main runs")
+        spread = _seed_spread(ablations, ablations["stock"]) if "stock" in ablations else None
+        lines += _main_section(corpus, main, "main", "Main runs", spread)
         lines += _main_section(corpus, scale, "scale", "The same tokens in steps four times larger "
-                               "(8192 tokens per rank and micro-batch)")
+                               "(8192 tokens per rank and micro-batch)", spread)
         lines += _scale_findings(main, scale)
         lines += _warnings(corpus, summaries)
     lines += _merged_gradients_verdict(summaries)
@@ -336,7 +337,29 @@ def _axis_forward(corpus: str, summary: Optional[Dict]) -> List[str]:
     return lines + [""]
 
 
-def _main_section(corpus: str, runs: Dict[str, Dict], group: str, title: str) -> List[str]:
+def _against_the_peer(runs: Dict[str, Dict], reference: Dict, spread: Optional[tuple]) -> List[str]:
+    """The default against 8-bit payloads alone, with the default's hash-seed spread as the width of a tie."""
+    default, peer = runs.get("default"), runs.get("mxfp8")
+    if default is None or peer is None:
+        return []
+    gap = 100 * (_ratio(default, reference) - _ratio(peer, reference))  # points of perplexity ratio
+    width = 100 * (spread[1] - spread[0]) if spread else 0.0
+    fewer = default["bytes_ratio_run"] < peer["bytes_ratio_run"]
+    bytes_text = (f"{default['bytes_ratio_run']:.3f}x bytes against mxfp8's {peer['bytes_ratio_run']:.3f}x")
+    if gap <= 0 and fewer:
+        verdict = "ahead: lower perplexity at fewer bytes"
+    elif gap <= width and fewer:
+        verdict = (f"a tie in perplexity ({gap:.1f} points behind, inside the default's hash-seed spread of "
+                   f"{width:.1f}) at fewer bytes")
+    elif fewer:
+        verdict = f"behind: {gap:.1f} points of perplexity ratio, outside the hash-seed spread of {width:.1f}"
+    else:
+        verdict = f"no fewer bytes than mxfp8 ({gap:+.1f} points of perplexity ratio)"
+    return [f"- Against the peer (mxfp8 alone): the default at {bytes_text}, {verdict}."]
+
+
+def _main_section(corpus: str, runs: Dict[str, Dict], group: str, title: str,
+                  spread: Optional[tuple] = None) -> List[str]:
     reference = runs.get("stock")
     if reference is None:
         return [f"{title}: not run yet (`python benchmarks/quality_study.py --corpus {corpus} --groups {group}`).", ""]
@@ -353,7 +376,9 @@ def _main_section(corpus: str, runs: Dict[str, Dict], group: str, title: str) ->
             lines.append(f"- Target, bytes at most {BYTES_TARGET}x over the run and its last 10%: "
                          f"{default['bytes_ratio_run']:.3f}x, {default['bytes_ratio_last_10pct']:.3f}x, "
                          f"**{'met' if met_bytes else 'not met'}**.")
-        lines.append("")
+    peer_lines = _against_the_peer(runs, reference, spread)
+    if default is not None and (group == "main" or peer_lines):
+        lines += peer_lines + [""]
     return lines
 
 

@@ -1,0 +1,36 @@
+"""The quality study's verdict on the default against the low-precision peer: a difference inside the
+default's hash-seed spread is a tie, and only fewer bytes make a tie worth having."""
+
+from benchmarks.quality_report import _against_the_peer
+
+
+def summary(ppl, bytes_ratio):
+    return {"final_ppl": ppl, "bytes_ratio_run": bytes_ratio}
+
+
+STOCK = summary(100.0, 1.0)
+SPREAD = (1.006, 1.014, 3)  # the default at three hash seeds: 0.8 points apart
+
+
+def verdict(default_ppl, default_bytes, peer_ppl=100.2, peer_bytes=0.518):
+    runs = {"stock": STOCK, "mxfp8": summary(peer_ppl, peer_bytes), "default": summary(default_ppl, default_bytes)}
+    (line,) = _against_the_peer(runs, STOCK, SPREAD)
+    return line
+
+
+def test_lower_perplexity_at_fewer_bytes_is_ahead():
+    assert "ahead: lower perplexity at fewer bytes" in verdict(100.1, 0.35)
+
+
+def test_a_gap_inside_the_seed_spread_at_fewer_bytes_is_a_tie():
+    line = verdict(100.8, 0.35)
+    assert "a tie in perplexity (0.6 points behind, inside the default's hash-seed spread of 0.8)" in line
+
+
+def test_a_gap_beyond_the_seed_spread_is_behind_whatever_the_bytes():
+    assert "behind: 1.3 points" in verdict(101.5, 0.35)
+    assert "no fewer bytes than mxfp8" in verdict(100.1, 0.6)
+
+
+def test_no_verdict_without_both_runs():
+    assert _against_the_peer({"stock": STOCK, "default": summary(100.5, 0.35)}, STOCK, SPREAD) == []
