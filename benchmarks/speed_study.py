@@ -204,11 +204,11 @@ def median_spread(values: Sequence[float]) -> Tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
 
-def spread_text(values: Sequence[float], fmt: str = "{:.0f}") -> str:
+def spread_text(values: Sequence[float], unit: str = "", fmt: str = "{:.0f}") -> str:
     middle, low, high = median_spread(values)
     if len(values) == 1:
-        return fmt.format(middle)
-    return f"{fmt.format(middle)} ({fmt.format(low)}-{fmt.format(high)})"
+        return fmt.format(middle) + unit
+    return f"{fmt.format(middle)}{unit} ({fmt.format(low)}-{fmt.format(high)})"
 
 
 def of(runs: List[Run], setting: str, rate: int) -> List[Run]:
@@ -229,7 +229,7 @@ def reach_cell(times: List[Optional[float]], stock_times: List[Optional[float]],
     reached = [t for t in times if t is not None]
     if not reached:
         return "not reached"
-    text = spread_text(reached) + " s"
+    text = spread_text(reached, unit=" s")
     if len(reached) < len(times):
         text += f" ({len(reached)} of {len(times)} runs reached it)"
     stock_reached = [t for t in stock_times if t is not None]
