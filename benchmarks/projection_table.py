@@ -19,7 +19,8 @@ from megatron_lsh.projection import Cluster, ModelShape, project  # noqa: E402
 # Compression rates measured in this repository (rows LSH may merge, centroids per row).
 # Inputs, typed here from the docs they name (whose runs are not in the repository).
 RATES = [
-    (0.299, "the default (`--lsh-target-compression 0.3`): all-to-all bytes against stock over the last 10% of "
+    (0.299, "the previous default (`--lsh-target-compression 0.3`, before the error bound with 8-bit payloads "
+            "became training's default; projections do not model 8-bit payloads yet): all-to-all bytes against stock over the last 10% of "
             "its 1500-iteration main run in docs/quality_study.md (the quickstart model as it was then; the "
             "bytes ratio of a rate r is r x 2 rows / (2 rows + a 4-byte prob), within 1% of r at hidden 128)"),
     (0.200, "`--lsh-target-compression 0.2`: the same over the last 10% of its 400-iteration ablation in "
@@ -148,7 +149,8 @@ def main() -> None:
         "  and the output layer are the rest); whether a GPU keeps its efficiency on the smaller expert batches is not",
         "  modelled.",
         "- LSH overhead: hashing and clustering at 5% of the exact experts' time (benchmarks/lsh_overhead.py measured",
-        "  2-6% on CPU at hidden 1024; the GPU figure is still to be measured, issue 8).",
+        "  2-6% on CPU at hidden 1024 for fixed hashing, 7-9% for training's default with its 16 levels, bound and",
+        "  8-bit quantisation; the GPU figure is still to be measured).",
         "- Gradient all-reduce not overlapped with the backward pass (Megatron-LM's `--overlap-grad-reduce` would",
         "  hide part of it and raise every speedup a little).",
     ]
