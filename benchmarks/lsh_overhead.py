@@ -37,14 +37,6 @@ from megatron_lsh.training.arguments import add_setting_flag
 from megatron_lsh.training.initialize import initialize_distributed
 
 
-def default_with_lsh(config_field):
-    """What training takes for this setting when the user gives only `--lsh`."""
-    flag_default = config_field.metadata["flag_default"]
-    if isinstance(flag_default, WithAndWithoutLSH):
-        return flag_default.with_lsh
-    return config_field.default if flag_default is MISSING else flag_default
-
-
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden-sizes", type=int, nargs="+", default=[256, 512, 1024])
@@ -54,7 +46,9 @@ def parse_args():
     # The LSH settings' flags as training has them, with the defaults a plain `--lsh` run takes.
     settings = {f.name: f for f in added_settings()}
     for name in ("lsh_hash_type", "lsh_num_hashes", "lsh_num_buckets", "lsh_error_bound", *PAYLOAD_SETTINGS):
-        add_setting_flag(p, settings[name], default=default_with_lsh(settings[name]))
+        flag_default = settings[name].metadata["flag_default"]  # one for --lsh and one for --no-lsh: take --lsh's
+        add_setting_flag(p, settings[name], default=flag_default.value(lsh_enabled=True)
+                         if isinstance(flag_default, WithAndWithoutLSH) else MISSING)
     p.add_argument("--lsh-merge-threshold", type=float, default=None,
                    help="Coarse-to-fine clustering at this merge threshold, as the compression controller "
                         "runs it (--lsh-target-compression); default: plain buckets of all hashes.")

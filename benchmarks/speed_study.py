@@ -93,7 +93,8 @@ class Run:
 
     def to_json(self) -> Dict:
         return {"setting": self.setting, "rate_mbit": self.rate_mbit, "repeat": self.repeat, "iters": self.iters,
-                "schedule_iters": self.schedule_iters, "flags": SETTINGS[self.setting], "results": self.results}
+                "schedule_iters": self.schedule_iters, "flags": SETTINGS[self.setting],
+                "command_flags": self.flags(), "results": self.results}
 
 
 def plan(schedule_iters: int, repeats: int, slow_repeats: int) -> List[Run]:
@@ -146,13 +147,13 @@ def execute(run: Run, index: int, data: Dict[str, str], work: Path) -> None:
 
 
 def reuse(run: Run, work: Path) -> bool:
-    """Take a finished run's results from an earlier invocation when its flags and lengths match."""
+    """Take a finished run's results from an earlier invocation when it trained with the same flags
+    (model, lengths and setting alike)."""
     saved = work / "runs" / run.key / "results.json"
     if not saved.exists():
         return False
     previous = json.loads(saved.read_text())
-    if previous.get("flags") != SETTINGS[run.setting] or previous.get("iters") != run.iters \
-            or previous.get("schedule_iters") != run.schedule_iters or not previous.get("results"):
+    if previous.get("command_flags") != run.flags() or not previous.get("results"):
         return False
     run.results = previous["results"]
     return True
@@ -200,15 +201,10 @@ def time_to_reach(curve, target: float) -> Optional[float]:
     return None
 
 
-def median_spread(values: Sequence[float]) -> Tuple[float, float, float]:
-    return statistics.median(values), min(values), max(values)
-
-
 def spread_text(values: Sequence[float], unit: str = "", fmt: str = "{:.0f}") -> str:
-    middle, low, high = median_spread(values)
-    if len(values) == 1:
-        return fmt.format(middle) + unit
-    return f"{fmt.format(middle)}{unit} ({fmt.format(low)}-{fmt.format(high)})"
+    """The median, and the min-max in brackets when there are repeats."""
+    middle = fmt.format(statistics.median(values)) + unit
+    return middle if len(values) == 1 else f"{middle} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
 def of(runs: List[Run], setting: str, rate: int) -> List[Run]:

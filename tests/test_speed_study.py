@@ -1,6 +1,7 @@
 """The speed study's bookkeeping: which runs it plans, and how it turns perplexity curves into wall
 times to stock's final perplexity and the issue's verdicts (no cluster needed)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -61,3 +62,14 @@ def test_report_only_refuses_a_summary_from_the_previous_version(tmp_path, monke
     monkeypatch.setattr(sys, "argv", ["speed_study.py", "--report-only"])
     with pytest.raises(SystemExit, match="older version"):
         speed_study.main()
+
+
+def test_a_finished_run_is_reused_only_when_it_trained_with_the_same_flags(tmp_path):
+    finished = plan(300, repeats=1, slow_repeats=0)[0]
+    finished.results = {"final_ppl": 150.0}
+    (tmp_path / "runs" / finished.key).mkdir(parents=True)
+    (tmp_path / "runs" / finished.key / "results.json").write_text(json.dumps(finished.to_json()))
+    same = plan(300, repeats=1, slow_repeats=0)[0]
+    assert speed_study.reuse(same, tmp_path) and same.results == {"final_ppl": 150.0}
+    longer = plan(400, repeats=1, slow_repeats=0)[0]
+    assert not speed_study.reuse(longer, tmp_path) and longer.results == {}
