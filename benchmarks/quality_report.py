@@ -344,17 +344,16 @@ def _against_the_peer(runs: Dict[str, Dict], reference: Dict, spread: Optional[t
         return []
     gap = 100 * (_ratio(default, reference) - _ratio(peer, reference))  # points of perplexity ratio
     width = 100 * (spread[1] - spread[0]) if spread else 0.0
-    fewer = default["bytes_ratio_run"] < peer["bytes_ratio_run"]
-    bytes_text = (f"{default['bytes_ratio_run']:.3f}x bytes against mxfp8's {peer['bytes_ratio_run']:.3f}x")
-    if gap <= 0 and fewer:
+    bytes_text = f"{default['bytes_ratio_run']:.3f}x bytes against mxfp8's {peer['bytes_ratio_run']:.3f}x"
+    if default["bytes_ratio_run"] >= peer["bytes_ratio_run"]:
+        verdict = f"no fewer bytes than mxfp8 ({gap:+.1f} points of perplexity ratio)"
+    elif gap <= 0:
         verdict = "ahead: lower perplexity at fewer bytes"
-    elif gap <= width and fewer:
+    elif gap <= width:
         verdict = (f"a tie in perplexity ({gap:.1f} points behind, inside the default's hash-seed spread of "
                    f"{width:.1f}) at fewer bytes")
-    elif fewer:
-        verdict = f"behind: {gap:.1f} points of perplexity ratio, outside the hash-seed spread of {width:.1f}"
     else:
-        verdict = f"no fewer bytes than mxfp8 ({gap:+.1f} points of perplexity ratio)"
+        verdict = f"behind: {gap:.1f} points of perplexity ratio, outside the hash-seed spread of {width:.1f}"
     return [f"- Against the peer (mxfp8 alone): the default at {bytes_text}, {verdict}."]
 
 
@@ -367,19 +366,18 @@ def _main_section(corpus: str, runs: Dict[str, Dict], group: str, title: str,
     lines += _table(runs, reference, with_question=False)
     target = PPL_TARGET[corpus]
     default = runs.get("default")
+    bullets = []
     if default is not None and group == "main":
         ratio = _ratio(default, reference)
         met_ppl = ratio <= target
         met_bytes = default["bytes_ratio_run"] <= BYTES_TARGET and default["bytes_ratio_last_10pct"] <= BYTES_TARGET
-        lines.append(f"- Target, final perplexity at most {target}x stock's: {ratio:.3f}x, **{'met' if met_ppl else 'not met'}**.")
+        bullets.append(f"- Target, final perplexity at most {target}x stock's: {ratio:.3f}x, **{'met' if met_ppl else 'not met'}**.")
         if corpus == "quickstart":
-            lines.append(f"- Target, bytes at most {BYTES_TARGET}x over the run and its last 10%: "
-                         f"{default['bytes_ratio_run']:.3f}x, {default['bytes_ratio_last_10pct']:.3f}x, "
-                         f"**{'met' if met_bytes else 'not met'}**.")
-    peer_lines = _against_the_peer(runs, reference, spread)
-    if default is not None and (group == "main" or peer_lines):
-        lines += peer_lines + [""]
-    return lines
+            bullets.append(f"- Target, bytes at most {BYTES_TARGET}x over the run and its last 10%: "
+                           f"{default['bytes_ratio_run']:.3f}x, {default['bytes_ratio_last_10pct']:.3f}x, "
+                           f"**{'met' if met_bytes else 'not met'}**.")
+    bullets += _against_the_peer(runs, reference, spread)
+    return lines + (bullets + [""] if bullets else [])
 
 
 def _scale_findings(main: Dict[str, Dict], scale: Dict[str, Dict]) -> List[str]:
