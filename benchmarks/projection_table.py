@@ -149,8 +149,8 @@ def main() -> None:
         "  and the output layer are the rest); whether a GPU keeps its efficiency on the smaller expert batches is not",
         "  modelled.",
         "- LSH overhead: hashing and clustering at 5% of the exact experts' time (benchmarks/lsh_overhead.py measured",
-        "  2-6% on CPU at hidden 1024 for fixed hashing, 7-9% for training's default with its 16 levels, bound and",
-        "  8-bit quantisation; the GPU figure is still to be measured).",
+        "  2.6% and 4.0% on CPU at hidden 1024, 2k and 8k tokens per rank, for training's default with its 16",
+        "  levels, bound and 8-bit quantisation (one thread; the GPU figure is still to be measured).",
         "- Gradient all-reduce not overlapped with the backward pass (Megatron-LM's `--overlap-grad-reduce` would",
         "  hide part of it and raise every speedup a little).",
     ]

@@ -413,8 +413,10 @@ def test_coarse_to_fine_clustering_decides_on_the_device_without_host_syncs(thre
     assert assignment.bucket_ids.shape == (300,)
 
 
-@pytest.mark.parametrize("threshold, bound", [(0.5, None), (None, 0.3), (0.2, 0.3), (1.0, 0.05)])
-def test_gathering_the_checked_rows_and_masking_all_rows_decide_alike(threshold, bound, monkeypatch):
+@pytest.mark.parametrize("threshold, bound", [(0.5, None), (None, 0.3), (0.2, 0.3), (1.0, 0.05), (None, 3.0)])
+def test_gathering_the_undecided_and_masking_the_decided_decide_alike(threshold, bound, monkeypatch):
+    """On a CPU each level gathers what it still decides on and stops when nothing is left (a
+    bound of 3 takes every cluster at the first level); on a GPU every level masks all."""
     from megatron_lsh.lsh import clustering
 
     base = torch.randn(8, 16, generator=torch.Generator().manual_seed(40))
@@ -427,7 +429,8 @@ def test_gathering_the_checked_rows_and_masking_all_rows_decide_alike(threshold,
         monkeypatch.setattr(clustering, "COMPACT_ROWS_ON_CPU", compact)
         decided[compact] = adaptive_bucket_ids(tokens, codes, groups, 4, threshold, bound)
     assert torch.equal(decided[True].bucket_ids, decided[False].bucket_ids)
-    assert int(decided[True].exact_rows) == int(decided[False].exact_rows)
+    for count in ("exact_rows", "threshold_splits", "threshold_kept"):
+        assert int(getattr(decided[True], count)) == int(getattr(decided[False], count))
     assert len(decided[True].bucket_ids.unique()) < 400  # clusters merge rows
 
 

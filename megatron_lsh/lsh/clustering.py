@@ -137,8 +137,8 @@ class BoundedAssignment:
     threshold_kept: torch.Tensor
 
 
-# Where the rows a level checks against the bound are gathered first (their count read on the
-# host) rather than all rows computed and masked. On a CPU reading a count costs nothing and the
+# Where a level gathers the clusters and rows it decides on first (their counts read on the
+# host) rather than computing all and masking the decided ones. On a CPU reading a count costs nothing and the
 # masked passes over every row cost several times the work; on a GPU it is the other way round.
 # Both give the same decisions, bit for bit.
 COMPACT_ROWS_ON_CPU = True
@@ -167,12 +167,17 @@ def _members_beyond_bound(values, limits_sq, cluster_of_token, members, num_slot
     """[N] bool: the ``members`` tokens farther from their cluster's centroid, taken over the
     cluster's members only, than their bound."""
     if _compacts_rows(values.device):
-        rows = members.nonzero().squeeze(1)
-        points, clusters = values.index_select(0, rows), cluster_of_token.index_select(0, rows)
-        counts = _per_slot(torch.ones_like(rows, dtype=values.dtype), clusters, num_slots)
-        centroids = _per_slot(points, clusters, num_slots) / counts.clamp(min=1).unsqueeze(1)
-        distance_sq = (points - centroids.index_select(0, clusters)).square().sum(dim=1)
         beyond = torch.zeros_like(members)
+        rows = members.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return beyond
+        points = values.index_select(0, rows)
+        clusters = _dense_ids(cluster_of_token.index_select(0, rows))  # only the clusters these rows are in
+        num_clusters = int(clusters.max()) + 1
+        counts = _per_slot(torch.ones_like(rows, dtype=values.dtype), clusters, num_clusters)
+        sums = _per_slot(points, clusters, num_clusters)
+        centroids = sums.index_select(0, clusters) / counts.index_select(0, clusters).unsqueeze(1)
+        distance_sq = (points - centroids).square().sum(dim=1)
         beyond[rows] = distance_sq > limits_sq.index_select(0, rows)
         return beyond
     weights = members.to(values.dtype)
@@ -213,9 +218,10 @@ def adaptive_bucket_ids(
     sum (bound ||x||)^2 proves that a member breaks it, so only the members of clusters that
     pass this test count. Every decision stays on the device: the host reads one number, how
     many finest clusters there are, which sizes the arrays; decided clusters are masked, not
-    removed, so no size depends on a decision and no level waits for the host (on a CPU, where
-    waiting costs nothing, the bound's check gathers the rows it checks instead of masking all:
-    ``COMPACT_ROWS_ON_CPU``).
+    removed, so no size depends on a decision and no level waits for the host. On a CPU, where
+    waiting costs nothing, each level adds up only its undecided clusters, the bound's check
+    gathers the rows it checks instead of masking all, and the levels stop once every cluster
+    is taken (``COMPACT_ROWS_ON_CPU``); the decisions are the same.
 
     Args:
         tokens: [N, hidden]; codes: [N, L] codes in [0, num_buckets); group_ids: [N] experts.
@@ -244,32 +250,45 @@ def adaptive_bucket_ids(
     representative = torch.full((slots,), num_tokens - 1, dtype=torch.long, device=device).scatter_reduce_(
         0, fine_of_token, torch.arange(num_tokens, device=device), reduce="amin")
     fine_prefixes, fine_groups = prefixes.index_select(0, representative), groups.index_select(0, representative)
-    counted = torch.ones(slots, dtype=torch.bool, device=device)
     threshold_splits = threshold_kept = torch.zeros((), dtype=torch.long, device=device)
     dissolved = torch.zeros(slots, dtype=torch.bool, device=device)  # finest clusters sent as rows
 
     undecided = fine_counts > 0  # finest clusters not yet taken (empty slots never are)
+    compact = _compacts_rows(device)
     for level in range(num_hashes):
         last_level = level == num_hashes - 1
+        if compact and not bool(undecided.any()):
+            break  # every cluster taken: the levels left would decide nothing
         # Decided and empty slots share one key below every real one, and their sums go to a
         # spare slot past the end: undecided clusters' sums add up as if the others were gone.
         keys = torch.where(undecided, fine_groups * total_buckets + level * level_buckets + fine_prefixes[:, level],
                            torch.full_like(fine_groups, -1))
         coarse_of_fine = _dense_ids(keys)
-        into = torch.where(undecided, coarse_of_fine, torch.full_like(coarse_of_fine, slots))
-        counts = _per_slot(fine_counts, into, slots + 1)[:slots]
-        centroids = _per_slot(fine_sums, into, slots + 1)[:slots] / counts.clamp(min=1).unsqueeze(1)
-        squares = _per_slot(fine_squares, into, slots + 1)[:slots]
-        spread = (squares - counts * centroids.square().sum(dim=1)).clamp(min=0)
-        candidate = torch.ones(slots, dtype=torch.bool, device=device)
+        # Sized by the level's clusters where reading their count is free (a CPU), else by the
+        # finest ones; and, on a CPU, only undecided clusters' sums are added up (a level's
+        # clusters nest in the one before's, so a cluster is undecided as a whole).
+        coarse = int(coarse_of_fine.max()) + 1 if compact else slots
+        into = torch.where(undecided, coarse_of_fine, torch.full_like(coarse_of_fine, coarse))
+        active = undecided.nonzero().squeeze(1) if compact else None
+
+        def per_coarse(fine_values):
+            if active is not None:
+                return _per_slot(fine_values.index_select(0, active), into.index_select(0, active), coarse + 1)[:coarse]
+            return _per_slot(fine_values, into, coarse + 1)[:coarse]
+
+        counts, sums, squares = per_coarse(fine_counts), per_coarse(fine_sums), per_coarse(fine_squares)
+        # sum ||x - c||^2 = sum ||x||^2 - ||sum x||^2 / n: no centroid over all clusters' width.
+        spread = (squares - sums.square().sum(dim=1) / counts.clamp(min=1)).clamp(min=0)
+        candidate = torch.ones(coarse, dtype=torch.bool, device=device)
         if error_bound is not None:
             # Slack for cancellation in the spread: a candidate let through wrongly is checked below.
-            candidate &= spread <= _per_slot(fine_limits, into, slots + 1)[:slots] * (1 + 1e-3) + 1e-6 * squares
+            candidate &= spread <= per_coarse(fine_limits) * (1 + 1e-3) + 1e-6 * squares
         if merge_threshold is not None:
             within = counts * spread <= merge_threshold * squares.clamp(min=1e-30)
             if uncounted_groups is not None:
-                counted = _per_slot(
-                    (~uncounted_groups.index_select(0, fine_groups)).long(), into, slots + 1)[:slots] > 0
+                counted = per_coarse((~uncounted_groups.index_select(0, fine_groups)).long()) > 0
+            else:
+                counted = torch.ones(coarse, dtype=torch.bool, device=device)
             several = counted & (counts > 1)
             threshold_splits = threshold_splits + (several & candidate & ~within).sum()
             threshold_kept = threshold_kept + (several & within & (spread > 0)).sum()
@@ -280,13 +299,15 @@ def adaptive_bucket_ids(
             # Each token of a candidate cluster, checked against its centroid.
             coarse_of_token = coarse_of_fine.index_select(0, fine_of_token)
             checked = undecided.index_select(0, fine_of_token) & candidate.index_select(0, coarse_of_token)
-            broken = torch.zeros(slots, dtype=torch.bool, device=device)
-            if _compacts_rows(device):
+            broken = torch.zeros(coarse, dtype=torch.bool, device=device)
+            if compact:
                 rows = checked.nonzero().squeeze(1)
                 row_coarse = coarse_of_token.index_select(0, rows)
-                distance_sq = (values.index_select(0, rows) - centroids.index_select(0, row_coarse)).square().sum(dim=1)
+                row_centroids = sums.index_select(0, row_coarse) / counts.index_select(0, row_coarse).clamp(min=1).unsqueeze(1)
+                distance_sq = (values.index_select(0, rows) - row_centroids).square().sum(dim=1)
                 broken.index_put_((row_coarse,), distance_sq > limits_sq.index_select(0, rows), accumulate=True)
             else:
+                centroids = sums / counts.clamp(min=1).unsqueeze(1)
                 distance_sq = (values - centroids.index_select(0, coarse_of_token)).square().sum(dim=1)
                 broken.index_put_((coarse_of_token,), checked & (distance_sq > limits_sq), accumulate=True)
             candidate &= ~broken
