@@ -7,6 +7,7 @@ Every input is listed in the output with where it comes from; change them here, 
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,19 @@ def setups() -> List[Setup]:
     return rows
 
 
+def measured_overhead() -> str:
+    """What benchmarks/lsh_overhead.py measured at hidden 1024, from the summaries it keeps."""
+    found = []
+    for data in ("clustered", "gaussian"):
+        path = REPO / "docs" / "data" / "lsh_overhead" / f"cpu-fp32-{data}.json"
+        if path.exists():
+            rows = [r for r in json.loads(path.read_text())["rows"] if r["hidden"] == 1024]
+            found += [f"{r['overhead']:.1%} at {r['tokens']} tokens per rank on {data} data" for r in rows]
+    if not found:
+        return "not measured yet on this machine"
+    return "measured " + ", ".join(found) + " (CPU, fp32, docs/lsh_overhead.md)"
+
+
 def main() -> None:
     lines = [
         "# Projected speedups on real clusters",
@@ -148,9 +162,9 @@ def main() -> None:
         f"  model the experts are {100 * fine_expert_share:.0f}% of the forward FLOPs (the projection's count: attention",
         "  and the output layer are the rest); whether a GPU keeps its efficiency on the smaller expert batches is not",
         "  modelled.",
-        "- LSH overhead: hashing and clustering at 5% of the exact experts' time (benchmarks/lsh_overhead.py measured",
-        "  2.6% and 4.0% on CPU at hidden 1024, 2k and 8k tokens per rank, for training's default with its 16",
-        "  levels, bound and 8-bit quantisation (one thread; the GPU figure is still to be measured).",
+        "- LSH overhead: hashing and clustering at 5% of the exact experts' time (benchmarks/lsh_overhead.py, for",
+        f"  training's default with its 16 levels, bound and 8-bit quantisation at hidden 1024: {measured_overhead()};",
+        "  the GPU figure is still to be measured).",
         "- Gradient all-reduce not overlapped with the backward pass (Megatron-LM's `--overlap-grad-reduce` would",
         "  hide part of it and raise every speedup a little).",
     ]
