@@ -59,8 +59,8 @@ def parse_args():
     p.add_argument("--moe-router-topk", type=int, default=2)
     # The LSH settings' flags as training has them, with the defaults a plain `--lsh` run takes.
     settings = {f.name: f for f in added_settings()}
-    for name in ("lsh_hash_type", "lsh_num_hashes", "lsh_num_buckets", "lsh_error_bound", "lsh_compensation",
-                 *PAYLOAD_SETTINGS):
+    for name in ("lsh_hash_type", "lsh_num_hashes", "lsh_num_buckets", "lsh_error_bound", "lsh_split",
+                 "lsh_compensation", *PAYLOAD_SETTINGS):
         flag_default = settings[name].metadata["flag_default"]  # one for --lsh and one for --no-lsh: take --lsh's
         add_setting_flag(p, settings[name], default=flag_default.value(lsh_enabled=True)
                          if isinstance(flag_default, WithAndWithoutLSH) else MISSING)
@@ -149,7 +149,7 @@ def measure(hidden, tokens, args, device, dtype):
 
     def cluster(r):
         return hash_and_cluster(r, family, expert_of_row, args.num_experts, args.lsh_merge_threshold,
-                                args.lsh_error_bound)[0]
+                                args.lsh_error_bound, split=args.lsh_split)[0]
 
     clusters = cluster(rows)
     centroids_per_expert = clusters.clusters_per_group.cpu()
@@ -208,7 +208,8 @@ def settings_line(args, device) -> str:
     return (
         f"{where} | {args.dtype} | {args.num_experts} experts, top-{args.moe_router_topk}, ffn 4h | "
         f"LSH {args.lsh_hash_type}, {args.lsh_num_hashes} hashes x {args.lsh_num_buckets} buckets, merge threshold "
-        f"{args.lsh_merge_threshold or 'none'}, error bound {args.lsh_error_bound or 'none'}, compensation "
+        f"{args.lsh_merge_threshold or 'none'}, error bound {args.lsh_error_bound or 'none'}, split "
+        f"{args.lsh_split}, compensation "
         f"{args.lsh_compensation} | payloads "
         + ", ".join(f"{name[4:-6]} {getattr(args, name)}" for name in PAYLOAD_SETTINGS) + f" | data {data}"
         + f" | {args.repeats} repeats"
@@ -289,7 +290,8 @@ def main():
         SUMMARIES.mkdir(parents=True, exist_ok=True)
         command = "python benchmarks/lsh_overhead.py " + " ".join(sys.argv[1:])
         summary = {"command": command, "settings": settings, "note": args.note, "rows": rows}
-        (SUMMARIES / f"{device.type}-{args.dtype}-{args.data}.json").write_text(json.dumps(summary, indent=1))
+        split = "" if args.lsh_split == "hash" else f"-{args.lsh_split}"
+        (SUMMARIES / f"{device.type}-{args.dtype}-{args.data}{split}.json").write_text(json.dumps(summary, indent=1))
         write_doc()
 
 

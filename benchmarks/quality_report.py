@@ -275,18 +275,28 @@ def _bound_at_scale(corpus: str, summary: Optional[Dict]) -> List[str]:
              f"`evaluate --lsh --lsh-error-bound {summary['bound']}` on the stock ablation run's model "
              f"({summary['checkpoint_iters']} iterations), one process, every expert's rows together (as many rows per "
              "expert as a rank dispatches in training at that micro-batch), against the exact model on the same windows.",
-             "", "| tokens per micro-batch | hashes | compression rate | perplexity vs exact |", "|---|---|---|---|"]
+             "`hash`: clusters split by the next hash function (levels of coarse-to-fine LSH); `bisect` "
+             "(`--lsh-split bisect`): in two at the centroid across the widest spread, up to that many times.",
+             "", "| tokens per micro-batch | split | hashes or halvings | compression rate | perplexity vs exact |",
+             "|---|---|---|---|---|"]
     for row in summary["rows"]:
-        lines.append(f"| {row['tokens_per_micro_batch']} | {row['hashes']} | {row['rate']:.3f} | "
-                     f"{row['ppl'] / row['exact_ppl']:.4f}x |")
-    by_hashes = {}
+        lines.append(f"| {row['tokens_per_micro_batch']} | {row.get('split', 'hash')} | {row['hashes']} | "
+                     f"{row['rate']:.3f} | {row['ppl'] / row['exact_ppl']:.4f}x |")
+    by_setting = {}
     for row in summary["rows"]:
-        by_hashes.setdefault(row["hashes"], []).append(row)
+        by_setting.setdefault((row.get("split", "hash"), row["hashes"]), []).append(row)
     lines.append("")
-    for hashes, rows in sorted(by_hashes.items()):
+    for (split, hashes), rows in sorted(by_setting.items()):
         first, last = rows[0], rows[-1]
-        lines.append(f"- {hashes} hashes: rate {first['rate']:.3f} at {first['tokens_per_micro_batch']} tokens, "
+        lines.append(f"- {split} {hashes}: rate {first['rate']:.3f} at {first['tokens_per_micro_batch']} tokens, "
                      f"{last['rate']:.3f} at {last['tokens_per_micro_batch']}.")
+    for bisect in by_setting.get(("bisect", 16), []):
+        hashed = next((r for r in by_setting.get(("hash", 16), [])
+                       if r["tokens_per_micro_batch"] == bisect["tokens_per_micro_batch"]), None)
+        if hashed:
+            lines.append(f"- At {bisect['tokens_per_micro_batch']} tokens, bisection sends {bisect['rate'] / hashed['rate']:.2f}x "
+                         f"the rows of 16 hash levels at the same bound, at {bisect['ppl'] / hashed['ppl']:.4f}x their "
+                         "perplexity.")
     return lines + [""]
 
 

@@ -40,7 +40,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from quickstart_data import CORPORA, prepare_data  # run as a script from benchmarks/
 
@@ -123,6 +123,9 @@ def plan() -> List[Variant]:
                 "ablation", "a tighter bound with 16 levels, stacked"),
         Variant("bound 0.5 h16 + mxfp8", stacked(with_flags(bound, lsh_num_hashes="16", lsh_error_bound="0.5"), MXFP8_ALL),
                 "ablation", "a looser bound with 16 levels, stacked"),
+        Variant("bisect 0.3 h16 + mxfp8",
+                stacked(with_flags(bound, lsh_num_hashes="16", lsh_split="bisect"), MXFP8_ALL), "ablation",
+                "the bound with clusters cut across their widest spread (--lsh-split bisect), stacked"),
         Variant("cp6", CP6, "ablation", "fixed hashing, the paper's"),
         Variant("target 0.3", with_flags(CP6, lsh_target_compression="0.3"), "ablation",
                 "the controller holding 0.3 (the default before this study)"),
@@ -236,13 +239,25 @@ def summarize(tensorboard: Path, iters: int) -> Dict:
 # The bound on a trained model as tokens per micro-batch grow (evaluate --lsh on the stock
 # ablation run's checkpoint): hashes and micro-batch sizes.
 SCALE_MICRO_BATCHES = (8, 32, 128)
-SCALE_HASHES = (6, 10, 16)
+# (how clusters split, hashes or most halvings)
+SCALE_SPLITS = (("hash", 6), ("hash", 10), ("hash", 16), ("bisect", 16))
 SCALE_BOUND = "0.3"
 
 
-def bound_at_scale(corpus: str, work: Path, data: Dict[str, str]) -> Dict:
-    """Perplexity and compression of the error bound on the stock model, per micro-batch size
-    and number of hashes, against the exact model on the same windows."""
+def bound_at_scale_rows_missing(summary: Optional[Dict], corpus: str) -> bool:
+    if summary is None:
+        return True
+    stock = SUMMARIES / f"{corpus}-ablation-stock.json"
+    if stock.exists() and json.loads(stock.read_text())["iters"] != summary["checkpoint_iters"]:
+        return True
+    have = {(r["micro_batch"], r.get("split", "hash"), r["hashes"]) for r in summary["rows"]}
+    return any((mb, split, hashes) not in have for mb in SCALE_MICRO_BATCHES for split, hashes in SCALE_SPLITS)
+
+
+def bound_at_scale(corpus: str, work: Path, data: Dict[str, str], previous: Optional[Dict] = None) -> Dict:
+    """Perplexity and compression of the error bound on the stock model, per micro-batch size,
+    way of splitting and number of hashes (or halvings), against the exact model on the same
+    windows. Rows of ``previous`` measured on the same checkpoint are kept."""
     checkpoint = work / "runs" / f"{corpus}-ablation-stock" / "checkpoint"
     if not checkpoint.exists():
         raise RuntimeError(f"{checkpoint}: run {corpus}-ablation-stock first (--groups ablation)")
@@ -257,17 +272,26 @@ def bound_at_scale(corpus: str, work: Path, data: Dict[str, str]) -> Dict:
         return {"ppl": float(match[1]), "tokens": int(match[2].replace(",", "")),
                 "rate": float(match[3]) if match[3] else None}
 
+    checkpoint_iters = json.loads((SUMMARIES / f"{corpus}-ablation-stock.json").read_text())["iters"]
+    kept = {}
+    if previous is not None and previous["checkpoint_iters"] == checkpoint_iters:
+        kept = {(r["micro_batch"], r.get("split", "hash"), r["hashes"]): {"split": "hash", **r} for r in previous["rows"]}
     rows = []
     for micro_batch in SCALE_MICRO_BATCHES:
-        exact = evaluate(micro_batch)
-        for hashes in SCALE_HASHES:
-            bounded = evaluate(micro_batch, "--lsh", "--lsh-error-bound", SCALE_BOUND, "--lsh-num-hashes", str(hashes))
-            rows.append({"micro_batch": micro_batch, "tokens_per_micro_batch": micro_batch * 256, "hashes": hashes,
-                         "exact_ppl": exact["ppl"], "ppl": bounded["ppl"], "rate": bounded["rate"]})
-            print(f"    micro-batch {micro_batch}, {hashes} hashes: rate {bounded['rate']:.3f}, "
-                  f"perplexity {bounded['ppl'] / exact['ppl']:.4f}x exact", flush=True)
+        exact_ppl = next((r["exact_ppl"] for key, r in kept.items() if key[0] == micro_batch), None)
+        for split, hashes in SCALE_SPLITS:
+            if (micro_batch, split, hashes) in kept:
+                rows.append(kept[(micro_batch, split, hashes)])
+                continue
+            exact_ppl = exact_ppl or evaluate(micro_batch)["ppl"]
+            bounded = evaluate(micro_batch, "--lsh", "--lsh-error-bound", SCALE_BOUND, "--lsh-num-hashes", str(hashes),
+                               "--lsh-split", split)
+            rows.append({"micro_batch": micro_batch, "tokens_per_micro_batch": micro_batch * 256, "split": split,
+                         "hashes": hashes, "exact_ppl": exact_ppl, "ppl": bounded["ppl"], "rate": bounded["rate"]})
+            print(f"    micro-batch {micro_batch}, {split} {hashes}: rate {bounded['rate']:.3f}, "
+                  f"perplexity {bounded['ppl'] / exact_ppl:.4f}x exact", flush=True)
     summary = {"corpus": corpus, "group": "bound_at_scale", "bound": float(SCALE_BOUND), "rows": rows,
-               "checkpoint_iters": json.loads((SUMMARIES / f"{corpus}-ablation-stock.json").read_text())["iters"]}
+               "checkpoint_iters": checkpoint_iters}
     (SUMMARIES / f"{corpus}-bound_at_scale.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -316,9 +340,11 @@ def main() -> None:
             print(f"    final PPL {summary['final_ppl']:.2f}, bytes {summary['bytes_ratio_run']:.3f}x stock "
                   f"(last 10%: {summary['bytes_ratio_last_10pct']:.3f}x), {summary['wall_s']:.0f}s", flush=True)
             write_docs(summaries)  # the doc grows as the runs finish
-        if "bound_at_scale" in groups and not args.report_only and (args.fresh or f"{corpus}-bound_at_scale" not in summaries):
+        previous = None if args.fresh else summaries.get(f"{corpus}-bound_at_scale")
+        if "bound_at_scale" in groups and not args.report_only and bound_at_scale_rows_missing(previous, corpus):
             print(f"[{time.time() - study_start:6.0f}s] {corpus}-bound_at_scale", flush=True)
-            summaries[f"{corpus}-bound_at_scale"] = bound_at_scale(corpus, args.work, data or prepare_data(args.work, corpus))
+            summaries[f"{corpus}-bound_at_scale"] = bound_at_scale(corpus, args.work, data or prepare_data(args.work, corpus),
+                                                                   previous)
             write_docs(summaries)
     write_docs(summaries)
 

@@ -106,6 +106,10 @@ def test_a_flag_reaches_its_config_field_with_off_as_none():
                                          "use one of 'bf16', 'mxfp8'"),
     (dict(moe_combine_bwd_dtype="mxfp8", hidden_size=48, num_attention_heads=4),
      "--moe-combine-bwd-dtype mxfp8: 'mxfp8' scales blocks of 32 elements, which do not divide the hidden size 48"),
+    (dict(lsh_split="bisect"), "--lsh-split bisect halves clusters until every member is within "
+                               "--lsh-error-bound off: set --lsh-error-bound (e.g. 0.3), or use --lsh-split hash"),
+    (dict(lsh_split="bisect", lsh_error_bound=0.3, lsh_target_compression=0.3),
+     "--lsh-split bisect cannot hold --lsh-target-compression 0.3"),
     (dict(moe_dispatch_fwd_dtype="mxfp8", moe_token_dispatcher_type="allgather", lsh_enabled=False),
      "low-precision payloads are sent by the all-to-all dispatcher, but --moe-token-dispatcher-type "
      "allgather; set --moe-token-dispatcher-type alltoall"),
@@ -121,9 +125,9 @@ def test_a_run_saved_before_a_setting_existed_loads_with_what_it_ran_with():
     bf16_payloads = {name: "bf16" for name in PAYLOAD_SETTINGS}
     assert settings_before_they_existed({"lsh_error_compensation": True}) == {
         "lsh_compensation": "residual", "lsh_error_bound": None, "lsh_target_compression": None,
-        **bf16_payloads}
+        "lsh_split": "hash", **bf16_payloads}
     assert settings_before_they_existed({"lsh_compensation": "none", "lsh_error_bound": 0.3,
-                                         "lsh_target_compression": 0.3, **bf16_payloads}) == {}
+                                         "lsh_target_compression": 0.3, "lsh_split": "hash", **bf16_payloads}) == {}
 
 
 def test_evaluation_overrides_only_the_lsh_settings_given_and_off_means_no_bound():

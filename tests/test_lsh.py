@@ -8,6 +8,7 @@ import torch
 from megatron_lsh.lsh import (
     HASH_TYPES,
     adaptive_bucket_ids,
+    bisecting_bucket_ids,
     fit_expert_gains,
     relative_errors,
     CrossPolytopeHash,
@@ -451,3 +452,59 @@ def test_the_threshold_counts_say_in_which_direction_it_still_acts():
     # With a tight bound, the bound splits what a large threshold would keep: nothing left for it.
     assert counts(1e9, bound=1e-6)[0] == 0
     assert counts(None, 0.3) == (0, 0, counts(None, 0.3)[2])  # no threshold, no counts
+
+
+def bisected(tokens, groups, bound, num_groups=2, levels=16):
+    assignment = bisecting_bucket_ids(tokens, groups, bound, levels)
+    return assignment, cluster_tokens(tokens, assignment.bucket_ids, groups, num_groups, assignment.total_buckets)
+
+
+def offset_blobs(num_centres=12, per_centre=60, spread=0.15, seed=0):
+    """Blobs around centres far from the origin and from each other, nearly parallel: what a
+    layer's inputs look like, and where random hyperplanes through the origin rarely cut a blob."""
+    return centred_blobs(num_centres, per_centre, spread, seed) + 6 * gaussian(1, seed=seed + 7)
+
+
+@pytest.mark.parametrize("bound", [0.05, 0.2, 0.5])
+def test_bisection_keeps_every_member_within_the_bound_and_inside_its_group(bound):
+    tokens = torch.cat([offset_blobs(), gaussian(200, seed=9) * 2])
+    groups = torch.randint(0, 2, (tokens.size(0),), generator=torch.Generator().manual_seed(3))
+    assignment, clusters = bisected(tokens, groups, bound)
+    assert relative_errors(tokens, clusters).max().item() <= bound * (1 + 1e-5)
+    assert torch.equal(clusters.cluster_groups.index_select(0, clusters.token_to_cluster), groups)
+    assert clusters.num_clusters < tokens.size(0)
+
+
+def test_bisection_cuts_across_the_spread_so_clusters_stay_coarser_than_hash_levels_at_one_bound():
+    tokens = offset_blobs()
+    groups = torch.zeros(tokens.size(0), dtype=torch.long)
+    _, by_hashes = bounded_clusters(tokens, groups, 0.05, num_groups=1, hashes=16)
+    _, by_halves = bisected(tokens, groups, 0.05, num_groups=1)
+    assert by_halves.num_clusters < 0.8 * by_hashes.num_clusters
+    # A bound every blob meets: about one cluster per blob.
+    assert bisected(tokens, groups, 0.3, num_groups=1)[1].num_clusters <= 12 + 4
+
+
+def test_bisection_out_of_levels_sends_what_breaks_the_bound_as_itself():
+    tokens = torch.cat([offset_blobs(num_centres=2, per_centre=20), gaussian(5, seed=4) * 50])
+    groups = torch.zeros(tokens.size(0), dtype=torch.long)
+    assignment, clusters = bisected(tokens, groups, 0.3, num_groups=1, levels=0)  # no cut allowed
+    assert int(assignment.exact_rows) > 0
+    assert relative_errors(tokens, clusters).max().item() <= 0.3 * (1 + 1e-5)
+    # Identical tokens never break a bound: one cluster, whatever the levels.
+    same = gaussian(1, seed=5).repeat(30, 1)
+    assert bisected(same, torch.zeros(30, dtype=torch.long), 1e-6, num_groups=1, levels=0)[1].num_clusters == 1
+
+
+def test_hash_and_cluster_bisects_on_request_with_exact_groups_and_refuses_it_without_a_bound():
+    tokens = torch.cat([offset_blobs(num_centres=4, per_centre=30), offset_blobs(num_centres=4, per_centre=30, seed=3)])
+    groups = torch.arange(tokens.size(0)) % 2
+    family = build_hash_family("cross_polytope", DIM, 8, 4, seed=11)
+    clusters, errors, counts = hash_and_cluster(tokens, family, groups, 2, None, 0.3, torch.tensor([False, True]),
+                                                split="bisect")
+    exact_group = groups == 1
+    assert (clusters.cluster_sizes.index_select(0, clusters.token_to_cluster)[exact_group] == 1).all()
+    assert clusters.clusters_per_group[0] < (~exact_group).sum() and int(counts.exact_rows) == 0
+    assert errors.max().item() <= 0.3 * (1 + 1e-5)
+    with pytest.raises(ValueError, match="needs error_bound"):
+        hash_and_cluster(tokens, family, groups, 2, None, None, split="bisect")

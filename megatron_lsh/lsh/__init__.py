@@ -1,10 +1,13 @@
-"""LSH-MoE core: hashing, clustering and residual compensation. Pure torch, no communication."""
+"""LSH-MoE core: hashing, clustering (by hashes or by bisection) and residual compensation. Pure torch, no
+communication."""
 
 from megatron_lsh.lsh.clustering import (
     BoundedAssignment,
     ClusterCounts,
+    SPLITS,
     GroupedClusters,
     adaptive_bucket_ids,
+    bisecting_bucket_ids,
     cluster_tokens,
     expand_to_tokens,
     hash_and_cluster,
@@ -23,7 +26,9 @@ from megatron_lsh.lsh.hashing import (
 __all__ = [
     "BoundedAssignment",
     "ClusterCounts",
+    "SPLITS",
     "adaptive_bucket_ids",
+    "bisecting_bucket_ids",
     "fit_expert_gains",
     "hash_and_cluster",
     "relative_errors",

@@ -14,6 +14,7 @@ import re
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_lsh.lsh.clustering import SPLITS
 from megatron_lsh.lsh.hashing import HASH_TYPES, MAX_TOTAL_BUCKETS
 from megatron_lsh.moe.payload import PAYLOAD_FORMATS, PayloadFormatError, check_payload_format
 from megatron_lsh.moe.topology import LSH_SCOPES
@@ -140,6 +141,14 @@ class LSHTransformerConfig(TransformerConfig):
         value_type=float, off="off", evaluation_override=True, before_it_existed=None,
         flag_default=TRAINING_DEFAULT_BOUND)
 
+    lsh_split: str = setting(
+        "hash", "How a cluster that breaks lsh_error_bound splits: 'hash' by the next hash function (the "
+        "levels of coarse-to-fine LSH); 'bisect' in two at its centroid, across its widest spread (one "
+        "power-iteration step), up to lsh_num_hashes times: data-dependent cuts that keep clusters as "
+        "coarse as the bound allows (fewer rows at the same bound, docs/quality_study.md). 'bisect' needs "
+        "lsh_error_bound and no lsh_target_compression.",
+        choices=SPLITS, evaluation_override=True, before_it_existed="hash")
+
     lsh_target_compression: Optional[float] = setting(
         None, "Hold this compression rate (centroids / rows, in (0, 1]) per layer through training: a "
         "controller steers each layer's merge threshold (how much error a cluster may hold before the "
@@ -252,6 +261,17 @@ class LSHTransformerConfig(TransformerConfig):
                 f"lsh_gradient_study={self.lsh_gradient_study!r} is not supported; use one of "
                 f"{', '.join(repr(s) for s in GRADIENT_STUDIES)} or None"
             )
+        if self.lsh_split not in SPLITS:
+            raise LSHConfigError(
+                f"lsh_split={self.lsh_split!r} is not supported; use one of {', '.join(repr(s) for s in SPLITS)}")
+        if self.lsh_split == "bisect" and bound is None:
+            raise LSHConfigError(
+                "lsh_split='bisect' halves clusters until every member is within lsh_error_bound=None: set "
+                "lsh_error_bound (e.g. 0.3), or use lsh_split='hash'")
+        if self.lsh_split == "bisect" and target is not None:
+            raise LSHConfigError(
+                f"lsh_split='bisect' cannot hold lsh_target_compression={target} (the controller steers how far "
+                "hashes split): set lsh_target_compression=None, or use lsh_split='hash'")
         self._check_payload_formats()
         if not self.lsh_enabled:
             if self.lsh_gradient_study is not None:

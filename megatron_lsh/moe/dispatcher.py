@@ -295,7 +295,7 @@ class LSHAlltoAllTokenDispatcher(PayloadAlltoAllTokenDispatcher):
             exact_experts = self._exact_experts = exact_experts.to(token_rows.device)  # once
         clusters, errors, cluster_counts = hash_and_cluster(
             token_rows, family, expert_of_row, self.num_experts, self.merge_threshold,
-            self.config.lsh_error_bound, exact_experts,
+            self.config.lsh_error_bound, exact_experts, self.config.lsh_split,
         )
         # Rows LSH may merge and their centroids: what the compression rate is a rate of. Kept
         # on the device, as every count here: the host reads them when the loop logs.
