@@ -27,6 +27,7 @@ PARITY_CASES = [
     dict(num_moe_experts=4, moe_router_topk=2, params_dtype=torch.bfloat16, bf16=True),
     # The error bound's coarse-to-fine path, and expert-gain compensation, with singleton clusters.
     dict(num_moe_experts=8, moe_router_topk=2, lsh_error_bound=1e-6),
+    dict(num_moe_experts=8, moe_router_topk=2, lsh_error_bound=1e-6, lsh_split="bisect"),  # halved to singletons
     dict(num_moe_experts=8, moe_router_topk=2, lsh_compensation="expert_gain"),
     # The study mode trains on LSH's values with the exact MoE's gradients: with singletons, stock.
     dict(num_moe_experts=4, moe_router_topk=2, lsh_gradient_study="exact_gradients"),

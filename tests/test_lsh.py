@@ -506,5 +506,8 @@ def test_hash_and_cluster_bisects_on_request_with_exact_groups_and_refuses_it_wi
     assert (clusters.cluster_sizes.index_select(0, clusters.token_to_cluster)[exact_group] == 1).all()
     assert clusters.clusters_per_group[0] < (~exact_group).sum() and int(counts.exact_rows) == 0
     assert errors.max().item() <= 0.3 * (1 + 1e-5)
+    # The other group is clustered as it would be alone: skipped rows take no part.
+    everything, _, _ = hash_and_cluster(tokens, family, groups, 2, None, 0.3, split="bisect")
+    assert clusters.clusters_per_group[0] == everything.clusters_per_group[0]
     with pytest.raises(ValueError, match="needs error_bound"):
         hash_and_cluster(tokens, family, groups, 2, None, None, split="bisect")

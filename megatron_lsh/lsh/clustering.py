@@ -340,7 +340,7 @@ def adaptive_bucket_ids(
 
 @torch.no_grad()
 def bisecting_bucket_ids(tokens: torch.Tensor, group_ids: torch.Tensor, error_bound: float,
-                         max_levels: int) -> BoundedAssignment:
+                         max_levels: int, skipped_groups: Optional[torch.Tensor] = None) -> BoundedAssignment:
     """Clusters halved until every member is within ``error_bound``: data-dependent splits.
 
     Each group starts as one cluster. A cluster with a member farther from its centroid than
@@ -358,7 +358,9 @@ def bisecting_bucket_ids(tokens: torch.Tensor, group_ids: torch.Tensor, error_bo
     Each level works on the rows still undecided, gathered: the host reads how many clusters they
     form, which sizes the level's arrays, and which rows go on to the next level (two reads a level).
 
-    Args: tokens [N, hidden]; group_ids [N] (clusters never cross groups); max_levels >= 0.
+    Args: tokens [N, hidden]; group_ids [N] (clusters never cross groups); max_levels >= 0;
+    skipped_groups [num_groups] bool: groups whose rows are not clustered (their ids are left to
+    the caller: ``hash_and_cluster`` sends them as themselves).
     """
     num_tokens = tokens.size(0)
     device = tokens.device
@@ -369,10 +371,12 @@ def bisecting_bucket_ids(tokens: torch.Tensor, group_ids: torch.Tensor, error_bo
     exact_ids = (max_levels + 1) * num_tokens + torch.arange(num_tokens, device=device)
     bucket_ids = exact_ids.clone()
     rows = torch.arange(num_tokens, device=device)  # undecided rows, and below their values and clusters
-    points, row_limits_sq = values, limits_sq
-    cluster = _dense_ids(group_ids.long())
+    if skipped_groups is not None:
+        rows = (~skipped_groups.index_select(0, group_ids.long())).nonzero().squeeze(1)
+    points, row_limits_sq = values.index_select(0, rows), limits_sq.index_select(0, rows)
+    cluster = _dense_ids(group_ids.long().index_select(0, rows))
     exact = torch.zeros(num_tokens, dtype=torch.bool, device=device)
-    for level in range(max_levels + 1 if num_tokens else 0):
+    for level in range(max_levels + 1 if rows.numel() else 0):
         num_clusters = int(cluster.max()) + 1
         counts = _per_slot(torch.ones_like(row_limits_sq), cluster, num_clusters)
         centroids = _per_slot(points, cluster, num_clusters) / counts.unsqueeze(1)
@@ -461,7 +465,7 @@ def hash_and_cluster(tokens: torch.Tensor, family, group_ids: torch.Tensor, num_
         if error_bound is None or merge_threshold is not None:
             raise ValueError("split='bisect' halves clusters until they meet an error bound: it needs error_bound "
                              "and no merge_threshold")
-        assignment = bisecting_bucket_ids(tokens, group_ids, error_bound, family.num_hashes)
+        assignment = bisecting_bucket_ids(tokens, group_ids, error_bound, family.num_hashes, exact_groups)
         bucket_ids, total_buckets = assignment.bucket_ids, assignment.total_buckets
         counts = ClusterCounts(assignment.exact_rows, zero, zero)
     elif merge_threshold is None and error_bound is None:
