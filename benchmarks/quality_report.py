@@ -347,24 +347,35 @@ def _axis_forward(corpus: str, summary: Optional[Dict]) -> List[str]:
     return lines + [""]
 
 
+def _lsh_runs(runs: Dict[str, Dict]) -> List[str]:
+    """Names of the runs with LSH on: the default first, then candidates."""
+    names = [name for name, run in runs.items() if name == "default" or "--lsh" in run.get("flags", [])]
+    return sorted(names, key=lambda name: name != "default")
+
+
 def _against_the_peer(runs: Dict[str, Dict], reference: Dict, spread: Optional[tuple]) -> List[str]:
-    """The default against 8-bit payloads alone, with the default's hash-seed spread as the width of a tie."""
-    default, peer = runs.get("default"), runs.get("mxfp8")
-    if default is None or peer is None:
+    """Each LSH run against 8-bit payloads alone, with the default's hash-seed spread as the width of a tie."""
+    peer = runs.get("mxfp8")
+    if peer is None:
         return []
-    gap = 100 * (_ratio(default, reference) - _ratio(peer, reference))  # points of perplexity ratio
-    width = 100 * (spread[1] - spread[0]) if spread else 0.0
-    bytes_text = f"{default['bytes_ratio_run']:.3f}x bytes against mxfp8's {peer['bytes_ratio_run']:.3f}x"
-    if default["bytes_ratio_run"] >= peer["bytes_ratio_run"]:
-        verdict = f"no fewer bytes than mxfp8 ({gap:+.1f} points of perplexity ratio)"
-    elif gap <= 0:
-        verdict = "ahead: lower perplexity at fewer bytes"
-    elif gap <= width:
-        verdict = (f"a tie in perplexity ({gap:.1f} points behind, inside the default's hash-seed spread of "
-                   f"{width:.1f}) at fewer bytes")
-    else:
-        verdict = f"behind: {gap:.1f} points of perplexity ratio, outside the hash-seed spread of {width:.1f}"
-    return [f"- Against the peer (mxfp8 alone): the default at {bytes_text}, {verdict}."]
+    lines = []
+    for name in _lsh_runs(runs):
+        run = runs[name]
+        gap = 100 * (_ratio(run, reference) - _ratio(peer, reference))  # points of perplexity ratio
+        width = 100 * (spread[1] - spread[0]) if spread else 0.0
+        bytes_text = f"{run['bytes_ratio_run']:.3f}x bytes against mxfp8's {peer['bytes_ratio_run']:.3f}x"
+        if run["bytes_ratio_run"] >= peer["bytes_ratio_run"]:
+            verdict = f"no fewer bytes than mxfp8 ({gap:+.1f} points of perplexity ratio)"
+        elif gap <= 0:
+            verdict = "ahead: lower perplexity at fewer bytes"
+        elif gap <= width:
+            verdict = (f"a tie in perplexity ({gap:.1f} points behind, inside the default's hash-seed spread of "
+                       f"{width:.1f}) at fewer bytes")
+        else:
+            verdict = f"behind: {gap:.1f} points of perplexity ratio, outside the hash-seed spread of {width:.1f}"
+        who = "the default" if name == "default" else name
+        lines.append(f"- Against the peer (mxfp8 alone): {who} at {bytes_text}, {verdict}.")
+    return lines
 
 
 def _main_section(corpus: str, runs: Dict[str, Dict], group: str, title: str,
@@ -374,17 +385,23 @@ def _main_section(corpus: str, runs: Dict[str, Dict], group: str, title: str,
         return [f"{title}: not run yet (`python benchmarks/quality_study.py --corpus {corpus} --groups {group}`).", ""]
     lines = [f"### {title} ({reference['iters']} iterations)", ""]
     lines += _table(runs, reference, with_question=False)
+    candidates = [name for name in _lsh_runs(runs) if name != "default"]
+    if candidates:
+        lines += ["Candidates for the default beside it: " + "; ".join(
+            f"{name}, `{' '.join(runs[name]['flags'])}`" for name in candidates) + ".", ""]
     target = PPL_TARGET[corpus]
-    default = runs.get("default")
     bullets = []
-    if default is not None and group == "main":
-        ratio = _ratio(default, reference)
+    for name in _lsh_runs(runs) if group == "main" else []:
+        run = runs[name]
+        ratio = _ratio(run, reference)
         met_ppl = ratio <= target
-        met_bytes = default["bytes_ratio_run"] <= BYTES_TARGET and default["bytes_ratio_last_10pct"] <= BYTES_TARGET
-        bullets.append(f"- Target, final perplexity at most {target}x stock's: {ratio:.3f}x, **{'met' if met_ppl else 'not met'}**.")
+        met_bytes = run["bytes_ratio_run"] <= BYTES_TARGET and run["bytes_ratio_last_10pct"] <= BYTES_TARGET
+        whose = "" if name == "default" else f" ({name})"
+        bullets.append(f"- Target{whose}, final perplexity at most {target}x stock's: {ratio:.3f}x, "
+                       f"**{'met' if met_ppl else 'not met'}**.")
         if corpus == "quickstart":
-            bullets.append(f"- Target, bytes at most {BYTES_TARGET}x over the run and its last 10%: "
-                           f"{default['bytes_ratio_run']:.3f}x, {default['bytes_ratio_last_10pct']:.3f}x, "
+            bullets.append(f"- Target{whose}, bytes at most {BYTES_TARGET}x over the run and its last 10%: "
+                           f"{run['bytes_ratio_run']:.3f}x, {run['bytes_ratio_last_10pct']:.3f}x, "
                            f"**{'met' if met_bytes else 'not met'}**.")
     bullets += _against_the_peer(runs, reference, spread)
     return lines + (bullets + [""] if bullets else [])
@@ -392,7 +409,7 @@ def _main_section(corpus: str, runs: Dict[str, Dict], group: str, title: str,
 
 def _scale_findings(main: Dict[str, Dict], scale: Dict[str, Dict]) -> List[str]:
     lines = []
-    for name in ("mxfp8", "default"):
+    for name in ["mxfp8", *_lsh_runs(main)]:
         if all(name in runs and "stock" in runs for runs in (main, scale)):
             small, large = _ratio(main[name], main["stock"]), _ratio(scale[name], scale["stock"])
             lines.append(f"- {name}: {small:.3f}x stock at 2048 tokens per rank and micro-batch, {large:.3f}x at 8192 "

@@ -112,6 +112,8 @@ def plan() -> List[Variant]:
             Variant("mxfp8", ["--no-lsh", *MXFP8_ALL], group, peer=True),
             Variant("default", ["--lsh"], group),
         ]
+    # A candidate default, at the main runs' length: the default's bound with clusters bisected.
+    variants.append(Variant("bisect", ["--lsh", "--lsh-split", "bisect"], "main"))
     variants += [
         Variant("stock", ["--no-lsh"], "ablation", "reference"),
         Variant("mxfp8 dispatch", ["--no-lsh", *MXFP8_DISPATCH], "ablation",

@@ -34,3 +34,22 @@ def test_a_gap_beyond_the_seed_spread_is_behind_whatever_the_bytes():
 
 def test_no_verdict_without_both_runs():
     assert _against_the_peer({"stock": STOCK, "default": summary(100.5, 0.35)}, STOCK, SPREAD) == []
+
+
+def test_a_candidate_beside_the_default_gets_its_own_targets_and_verdict():
+    from benchmarks.quality_report import _main_section
+
+    def run(ppl, bytes_ratio, last, flags):
+        return {**summary(ppl, bytes_ratio), "bytes_ratio_last_10pct": last, "flags": flags, "iters": 1500,
+                "compression": [], "relative_error": []}
+
+    runs = {"stock": run(100.0, 1.0, 1.0, ["--no-lsh"]), "mxfp8": run(100.2, 0.518, 0.518, ["--no-lsh"]),
+            "default": run(100.8, 0.348, 0.381, ["--lsh"]),
+            "bisect": run(100.9, 0.24, 0.249, ["--lsh", "--lsh-split", "bisect"])}
+    text = "\n".join(_main_section("quickstart", runs, "main", "Main runs", SPREAD))
+    assert "Candidates for the default beside it: bisect, `--lsh --lsh-split bisect`." in text
+    assert "- Target, bytes at most 0.25x over the run and its last 10%: 0.348x, 0.381x, **not met**." in text
+    assert "- Target (bisect), bytes at most 0.25x over the run and its last 10%: 0.240x, 0.249x, **met**." in text
+    assert "- Target (bisect), final perplexity at most 1.01x stock's: 1.009x, **met**." in text
+    assert "- Against the peer (mxfp8 alone): bisect at 0.240x bytes" in text
+    assert text.index("the default at 0.348x") < text.index("bisect at 0.240x")
