@@ -404,8 +404,9 @@ def bisecting_bucket_ids(tokens: torch.Tensor, group_ids: torch.Tensor, error_bo
         broken_rows = row_broken.nonzero().squeeze(1)  # the level's second read on the host
         if broken_rows.numel() == 0:
             break
-        rows, cluster, points, row_limits_sq, deviations, distance_sq = (
-            t.index_select(0, broken_rows) for t in (rows, cluster, points, row_limits_sq, deviations, distance_sq))
+        if broken_rows.numel() < rows.numel():  # (at the first levels every cluster breaks: nothing to gather)
+            rows, cluster, points, row_limits_sq, deviations, distance_sq = (
+                t.index_select(0, broken_rows) for t in (rows, cluster, points, row_limits_sq, deviations, distance_sq))
         # The member farthest from each broken cluster's centroid (the first among ties).
         farthest_sq = torch.zeros(num_clusters, device=device).scatter_reduce_(
             0, cluster, distance_sq, reduce="amax", include_self=False)
