@@ -142,9 +142,9 @@ class BoundedAssignment:
 SPLITS = ("hash", "bisect")
 
 # Where a level gathers the clusters and rows it decides on first (their counts read on the
-# host) rather than computing all and masking the decided ones. On a CPU reading a count costs nothing and the
-# masked passes over every row cost several times the work; on a GPU it is the other way round.
-# Both give the same decisions, bit for bit.
+# host) rather than computing all and masking the decided ones. On a CPU reading a count costs
+# nothing and the masked passes over every row cost several times the work; on a GPU it is the
+# other way round. Both give the same decisions, bit for bit.
 COMPACT_ROWS_ON_CPU = True
 
 
@@ -453,11 +453,12 @@ def hash_and_cluster(tokens: torch.Tensor, family, group_ids: torch.Tensor, num_
 
     ``exact_groups`` ([num_groups] bool): groups whose tokens each form a cluster of their own
     (in the dispatcher, experts whose rows do not cross a slow link). They are hashed with the
-    rest, so that no size depends on the data, and their buckets ignored.
+    rest, so that no size depends on the data, and their buckets ignored (bisection leaves them
+    out: it reads sizes on the host anyway).
 
     Returns (GroupedClusters, [N] relative errors ||x - c|| / ||x|| (no gradient), ClusterCounts).
     The host waits for the count of clusters (``cluster_tokens``) and, on the coarse-to-fine
-    path, for the count of finest ones.
+    path, for the count of finest ones; bisection reads two numbers a level besides.
     """
     zero = torch.zeros((), dtype=torch.long, device=tokens.device)
     if split not in SPLITS:
