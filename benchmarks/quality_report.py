@@ -271,7 +271,7 @@ def _bound_at_scale(corpus: str, summary: Optional[Dict]) -> List[str]:
     if summary is None:
         return [f"The bound at scale: not measured yet (`python benchmarks/quality_study.py --corpus {corpus} "
                 "--groups bound_at_scale`).", ""]
-    lines = [f"### The error bound as tokens per micro-batch grow", "",
+    lines = ["### The error bound as tokens per micro-batch grow", "",
              f"`evaluate --lsh --lsh-error-bound {summary['bound']}` on the stock ablation run's model "
              f"({summary['checkpoint_iters']} iterations), one process, every expert's rows together (as many rows per "
              "expert as a rank dispatches in training at that micro-batch), against the exact model on the same windows.",
