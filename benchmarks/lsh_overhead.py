@@ -19,7 +19,8 @@ and print the compression rate and the bytes ratio of all four all-to-alls again
 
 Each repeat times the experts and the LSH work back to back, so the overhead's spread over
 repeats is that of ratios measured under the same load. ``--write-doc`` keeps the run's summary
-(one json per device and dtype) and regenerates docs/lsh_overhead.md from every summary kept.
+(one json per device, dtype, data and split) and regenerates docs/lsh_overhead.md from every
+summary kept.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -288,7 +290,7 @@ def main():
     print(LEGEND)
     if args.write_doc:
         SUMMARIES.mkdir(parents=True, exist_ok=True)
-        command = "python benchmarks/lsh_overhead.py " + " ".join(sys.argv[1:])
+        command = "python benchmarks/lsh_overhead.py " + shlex.join(sys.argv[1:])  # quoted: it can be pasted
         summary = {"command": command, "settings": settings, "note": args.note, "rows": rows}
         split = "" if args.lsh_split == "hash" else f"-{args.lsh_split}"
         (SUMMARIES / f"{device.type}-{args.dtype}-{args.data}{split}.json").write_text(json.dumps(summary, indent=1))
