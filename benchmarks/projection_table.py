@@ -15,20 +15,33 @@ from typing import List
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from megatron_lsh.moe.config import PAYLOAD_SETTINGS  # noqa: E402
 from megatron_lsh.projection import Cluster, ModelShape, project  # noqa: E402
 
-# Compression rates measured in this repository (rows LSH may merge, centroids per row).
-# Inputs, typed here from the docs they name (whose runs are not in the repository).
-RATES = [
-    (0.299, "the previous default (`--lsh-target-compression 0.3`, before the error bound with 8-bit payloads "
-            "became training's default; projections do not model 8-bit payloads yet): all-to-all bytes against stock over the last 10% of "
-            "its 1500-iteration main run in docs/quality_study.md (the quickstart model as it was then; the "
-            "bytes ratio of a rate r is r x 2 rows / (2 rows + a 4-byte prob), within 1% of r at hidden 128)"),
-    (0.200, "`--lsh-target-compression 0.2`: the same over the last 10% of its 400-iteration ablation in "
-            "docs/quality_study.md, which cost +8.4% perplexity there"),
-    (0.121, "cross-polytope 6 hashes, fixed hashing: compression rate of the 120-iteration runs at hidden 64 in "
-            "docs/speed_study.md as of commit c71a3eb (that study now measures training's default instead)"),
-]
+QUALITY_DATA = REPO / "docs" / "data" / "quality_study"
+MXFP8_ALL = {name: "mxfp8" for name in PAYLOAD_SETTINGS}
+# The paper's rate at matched quality for its models, with its payloads (bf16, no 8-bit).
+PAPER_RATE = 0.2
+
+
+@dataclass
+class MeasuredRate:
+    corpus: str
+    rate: float  # centroids per row, all MoE layers, over the run's last 10%
+    source: str
+
+
+def default_rate(corpus: str) -> MeasuredRate:
+    """The default's compression rate over the last 10% of its scale run (8192 tokens per rank and
+    micro-batch, the nearest of our runs to a real run's 4-16k), from the quality study's summary."""
+    path = QUALITY_DATA / f"{corpus}-scale-default.json"
+    summary = json.loads(path.read_text())
+    last = [rate for iteration, rate in summary["compression"] if iteration > 0.9 * summary["iters"]]
+    return MeasuredRate(corpus, sum(last) / len(last),
+                        f"training's default (`--lsh`: error bound 0.3, 16 levels of hashes, mxfp8 payloads) on the "
+                        f"{corpus} corpus, mean compression over the last 10% of its {summary['iters']}-iteration scale run "
+                        f"(8192 tokens per rank and micro-batch; {path.relative_to(REPO)}), which ended "
+                        f"at {summary['bytes_ratio_last_10pct']:.3f}x stock's all-to-all bytes there")
 
 
 def gpt_moe_paper_like(experts: int) -> ModelShape:
@@ -104,32 +117,41 @@ def measured_overhead() -> str:
 
 
 def main() -> None:
+    rates = [default_rate(corpus) for corpus in ("quickstart", "code")]
     lines = [
         "# Projected speedups on real clusters",
         "",
         "Regenerate with `python benchmarks/projection_table.py` (arithmetic only). Each row is",
-        "`python -m megatron_lsh.projection` for the model and cluster named, at the compression rates measured in",
-        "this repository; docs/cluster_study.md checks the same model against measured step times on an",
-        "emulated cluster. Projections, not measurements: no GPU cluster was available to this project.",
+        "`python -m megatron_lsh.projection` for the model and cluster named, against megatron-core's bf16 dispatch:",
+        "8-bit payloads alone (the low-precision peer: `--no-lsh` with mxfp8 in all four all-to-alls), and",
+        "training's default at the compression rates it reached in this repository, with its mxfp8 payloads;",
+        "docs/cluster_study.md checks the same model against measured step times on an emulated cluster.",
+        "Projections, not measurements: no GPU cluster was available to this project.",
         "",
         "Compression rates used (centroids per row LSH may merge):",
         "",
-        *(f"- {rate:.3f}: {source}" for rate, source in RATES),
+        *(f"- {r.rate:.3f}: {r.source}" for r in rates),
+        f"- {PAPER_RATE:.3f}: about what the paper reports at matched quality for its models, with bf16 payloads as "
+        "it sends them",
         "",
-        "Our rates come from small models (hidden 64 to 128) on a small corpus; the paper reports about 0.2 at",
-        "matched quality for its models. Quality at these rates is not part of a projection: docs/quality_study.md",
-        "has what each rate cost in perplexity here.",
+        "Our rates come from small models (hidden 128) on small corpora, and they rise as a model trains (its MoE",
+        "inputs cluster less); quality at these rates is not part of a projection: docs/quality_study.md has what",
+        "each setting cost in perplexity here.",
         "",
-        "| cluster | model | stock step ms | a2a share (stock) | speedup at 0.299 | 0.200 | 0.121 | 0.200, `--lsh-scope inter-node` |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| cluster | model | stock step ms | a2a share (stock) | mxfp8 alone | default at {rates[0].rate:.3f} "
+        f"({rates[0].corpus}) | default at {rates[1].rate:.3f} ({rates[1].corpus}) | default at {rates[0].rate:.3f}, "
+        f"`--lsh-scope inter-node` | {PAPER_RATE:.3f}, bf16 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     paper_shares, single_node_inter = [], None
     for setup in setups():
-        projections = [project(setup.model, setup.cluster, rate) for rate, _ in RATES]
-        inter = project(setup.model, setup.cluster, 0.2, scope="inter-node")
-        stock = projections[0].stock
+        peer = project(setup.model, setup.cluster, None, payloads=MXFP8_ALL)
+        defaults = [project(setup.model, setup.cluster, r.rate, payloads=MXFP8_ALL) for r in rates]
+        inter = project(setup.model, setup.cluster, rates[0].rate, scope="inter-node", payloads=MXFP8_ALL)
+        paper = project(setup.model, setup.cluster, PAPER_RATE)
+        stock = peer.stock
         lines.append(f"| {setup.name} | {setup.model_name} | {stock.step_s * 1e3:.0f} | {100 * stock.a2a_share:.0f}% | "
-                     + " | ".join(f"{p.speedup:.2f}x" for p in projections) + f" | {inter.speedup:.2f}x |")
+                     + " | ".join(f"{p.speedup:.2f}x" for p in (peer, *defaults, inter, paper)) + " |")
         if "paper-like" in setup.model_name:
             paper_shares.append(100 * stock.a2a_share)
         if setup.cluster.nodes == 1:
@@ -154,14 +176,18 @@ def main() -> None:
         "  nominal rate per node (one NIC, or eight on DGX-style nodes); 30 us per collective across nodes, 20 us",
         "  within one. Nominal rates flatter both stock and LSH; nccl-tests' alltoall_perf on the real cluster is",
         "  the number to give `--inter-node-gbps` (the emulated study shows how far measured and nominal can differ).",
-        f"- Paper setups: the cluster (8 x A100 per node, 100 Gbit/s between nodes) is assumed too; with it the stock",
+        "- Paper setups: the cluster (8 x A100 per node, 100 Gbit/s between nodes) is assumed too; with it the stock",
         f"  all-to-all share is {paper_low:.0f}-{paper_high:.0f}% of the step ({paper_versus} the 30-70% the paper measured).",
         "- Experts run on centroids, so part of every speedup is compute: at rate r the experts' FLOPs fall to r",
-        f"  of stock's. The 1 x 8 H200 row is that alone (one node: nothing crosses a slow link); with",
-        f"  `--lsh-scope inter-node` it is gone ({single_node_inter:.2f}x: only the hashing is left). In the fine-grained",
+        "  of stock's. The 1 x 8 H200 row is that and the 8-bit payloads on NVLink (one node: nothing crosses a slow",
+        f"  link); with `--lsh-scope inter-node` only the payloads are left ({single_node_inter:.2f}x, the hashing's cost",
+        "  included). In the fine-grained",
         f"  model the experts are {100 * fine_expert_share:.0f}% of the forward FLOPs (the projection's count: attention",
         "  and the output layer are the rest); whether a GPU keeps its efficiency on the smaller expert batches is not",
         "  modelled.",
+        "- 8-bit payloads: e4m3 elements and a scale per 32 (1.03 bytes an element against bf16's 2) in every",
+        "  direction, intra-node rows included (training encodes whoever receives them); their encoding is not",
+        "  timed for the peer (a pass over the rows, small next to the experts' GEMMs) and is part of the LSH overhead.",
         "- LSH overhead: hashing and clustering at 5% of the exact experts' time (benchmarks/lsh_overhead.py, for",
         f"  training's default with its 16 levels, bound and 8-bit quantisation at hidden 1024: {measured_overhead()};",
         "  the GPU figure is still to be measured).",

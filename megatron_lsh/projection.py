@@ -14,7 +14,9 @@ A step is modelled as compute plus the time of the communication that does not o
   * expert-parallel all-to-alls: four per MoE layer and micro-batch (dispatch and combine, forward
     and backward), routing balanced over the experts; rows to peers on the same node cross the
     intra-node links, the others the node's inter-node link, which all its GPUs share; an
-    all-to-all lasts as long as the slower of the two, plus a fixed latency per collective;
+    all-to-all lasts as long as the slower of the two, plus a fixed latency per collective. Each
+    direction's rows travel in its payload format (``--moe-dispatch-fwd-dtype`` and the other
+    three, as training takes them: 8-bit with ``--lsh`` unless given); stock sends bf16;
   * gradient all-reduce: dense parameters over all ranks, experts over their expert-data-parallel
     ranks; with ``--overlap-grad-reduce`` it hides behind the backward pass.
 Tensor and pipeline parallelism are not modelled (both 1). Pure arithmetic: no GPU, no torch.
@@ -32,6 +34,8 @@ from typing import Dict, List, Optional, Sequence, Union
 
 from megatron_lsh.checkpoint.loading import saved_run, tokenizer_model_path
 from megatron_lsh.models.architectures import gpt_moe_pattern
+from megatron_lsh.moe.config import LSH_PAYLOADS, PAYLOAD_SETTINGS, flag_named_after
+from megatron_lsh.moe.payload import MX_BLOCK, PAYLOAD_FORMATS, row_bytes
 from megatron_lsh.training.checkpointing import CheckpointError
 
 # Bytes of a routing probability megatron-core's dispatcher sends with each row (fp32).
@@ -134,6 +138,25 @@ class Cluster:
                                   f"{self.world} GPUs (--nodes x --gpus-per-node)")
 
 
+# Every direction as megatron-core sends it.
+STOCK_PAYLOADS = {name: "bf16" for name in PAYLOAD_SETTINGS}
+
+
+def check_payloads(payloads: Dict[str, str], hidden_size: int) -> Dict[str, str]:
+    """``payloads`` (a format per PAYLOAD_SETTINGS name; missing ones bf16), checked, in flag terms."""
+    unknown = set(payloads) - set(PAYLOAD_SETTINGS)
+    if unknown:
+        raise ProjectionError(f"payload formats are given for {sorted(PAYLOAD_SETTINGS)}, not {sorted(unknown)}")
+    formats = {**STOCK_PAYLOADS, **payloads}
+    for name, payload_format in formats.items():
+        if payload_format not in PAYLOAD_FORMATS:
+            raise ProjectionError(f"{flag_named_after(name)} {payload_format}: use one of {', '.join(PAYLOAD_FORMATS)}")
+        if payload_format == "mxfp8" and hidden_size % MX_BLOCK:
+            raise ProjectionError(f"{flag_named_after(name)} mxfp8 scales blocks of {MX_BLOCK} elements, which do "
+                                  f"not divide --hidden-size {hidden_size}")
+    return formats
+
+
 @dataclass
 class StepTime:
     compute_s: float
@@ -154,14 +177,17 @@ class StepTime:
 
 @dataclass
 class Projection:
+    """Stock against the projected run: LSH at ``compression`` (None: no LSH) with ``payloads``."""
+
     stock: StepTime
-    lsh: StepTime
-    compression: List[float]
+    projected: StepTime
+    compression: Optional[List[float]]
+    payloads: Dict[str, str]
     assumptions: List[str] = field(default_factory=list)
 
     @property
     def speedup(self) -> float:
-        return self.stock.step_s / self.lsh.step_s
+        return self.stock.step_s / self.projected.step_s
 
 
 def _per_layer(compression: Union[float, Sequence[float]], moe_layers: int) -> List[float]:
@@ -177,9 +203,12 @@ def _per_layer(compression: Union[float, Sequence[float]], moe_layers: int) -> L
 
 
 def step_time(model: ModelShape, cluster: Cluster, compression: Optional[List[float]] = None,
-              scope: str = "all", lsh_overhead: float = 0.05) -> StepTime:
-    """One training step on ``cluster``: stock (``compression`` None) or with LSH at the given
-    per-MoE-layer rates (centroids per row in scope)."""
+              scope: str = "all", lsh_overhead: float = 0.05,
+              payloads: Optional[Dict[str, str]] = None) -> StepTime:
+    """One training step on ``cluster``: without LSH (``compression`` None) or with LSH at the
+    given per-MoE-layer rates (centroids per row in scope); rows in ``payloads``' formats (a
+    format per PAYLOAD_SETTINGS name, default bf16: stock)."""
+    formats = check_payloads(payloads or {}, model.hidden_size)
     world, ep, per_node = cluster.world, cluster.expert_parallel, cluster.gpus_per_node
     if model.global_batch_size % (world * model.micro_batch_size):
         raise ProjectionError(f"--global-batch-size {model.global_batch_size} is not a multiple of "
@@ -203,15 +232,24 @@ def step_time(model: ModelShape, cluster: Cluster, compression: Optional[List[fl
         expert_flops += flops["experts"] * lsh_overhead
     compute_s = 3 * tokens * (flops["dense"] + expert_flops) / (cluster.gpu_tflops * 1e12)
 
-    # Rows each GPU sends per MoE layer and direction (dispatch carries probs too, stock only).
+    # Rows each GPU sends per MoE layer, over the four all-to-alls: each direction in its format
+    # (bf16 as the model computes: --fp32 sends 4 bytes), scales included; without LSH the
+    # dispatch carries a prob both ways. Rows are encoded whoever receives them, as training does.
     rows = tokens * model.topk
-    row_bytes = model.hidden_size * model.bytes_per_value
-    stock_row_bytes = 2 * row_bytes + (PROB_BYTES if compression is None else 0)  # dispatch + combine
+
+    def direction_bytes(name: str) -> float:
+        payload_format = formats[name]
+        if payload_format == "bf16":
+            return model.hidden_size * model.bytes_per_value
+        return row_bytes(payload_format, model.hidden_size)
+
+    row_bytes_all_four = sum(direction_bytes(name) for name in PAYLOAD_SETTINGS)
+    row_bytes_all_four += 2 * PROB_BYTES if compression is None else 0
     intra_bytes = inter_bytes = 0.0
     a2a_s = 0.0
     for rate, same_rate in zip(rates, same_node_rate):
-        layer_intra = 2 * rows * to_same_node * same_rate * stock_row_bytes  # forward and backward
-        layer_inter = 2 * rows * to_other_nodes * rate * stock_row_bytes * per_node if to_other_nodes else 0.0
+        layer_intra = rows * to_same_node * same_rate * row_bytes_all_four
+        layer_inter = rows * to_other_nodes * rate * row_bytes_all_four * per_node if to_other_nodes else 0.0
         intra_bytes += layer_intra
         inter_bytes += layer_inter
         a2a_s += max(layer_intra / (cluster.intra_node_gbps * 1e9 / 8),
@@ -241,9 +279,12 @@ def step_time(model: ModelShape, cluster: Cluster, compression: Optional[List[fl
     return StepTime(compute_s, a2a_s, grad_s, intra_bytes, inter_bytes, dense_inter + expert_inter)
 
 
-def project(model: ModelShape, cluster: Cluster, compression: Union[float, Sequence[float]],
-            scope: str = "all", lsh_overhead: float = 0.05) -> Projection:
-    rates = _per_layer(compression, model.num_moe_layers)
+def project(model: ModelShape, cluster: Cluster, compression: Union[None, float, Sequence[float]],
+            scope: str = "all", lsh_overhead: float = 0.05, payloads: Optional[Dict[str, str]] = None) -> Projection:
+    """Stock (megatron-core, bf16) against a run with LSH at ``compression`` (None: without LSH)
+    and its rows in ``payloads``' formats (default bf16 in every direction)."""
+    rates = None if compression is None else _per_layer(compression, model.num_moe_layers)
+    formats = check_payloads(payloads or {}, model.hidden_size)
     ep = cluster.expert_parallel
     assumptions = [
         f"{cluster.world} GPUs ({cluster.nodes} nodes x {cluster.gpus_per_node}), expert parallel {ep}, "
@@ -254,13 +295,17 @@ def project(model: ModelShape, cluster: Cluster, compression: Union[float, Seque
         "per node (shared by its GPUs), each direction; an all-to-all takes the slower of the two",
         f"{cluster.latency_us:g} us per collective, waiting for the slowest rank included (4 all-to-alls + 1 "
         f"count exchange per MoE layer and micro-batch, {COLLECTIVES_PER_STEP} more per step)",
-        f"LSH: experts run on centroids; hashing and clustering cost {100 * lsh_overhead:g}% of the exact "
-        f"experts' time; scope {scope}",
+        ("no LSH" if rates is None else
+         f"LSH: experts run on centroids; hashing, clustering and quantisation cost {100 * lsh_overhead:g}% of "
+         f"the exact experts' time; scope {scope}"),
+        "payloads: " + ", ".join(f"{flag_named_after(name)} {f}" for name, f in formats.items())
+        + ("; 8-bit encoding without LSH not timed (a pass over the rows)"
+           if rates is None and set(formats.values()) != {"bf16"} else ""),
         "gradients reduced in fp32 (2 (n-1)/n of them per GPU, 2 (N-1)/N per node link over N nodes)" + (", hidden behind the backward pass where it fits"
                                                           if cluster.overlap_grad_reduce else ", not overlapped"),
     ]
-    return Projection(step_time(model, cluster), step_time(model, cluster, rates, scope, lsh_overhead),
-                      rates, assumptions)
+    return Projection(step_time(model, cluster), step_time(model, cluster, rates, scope, lsh_overhead, formats),
+                      rates, formats, assumptions)
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -343,11 +388,16 @@ def build_parser() -> argparse.ArgumentParser:
                               "included (benchmarks/collective_bench.py measures it under load).")
     cluster.add_argument("--expert-model-parallel-size", type=int, default=None, help="Default: every GPU.")
     cluster.add_argument("--overlap-grad-reduce", action="store_true")
-    lsh = parser.add_argument_group("LSH")
-    rate = lsh.add_mutually_exclusive_group(required=True)
+    lsh = parser.add_argument_group("LSH and payloads (the run projected against megatron-core's bf16 dispatch)")
+    rate = lsh.add_mutually_exclusive_group()
     rate.add_argument("--compression", type=float, help="Centroids per row, every MoE layer.")
     rate.add_argument("--compression-from", metavar="TENSORBOARD_DIR",
                       help="Per-layer rates a run logged (mean of its second half).")
+    rate.add_argument("--no-lsh", action="store_true",
+                      help="No LSH: project the payload formats alone (e.g. the four below mxfp8).")
+    for name in PAYLOAD_SETTINGS:
+        lsh.add_argument(flag_named_after(name), choices=PAYLOAD_FORMATS, default=None,
+                         help=f"Default as training's ({LSH_PAYLOADS}); with --load, the run's.")
     lsh.add_argument("--lsh-scope", choices=("all", "inter-node"), default="all")
     lsh.add_argument("--lsh-overhead", type=float, default=0.05,
                      help="Hashing and clustering time as a share of the exact experts' time "
@@ -362,9 +412,8 @@ _MODEL_DEFAULTS = {"moe_router_topk": 2, "moe_layer_freq": 1, "micro_batch_size"
                    "swiglu": False}
 
 
-def _model_from_args(args) -> ModelShape:
-    """The flags given, then (with --load) the run's own, then the defaults."""
-    saved = model_from_checkpoint(args.load) if args.load else {}
+def _model_from_args(args, saved: Dict) -> ModelShape:
+    """The flags given, then the run's own (``saved``: with --load), then the defaults."""
     values = {}
     for name in _MODEL_FLAGS:
         given = getattr(args, name)
@@ -386,20 +435,33 @@ def _model_from_args(args) -> ModelShape:
     )
 
 
+def _payloads_from_args(args, saved: Dict, lsh_enabled: bool) -> Dict[str, str]:
+    """Each direction's format: the flag given, then the run's (with --load), then training's default."""
+    return {name: getattr(args, name) or saved.get(name) or LSH_PAYLOADS.value(lsh_enabled)
+            for name in PAYLOAD_SETTINGS}
+
+
 def report(projection: Projection) -> str:
-    stock, lsh = projection.stock, projection.lsh
+    stock, run = projection.stock, projection.projected
     rates = projection.compression
-    rate_text = f"{rates[0]:.3f}" if len(set(rates)) == 1 else f"{sum(rates) / len(rates):.3f} mean of {len(rates)} layers"
+    if rates is None:
+        label, what = "this run", "payloads alone"
+    else:
+        label = "LSH"
+        rate_text = f"{rates[0]:.3f}" if len(set(rates)) == 1 else f"{sum(rates) / len(rates):.3f} mean of {len(rates)} layers"
+        what = f"LSH at compression {rate_text}"
+    if set(projection.payloads.values()) != {"bf16"}:
+        what += " with " + "/".join(sorted(set(projection.payloads.values()))) + " payloads"
     lines = [
-        f"{'':24}{'stock':>12}{'LSH':>12}",
-        f"{'step time (ms)':24}{1e3 * stock.step_s:12.1f}{1e3 * lsh.step_s:12.1f}",
-        f"{'  compute (ms)':24}{1e3 * stock.compute_s:12.1f}{1e3 * lsh.compute_s:12.1f}",
-        f"{'  all-to-all (ms)':24}{1e3 * stock.a2a_s:12.1f}{1e3 * lsh.a2a_s:12.1f}",
-        f"{'  gradient reduce (ms)':24}{1e3 * stock.grad_reduce_s:12.1f}{1e3 * lsh.grad_reduce_s:12.1f}",
-        f"{'all-to-all share':24}{100 * stock.a2a_share:11.1f}%{100 * lsh.a2a_share:11.1f}%",
+        f"{'':24}{'stock':>12}{label:>12}",
+        f"{'step time (ms)':24}{1e3 * stock.step_s:12.1f}{1e3 * run.step_s:12.1f}",
+        f"{'  compute (ms)':24}{1e3 * stock.compute_s:12.1f}{1e3 * run.compute_s:12.1f}",
+        f"{'  all-to-all (ms)':24}{1e3 * stock.a2a_s:12.1f}{1e3 * run.a2a_s:12.1f}",
+        f"{'  gradient reduce (ms)':24}{1e3 * stock.grad_reduce_s:12.1f}{1e3 * run.grad_reduce_s:12.1f}",
+        f"{'all-to-all share':24}{100 * stock.a2a_share:11.1f}%{100 * run.a2a_share:11.1f}%",
         f"{'inter-node MB/node/step':24}{(stock.a2a_inter_bytes + stock.grad_inter_bytes) / 1e6:12.1f}"
-        f"{(lsh.a2a_inter_bytes + lsh.grad_inter_bytes) / 1e6:12.1f}",
-        f"speedup with LSH at compression {rate_text}: {projection.speedup:.2f}x",
+        f"{(run.a2a_inter_bytes + run.grad_inter_bytes) / 1e6:12.1f}",
+        f"speedup with {what}: {projection.speedup:.2f}x",
         "assumptions:",
         *(f"  - {a}" for a in projection.assumptions),
     ]
@@ -409,16 +471,24 @@ def report(projection: Projection) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        model = _model_from_args(args)
+        saved = model_from_checkpoint(args.load) if args.load else {}
+        model = _model_from_args(args, saved)
         cluster = Cluster(args.nodes, args.gpus_per_node, args.intra_node_gbps, args.inter_node_gbps,
                           args.gpu_tflops, args.latency_us, args.expert_model_parallel_size,
                           args.overlap_grad_reduce)
         if model.num_experts % cluster.expert_parallel:
             raise ProjectionError(f"--num-experts {model.num_experts} is not divisible by expert parallel "
                                   f"{cluster.expert_parallel}")
-        compression = (args.compression if args.compression is not None
-                       else compression_from_tensorboard(args.compression_from))
-        projection = project(model, cluster, compression, args.lsh_scope, args.lsh_overhead)
+        if args.compression is not None:
+            compression = args.compression
+        elif args.compression_from is not None:
+            compression = compression_from_tensorboard(args.compression_from)
+        elif args.no_lsh:
+            compression = None
+        else:
+            raise ProjectionError("give --compression, --compression-from or --no-lsh (payload formats alone)")
+        projection = project(model, cluster, compression, args.lsh_scope, args.lsh_overhead,
+                             _payloads_from_args(args, saved, lsh_enabled=compression is not None))
     except ProjectionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -45,7 +45,7 @@ def test_gpus_of_a_node_share_its_link():
 
 def test_lsh_sends_the_compressed_share_and_experts_compute_on_centroids():
     projection = project(model(), cluster(), 0.25, lsh_overhead=0.0)
-    stock, lsh = projection.stock, projection.lsh
+    stock, lsh = projection.stock, projection.projected
     prob_share = 4 / (2 * 64 * 4 + 4)  # LSH sends no probabilities
     assert lsh.a2a_inter_bytes == pytest.approx(0.25 * stock.a2a_inter_bytes * (1 - prob_share))
     assert lsh.compute_s < stock.compute_s
@@ -63,8 +63,8 @@ def test_slower_links_raise_the_all_to_all_share_and_the_speedup():
 def test_inter_node_scope_leaves_intra_node_rows_exact():
     layout = cluster(nodes=2, gpus_per_node=2)
     shape = model(global_batch_size=64)
-    every_row = project(shape, layout, 0.25, scope="all").lsh
-    inter_only = project(shape, layout, 0.25, scope="inter-node").lsh
+    every_row = project(shape, layout, 0.25, scope="all").projected
+    inter_only = project(shape, layout, 0.25, scope="inter-node").projected
     stock = step_time(shape, layout)
     assert inter_only.a2a_inter_bytes == pytest.approx(every_row.a2a_inter_bytes)
     assert inter_only.a2a_intra_bytes == pytest.approx(stock.a2a_intra_bytes * (2 * 64 * 4) / (2 * 64 * 4 + 4))
@@ -110,8 +110,9 @@ def test_command_line_values_are_the_hand_worked_ones(capsys):
     """2 nodes x 1 GPU at 1 Gbit/s, bf16, no latency: per MoE layer and step each GPU sends half
     its 16 x 128 x top-2 = 4096 rows to the other node, in four all-to-alls (dispatch and combine,
     forward and backward; the dispatch carries a 4-byte prob both ways), 2 x 2048 x (2 x 128 + 4)
-    bytes: 1.065 MB, so two layers take 2.130 MB / (1e9 / 8 B/s) = 17.04 ms. LSH at 0.25 sends a quarter of the rows and
-    no probs: 2048 x 0.25 x 512 x 2 = 0.524 MB, 4.19 ms."""
+    bytes: 1.065 MB, so two layers take 2.130 MB / (1e9 / 8 B/s) = 17.04 ms. LSH at 0.25 sends a quarter of the rows,
+    no probs, and (training's default with --lsh) 8-bit rows: 64 elements and 2 scales in each of the four
+    all-to-alls, 2048 x 0.25 x 4 x 66 x 2 layers = 0.270 MB, 2.16 ms."""
     assert main(["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "256", "--num-experts", "8",
                  "--moe-router-topk", "2", "--seq-length", "128", "--global-batch-size", "32",
                  "--micro-batch-size", "8", "--vocab-size", "1000", "--nodes", "2", "--gpus-per-node", "1",
@@ -120,7 +121,8 @@ def test_command_line_values_are_the_hand_worked_ones(capsys):
     out = capsys.readouterr().out
     stock_a2a, lsh_a2a = printed_row(out, "all-to-all (ms)")
     assert stock_a2a == pytest.approx(2 * 2 * 2048 * (2 * 128 + 4) / 1.25e8 * 1e3, abs=0.05)
-    assert lsh_a2a == pytest.approx(2 * 2048 * 0.25 * 512 / 1.25e8 * 1e3, abs=0.05)
+    hand_worked_lsh_a2a = 2 * 2048 * 0.25 * 4 * 66 / 1.25e8 * 1e3
+    assert lsh_a2a == pytest.approx(hand_worked_lsh_a2a, abs=0.05)
     steps, computes, grads = (printed_row(out, label) for label in
                               ("step time (ms)", "compute (ms)", "gradient reduce (ms)"))
     assert grads[0] == grads[1]  # LSH leaves the gradient all-reduce alone
@@ -128,12 +130,70 @@ def test_command_line_values_are_the_hand_worked_ones(capsys):
         assert steps[run] == pytest.approx(computes[run] + [stock_a2a, lsh_a2a][run] + grads[run], abs=0.15)
     shares = printed_row(out, "all-to-all share")
     assert shares[0] == pytest.approx(100 * stock_a2a / steps[0], abs=0.3)
-    assert shares[1] == pytest.approx(100 * lsh_a2a / steps[1], abs=0.3)
-    speedup = float(out.split("speedup with LSH at compression 0.250: ")[1].split("x")[0])
+    assert shares[1] == pytest.approx(100 * hand_worked_lsh_a2a / steps[1], abs=0.3)
+    speedup = float(out.split("speedup with LSH at compression 0.250 with mxfp8 payloads: ")[1].split("x")[0])
     assert speedup == pytest.approx(steps[0] / steps[1], rel=0.01)
     # Over the one link each node has: the all-to-all bytes and the dense gradients.
     link_mb = printed_row(out, "inter-node MB/node/step")
     assert link_mb[0] == pytest.approx(2 * 2 * 2048 * (2 * 128 + 4) / 1e6 + grads[0] * 1.25e8 / 1e3 / 1e6, abs=0.1)
+
+
+SMALL_RUN = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "256", "--num-experts", "8",
+             "--seq-length", "128", "--global-batch-size", "32", "--micro-batch-size", "8", "--vocab-size", "1000",
+             "--nodes", "2", "--gpus-per-node", "1", "--intra-node-gbps", "100", "--inter-node-gbps", "1",
+             "--gpu-tflops", "1", "--latency-us", "0"]
+MXFP8_ALL = [arg for name in ("dispatch-fwd", "dispatch-bwd", "combine-fwd", "combine-bwd")
+             for arg in (f"--moe-{name}-dtype", "mxfp8")]
+BF16_ALL = [arg if arg != "mxfp8" else "bf16" for arg in MXFP8_ALL]
+
+
+def test_each_direction_travels_in_its_payload_format():
+    # Per row over the four all-to-alls: 4 x 64 x 2 bytes in bf16, 4 x (64 + 64 / 32) in mxfp8.
+    bf16 = project(model(bytes_per_value=2), cluster(), 0.5)
+    mxfp8 = project(model(bytes_per_value=2), cluster(), 0.5, payloads={
+        "moe_dispatch_fwd_dtype": "mxfp8", "moe_dispatch_bwd_dtype": "mxfp8",
+        "moe_combine_fwd_dtype": "mxfp8", "moe_combine_bwd_dtype": "mxfp8"})
+    dispatch_only = project(model(bytes_per_value=2), cluster(), 0.5, payloads={
+        "moe_dispatch_fwd_dtype": "mxfp8", "moe_combine_bwd_dtype": "mxfp8"})
+    assert mxfp8.projected.a2a_inter_bytes == pytest.approx(bf16.projected.a2a_inter_bytes * 4 * 66 / (4 * 128))
+    assert dispatch_only.projected.a2a_inter_bytes == pytest.approx(
+        bf16.projected.a2a_inter_bytes * (2 * 66 + 2 * 128) / (4 * 128))
+    assert mxfp8.stock.a2a_inter_bytes == bf16.stock.a2a_inter_bytes  # stock stays megatron-core's bf16
+    assert mxfp8.speedup > dispatch_only.speedup > bf16.speedup
+
+
+def test_payloads_alone_keep_every_row_and_its_probs_and_cost_no_hashing():
+    peer = project(model(bytes_per_value=2), cluster(), None, payloads={
+        "moe_dispatch_fwd_dtype": "mxfp8", "moe_dispatch_bwd_dtype": "mxfp8",
+        "moe_combine_fwd_dtype": "mxfp8", "moe_combine_bwd_dtype": "mxfp8"})
+    assert peer.projected.a2a_inter_bytes == pytest.approx(peer.stock.a2a_inter_bytes * (4 * 66 + 2 * 4) / (4 * 128 + 2 * 4))
+    assert peer.projected.compute_s == peer.stock.compute_s
+    assert "no LSH" in " ".join(peer.assumptions)
+
+
+def test_command_line_payload_flags_lsh_default_and_payloads_alone(capsys):
+    assert main([*SMALL_RUN, "--compression", "0.25", *BF16_ALL]) == 0
+    bf16_a2a = printed_row(capsys.readouterr().out, "all-to-all (ms)")[1]
+    assert bf16_a2a == pytest.approx(2 * 2048 * 0.25 * 4 * 128 / 1.25e8 * 1e3, abs=0.05)
+    assert main([*SMALL_RUN, "--no-lsh", *MXFP8_ALL]) == 0
+    out = capsys.readouterr().out
+    stock_a2a, peer_a2a = printed_row(out, "all-to-all (ms)")
+    assert peer_a2a == pytest.approx(stock_a2a * (4 * 66 + 8) / (4 * 128 + 8), rel=0.01)
+    assert "speedup with payloads alone with mxfp8 payloads" in out
+    assert main([*SMALL_RUN, "--no-lsh"]) == 0  # training's --no-lsh: megatron-core's bf16
+    assert "speedup with payloads alone: 1.00x" in capsys.readouterr().out
+
+
+def test_command_line_payload_errors_name_the_flag(capsys):
+    assert main([*SMALL_RUN]) == 2
+    assert "--compression, --compression-from or --no-lsh" in capsys.readouterr().err
+    odd_width = [a if a != "64" else "72" for a in SMALL_RUN]
+    assert main([*odd_width, "--compression", "0.25"]) == 2  # training's default with --lsh is mxfp8
+    err = capsys.readouterr().err
+    assert "--moe-dispatch-fwd-dtype mxfp8" in err and "--hidden-size 72" in err
+    with pytest.raises(SystemExit):
+        main([*SMALL_RUN, "--compression", "0.25", "--moe-combine-fwd-dtype", "fp4"])
+    assert "--moe-combine-fwd-dtype" in capsys.readouterr().err
 
 
 def test_command_line_names_what_is_missing_or_wrong(capsys):
