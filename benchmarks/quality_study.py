@@ -69,7 +69,7 @@ MXFP8_ALL = ["--moe-dispatch-fwd-dtype", "mxfp8", "--moe-dispatch-bwd-dtype", "m
 BF16_ALL = [value if value != "mxfp8" else "bf16" for value in MXFP8_ALL]
 CP6 = ["--lsh", "--lsh-hash-type", "cross_polytope", "--lsh-num-hashes", "6", "--lsh-num-buckets", "4",
        "--lsh-compensation", "none", "--lsh-target-compression", "off", "--lsh-error-bound", "off",
-       "--lsh-redraw-interval", "0", *BF16_ALL]
+       "--lsh-redraw-interval", "0", *BF16_ALL, "--lsh-split", "hash"]
 # Megatron-LM's two: the token->expert direction of the forward and of the backward.
 MXFP8_DISPATCH = ["--moe-dispatch-fwd-dtype", "mxfp8", "--moe-combine-bwd-dtype", "mxfp8"]
 # Hash seeds of the default besides its own (1234): the run of the default's settings at 1234 is
@@ -112,8 +112,8 @@ def plan() -> List[Variant]:
             Variant("mxfp8", ["--no-lsh", *MXFP8_ALL], group, peer=True),
             Variant("default", ["--lsh"], group),
         ]
-    # A candidate default, at the main runs' length: the default's bound with clusters bisected.
-    variants.append(Variant("bisect", ["--lsh", "--lsh-split", "bisect"], "main"))
+    # A candidate default, in the main and scale runs: the default's bound with clusters bisected.
+    variants += [Variant("bisect", ["--lsh", "--lsh-split", "bisect"], group) for group in ("main", "scale")]
     variants += [
         Variant("stock", ["--no-lsh"], "ablation", "reference"),
         Variant("mxfp8 dispatch", ["--no-lsh", *MXFP8_DISPATCH], "ablation",
