@@ -248,8 +248,12 @@ def test_speedup_projection_reads_the_model_and_each_layers_rate_from_a_run(logg
          "--intra-node-gbps", "3600", "--inter-node-gbps", "100", "--gpu-tflops", "100"],
         cwd=REPO, env=environment(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(r"speedup with LSH at compression 0\.\d+ mean of 2 layers: \d+\.\d\dx", result.stdout)
+    assert re.search(r"speedup with LSH at compression 0\.\d+ mean of 2 layers with bf16/mxfp8 payloads: \d+\.\d\dx",
+                     result.stdout)
     assert "4 GPUs (2 nodes x 2), expert parallel 4" in result.stdout
+    # The run's own formats: 8 bits forward (training's default), bf16 backward (its flags).
+    assert ("payloads: --moe-dispatch-fwd-dtype mxfp8, --moe-dispatch-bwd-dtype bf16, --moe-combine-fwd-dtype mxfp8, "
+            "--moe-combine-bwd-dtype bf16") in result.stdout
 
 
 @pytest.mark.slow
