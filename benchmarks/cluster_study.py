@@ -39,6 +39,7 @@ from quickstart_data import prepare_data
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from megatron_lsh.moe.config import LSH_PAYLOADS, PAYLOAD_SETTINGS, flag_named_after  # noqa: E402
+from megatron_lsh.training.arguments import lsh_settings_of_flags  # noqa: E402
 from megatron_lsh.projection import Cluster, ModelShape, compression_from_tensorboard, project  # noqa: E402
 
 DOCS = REPO / "docs"
@@ -144,6 +145,7 @@ def train(run: Run, index: int, data: Dict[str, str], work: Path) -> None:
         wall = time.time() - start
         link, loopback = (sent("eth0") - link) / run.nodes, (sent("lo") - loopback) / run.nodes
     run.results = summarize(out / "tensorboard", run, link, loopback, wall)
+    run.results["lsh_settings"] = lsh_settings_of_flags(run.flags)  # what its flags meant when it ran
 
 
 def logged_series(tensorboard: Path):
@@ -259,6 +261,17 @@ def payload_formats(run: Run) -> Dict[str, str]:
     (8-bit with --lsh): what the projection must send, as the user would tell it."""
     return {name: run.flags[run.flags.index(flag_named_after(name)) + 1] if flag_named_after(name) in run.flags
             else LSH_PAYLOADS.value(run.kind == "lsh") for name in PAYLOAD_SETTINGS}
+
+
+def ran_as(runs: List[Run]) -> str:
+    """The LSH settings plain --lsh meant when these runs were made (a default may have changed since)."""
+    kept = [r.results.get("lsh_settings") for r in runs if r.kind == "lsh"]
+    if not kept or None in kept or any({**k, "lsh_scope": None} != {**kept[0], "lsh_scope": None} for k in kept):
+        return "settings not recorded"
+    s = kept[0]
+    split = {"hash": "hash levels", "bisect": "clusters halved across their widest spread"}[s["lsh_split"]]
+    return (f"then: error bound {s['lsh_error_bound']}, {split} (up to {s['lsh_num_hashes']}), "
+            f"{s['moe_dispatch_fwd_dtype']} payloads")
 
 
 def predict(run: Run, calibration: Dict) -> Dict:
@@ -395,7 +408,8 @@ def report(runs: List[Run], calibration: Dict, elapsed: float) -> str:
             "## Scope: compress everything, or only what crosses the slow link",
             "",
             f"{scope[0].nodes} nodes x {scope[0].procs} processes at {scope[0].rate_mbit / 1000:g} Gbit/s, "
-            f"{scope[0].iters} iterations. Both LSH runs use the default settings (`--lsh` alone) on the rows they may",
+            f"{scope[0].iters} iterations. Both LSH runs use training's default (`--lsh` alone; "
+            + ran_as(scope) + ") on the rows they may",
             "merge: with `--lsh-scope all` every row, with `--lsh-scope inter-node` only rows bound for the other node",
             "(the intra-node rows go exact). a2a MB: what the dispatcher counted per step (forward all-to-alls, all",
             "ranks), inter-node part first.",

@@ -53,7 +53,7 @@ SUMMARIES = REPO / "docs" / "data" / "lsh_overhead"
 DOC = REPO / "docs" / "lsh_overhead.md"
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden-sizes", type=int, nargs="+", default=[256, 512, 1024])
     p.add_argument("--tokens-per-rank", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
@@ -85,7 +85,10 @@ def parse_args():
                                                "(e.g. other work on the machine).")
     p.add_argument("--report-only", action="store_true",
                    help=f"Regenerate {DOC.relative_to(REPO)} from the summaries kept; measure nothing.")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.lsh_split is None:  # training's choice for these settings; a merge threshold steers like a target
+        args.lsh_split = settings["lsh_split"].metadata["flag_default"].value_for(argparse.Namespace(
+            lsh_error_bound=args.lsh_error_bound, lsh_target_compression=args.lsh_merge_threshold))
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.lsh_compensation == "expert_gain":
@@ -199,6 +202,11 @@ def measure(hidden, tokens, args, device, dtype):
     }
 
 
+def lsh_part(settings: str) -> str:
+    """The LSH and payload part of a settings line (what a run's default decides)."""
+    return settings.split(" | LSH ", 1)[-1].split(" | data ", 1)[0]
+
+
 def settings_line(args, device) -> str:
     data = (
         f"clustered ({args.prototypes} prototypes, relative noise {args.relative_noise})"
@@ -248,12 +256,15 @@ def write_doc(summaries_dir: Path = SUMMARIES, doc: Path = DOC) -> None:
         "its spread over repeats.",
     ]
     summaries = sorted(summaries_dir.glob("*.json"))
+    default = lsh_part(settings_line(parse_args([]), torch.device("cpu")))  # what plain --lsh runs
     if not summaries:
         lines += ["", "Nothing measured yet: run `python benchmarks/lsh_overhead.py --write-doc`."]
     for path in summaries:
         summary = json.loads(path.read_text())
         note = [summary["note"], ""] if summary.get("note") else []
-        lines += ["", f"## {path.stem}", "", f"`{summary['command']}`", "", summary["settings"], "", *note,
+        is_default = lsh_part(summary["settings"]) == default
+        lines += ["", f"## {path.stem}" + (" (training's default)" if is_default else ""), "",
+                  f"`{summary['command']}`", "", summary["settings"], "", *note,
                   COLUMNS, "|---" * (COLUMNS.count("|") - 1) + "|",
                   *(table_row(r) for r in summary["rows"])]
         at_1024 = [r for r in summary["rows"] if r["hidden"] == 1024]
@@ -292,8 +303,7 @@ def main():
         SUMMARIES.mkdir(parents=True, exist_ok=True)
         command = "python benchmarks/lsh_overhead.py " + shlex.join(sys.argv[1:])  # quoted: it can be pasted
         summary = {"command": command, "settings": settings, "note": args.note, "rows": rows}
-        split = "" if args.lsh_split == "hash" else f"-{args.lsh_split}"
-        (SUMMARIES / f"{device.type}-{args.dtype}-{args.data}{split}.json").write_text(json.dumps(summary, indent=1))
+        (SUMMARIES / f"{device.type}-{args.dtype}-{args.data}-{args.lsh_split}.json").write_text(json.dumps(summary, indent=1))
         write_doc()
 
 

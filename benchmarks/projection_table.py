@@ -17,9 +17,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from megatron_lsh.moe.config import PAYLOAD_SETTINGS  # noqa: E402
 from megatron_lsh.projection import Cluster, ModelShape, project  # noqa: E402
+from megatron_lsh.training.arguments import lsh_settings_of_flags  # noqa: E402
 
 QUALITY_DATA = REPO / "docs" / "data" / "quality_study"
 MXFP8_ALL = {name: "mxfp8" for name in PAYLOAD_SETTINGS}
+# How plain --lsh splits clusters.
+DEFAULT_SPLIT = lsh_settings_of_flags(["--lsh"])["lsh_split"]
 # The paper's rate at matched quality for its models, with its payloads (bf16, no 8-bit).
 PAPER_RATE = 0.2
 
@@ -38,7 +41,7 @@ def default_rate(corpus: str) -> MeasuredRate:
     summary = json.loads(path.read_text())
     last = [rate for iteration, rate in summary["compression"] if iteration > 0.9 * summary["iters"]]
     return MeasuredRate(corpus, sum(last) / len(last),
-                        f"training's default (`--lsh`: error bound 0.3, 16 levels of hashes, mxfp8 payloads) on the "
+                        f"training's default (plain `--lsh`: error bound 0.3, clusters halved up to 16 times, mxfp8 payloads) on the "
                         f"{corpus} corpus, mean compression over the last 10% of its {summary['iters']}-iteration scale run "
                         f"(8192 tokens per rank and micro-batch; {path.relative_to(REPO)}), which ended "
                         f"at {summary['bytes_ratio_last_10pct']:.3f}x stock's all-to-all bytes there")
@@ -104,10 +107,11 @@ def setups() -> List[Setup]:
 
 
 def measured_overhead() -> str:
-    """What benchmarks/lsh_overhead.py measured at hidden 1024, from the summaries it keeps."""
+    """What benchmarks/lsh_overhead.py measured at hidden 1024 for training's default split, from the
+    summaries it keeps."""
     found = []
     for data in ("clustered", "gaussian"):
-        path = REPO / "docs" / "data" / "lsh_overhead" / f"cpu-fp32-{data}.json"
+        path = REPO / "docs" / "data" / "lsh_overhead" / f"cpu-fp32-{data}-{DEFAULT_SPLIT}.json"
         if path.exists():
             rows = [r for r in json.loads(path.read_text())["rows"] if r["hidden"] == 1024]
             found += [f"{r['overhead']:.1%} at {r['tokens']} tokens per rank on {data} data" for r in rows]
@@ -189,7 +193,7 @@ def main() -> None:
         "  direction, intra-node rows included (training encodes whoever receives them); their encoding is not",
         "  timed for the peer (a pass over the rows, small next to the experts' GEMMs) and is part of the LSH overhead.",
         "- LSH overhead: hashing and clustering at 5% of the exact experts' time (benchmarks/lsh_overhead.py, for",
-        f"  training's default with its 16 levels, bound and 8-bit quantisation at hidden 1024: {measured_overhead()};",
+        f"  training's default ({DEFAULT_SPLIT} split, bound and 8-bit quantisation) at hidden 1024: {measured_overhead()};",
         "  the GPU figure is still to be measured).",
         "- Gradient all-reduce not overlapped with the backward pass (Megatron-LM's `--overlap-grad-reduce` would",
         "  hide part of it and raise every speedup a little).",

@@ -42,11 +42,9 @@ def _group(summaries: Dict[str, Dict], corpus: str, group: str) -> Dict[str, Dic
 
 def _lsh_settings_of(flags: List[str]) -> Dict:
     """The LSH and payload settings a run's flags give, with today's training defaults for the rest."""
-    from megatron_lsh.training.arguments import lsh_config_kwargs, parse_args
+    from megatron_lsh.training.arguments import lsh_settings_of_flags
 
-    required = ["--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "4", "--micro-batch-size", "8",
-                "--train-iters", "10", "--lr", "1e-3", "--num-experts", "8"]
-    return lsh_config_kwargs(parse_args("quality report", required + list(flags)))
+    return lsh_settings_of_flags(flags)
 
 
 def _runs_of_the_default(ablations: Dict[str, Dict]) -> List[str]:
@@ -125,10 +123,21 @@ def _table(runs: Dict[str, Dict], reference: Dict, with_question: bool) -> List[
     return lines + ["", "Flags: " + "; ".join(f"{name}: `{' '.join(s['flags'])}`" for name, s in runs.items()), ""]
 
 
+def _seed_group(ablations: Dict[str, Dict]) -> List[str]:
+    """The most ablations (two or more) that ran one LSH setting at different hash seeds."""
+    groups: Dict[str, List[str]] = {}
+    for name, s in ablations.items():
+        settings = _lsh_settings_of(s["flags"])
+        if settings["lsh_enabled"]:
+            groups.setdefault(repr(sorted((k, v) for k, v in settings.items() if k != "lsh_seed")), []).append(name)
+    largest = max(groups.values(), key=len, default=[])
+    return largest if len(largest) >= 2 else []
+
+
 def _seed_spread(ablations: Dict[str, Dict], reference: Dict) -> Optional[tuple]:
-    """Lowest and highest perplexity ratio of the runs of today's default (hash seeds apart)."""
-    ratios = [_ratio(ablations[name], reference) for name in _runs_of_the_default(ablations)]
-    return (min(ratios), max(ratios), len(ratios)) if len(ratios) >= 2 else None
+    """Lowest and highest perplexity ratio of one setting at different hash seeds, and how many."""
+    ratios = [_ratio(ablations[name], reference) for name in _seed_group(ablations)]
+    return (min(ratios), max(ratios), len(ratios)) if ratios else None
 
 
 def _ablation_section(corpus: str, ablations: Dict[str, Dict]) -> List[str]:
@@ -145,8 +154,9 @@ def _ablation_section(corpus: str, ablations: Dict[str, Dict]) -> List[str]:
     spread = _seed_spread(ablations, reference)
     if spread:
         low, high, count = spread
-        lines += [f"The default at {count} hash seeds (`--lsh-seed`) ends between {low:.3f}x and {high:.3f}x stock: "
-                  f"differences within {100 * (high - low):.1f} points of perplexity ratio are ties here.", ""]
+        lines += [f"One setting at {count} hash seeds (`--lsh-seed`: {', '.join(_seed_group(ablations))}) ends between "
+                  f"{low:.3f}x and {high:.3f}x stock: differences within {100 * (high - low):.1f} points of perplexity "
+                  "ratio are ties here.", ""]
     return lines
 
 
@@ -214,7 +224,7 @@ def _gradient_section(corpus: str, ablations: Dict[str, Dict], runs: Dict[str, D
     spread = _seed_spread(ablations, stock)
     if spread:
         low, high, count = spread
-        lines += ["", f"For scale: the default at {count} hash seeds spans {100 * (high - low):.1f} points of perplexity "
+        lines += ["", f"For scale: one setting at {count} hash seeds spans {100 * (high - low):.1f} points of perplexity "
                   f"ratio on this corpus, against cp6's gap of {100 * (_ratio(cp6, stock) - 1):.1f}; a run within that "
                   "spread of cp6 is a tie."]
     return lines + ["", "Flags: " + "; ".join(f"{name}: `{' '.join(s['flags'])}`" for name, s in runs.items()), ""]
@@ -354,7 +364,7 @@ def _lsh_runs(runs: Dict[str, Dict]) -> List[str]:
 
 
 def _against_the_peer(runs: Dict[str, Dict], reference: Dict, spread: Optional[tuple]) -> List[str]:
-    """Each LSH run against 8-bit payloads alone, with the default's hash-seed spread as the width of a tie."""
+    """Each LSH run against 8-bit payloads alone, with the hash-seed spread as the width of a tie."""
     peer = runs.get("mxfp8")
     if peer is None:
         return []
@@ -369,7 +379,7 @@ def _against_the_peer(runs: Dict[str, Dict], reference: Dict, spread: Optional[t
         elif gap <= 0:
             verdict = "ahead: lower perplexity at fewer bytes"
         elif gap <= width:
-            verdict = (f"a tie in perplexity ({gap:.1f} points behind, inside the default's hash-seed spread of "
+            verdict = (f"a tie in perplexity ({gap:.1f} points behind, inside the hash-seed spread of "
                        f"{width:.1f}) at fewer bytes")
         else:
             verdict = f"behind: {gap:.1f} points of perplexity ratio, outside the hash-seed spread of {width:.1f}"
@@ -387,7 +397,7 @@ def _main_section(corpus: str, runs: Dict[str, Dict], group: str, title: str,
     lines += _table(runs, reference, with_question=False)
     candidates = [name for name in _lsh_runs(runs) if name != "default"]
     if candidates:
-        lines += ["Candidates for the default beside it: " + "; ".join(
+        lines += ["Other LSH settings beside the default: " + "; ".join(
             f"{name}, `{' '.join(runs[name]['flags'])}`" for name in candidates) + ".", ""]
     target = PPL_TARGET[corpus]
     bullets = []

@@ -13,9 +13,10 @@ Python code (the standard library of the Python that runs the study), tokenised 
 model of its own. Groups of runs:
 
 * ``ablation``: --ablation-iters (at least 600): stock, 8-bit payloads alone, LSH alone, LSH stacked
-  with 8-bit payloads, the default at two more --lsh-seed values (the spread that makes a
-  difference a tie);
-* ``main``: --iters (at least 1500): stock, 8-bit payloads alone, the default;
+  with 8-bit payloads, the hash levels at two more --lsh-seed values (the spread that makes a
+  difference a tie; the default, bisection, draws nothing at random);
+* ``main``: --iters (at least 1500): stock, 8-bit payloads alone, the default, and the hash levels
+  (the default before bisection) beside it;
 * ``scale``: the main runs' tokens in steps four times larger (micro-batches of 8192 tokens per
   rank), so the doc shows how the gap moves with tokens per rank;
 * ``gradient``: --ablation-iters, fixed cp6 with the study modes that split cp6's gap into its
@@ -45,6 +46,9 @@ from typing import Dict, List, Optional
 from quickstart_data import CORPORA, prepare_data  # run as a script from benchmarks/
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from megatron_lsh.training.arguments import lsh_settings_of_flags  # noqa: E402
+
 DOCS = REPO / "docs"
 # Each run's summary, committed beside the doc so that --report-only works from a fresh clone.
 SUMMARIES = DOCS / "data" / "quality_study"
@@ -72,9 +76,8 @@ CP6 = ["--lsh", "--lsh-hash-type", "cross_polytope", "--lsh-num-hashes", "6", "-
        "--lsh-redraw-interval", "0", *BF16_ALL, "--lsh-split", "hash"]
 # Megatron-LM's two: the token->expert direction of the forward and of the backward.
 MXFP8_DISPATCH = ["--moe-dispatch-fwd-dtype", "mxfp8", "--moe-combine-bwd-dtype", "mxfp8"]
-# Hash seeds of the default besides its own (1234): the run of the default's settings at 1234 is
-# among the ablations already.
-DEFAULT_SEEDS = ("42", "7")
+# Hash seeds besides the default one (1234), for the spread that makes a difference a tie.
+HASH_SEEDS = ("42", "7")
 
 
 @dataclass
@@ -84,6 +87,10 @@ class Variant:
     group: str  # 'main', 'scale', 'ablation' or 'gradient'
     question: str = ""
     peer: bool = False  # 8-bit payloads without LSH: the low-precision peer
+
+    def lsh_settings(self) -> dict:
+        """What its flags run today, with training's defaults for the rest."""
+        return lsh_settings_of_flags(self.flags)
 
 
 def stacked(base: List[str], payloads: List[str]) -> List[str]:
@@ -112,8 +119,8 @@ def plan() -> List[Variant]:
             Variant("mxfp8", ["--no-lsh", *MXFP8_ALL], group, peer=True),
             Variant("default", ["--lsh"], group),
         ]
-    # A candidate default, in the main and scale runs: the default's bound with clusters bisected.
-    variants += [Variant("bisect", ["--lsh", "--lsh-split", "bisect"], group) for group in ("main", "scale")]
+    # The default before bisection, in the main and scale runs: the same bound over 16 hash levels.
+    variants += [Variant("hash", ["--lsh", "--lsh-split", "hash"], group) for group in ("main", "scale")]
     variants += [
         Variant("stock", ["--no-lsh"], "ablation", "reference"),
         Variant("mxfp8 dispatch", ["--no-lsh", *MXFP8_DISPATCH], "ablation",
@@ -138,8 +145,10 @@ def plan() -> List[Variant]:
         Variant("cp6 + mxfp8", stacked(CP6, MXFP8_ALL), "ablation", "fixed hashing, stacked"),
         Variant("bound 0.3 + mxfp8", stacked(bound, MXFP8_ALL), "ablation", "the error bound, stacked"),
     ]
-    variants += [Variant(f"default seed {seed}", ["--lsh", "--lsh-seed", seed], "ablation",
-                         "the default at another hash seed") for seed in DEFAULT_SEEDS]
+    # Bisection draws nothing at random: the tie width comes from the hash levels at three seeds
+    # (1234 is "bound 0.3 h16 + mxfp8").
+    variants += [Variant(f"hash seed {seed}", ["--lsh", "--lsh-split", "hash", "--lsh-seed", seed], "ablation",
+                         "the hash levels at another hash seed") for seed in HASH_SEEDS]
     # Merged tokens' gradients (against the ablations' stock and cp6): where cp6's gap comes from.
     # The backward rules measured beside them (share, straight_through, rotation) lost to the mean
     # and were removed; their summaries stay in docs/data.
@@ -191,7 +200,8 @@ def execute(corpus: str, variant: Variant, iters: int, data: Dict[str, str], wor
         tail = (out / "train.log").read_text()[-3000:]
         raise RuntimeError(f"run {key!r} failed:\n{tail}")
     summary = summarize(out / "tensorboard", iters)
-    summary.update(name=variant.name, corpus=corpus, group=variant.group, flags=variant.flags, iters=iters,
+    summary.update(name=variant.name, corpus=corpus, group=variant.group, flags=variant.flags,
+                   lsh_settings=variant.lsh_settings(), iters=iters,
                    question=variant.question, peer=variant.peer, wall_s=time.time() - start,
                    warnings=[line.strip() for line in (out / "train.log").read_text().splitlines()
                              if "cannot reach its target" in line])
@@ -331,12 +341,17 @@ def main() -> None:
         for index, variant in enumerate(plan()):
             key, iters = run_key(corpus, variant), run_length(variant, args)
             previous = summaries.get(key)
-            reusable = previous is not None and previous["flags"] == variant.flags and previous["iters"] == iters
+            # Same flags, same length, and (where the summary kept them) the same settings: a flag
+            # like plain --lsh means another run once a training default changes.
+            reusable = (previous is not None and previous["flags"] == variant.flags and previous["iters"] == iters
+                        and previous.get("lsh_settings", variant.lsh_settings()) == variant.lsh_settings())
             chosen = (variant.group in groups) and (not wanted or key in wanted)
             if args.report_only or not chosen or (reusable and not args.fresh):
                 events = args.work / "runs" / key / "tensorboard"
                 if previous is not None and events.exists():  # a newer summary may take more from them
-                    previous.update(summarize(events, previous["iters"]))
+                    again = summarize(events, previous["iters"])
+                    if again["final_ppl"] == previous["final_ppl"]:  # else the events are another run's
+                        previous.update(again)
                 continue
             data = data or prepare_data(args.work, corpus)
             print(f"[{time.time() - study_start:6.0f}s] {key}: {iters} iterations", flush=True)

@@ -39,6 +39,8 @@ from emulated_cluster import ClusterUnavailable, EmulatedCluster  # run as a scr
 from quickstart_data import prepare_data
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from megatron_lsh.training.arguments import lsh_settings_of_flags  # noqa: E402
 DOCS = REPO / "docs"
 # The last study's results, committed beside the doc so that --report-only works from a fresh clone.
 RESULTS = DOCS / "data" / "speed_study.json"
@@ -70,7 +72,7 @@ SETTINGS: Dict[str, List[str]] = {
 DESCRIPTIONS = {
     "stock": "megatron-core's dispatch, bf16 payloads (`--no-lsh`)",
     "mxfp8": "the low-precision peer: mxfp8 payloads in all four all-to-alls, no LSH",
-    "default": "training's default, plain `--lsh` (error bound 0.3, 16 levels of hashes, mxfp8 payloads)",
+    "default": "training's default, plain `--lsh` (error bound 0.3, clusters halved across their widest spread up to 16 times, mxfp8 payloads)",
 }
 
 
@@ -91,10 +93,14 @@ class Run:
         return [*MODEL_FLAGS, "--train-iters", str(self.iters), "--lr-decay-iters", str(self.schedule_iters),
                 *SETTINGS[self.setting]]
 
+    def lsh_settings(self) -> Dict:
+        """What its flags run today: the same flags mean another run once a default changes."""
+        return lsh_settings_of_flags(SETTINGS[self.setting])
+
     def to_json(self) -> Dict:
         return {"setting": self.setting, "rate_mbit": self.rate_mbit, "repeat": self.repeat, "iters": self.iters,
                 "schedule_iters": self.schedule_iters, "flags": SETTINGS[self.setting],
-                "command_flags": self.flags(), "results": self.results}
+                "command_flags": self.flags(), "lsh_settings": self.lsh_settings(), "results": self.results}
 
 
 def plan(schedule_iters: int, repeats: int, slow_repeats: int) -> List[Run]:
@@ -108,7 +114,7 @@ def plan(schedule_iters: int, repeats: int, slow_repeats: int) -> List[Run]:
     return runs
 
 
-def execute(run: Run, index: int, data: Dict[str, str], work: Path) -> None:
+def execute(run: Run, index: int, data: Dict[str, str], work: Path, invocation: str) -> None:
     out = work / "runs" / run.key
     # A fresh directory: a previous study's checkpoint would be resumed and its events read again.
     shutil.rmtree(out, ignore_errors=True)
@@ -142,18 +148,38 @@ def execute(run: Run, index: int, data: Dict[str, str], work: Path) -> None:
         tail = (out / "node0.log").read_text()[-3000:]
         raise RuntimeError(f"run {run.key} failed:\n{tail}")
     run.results = summarize(out / "tensorboard", run, wire, wall)
+    run.results["invocation"] = invocation
     (out / "results.json").write_text(json.dumps(run.to_json(), indent=1))
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # 10s of MB each; the study needs only the events
 
 
+def invocations_note(runs: List[Run]) -> str:
+    """Which settings' runs an earlier invocation measured, when not all were measured together
+    (then they were not interleaved with the others)."""
+    started = {run.setting: run.results.get("invocation", "an earlier invocation") for run in runs if run.results}
+    if len(set(started.values())) <= 1:
+        return ""
+    by_start: Dict[str, List[str]] = {}
+    for setting, start in started.items():
+        by_start.setdefault(start, []).append(setting)
+    return (" Measured in separate invocations, one after the other on the same machine: "
+            + "; ".join(f"{', '.join(settings)} ({start})" for start, settings in by_start.items())
+            + "; a run is taken from an earlier invocation only when it trained with the same flags and LSH "
+              "settings.")
+
+
 def reuse(run: Run, work: Path) -> bool:
     """Take a finished run's results from an earlier invocation when it trained with the same flags
-    (model, lengths and setting alike)."""
+    (model, lengths and setting alike) and they meant the same LSH settings as today. Results saved
+    before the settings were kept are taken only for runs without LSH, which no LSH default changes."""
     saved = work / "runs" / run.key / "results.json"
     if not saved.exists():
         return False
     previous = json.loads(saved.read_text())
     if previous.get("command_flags") != run.flags() or not previous.get("results"):
+        return False
+    settings = run.lsh_settings()
+    if previous.get("lsh_settings", None if settings["lsh_enabled"] else settings) != settings:
         return False
     run.results = previous["results"]
     return True
@@ -282,7 +308,7 @@ def report(runs: List[Run], elapsed: float) -> str:
         "",
         "Repeats: " + ", ".join(f"{repeats[rate]} at {LINKS[rate]}" for rate in rates) + " per setting, interleaved;"
         " times are medians with min-max in brackets. Perplexities repeat exactly between repeats (same seed and"
-        " data order, deterministic on CPU); times do not, since the machine is shared.",
+        " data order, deterministic on CPU); times do not, since the machine is shared." + invocations_note(runs),
         "",
         "a2a bytes: all four all-to-alls (dispatch and combine, forward and backward) against megatron-core's",
         "dispatch of the same rows in bf16, as a GPU run would send them. wire MB/iter: every byte the kernel",
@@ -405,6 +431,7 @@ def main() -> None:
     print(f"speed study: {len(runs)} runs on 2 emulated nodes (stock {args.iters} iterations, the others "
           f"{max(run.iters for run in runs)})", flush=True)
     start, measuring = time.time(), 0.0
+    invocation = "the invocation of " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(start))
     try:
         data = prepare_data(args.work)
         for index, run in enumerate(runs):
@@ -413,7 +440,7 @@ def main() -> None:
                 measuring += run.results["wall_s"]
                 continue
             t = time.time()
-            execute(run, index, data, args.work)
+            execute(run, index, data, args.work, invocation)
             measuring += run.results["wall_s"]
             r = run.results
             print(f"  [{index + 1}/{len(runs)}] {run.key}: {r['step_ms']:.0f} ms/step, a2a {100 * r['a2a_share']:.0f}%, "

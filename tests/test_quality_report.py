@@ -1,5 +1,5 @@
 """The quality study's verdict on the default against the low-precision peer: a difference inside the
-default's hash-seed spread is a tie, and only fewer bytes make a tie worth having."""
+hash-seed spread is a tie, and only fewer bytes make a tie worth having."""
 
 from benchmarks.quality_report import _against_the_peer
 
@@ -9,7 +9,7 @@ def summary(ppl, bytes_ratio):
 
 
 STOCK = summary(100.0, 1.0)
-SPREAD = (1.006, 1.014, 3)  # the default at three hash seeds: 0.8 points apart
+SPREAD = (1.006, 1.014, 3)  # one setting at three hash seeds: 0.8 points apart
 
 
 def verdict(default_ppl, default_bytes, peer_ppl=100.2, peer_bytes=0.518):
@@ -24,7 +24,7 @@ def test_lower_perplexity_at_fewer_bytes_is_ahead():
 
 def test_a_gap_inside_the_seed_spread_at_fewer_bytes_is_a_tie():
     line = verdict(100.8, 0.35)
-    assert "a tie in perplexity (0.6 points behind, inside the default's hash-seed spread of 0.8)" in line
+    assert "a tie in perplexity (0.6 points behind, inside the hash-seed spread of 0.8)" in line
 
 
 def test_a_gap_beyond_the_seed_spread_is_behind_whatever_the_bytes():
@@ -47,7 +47,7 @@ def test_a_candidate_beside_the_default_gets_its_own_targets_and_verdict():
             "default": run(100.8, 0.348, 0.381, ["--lsh"]),
             "bisect": run(100.9, 0.24, 0.249, ["--lsh", "--lsh-split", "bisect"])}
     text = "\n".join(_main_section("quickstart", runs, "main", "Main runs", SPREAD))
-    assert "Candidates for the default beside it: bisect, `--lsh --lsh-split bisect`." in text
+    assert "Other LSH settings beside the default: bisect, `--lsh --lsh-split bisect`." in text
     assert "- Target, bytes at most 0.25x over the run and its last 10%: 0.348x, 0.381x, **not met**." in text
     assert "- Target (bisect), bytes at most 0.25x over the run and its last 10%: 0.240x, 0.249x, **met**." in text
     assert "- Target (bisect), final perplexity at most 1.01x stock's: 1.009x, **met**." in text

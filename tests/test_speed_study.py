@@ -73,3 +73,34 @@ def test_a_finished_run_is_reused_only_when_it_trained_with_the_same_flags(tmp_p
     assert speed_study.reuse(same, tmp_path) and same.results == {"final_ppl": 150.0}
     longer = plan(400, repeats=1, slow_repeats=0)[0]
     assert not speed_study.reuse(longer, tmp_path) and longer.results == {}
+
+
+def test_a_run_whose_flags_now_mean_other_lsh_settings_is_run_again(tmp_path):
+    """Plain --lsh is the same flag before and after a default changes; the settings it resolved to
+    are what a result is reused by. Results kept before the settings were are reused only without LSH."""
+    stock, _, default = plan(300, repeats=1, slow_repeats=0)[:3]
+    for run_ in (stock, default):
+        run_.results = {"final_ppl": 150.0}
+        saved = run_.to_json()
+        del saved["lsh_settings"]  # as an older invocation kept them
+        (tmp_path / "runs" / run_.key).mkdir(parents=True)
+        (tmp_path / "runs" / run_.key / "results.json").write_text(json.dumps(saved))
+    again_stock, _, again_default = plan(300, repeats=1, slow_repeats=0)[:3]
+    assert speed_study.reuse(again_stock, tmp_path)
+    assert not speed_study.reuse(again_default, tmp_path)
+    changed = default.to_json()
+    changed["lsh_settings"] = {**changed["lsh_settings"], "lsh_split": "hash"}  # what --lsh ran before bisection
+    (tmp_path / "runs" / default.key / "results.json").write_text(json.dumps(changed))
+    assert not speed_study.reuse(again_default, tmp_path)
+    (tmp_path / "runs" / default.key / "results.json").write_text(json.dumps(default.to_json()))
+    assert speed_study.reuse(again_default, tmp_path)
+
+
+def test_the_doc_says_which_settings_an_earlier_invocation_measured():
+    together = [run("stock", [(0, 1.0)]), run("default", [(0, 1.0)])]
+    for r in together:
+        r.results["invocation"] = "the invocation of 2026-12-02 21:10 UTC"
+    assert speed_study.invocations_note(together) == ""
+    del together[0].results["invocation"]  # kept from before invocations were recorded
+    note = speed_study.invocations_note(together)
+    assert "stock (an earlier invocation); default (the invocation of 2026-12-02 21:10 UTC)" in note

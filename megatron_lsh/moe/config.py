@@ -7,10 +7,11 @@ these fields (``added_settings``). Adding a setting is a field and its check.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, Field, dataclass, field, fields
-from typing import Any, Dict, List, Optional, Tuple
+import abc
 import math
 import re
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any, Dict, List, Optional, Tuple
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -38,9 +39,9 @@ COMPENSATIONS = ("none", "residual", "expert_gain")
 GRADIENT_STUDIES = ("exact_gradients", "exact_values", "lsh_input_gradients", "lsh_expert_gradients")
 
 # What training runs with plain --lsh (the config's own defaults are the paper's fixed hashing):
-# every token within the bound of its centroid, as few centroids as that allows found over 16
-# levels of hashes, sent as 8-bit payloads; --no-lsh keeps megatron-core's bf16 dispatch.
-# docs/quality_study.md measures why.
+# every token within the bound of its centroid, as few centroids as that allows, found by halving
+# clusters across their widest spread up to 16 times, sent as 8-bit payloads; --no-lsh keeps
+# megatron-core's bf16 dispatch. docs/quality_study.md measures why.
 TRAINING_DEFAULT_BOUND = 0.3
 TRAINING_DEFAULT_HASHES = 16
 
@@ -48,8 +49,17 @@ TRAINING_DEFAULT_HASHES = 16
 LSH_DISPATCHER_TYPES = ("alltoall",)
 
 
+class DerivedFlagDefault(abc.ABC):
+    """A training flag's default that depends on other settings of the run, chosen once they are
+    parsed (``value_for``: the parsed arguments, or any object with the settings as attributes)."""
+
+    @abc.abstractmethod
+    def value_for(self, settings) -> Any:
+        """The default for a run with these settings."""
+
+
 @dataclass(frozen=True)
-class WithAndWithoutLSH:
+class WithAndWithoutLSH(DerivedFlagDefault):
     """A training flag's default that depends on --lsh/--no-lsh (the LSH default's payloads are
     8-bit; stock dispatch stays megatron-core's)."""
 
@@ -61,6 +71,21 @@ class WithAndWithoutLSH:
 
     def value(self, lsh_enabled: bool) -> Any:
         return self.with_lsh if lsh_enabled else self.without_lsh
+
+    def value_for(self, settings) -> Any:
+        return self.value(settings.lsh_enabled)
+
+
+@dataclass(frozen=True)
+class SplitWhereItApplies(DerivedFlagDefault):
+    """--lsh-split's default: bisection wherever it can serve (an error bound and no target: the
+    controller steers how far hashes split), the hash levels otherwise."""
+
+    def __str__(self) -> str:
+        return "bisect with an error bound and no target, hash otherwise"
+
+    def value_for(self, settings) -> str:
+        return "bisect" if settings.lsh_error_bound is not None and settings.lsh_target_compression is None else "hash"
 
 
 LSH_PAYLOADS = WithAndWithoutLSH("mxfp8", "bf16")
@@ -75,8 +100,8 @@ def setting(default, doc: str, *, value_type: Optional[type] = None, choices: Op
     value_type: int, float, str or bool (default: the type of ``default``).
     flag: the flag's name; "" derives it (``lsh_num_hashes`` -> ``--lsh-num-hashes``), None: no flag.
     off: the word the flag takes for None ('off'), for settings that None switches off.
-    flag_default: the flag's default where it differs from the config's (a WithAndWithoutLSH:
-        one for each of --lsh and --no-lsh).
+    flag_default: the flag's default where it differs from the config's (a DerivedFlagDefault:
+        one chosen from the run's other settings, e.g. for each of --lsh and --no-lsh).
     evaluation_override: ``checkpoint.evaluate`` may replace the run's value with ``--lsh``.
     before_it_existed: what a checkpoint saved before the setting existed ran with: a value, or
         a callable of the saved arguments.
@@ -147,7 +172,7 @@ class LSHTransformerConfig(TransformerConfig):
         "power-iteration step), up to lsh_num_hashes times: data-dependent cuts that keep clusters as "
         "coarse as the bound allows (fewer rows at the same bound, docs/quality_study.md). 'bisect' needs "
         "lsh_error_bound and no lsh_target_compression.",
-        choices=SPLITS, evaluation_override=True, before_it_existed="hash")
+        choices=SPLITS, evaluation_override=True, before_it_existed="hash", flag_default=SplitWhereItApplies())
 
     lsh_target_compression: Optional[float] = setting(
         None, "Hold this compression rate (centroids / rows, in (0, 1]) per layer through training: a "

@@ -12,7 +12,7 @@ from dataclasses import MISSING
 
 from megatron_lsh.models.architectures import ARCHITECTURES, ArchitectureFlagError, apply_architecture
 from megatron_lsh.data.tokenizer import TOKENIZER_TYPES
-from megatron_lsh.moe.config import WithAndWithoutLSH, added_settings, flag_of
+from megatron_lsh.moe.config import DerivedFlagDefault, added_settings, flag_of
 
 
 class ArgumentError(ValueError):
@@ -56,8 +56,8 @@ def add_setting_flag(group, config_field, default=MISSING, help_suffix: str = ""
     shown = meta["off"] if default is None and meta["off"] else default
     if default is not argparse.SUPPRESS and (default is not None or meta["off"]):
         text += f" Default: {shown}."
-    if isinstance(default, WithAndWithoutLSH):
-        default = None  # chosen once --lsh/--no-lsh is known (set_defaults)
+    if isinstance(default, DerivedFlagDefault):
+        default = None  # chosen once the settings it depends on are known (set_defaults)
     group.add_argument(flag, dest=config_field.name, type=value_type, choices=meta["choices"], default=default,
                        help=text)
 
@@ -297,11 +297,26 @@ def parse_args(description: str, argv=None, extra_args=None) -> argparse.Namespa
     return args
 
 
-def set_defaults(args) -> None:
+def set_lsh_defaults(args) -> None:
+    """The LSH settings whose default depends on the others (DerivedFlagDefault), once parsed."""
     for config_field in added_settings():
         default = config_field.metadata["flag_default"]
-        if isinstance(default, WithAndWithoutLSH) and getattr(args, config_field.name, MISSING) is None:
-            setattr(args, config_field.name, default.value(args.lsh_enabled))
+        if isinstance(default, DerivedFlagDefault) and getattr(args, config_field.name, MISSING) is None:
+            setattr(args, config_field.name, default.value_for(args))
+
+
+def lsh_settings_of_flags(flags) -> dict:
+    """The LSH and payload settings a training command line gives (its other flags ignored), with
+    today's defaults for the rest: what a run with these flags would run now."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    add_lsh_args(parser)
+    args, _ = parser.parse_known_args(list(flags))
+    set_lsh_defaults(args)
+    return lsh_config_kwargs(args)
+
+
+def set_defaults(args) -> None:
+    set_lsh_defaults(args)
     args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
     args.moe_ffn_hidden_size = args.moe_ffn_hidden_size or args.ffn_hidden_size
     args.lr_decay_iters = args.lr_decay_iters or args.train_iters
