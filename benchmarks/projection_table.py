@@ -21,8 +21,13 @@ from megatron_lsh.training.arguments import lsh_settings_of_flags  # noqa: E402
 
 QUALITY_DATA = REPO / "docs" / "data" / "quality_study"
 MXFP8_ALL = {name: "mxfp8" for name in PAYLOAD_SETTINGS}
-# How plain --lsh splits clusters.
-DEFAULT_SPLIT = lsh_settings_of_flags(["--lsh"])["lsh_split"]
+# What plain --lsh runs, in words.
+DEFAULT = lsh_settings_of_flags(["--lsh"])
+DEFAULT_SPLIT = DEFAULT["lsh_split"]
+DEFAULT_IN_WORDS = (f"error bound {DEFAULT['lsh_error_bound']}, "
+                    + (f"{DEFAULT['lsh_num_hashes']} levels of hashes" if DEFAULT_SPLIT == "hash"
+                       else f"clusters halved up to {DEFAULT['lsh_num_hashes']} times")
+                    + f", {DEFAULT['moe_dispatch_fwd_dtype']} payloads")
 # The paper's rate at matched quality for its models, with its payloads (bf16, no 8-bit).
 PAPER_RATE = 0.2
 
@@ -41,7 +46,7 @@ def default_rate(corpus: str) -> MeasuredRate:
     summary = json.loads(path.read_text())
     last = [rate for iteration, rate in summary["compression"] if iteration > 0.9 * summary["iters"]]
     return MeasuredRate(corpus, sum(last) / len(last),
-                        f"training's default (plain `--lsh`: error bound 0.3, clusters halved up to 16 times, mxfp8 payloads) on the "
+                        f"training's default (plain `--lsh`: {DEFAULT_IN_WORDS}) on the "
                         f"{corpus} corpus, mean compression over the last 10% of its {summary['iters']}-iteration scale run "
                         f"(8192 tokens per rank and micro-batch; {path.relative_to(REPO)}), which ended "
                         f"at {summary['bytes_ratio_last_10pct']:.3f}x stock's all-to-all bytes there")

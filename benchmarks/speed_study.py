@@ -68,11 +68,15 @@ SETTINGS: Dict[str, List[str]] = {
     "stock": ["--no-lsh"],
     "mxfp8": ["--no-lsh", *MXFP8],
     "default": ["--lsh"],
+    # The candidate that sends fewest bytes for the same bound (docs/quality_study.md).
+    "bisect": ["--lsh", "--lsh-split", "bisect"],
 }
 DESCRIPTIONS = {
     "stock": "megatron-core's dispatch, bf16 payloads (`--no-lsh`)",
     "mxfp8": "the low-precision peer: mxfp8 payloads in all four all-to-alls, no LSH",
-    "default": "training's default, plain `--lsh` (error bound 0.3, clusters halved across their widest spread up to 16 times, mxfp8 payloads)",
+    "default": "training's default, plain `--lsh` (error bound 0.3, 16 levels of hashes, mxfp8 payloads)",
+    "bisect": "the default's bound with clusters halved across their widest spread instead of hash levels "
+              "(`--lsh --lsh-split bisect`)",
 }
 
 
@@ -363,7 +367,7 @@ def plots(runs: List[Run]) -> None:
     import matplotlib.pyplot as plt
 
     rates = [rate for rate in LINKS if of(runs, "stock", rate)]
-    colours = {"stock": "black", "mxfp8": "tab:orange", "default": "tab:blue"}
+    colours = {"stock": "black", "mxfp8": "tab:orange", "default": "tab:blue", "bisect": "tab:green"}
     figure, axes = plt.subplots(1, len(rates), figsize=(6.5 * len(rates), 4.5), squeeze=False)
     for axis, rate in zip(axes[0], rates):
         for setting in SETTINGS:

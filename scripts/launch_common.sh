@@ -73,7 +73,7 @@ if [ -n "${VIRTUAL_PIPELINE_LAYERS:-}" ]; then
     PARALLEL_ARGS+=(--num-layers-per-virtual-pipeline-stage "$VIRTUAL_PIPELINE_LAYERS")
 fi
 
-LSH_ARGS=(--lsh)  # training's default (the bound, clusters halved up to 16 times, 8-bit payloads)
+LSH_ARGS=(--lsh)  # training's default (the bound, 16 levels of hashes, 8-bit payloads)
 if [ -n "${LSH_NUM_HASHES:-}" ]; then
     LSH_ARGS+=(--lsh-num-hashes "$LSH_NUM_HASHES")
 fi

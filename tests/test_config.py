@@ -73,28 +73,15 @@ def test_every_lsh_setting_is_a_flag_of_its_own_name_except_the_listed_ones():
 
 
 def test_flag_defaults_are_the_config_defaults_except_the_training_default():
-    """Training's --lsh: the bound, clusters halved up to 16 times, 8-bit payloads; --no-lsh: stock bf16."""
+    """Training's --lsh: the bound, 16 levels of hashes, 8-bit payloads; --no-lsh: stock bf16."""
     expected = {f.name: f.default for f in added_settings() if flag_of(f)}
-    with_lsh = {**expected, "lsh_error_bound": 0.3, "lsh_num_hashes": 16, "lsh_split": "bisect",
-                **{name: "mxfp8" for name in PAYLOAD_SETTINGS}}
+    with_lsh = {**expected, "lsh_error_bound": 0.3, "lsh_num_hashes": 16, **{name: "mxfp8" for name in PAYLOAD_SETTINGS}}
     assert lsh_config_kwargs(parse_args("test", TRAINING_FLAGS)) == with_lsh
     assert lsh_config_kwargs(parse_args("test", TRAINING_FLAGS + ["--no-lsh"])) == {
         **with_lsh, "lsh_enabled": False, **{name: "bf16" for name in PAYLOAD_SETTINGS}}
     # A format given explicitly holds either way.
     given = parse_args("test", TRAINING_FLAGS + ["--no-lsh", "--moe-dispatch-fwd-dtype", "mxfp8"])
     assert (given.moe_dispatch_fwd_dtype, given.moe_combine_fwd_dtype) == ("mxfp8", "bf16")
-
-
-@pytest.mark.parametrize("flags, split", [
-    ([], "bisect"),
-    (["--lsh-error-bound", "0.2"], "bisect"),
-    (["--lsh-error-bound", "off"], "hash"),  # nothing to halve towards: the paper's fixed hashing
-    (["--lsh-target-compression", "0.3"], "hash"),  # the controller steers how far hashes split
-    (["--lsh-error-bound", "off", "--lsh-split", "bisect"], "bisect"),  # given: kept (and refused by the config)
-    (["--lsh-split", "hash"], "hash"),
-])
-def test_the_split_defaults_to_bisection_wherever_it_can_serve(flags, split):
-    assert parse_args("test", TRAINING_FLAGS + flags).lsh_split == split
 
 
 def test_a_flag_reaches_its_config_field_with_off_as_none():

@@ -19,10 +19,12 @@ def run(setting, curve, rate=1000, repeat=0):
 
 def test_stock_runs_the_schedule_and_the_others_a_quarter_longer_interleaved_by_repeat():
     runs = plan(300, repeats=3, slow_repeats=1)
-    assert [r.key for r in runs[:6]] == ["stock-1000mbit-0", "mxfp8-1000mbit-0", "default-1000mbit-0",
-                                         "stock-100mbit-0", "mxfp8-100mbit-0", "default-100mbit-0"]
-    assert len(runs) == 3 * 3 + 3
-    assert {(r.setting, r.iters) for r in runs} == {("stock", 300), ("mxfp8", 375), ("default", 375)}
+    assert [r.key for r in runs[:8]] == ["stock-1000mbit-0", "mxfp8-1000mbit-0", "default-1000mbit-0",
+                                         "bisect-1000mbit-0", "stock-100mbit-0", "mxfp8-100mbit-0",
+                                         "default-100mbit-0", "bisect-100mbit-0"]
+    assert len(runs) == 4 * 3 + 4
+    assert {(r.setting, r.iters) for r in runs} == {("stock", 300), ("mxfp8", 375), ("default", 375),
+                                                    ("bisect", 375)}
     assert all(r.schedule_iters == 300 and "--lr-decay-iters" in r.flags() for r in runs)
     assert all(r.flags()[r.flags().index("--lr-decay-iters") + 1] == "300" for r in runs)
 
@@ -89,7 +91,7 @@ def test_a_run_whose_flags_now_mean_other_lsh_settings_is_run_again(tmp_path):
     assert speed_study.reuse(again_stock, tmp_path)
     assert not speed_study.reuse(again_default, tmp_path)
     changed = default.to_json()
-    changed["lsh_settings"] = {**changed["lsh_settings"], "lsh_split": "hash"}  # what --lsh ran before bisection
+    changed["lsh_settings"] = {**changed["lsh_settings"], "lsh_split": "bisect"}  # had --lsh meant bisection
     (tmp_path / "runs" / default.key / "results.json").write_text(json.dumps(changed))
     assert not speed_study.reuse(again_default, tmp_path)
     (tmp_path / "runs" / default.key / "results.json").write_text(json.dumps(default.to_json()))

@@ -39,9 +39,9 @@ COMPENSATIONS = ("none", "residual", "expert_gain")
 GRADIENT_STUDIES = ("exact_gradients", "exact_values", "lsh_input_gradients", "lsh_expert_gradients")
 
 # What training runs with plain --lsh (the config's own defaults are the paper's fixed hashing):
-# every token within the bound of its centroid, as few centroids as that allows, found by halving
-# clusters across their widest spread up to 16 times, sent as 8-bit payloads; --no-lsh keeps
-# megatron-core's bf16 dispatch. docs/quality_study.md measures why.
+# every token within the bound of its centroid, as few centroids as that allows found over 16
+# levels of hashes, sent as 8-bit payloads; --no-lsh keeps megatron-core's bf16 dispatch.
+# docs/quality_study.md measures why (and why not bisection, docs/speed_study.md).
 TRAINING_DEFAULT_BOUND = 0.3
 TRAINING_DEFAULT_HASHES = 16
 
@@ -74,18 +74,6 @@ class WithAndWithoutLSH(DerivedFlagDefault):
 
     def value_for(self, settings) -> Any:
         return self.value(settings.lsh_enabled)
-
-
-@dataclass(frozen=True)
-class SplitWhereItApplies(DerivedFlagDefault):
-    """--lsh-split's default: bisection wherever it can serve (an error bound and no target: the
-    controller steers how far hashes split), the hash levels otherwise."""
-
-    def __str__(self) -> str:
-        return "bisect with an error bound and no target, hash otherwise"
-
-    def value_for(self, settings) -> str:
-        return "bisect" if settings.lsh_error_bound is not None and settings.lsh_target_compression is None else "hash"
 
 
 LSH_PAYLOADS = WithAndWithoutLSH("mxfp8", "bf16")
@@ -172,7 +160,7 @@ class LSHTransformerConfig(TransformerConfig):
         "power-iteration step), up to lsh_num_hashes times: data-dependent cuts that keep clusters as "
         "coarse as the bound allows (fewer rows at the same bound, docs/quality_study.md). 'bisect' needs "
         "lsh_error_bound and no lsh_target_compression.",
-        choices=SPLITS, evaluation_override=True, before_it_existed="hash", flag_default=SplitWhereItApplies())
+        choices=SPLITS, evaluation_override=True, before_it_existed="hash")
 
     lsh_target_compression: Optional[float] = setting(
         None, "Hold this compression rate (centroids / rows, in (0, 1]) per layer through training: a "
