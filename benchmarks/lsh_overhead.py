@@ -86,9 +86,6 @@ def parse_args(argv=None):
     p.add_argument("--report-only", action="store_true",
                    help=f"Regenerate {DOC.relative_to(REPO)} from the summaries kept; measure nothing.")
     args = p.parse_args(argv)
-    if args.lsh_split is None:  # training's choice for these settings; a merge threshold steers like a target
-        args.lsh_split = settings["lsh_split"].metadata["flag_default"].value_for(argparse.Namespace(
-            lsh_error_bound=args.lsh_error_bound, lsh_target_compression=args.lsh_merge_threshold))
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.lsh_compensation == "expert_gain":

@@ -7,7 +7,6 @@ these fields (``added_settings``). Adding a setting is a field and its check.
 
 from __future__ import annotations
 
-import abc
 import math
 import re
 from dataclasses import MISSING, Field, dataclass, field, fields
@@ -49,17 +48,8 @@ TRAINING_DEFAULT_HASHES = 16
 LSH_DISPATCHER_TYPES = ("alltoall",)
 
 
-class DerivedFlagDefault(abc.ABC):
-    """A training flag's default that depends on other settings of the run, chosen once they are
-    parsed (``value_for``: the parsed arguments, or any object with the settings as attributes)."""
-
-    @abc.abstractmethod
-    def value_for(self, settings) -> Any:
-        """The default for a run with these settings."""
-
-
 @dataclass(frozen=True)
-class WithAndWithoutLSH(DerivedFlagDefault):
+class WithAndWithoutLSH:
     """A training flag's default that depends on --lsh/--no-lsh (the LSH default's payloads are
     8-bit; stock dispatch stays megatron-core's)."""
 
@@ -71,9 +61,6 @@ class WithAndWithoutLSH(DerivedFlagDefault):
 
     def value(self, lsh_enabled: bool) -> Any:
         return self.with_lsh if lsh_enabled else self.without_lsh
-
-    def value_for(self, settings) -> Any:
-        return self.value(settings.lsh_enabled)
 
 
 LSH_PAYLOADS = WithAndWithoutLSH("mxfp8", "bf16")
@@ -88,8 +75,8 @@ def setting(default, doc: str, *, value_type: Optional[type] = None, choices: Op
     value_type: int, float, str or bool (default: the type of ``default``).
     flag: the flag's name; "" derives it (``lsh_num_hashes`` -> ``--lsh-num-hashes``), None: no flag.
     off: the word the flag takes for None ('off'), for settings that None switches off.
-    flag_default: the flag's default where it differs from the config's (a DerivedFlagDefault:
-        one chosen from the run's other settings, e.g. for each of --lsh and --no-lsh).
+    flag_default: the flag's default where it differs from the config's (a WithAndWithoutLSH:
+        one for each of --lsh and --no-lsh).
     evaluation_override: ``checkpoint.evaluate`` may replace the run's value with ``--lsh``.
     before_it_existed: what a checkpoint saved before the setting existed ran with: a value, or
         a callable of the saved arguments.

@@ -12,7 +12,7 @@ from dataclasses import MISSING
 
 from megatron_lsh.models.architectures import ARCHITECTURES, ArchitectureFlagError, apply_architecture
 from megatron_lsh.data.tokenizer import TOKENIZER_TYPES
-from megatron_lsh.moe.config import DerivedFlagDefault, added_settings, flag_of
+from megatron_lsh.moe.config import WithAndWithoutLSH, added_settings, flag_of
 
 
 class ArgumentError(ValueError):
@@ -56,8 +56,8 @@ def add_setting_flag(group, config_field, default=MISSING, help_suffix: str = ""
     shown = meta["off"] if default is None and meta["off"] else default
     if default is not argparse.SUPPRESS and (default is not None or meta["off"]):
         text += f" Default: {shown}."
-    if isinstance(default, DerivedFlagDefault):
-        default = None  # chosen once the settings it depends on are known (set_defaults)
+    if isinstance(default, WithAndWithoutLSH):
+        default = None  # chosen once --lsh/--no-lsh is known (set_defaults)
     group.add_argument(flag, dest=config_field.name, type=value_type, choices=meta["choices"], default=default,
                        help=text)
 
@@ -298,11 +298,11 @@ def parse_args(description: str, argv=None, extra_args=None) -> argparse.Namespa
 
 
 def set_lsh_defaults(args) -> None:
-    """The LSH settings whose default depends on the others (DerivedFlagDefault), once parsed."""
+    """The LSH settings whose default depends on --lsh/--no-lsh, once parsed."""
     for config_field in added_settings():
         default = config_field.metadata["flag_default"]
-        if isinstance(default, DerivedFlagDefault) and getattr(args, config_field.name, MISSING) is None:
-            setattr(args, config_field.name, default.value_for(args))
+        if isinstance(default, WithAndWithoutLSH) and getattr(args, config_field.name, MISSING) is None:
+            setattr(args, config_field.name, default.value(args.lsh_enabled))
 
 
 def lsh_settings_of_flags(flags) -> dict:
