@@ -38,7 +38,7 @@ from quickstart_data import prepare_data
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from megatron_lsh.moe.config import LSH_PAYLOADS, PAYLOAD_SETTINGS, flag_named_after  # noqa: E402
+from megatron_lsh.moe.config import PAYLOAD_SETTINGS  # noqa: E402
 from megatron_lsh.training.arguments import lsh_settings_of_flags  # noqa: E402
 from megatron_lsh.projection import Cluster, ModelShape, compression_from_tensorboard, project  # noqa: E402
 
@@ -257,10 +257,10 @@ def emulated_cluster_spec(run: Run, calibration: Dict) -> Cluster:
 
 
 def payload_formats(run: Run) -> Dict[str, str]:
-    """Each all-to-all direction's payload format as the run's flags set it, else training's default
-    (8-bit with --lsh): what the projection must send, as the user would tell it."""
-    return {name: run.flags[run.flags.index(flag_named_after(name)) + 1] if flag_named_after(name) in run.flags
-            else LSH_PAYLOADS.value(run.kind == "lsh") for name in PAYLOAD_SETTINGS}
+    """Each all-to-all direction's payload format as the run sent it (what its flags meant then, else
+    now): what the projection must send, as the user would tell it."""
+    settings = run.results.get("lsh_settings") or lsh_settings_of_flags(run.flags)
+    return {name: settings[name] for name in PAYLOAD_SETTINGS}
 
 
 def ran_as(runs: List[Run]) -> str:
