@@ -310,7 +310,8 @@ def report(runs: List[Run], elapsed: float) -> str:
         "",
         "Settings: " + "; ".join(f"{name}: {DESCRIPTIONS[name]}" for name in SETTINGS) + ".",
         "",
-        "Repeats: " + ", ".join(f"{repeats[rate]} at {LINKS[rate]}" for rate in rates) + " per setting, interleaved;"
+        "Repeats: " + ", ".join(f"{repeats[rate]} at {LINKS[rate]}" for rate in rates) + " per setting, "
+        + ("interleaved within each invocation;" if invocations_note(runs) else "interleaved;") +
         " times are medians with min-max in brackets. Perplexities repeat exactly between repeats (same seed and"
         " data order, deterministic on CPU); times do not, since the machine is shared." + invocations_note(runs),
         "",
