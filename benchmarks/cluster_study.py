@@ -35,6 +35,7 @@ from typing import Dict, List
 
 from emulated_cluster import ClusterUnavailable, EmulatedCluster  # run as a script from benchmarks/
 from quickstart_data import prepare_data
+from tensorboard_scalars import logged_series
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -146,16 +147,6 @@ def train(run: Run, index: int, data: Dict[str, str], work: Path) -> None:
         link, loopback = (sent("eth0") - link) / run.nodes, (sent("lo") - loopback) / run.nodes
     run.results = summarize(out / "tensorboard", run, link, loopback, wall)
     run.results["lsh_settings"] = lsh_settings_of_flags(run.flags)  # what its flags meant when it ran
-
-
-def logged_series(tensorboard: Path):
-    """A run's scalars: series(tag) -> the values logged under tag ([] if none)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(tensorboard), size_guidance={"scalars": 0})
-    events.Reload()
-    tags = set(events.Tags()["scalars"])
-    return lambda tag: [e.value for e in events.Scalars(tag)] if tag in tags else []
 
 
 def summarize(tensorboard: Path, run: Run, link_bytes: float, loopback_bytes: float, wall: float) -> Dict:

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The GPU numbers to take whenever a GPU is at hand, in one call (about 6 minutes on one H200):
+#   1. 50 bf16 training steps with LSH and stock, 3 repeats interleaved (benchmarks/training_steps.py);
+#   2. LSH's cost against the expert MLP at hidden 4096 in bf16 (benchmarks/lsh_overhead.py).
+# Both keep their summaries under docs/data/ and regenerate their docs; the logs and the summaries
+# also go to $OUT (default runs/gpu_check/), to be copied into docs/data/ of the checkout that
+# commits them (then `--report-only` on each benchmark rewrites its doc).
+#
+# On a machine that reaches no package index, megatron-core travels as a cp312 wheel. Fetch it
+# where pip works (into .whl/, which git is told to ignore), then carry .whl/ along:
+#   bash scripts/gpu_check.sh --fetch-wheels
+#   bash scripts/gpu_check.sh                      # on the GPU machine
+# Without CUDA it rehearses at a tiny size on CPU and writes no docs (what the tests run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = --fetch-wheels ]; then
+    exclude=$(git rev-parse --git-path info/exclude)
+    grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >>"$exclude"
+    platforms=()
+    for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
+            manylinux2014_x86_64; do
+        platforms+=(--platform "$p")
+    done
+    exec python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        "${platforms[@]}" -d .whl "megatron-core==0.16.1"
+elif [ $# -gt 0 ]; then
+    echo "usage: bash scripts/gpu_check.sh [--fetch-wheels]" >&2
+    exit 2
+fi
+
+OUT_DIR=${OUT:-runs/gpu_check}
+mkdir -p "$OUT_DIR"
+if ! python3 -c 'import megatron.core' 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+
+python3 - <<'EOF' 2>&1 | tee "$OUT_DIR/environment.log"
+import torch, megatron.core
+device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA"
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), {device}, megatron-core {megatron.core.__version__}")
+EOF
+
+if python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    STEPS=(--size gpu --write-doc)
+    OVERHEAD=(--device cuda --dtype bf16 --hidden-sizes 4096 --write-doc)
+else  # a rehearsal: every step of the check, at sizes a CPU runs in a minute, the docs left alone
+    STEPS=(--size tiny --repeats 1 --work "$OUT_DIR/runs")
+    OVERHEAD=(--hidden-sizes 64 --tokens-per-rank 256 --repeats 1)
+fi
+
+failed=0
+python3 benchmarks/training_steps.py "${STEPS[@]}" 2>&1 | tee "$OUT_DIR/training_steps.log" || failed=1
+python3 benchmarks/lsh_overhead.py "${OVERHEAD[@]}" 2>&1 | tee "$OUT_DIR/lsh_overhead.log" || failed=1
+for summary in docs/data/training_steps/cuda-*.json docs/data/lsh_overhead/cuda-*.json; do
+    [ -f "$summary" ] && cp "$summary" "$OUT_DIR/"
+done
+exit $failed
