@@ -70,6 +70,8 @@ SETTINGS: Dict[str, List[str]] = {
     "default": ["--lsh"],
     # The candidate that sends fewest bytes for the same bound (docs/quality_study.md).
     "bisect": ["--lsh", "--lsh-split", "bisect"],
+    # Bisection at a tighter bound: does a smaller error budget keep its bytes and lose its gap?
+    "bisect-0.2": ["--lsh", "--lsh-split", "bisect", "--lsh-error-bound", "0.2"],
 }
 DESCRIPTIONS = {
     "stock": "megatron-core's dispatch, bf16 payloads (`--no-lsh`)",
@@ -77,6 +79,7 @@ DESCRIPTIONS = {
     "default": "training's default, plain `--lsh` (error bound 0.3, 16 levels of hashes, mxfp8 payloads)",
     "bisect": "the default's bound with clusters halved across their widest spread instead of hash levels "
               "(`--lsh --lsh-split bisect`)",
+    "bisect-0.2": "bisection at a tighter bound (`--lsh --lsh-split bisect --lsh-error-bound 0.2`)",
 }
 
 
@@ -172,21 +175,34 @@ def invocations_note(runs: List[Run]) -> str:
               "settings.")
 
 
-def reuse(run: Run, work: Path) -> bool:
+def reuse(run: Run, work: Path, committed: Optional[Dict[str, Dict]] = None) -> bool:
     """Take a finished run's results from an earlier invocation when it trained with the same flags
     (model, lengths and setting alike) and they meant the same LSH settings as today. Results saved
-    before the settings were kept are taken only for runs without LSH, which no LSH default changes."""
+    before the settings were kept are taken only for runs without LSH, which no LSH default changes.
+    The run's own directory under ``work`` comes first, then ``committed`` (the last study's records
+    by run key: a fresh clone adds a setting without measuring the others again)."""
     saved = work / "runs" / run.key / "results.json"
-    if not saved.exists():
-        return False
-    previous = json.loads(saved.read_text())
-    if previous.get("command_flags") != run.flags() or not previous.get("results"):
-        return False
+    candidates = [json.loads(saved.read_text())] if saved.exists() else []
+    candidates += [committed[run.key]] if committed and run.key in committed else []
     settings = run.lsh_settings()
-    if previous.get("lsh_settings", None if settings["lsh_enabled"] else settings) != settings:
-        return False
-    run.results = previous["results"]
-    return True
+    for previous in candidates:
+        if previous.get("command_flags") != run.flags() or not previous.get("results"):
+            continue
+        if previous.get("lsh_settings", None if settings["lsh_enabled"] else settings) != settings:
+            continue
+        run.results = previous["results"]
+        return True
+    return False
+
+
+def committed_runs() -> Dict[str, Dict]:
+    """The last study's records (docs/data/speed_study.json) by run key; none from an older version."""
+    if not RESULTS.exists():
+        return {}
+    saved = json.loads(RESULTS.read_text())
+    if saved.get("version") != 2:
+        return {}
+    return {f"{r['setting']}-{r['rate_mbit']}mbit-{r['repeat']}": r for r in saved["runs"]}
 
 
 def summarize(tensorboard: Path, run: Run, wire_bytes: int, wall: float) -> Dict:
@@ -303,7 +319,7 @@ def report(runs: List[Run], elapsed: float) -> str:
         "8 experts, top-2, MoE in every layer; 32 sequences of 128 tokens per step (2048 tokens per rank and",
         "micro-batch) on the embedded Shakespeare/Milton corpus; validation on held-out works every 25",
         f"iterations. One cosine schedule over {schedule} iterations for every run: stock stops there, and its final",
-        f"validation perplexity is the target; mxfp8 and the default go on to {extended} iterations at the schedule's",
+        f"validation perplexity is the target; the other settings go on to {extended} iterations at the schedule's",
         "floor, so that a setting which needs more steps than stock can still reach the target. Both processes",
         "share this machine's 2 CPU cores, so compute is slow next to the emulated network: the all-to-all share",
         "below is what these links cost at this model's size, not a GPU cluster's.",
@@ -368,7 +384,8 @@ def plots(runs: List[Run]) -> None:
     import matplotlib.pyplot as plt
 
     rates = [rate for rate in LINKS if of(runs, "stock", rate)]
-    colours = {"stock": "black", "mxfp8": "tab:orange", "default": "tab:blue", "bisect": "tab:green"}
+    colours = {"stock": "black", "mxfp8": "tab:orange", "default": "tab:blue", "bisect": "tab:green",
+               "bisect-0.2": "tab:red"}
     figure, axes = plt.subplots(1, len(rates), figsize=(6.5 * len(rates), 4.5), squeeze=False)
     for axis, rate in zip(axes[0], rates):
         for setting in SETTINGS:
@@ -413,7 +430,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke test: 40 iterations, one run per setting and link; docs/ left alone")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "speed_study")
-    parser.add_argument("--fresh", action="store_true", help="run everything again, even runs with results under --work")
+    parser.add_argument("--fresh", action="store_true", help="run everything again, even runs with results under --work or in the committed summary")
     parser.add_argument("--report-only", action="store_true",
                         help=f"rewrite docs/ from the last study's {RESULTS.relative_to(REPO)}, without running anything")
     args = parser.parse_args()
@@ -437,10 +454,11 @@ def main() -> None:
           f"{max(run.iters for run in runs)})", flush=True)
     start, measuring = time.time(), 0.0
     invocation = "the invocation of " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(start))
+    committed = {} if args.quick else committed_runs()
     try:
         data = prepare_data(args.work)
         for index, run in enumerate(runs):
-            if not args.fresh and reuse(run, args.work):
+            if not args.fresh and reuse(run, args.work, committed):
                 print(f"  [{index + 1}/{len(runs)}] {run.key}: results from an earlier invocation", flush=True)
                 measuring += run.results["wall_s"]
                 continue

@@ -19,12 +19,13 @@ def run(setting, curve, rate=1000, repeat=0):
 
 def test_stock_runs_the_schedule_and_the_others_a_quarter_longer_interleaved_by_repeat():
     runs = plan(300, repeats=3, slow_repeats=1)
-    assert [r.key for r in runs[:8]] == ["stock-1000mbit-0", "mxfp8-1000mbit-0", "default-1000mbit-0",
-                                         "bisect-1000mbit-0", "stock-100mbit-0", "mxfp8-100mbit-0",
-                                         "default-100mbit-0", "bisect-100mbit-0"]
-    assert len(runs) == 4 * 3 + 4
+    assert [r.key for r in runs[:10]] == ["stock-1000mbit-0", "mxfp8-1000mbit-0", "default-1000mbit-0",
+                                          "bisect-1000mbit-0", "bisect-0.2-1000mbit-0", "stock-100mbit-0",
+                                          "mxfp8-100mbit-0", "default-100mbit-0", "bisect-100mbit-0",
+                                          "bisect-0.2-100mbit-0"]
+    assert len(runs) == 5 * 3 + 5
     assert {(r.setting, r.iters) for r in runs} == {("stock", 300), ("mxfp8", 375), ("default", 375),
-                                                    ("bisect", 375)}
+                                                    ("bisect", 375), ("bisect-0.2", 375)}
     assert all(r.schedule_iters == 300 and "--lr-decay-iters" in r.flags() for r in runs)
     assert all(r.flags()[r.flags().index("--lr-decay-iters") + 1] == "300" for r in runs)
 
@@ -75,6 +76,18 @@ def test_a_finished_run_is_reused_only_when_it_trained_with_the_same_flags(tmp_p
     assert speed_study.reuse(same, tmp_path) and same.results == {"final_ppl": 150.0}
     longer = plan(400, repeats=1, slow_repeats=0)[0]
     assert not speed_study.reuse(longer, tmp_path) and longer.results == {}
+
+
+def test_a_fresh_clone_takes_runs_from_the_committed_summary_by_the_same_rules(tmp_path):
+    finished = plan(300, repeats=1, slow_repeats=0)[2]  # the default
+    finished.results = {"final_ppl": 150.0}
+    committed = {finished.key: finished.to_json()}
+    again = plan(300, repeats=1, slow_repeats=0)[2]
+    assert speed_study.reuse(again, tmp_path, committed) and again.results == {"final_ppl": 150.0}
+    longer = plan(400, repeats=1, slow_repeats=0)[2]
+    assert not speed_study.reuse(longer, tmp_path, {longer.key: finished.to_json()})
+    moved = {**finished.to_json(), "lsh_settings": {**finished.lsh_settings(), "lsh_split": "bisect"}}
+    assert not speed_study.reuse(plan(300, repeats=1, slow_repeats=0)[2], tmp_path, {finished.key: moved})
 
 
 def test_a_run_whose_flags_now_mean_other_lsh_settings_is_run_again(tmp_path):
