@@ -202,7 +202,7 @@ def committed_runs() -> Dict[str, Dict]:
     saved = json.loads(RESULTS.read_text())
     if saved.get("version") != 2:
         return {}
-    return {f"{r['setting']}-{r['rate_mbit']}mbit-{r['repeat']}": r for r in saved["runs"]}
+    return {Run(r["setting"], r["rate_mbit"], r["repeat"], r["iters"], r["schedule_iters"]).key: r for r in saved["runs"]}
 
 
 def summarize(tensorboard: Path, run: Run, wire_bytes: int, wall: float) -> Dict:

@@ -90,6 +90,17 @@ def test_a_fresh_clone_takes_runs_from_the_committed_summary_by_the_same_rules(t
     assert not speed_study.reuse(plan(300, repeats=1, slow_repeats=0)[2], tmp_path, {finished.key: moved})
 
 
+def test_the_committed_summary_is_read_by_run_key_and_an_older_version_not_at_all(tmp_path, monkeypatch):
+    finished = plan(300, repeats=1, slow_repeats=0)[2]
+    summary = tmp_path / "speed_study.json"
+    monkeypatch.setattr(speed_study, "RESULTS", summary)
+    assert speed_study.committed_runs() == {}
+    summary.write_text(json.dumps({"version": 2, "elapsed_s": 1.0, "runs": [finished.to_json()]}))
+    assert list(speed_study.committed_runs()) == [finished.key]
+    summary.write_text(json.dumps({"version": 1, "runs": [finished.to_json()]}))
+    assert speed_study.committed_runs() == {}
+
+
 def test_a_run_whose_flags_now_mean_other_lsh_settings_is_run_again(tmp_path):
     """Plain --lsh is the same flag before and after a default changes; the settings it resolved to
     are what a result is reused by. Results kept before the settings were are reused only without LSH."""
