@@ -39,12 +39,12 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from megatron_lsh.moe.config import PAYLOAD_SETTINGS  # noqa: E402
 from megatron_lsh.training.initialize import free_port  # noqa: E402
 
 SUMMARIES = REPO / "docs" / "data" / "training_steps"
 DOC = REPO / "docs" / "training_steps.md"
-MXFP8_EVERYWHERE = ["--moe-dispatch-fwd-dtype", "mxfp8", "--moe-dispatch-bwd-dtype", "mxfp8",
-                    "--moe-combine-fwd-dtype", "mxfp8", "--moe-combine-bwd-dtype", "mxfp8"]
+MXFP8_EVERYWHERE = [item for name in PAYLOAD_SETTINGS for item in ("--" + name.replace("_", "-"), "mxfp8")]
 SETTINGS = {
     "stock": ["--no-lsh"],
     "mxfp8": ["--no-lsh", *MXFP8_EVERYWHERE],
@@ -145,7 +145,8 @@ def measure(args) -> Dict:
     dtype = args.dtype or ("bf16" if on_gpu else "fp32")
     flags = run_flags(args, nproc, dtype)
     runs: Dict[str, List[Dict]] = {setting: [] for setting in args.settings}
-    print(environment(nproc, dtype), flush=True)
+    where = environment(nproc, dtype)
+    print(where, flush=True)
     for repeat in range(args.repeats):
         for setting in args.settings:
             started = time.time()
@@ -155,7 +156,7 @@ def measure(args) -> Dict:
                   f"({time.time() - started:.0f} s with start-up)", flush=True)
     return {
         "command": "python benchmarks/training_steps.py " + shlex.join(sys.argv[1:]),
-        "environment": environment(nproc, dtype),
+        "environment": where,
         "device": "cuda" if on_gpu else "cpu", "dtype": dtype, "nproc": nproc,
         "flags": shlex.join(flags),
         "tokens_per_rank_micro_batch": SIZES[args.size]["--micro-batch-size"] * SIZES[args.size]["--seq-length"],
