@@ -310,6 +310,7 @@ def report(runs: List[Run], elapsed: float) -> str:
     schedule = runs[0].schedule_iters
     extended = max(run.iters for run in runs)
     repeats = {rate: len(of(runs, "stock", rate)) for rate in rates}
+    apart = invocations_note(runs)  # "" when every run was measured in one invocation
     lines = [
         "# Time to perplexity on an emulated 2-node cluster: stock, 8-bit payloads, LSH's default",
         "",
@@ -327,9 +328,9 @@ def report(runs: List[Run], elapsed: float) -> str:
         "Settings: " + "; ".join(f"{name}: {DESCRIPTIONS[name]}" for name in SETTINGS) + ".",
         "",
         "Repeats: " + ", ".join(f"{repeats[rate]} at {LINKS[rate]}" for rate in rates) + " per setting, "
-        + ("interleaved within each invocation;" if invocations_note(runs) else "interleaved;") +
+        + ("interleaved within each invocation;" if apart else "interleaved;") +
         " times are medians with min-max in brackets. Perplexities repeat exactly between repeats (same seed and"
-        " data order, deterministic on CPU); times do not, since the machine is shared." + invocations_note(runs),
+        " data order, deterministic on CPU); times do not, since the machine is shared." + apart,
         "",
         "a2a bytes: all four all-to-alls (dispatch and combine, forward and backward) against megatron-core's",
         "dispatch of the same rows in bf16, as a GPU run would send them. wire MB/iter: every byte the kernel",

@@ -39,12 +39,12 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from megatron_lsh.moe.config import PAYLOAD_SETTINGS  # noqa: E402
+from megatron_lsh.moe.config import PAYLOAD_SETTINGS, flag_named_after  # noqa: E402
 from megatron_lsh.training.initialize import free_port  # noqa: E402
 
 SUMMARIES = REPO / "docs" / "data" / "training_steps"
 DOC = REPO / "docs" / "training_steps.md"
-MXFP8_EVERYWHERE = [item for name in PAYLOAD_SETTINGS for item in ("--" + name.replace("_", "-"), "mxfp8")]
+MXFP8_EVERYWHERE = [item for name in PAYLOAD_SETTINGS for item in (flag_named_after(name), "mxfp8")]
 SETTINGS = {
     "stock": ["--no-lsh"],
     "mxfp8": ["--no-lsh", *MXFP8_EVERYWHERE],
