@@ -129,6 +129,27 @@ def kill_with_descendants(pid):
             pass
 
 
+def sigterm_job_at(flags, iteration: int, nproc=2, script="pretrain_gpt_moe.py", timeout=300) -> str:
+    """The script under torchrun, sent SIGTERM to every process of the job (as SLURM and torchrun
+    stop a job: workers, data-loader workers, checkpoint writers) once it logs ``iteration``; its
+    output. The job must save, stop and exit 0."""
+    import psutil
+
+    process = subprocess.Popen(torchrun_command(flags, nproc=nproc, script=script), cwd=REPO, env=environment(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if re.search(rf"iteration\s+{iteration}/", line):
+            for worker in psutil.Process(process.pid).children(recursive=True):
+                worker.send_signal(signal.SIGTERM)
+            break
+    output.append(process.stdout.read())
+    output = "".join(output)
+    assert process.wait(timeout=timeout) == 0, output[-3000:]
+    return output
+
+
 def run_pretrain_expecting_error(flags, world_size=1, script="pretrain_gpt_moe.py"):
     """The entry script as a user runs it, one process as rank 0 of `world_size`: bad input must
     stop it before any collective, with exit code 2 and one `error:` line on stderr, no traceback.

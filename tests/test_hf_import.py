@@ -12,7 +12,7 @@ import pytest
 
 from tests.distributed import run_distributed
 from tests.hf_workers import command_line, import_and_compare
-from tests.launch import REPO, environment, run_ranks
+from tests.launch import REPO, convert, environment, run_ranks
 
 pytest.importorskip("transformers")
 
@@ -159,6 +159,7 @@ def run_import(*flags, fresh_interpreter=True):
 
 @pytest.mark.slow
 def test_missing_or_misshaped_weights_fail_in_one_line_and_write_nothing(corpus, tmp_path):
+    import torch
     from safetensors.torch import load_file, save_file
 
     hf = save_tiny("mixtral", tmp_path / "hf", corpus["tokenizer"])
@@ -186,6 +187,16 @@ def test_missing_or_misshaped_weights_fail_in_one_line_and_write_nothing(corpus,
     assert code == 0, stderr[-2000:]
     assert f"{hf} has no tokenizer" in stderr and "--tokenizer-type" not in stdout
     assert (tmp_path / "ckpt" / "iter_0000000" / "complete").exists()
+    # ... and exported back: the model, no special ids made up, and a warning that the tokenizer is missing.
+    exported = convert(tmp_path / "ckpt", tmp_path / "exported")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "Traceback" not in exported.stderr
+    assert "holds no tokenizer" in exported.stderr
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert config["bos_token_id"] is None and config["eos_token_id"] is None
+    back = load_file(tmp_path / "exported" / "model.safetensors")
+    assert torch.equal(back["model.layers.1.block_sparse_moe.experts.3.w2.weight"],
+                       weights["model.layers.1.block_sparse_moe.experts.3.w2.weight"])
 
 
 @pytest.mark.slow

@@ -3,13 +3,20 @@
 import argparse
 import re
 import shutil
-import signal
 import subprocess
 
 import pytest
 import torch
 
-from tests.launch import REPO, assert_checkpoints_equal, environment, losses, run_ranks, torchrun_command
+from tests.launch import (
+    REPO,
+    assert_checkpoints_equal,
+    environment,
+    losses,
+    run_ranks,
+    sigterm_job_at,
+    torchrun_command,
+)
 
 # The run of issue 13, as a new user tried it: mock data read by 2 data-loader workers per rank.
 MOCK_RUN = {
@@ -79,8 +86,6 @@ def test_exit_interval_then_the_time_limit_then_sigterm_then_resume_give_the_sam
     more whole step (a limit shorter than a step); resumed and stopped by SIGTERM, as SLURM stops
     a job ahead of its time limit, with the signal handler on (it saves and exits 0); resumed again
     to the end. Every loss on the way is the uninterrupted run's."""
-    import psutil
-
     save = tmp_path / "run"
     first = losses(run_ranks(flags(**LSH, **{"--save": str(save), "--exit-interval": "5"})))
     assert sorted(first) == list(range(1, 6))
@@ -90,20 +95,7 @@ def test_exit_interval_then_the_time_limit_then_sigterm_then_resume_give_the_sam
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
     assert all(loss == uninterrupted[0][i] for i, loss in {**first, **losses(output)}.items())
 
-    process = subprocess.Popen(
-        torchrun_command(flags(**LSH, **{"--save": str(save), "--load": str(save), "--exit-signal-handler": True})),
-        cwd=REPO, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = []
-    for line in process.stdout:
-        output.append(line)
-        if re.search(r"iteration\s+8/", line):
-            # What SLURM does ahead of a time limit: SIGTERM to every process of the job.
-            for worker in psutil.Process(process.pid).children(recursive=True):
-                worker.send_signal(signal.SIGTERM)
-            break
-    output.append(process.stdout.read())
-    output = "".join(output)
-    assert process.wait(timeout=120) == 0, output[-3000:]
+    output = sigterm_job_at(flags(**LSH, **{"--save": str(save), "--load": str(save), "--exit-signal-handler": True}), 8)
     assert "resuming at iteration 6" in output
     stopped = re.search(r"stopping at iteration (\d+): received SIGTERM", output)
     assert stopped, output[-3000:]
@@ -171,3 +163,156 @@ def test_t5_switch_style_stopped_by_the_time_limit_resumes_exactly(corpus, tmp_p
     assert sorted(resumed) == [2, 3, 4, 5, 6]
     assert all(resumed[i] == straight[i] for i in resumed), (resumed, straight)
     assert_checkpoints_equal(tmp_path / "straight", save, 6, tmp_path)
+
+
+# The job of a SLURM user with periodic saves, stopped by the cluster after it has saved twice.
+STOPPED_AFTER_SAVES = {
+    "gpt-2-ranks": ("pretrain_gpt_moe.py", 2, {}),
+    "gpt-4-ranks": ("pretrain_gpt_moe.py", 4, {"--expert-model-parallel-size": "4", "--global-batch-size": "16"}),
+    "t5-2-ranks": ("pretrain_t5_moe.py", 2, {}),
+    "t5-4-ranks": ("pretrain_t5_moe.py", 4, {}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(STOPPED_AFTER_SAVES))
+def test_sigterm_to_the_whole_job_after_periodic_saves_saves_and_resumes_exactly(case, corpus, tmp_path):
+    """SIGTERM to every process of a job that has saved twice already (megatron-core's checkpoint
+    writer kept a helper process the same signal killed): every rank finishes its step, saves,
+    exits 0; the resubmitted job's losses and final checkpoint are the uninterrupted run's; only
+    the newest two checkpoints are kept; RNG files load with weights_only; the time axis is one line."""
+    from tests.test_pretrain_t5 import t5_flags
+    from megatron_lsh.training.checkpointing import complete_iterations
+
+    script, nproc, extra = STOPPED_AFTER_SAVES[case]
+
+    def job(save, **more):
+        run = {"--train-iters": "10", "--save-interval": "2", "--log-interval": "1", "--save": str(save),
+               "--load": str(save), "--exit-signal-handler": True, "--ckpt-keep-last": "2", **extra, **more}
+        if "t5" in script:
+            return t5_flags(corpus, **run, **{"--eval-interval": "100", "--lsh": True})
+        return flags(**LSH, **run)
+
+    straight = losses(run_ranks(job(tmp_path / "straight"), nproc=nproc, script=script))
+    save = tmp_path / "stopped"
+    output = sigterm_job_at(job(save, **{"--tensorboard-dir": str(tmp_path / "tb")}), 5, nproc=nproc, script=script)
+    assert "saved checkpoint" in output and f"{save / 'iter_0000004'}" in output, output[-3000:]
+    stopped_at = int(re.search(r"stopping at iteration (\d+): received SIGTERM", output)[1])
+    assert 5 <= stopped_at < 10, output[-3000:]
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped_at)
+    assert complete_iterations(str(save)) == [4, stopped_at] if stopped_at % 2 else [stopped_at - 2, stopped_at]
+    assert not list(save.glob("*.partial"))
+    torch.load(save / f"iter_{stopped_at:07d}" / "rng" / "rank_00001.pt", weights_only=True)
+
+    resumed = run_ranks(job(save, **{"--tensorboard-dir": str(tmp_path / "tb")}), nproc=nproc, script=script)
+    assert f"resuming at iteration {stopped_at}" in resumed and "restart gap: " in resumed
+    every = {**losses(output), **losses(resumed)}
+    assert sorted(every) == list(range(1, 11))
+    assert all(every[i] == straight[i] for i in every), (every, straight)
+    assert_checkpoints_equal(tmp_path / "straight", save, 10, tmp_path)
+    assert complete_iterations(str(save)) == [8, 10]
+
+    # Perplexity against time is one line: the resumed rows go on from the stopped job's clock.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows = {}
+    for events in sorted((tmp_path / "tb").glob("events.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        times = [event.step for event in accumulator.Scalars("lm loss vs time")]
+        iterations = [event.step for event in accumulator.Scalars("lm loss")]
+        rows.update(zip(iterations, times))
+        if "restart gap seconds" in accumulator.Tags()["scalars"]:
+            assert [event.step for event in accumulator.Scalars("restart gap seconds")] == [stopped_at + 1]
+    ordered = [rows[i] for i in sorted(rows)]
+    assert sorted(rows) == list(range(1, 11)) and ordered == sorted(ordered), rows
+
+
+LEARNING_RATE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.* learning rate: ([0-9.E+-]+) \|")
+
+
+def learning_rates(output):
+    return {int(it): float(lr) for it, lr in LEARNING_RATE.findall(output)}
+
+
+@pytest.mark.slow
+def test_extending_a_cosine_run_is_refused_unless_a_flag_says_whose_schedule_wins(tmp_path):
+    """A cosine run of 8 iterations extended to 16: refused in one line naming the flag and both
+    values; --override-opt_param-scheduler decays over the 16 iterations the flags now give,
+    --use-checkpoint-opt_param-scheduler stays where the checkpoint's schedule ended (--min-lr)."""
+    import math
+
+    run = {"--lr": "1e-3", "--min-lr": "1e-4", "--lr-decay-style": "cosine", "--save-interval": None}
+    base = tmp_path / "base"
+    run_ranks(flags(**run, **{"--train-iters": "8", "--save": str(base)}))
+
+    def extended(name, *choice):
+        save = tmp_path / name
+        shutil.copytree(base, save)
+        return flags(**run, **{"--train-iters": "16", "--save": str(save), "--load": str(save),
+                               **{flag: True for flag in choice}})
+
+    refused = subprocess.run(torchrun_command(extended("refused")), cwd=REPO, env=environment(),
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error")]
+    assert errors == [f"error: --lr-decay-iters (default: --train-iters) 16 differs from the checkpoint's 8 "
+                      f"({base.parent / 'refused' / 'iter_0000008'}): pass --override-opt_param-scheduler to train "
+                      "with the flags' schedule, or --use-checkpoint-opt_param-scheduler to keep the checkpoint's"], \
+        refused.stderr[-3000:]
+
+    overridden = run_ranks(extended("overridden", "--override-opt_param-scheduler"))
+    assert "resuming at iteration 8" in overridden
+    lrs = learning_rates(overridden)
+    assert sorted(lrs) == list(range(9, 17))
+    for iteration, lr in lrs.items():  # megatron-core's cosine over 16 iterations, after `iteration` steps
+        assert lr == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * iteration / 16)), rel=1e-5)
+    kept = learning_rates(run_ranks(extended("kept", "--use-checkpoint-opt_param-scheduler")))
+    assert sorted(kept) == list(range(9, 17)) and set(kept.values()) == {1e-4}
+
+
+@pytest.mark.slow
+def test_a_resubmitted_fine_tune_continues_its_own_checkpoint_instead_of_starting_over(tmp_path):
+    base = tmp_path / "base"
+    run_ranks(flags(**{"--train-iters": "4", "--save-interval": None, "--save": str(base)}))
+
+    def fine_tune(save, **more):
+        return flags(**{"--finetune": True, "--load": str(base), "--save": str(save), "--train-iters": "8",
+                        "--save-interval": "2", **more})
+
+    straight = losses(run_ranks(fine_tune(tmp_path / "straight")))
+    assert sorted(straight) == list(range(1, 9))
+    first = run_ranks(fine_tune(tmp_path / "job", **{"--exit-interval": "4"}))
+    assert "fine-tuning from iteration 0" in first
+    again = run_ranks(fine_tune(tmp_path / "job"))  # the same command, resubmitted after a preemption
+    assert f"--save {tmp_path / 'job'} holds this job's own checkpoint (iteration 4): resuming from it" in again
+    assert "resuming at iteration 4" in again
+    resumed = losses(again)
+    assert sorted(resumed) == [5, 6, 7, 8] and all(resumed[i] == straight[i] for i in resumed)
+
+
+@pytest.mark.slow
+def test_a_save_that_fails_ends_every_rank_in_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    """A file-system limit no checkpoint shard fits under (what a full disk does to a write): the
+    save fails on every rank, the job ends in one line naming the checkpoint, nobody waits at a
+    barrier, and the previous checkpoint stays the newest complete one."""
+    import resource
+
+    save = tmp_path / "run"
+    run_ranks(flags(**{"--train-iters": "4", "--save-interval": "2", "--save": str(save)}))
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    result = subprocess.run(
+        torchrun_command(flags(**{"--train-iters": "8", "--save-interval": "2", "--save": str(save),
+                                  "--load": str(save), "--override-opt_param-scheduler": True})),
+        cwd=REPO, env=environment(), capture_output=True, text=True, timeout=240, preexec_fn=small_files)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith(f"error: saving checkpoint {save / 'iter_0000006'} failed (rank ")
+    assert f"the newest complete checkpoint {save / 'iter_0000004'} is intact" in errors[0]
+    assert "]: Traceback" not in result.stderr
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert not list(save.glob("*.partial"))

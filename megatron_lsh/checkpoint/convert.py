@@ -31,7 +31,7 @@ from megatron_lsh.checkpoint.hf_export import (
     switch_state_dict,
 )
 from megatron_lsh.checkpoint.hf_tokenizer import save_hf_tokenizer
-from megatron_lsh.data.tokenizer import HuggingFaceTokenizer
+from megatron_lsh.data.tokenizer import HuggingFaceTokenizer, NullTokenizer
 from megatron_lsh.checkpoint.loading import load_for_inference, saved_run
 
 MODEL_OF_TASK = {"GPT-MoE": "gpt", "T5-MoE": "t5"}
@@ -53,16 +53,24 @@ def convert(load_dir: str, output_dir: str, dtype: str = "fp32") -> str:
     architecture = check_checkpoint(load_dir)
     loaded = load_for_inference(load_dir)
     args, tokenizer = loaded.args, loaded.tokenizer
+    # A NullTokenizer (a model imported without its tokenizer) has no text and no real special ids.
+    has_tokenizer = not isinstance(tokenizer, NullTokenizer)
+    if not has_tokenizer and architecture == "switch_transformers":
+        raise NotExportableError(f"{load_dir} has no tokenizer, and a Switch Transformers config needs its pad and "
+                                 "start ids; train with --tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR")
     state = {k: v for k, v in loaded.model.state_dict().items() if not k.endswith("_extra_state")}
     vocab = tokenizer.vocab_size
     state_dict_of, config_of = EXPORTERS[architecture]
-    weights, config = state_dict_of(state, args, vocab), config_of(args, vocab, tokenizer)
+    weights, config = state_dict_of(state, args, vocab), config_of(args, vocab, tokenizer if has_tokenizer else None)
     config["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     save_safetensors(weights, output_dir, DTYPES[dtype])
-    if isinstance(tokenizer, HuggingFaceTokenizer):  # the model's own, as it came
+    if not has_tokenizer:
+        print(f"warning: {load_dir} holds no tokenizer (a NullTokenizer run: imported without one, or "
+              f"mock data): {output_dir} has the model only; copy the tokenizer files of its model beside it", file=sys.stderr)
+    elif isinstance(tokenizer, HuggingFaceTokenizer):  # the model's own, as it came
         tokenizer.save(output_dir)
     else:
         save_hf_tokenizer(args.tokenizer_model, output_dir, model_max_length=args.max_position_embeddings)

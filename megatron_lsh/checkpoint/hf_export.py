@@ -141,9 +141,10 @@ def _decoder_config(args, vocab_size: int, tokenizer) -> dict:
         attention_dropout=0.0,
         tie_word_embeddings=False,
         use_cache=True,
-        bos_token_id=tokenizer.bos,
-        eos_token_id=tokenizer.eos,
-        pad_token_id=tokenizer.pad,
+        # None without a tokenizer (a model imported without one): the ids are the tokenizer's to say.
+        bos_token_id=tokenizer.bos if tokenizer is not None else None,
+        eos_token_id=tokenizer.eos if tokenizer is not None else None,
+        pad_token_id=tokenizer.pad if tokenizer is not None else None,
     )
 
 

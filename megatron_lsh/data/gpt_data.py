@@ -91,6 +91,31 @@ def blends_from_args(args, tokenizer):
     return None, [_blend(p) for p in per_split], None
 
 
+SPLIT_NAMES = ("training", "validation", "test")
+
+
+def build_splits(dataset_class, config, num_samples: Sequence[int], split_flag: Optional[str]):
+    """megatron-core's builder over ``config``, after checking that every split it will draw
+    samples from holds at least one document of every file it blends: the builder loops forever
+    on an empty one. ``split_flag``: the --split value (None with per-split paths)."""
+    if config.blend is not None and config.split_matrix is not None:
+        for prefix in config.blend[0]:
+            documents = dataset_class.numel_low_level_dataset(
+                dataset_class.build_low_level_dataset(prefix, config))
+            for index, (share, wanted) in enumerate(zip(config.split_matrix, num_samples)):
+                if share is None or not wanted:
+                    continue
+                # megatron-core's own rounding of the split into document ranges
+                count = int(round(share[1] * documents)) - int(round(share[0] * documents))
+                if count == 0:
+                    raise DataError(
+                        f"--split {split_flag}: the {SPLIT_NAMES[index]} split of {prefix} gets none of its "
+                        f"{documents} documents; give it a larger share (e.g. --split 90,5,5), add documents, "
+                        f"or set --eval-iters 0 if no evaluation is wanted"
+                    )
+    return BlendedMegatronDatasetBuilder(dataset_class, list(num_samples), lambda: True, config).build()
+
+
 class _SampleIndependentLossMask:
     """megatron-core's GPTDataset caches the loss mask of the first sample a process reads, then
     zeroes that sample's padding positions in the cached tensor itself: every later sample of the
@@ -142,9 +167,7 @@ def build_gpt_datasets(args, tokenizer, num_samples: Sequence[int]):
         create_attention_mask=False,
         mmap_bin_files=True,
     )
-    return BlendedMegatronDatasetBuilder(
-        dataset_class, list(num_samples), lambda: True, config
-    ).build()
+    return build_splits(dataset_class, config, num_samples, split)
 
 
 class DataParallelSampler(torch.utils.data.Sampler):

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.t5_dataset import T5MaskedWordPieceDataset, T5MaskedWordPieceDatasetConfig
 
-from megatron_lsh.data.gpt_data import blends_from_args
+from megatron_lsh.data.gpt_data import blends_from_args, build_splits
 
 
 def build_t5_datasets(args, tokenizer, num_samples: Sequence[int]):
@@ -32,6 +31,4 @@ def build_t5_datasets(args, tokenizer, num_samples: Sequence[int]):
         masking_use_geometric_distribution=True,
         mmap_bin_files=True,
     )
-    return BlendedMegatronDatasetBuilder(
-        T5MaskedWordPieceDataset, list(num_samples), lambda: True, config
-    ).build()
+    return build_splits(T5MaskedWordPieceDataset, config, num_samples, split)

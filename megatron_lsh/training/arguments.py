@@ -255,7 +255,19 @@ def add_checkpoint_args(parser):
                    help="Load the complete checkpoint of this iteration instead of the newest.")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
-    g.add_argument("--finetune", action="store_true", help="Load weights only; start at iteration 0.")
+    g.add_argument("--finetune", action="store_true",
+                   help="Load the weights of --load only; start at iteration 0 with a fresh optimizer. A job whose "
+                        "--save already holds its own checkpoint resumes from that instead (a resubmitted job).")
+    g.add_argument("--ckpt-keep-last", type=int, default=None,
+                   help="After each save, delete all but the newest N complete checkpoints under --save "
+                        "(default: keep all, as Megatron-LM).")
+    g.add_argument("--override-opt_param-scheduler", dest="override_opt_param_scheduler", action="store_true",
+                   help="On resume, train with the learning-rate and weight-decay schedule the flags give, not "
+                        "the checkpoint's (Megatron-LM's flag).")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", dest="use_checkpoint_opt_param_scheduler",
+                   action="store_true",
+                   help="On resume, keep the checkpoint's schedule whatever the flags say (Megatron-LM's flag). "
+                        "Without either, a resume whose schedule flags differ from the checkpoint's is refused.")
     return parser
 
 
@@ -442,8 +454,47 @@ def validate_parallel_layout(args, world_size: int) -> int:
     return world_size // (tp * pp)
 
 
+# Flags that count something: (flag, smallest value, what to pass instead of a smaller one).
+_COUNT_FLAGS = (
+    ("--micro-batch-size", 1, None),
+    ("--global-batch-size", 1, None),
+    ("--train-iters", 1, None),
+    ("--log-interval", 1, None),
+    ("--eval-interval", 1, "--eval-iters 0 turns evaluation off"),
+    ("--eval-iters", 0, None),
+    ("--save-interval", 1, "leave it out to save only at the end (and on a stop)"),
+    ("--exit-interval", 1, None),
+    ("--ckpt-keep-last", 1, "leave it out to keep every checkpoint"),
+    ("--lr-warmup-iters", 0, None),
+    ("--num-workers", 0, None),
+)
+
+
+def _check_counts(args) -> None:
+    for flag, smallest, instead in _COUNT_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is not None and value < smallest:
+            bound = "positive" if smallest == 1 else "zero or more"
+            raise ArgumentError(f"{flag} {value} must be {bound}" + (f"; {instead}" if instead else ""))
+
+
+def check_writable_directory(flag: str, path: str) -> None:
+    """``path`` exists or can be made, and a file can be written in it: found before the first
+    step, not at the first save."""
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ArgumentError(f"{flag} {path} is not a writable directory ({error.strerror or error}); "
+                            "pass a directory this job can write") from None
+
+
 def validate_args(args, world_size: int) -> None:
     """Everything checkable before start-up; raises ArgumentError naming the flag."""
+    _check_counts(args)
     ep = args.expert_model_parallel_size
     args.moe_router_topk = args.moe_router_topk or 2
     args.normalization = args.normalization or "LayerNorm"
@@ -497,6 +548,11 @@ def validate_args(args, world_size: int) -> None:
         raise ArgumentError(f"--min-lr {args.min_lr} must be between 0 and --lr {args.lr}")
     if args.save_interval is not None and args.save is None:
         raise ArgumentError("--save-interval needs --save DIR")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ArgumentError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler contradict "
+                            "each other: pass the one saying whose schedule a resume takes")
+    if args.save is not None:
+        check_writable_directory("--save", args.save)
     if args.ckpt_step is not None and args.load is None:
         raise ArgumentError("--ckpt-step needs --load DIR")
     if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:

@@ -11,13 +11,19 @@ Layout, Megatron-LM style:
 
 A checkpoint is written into ``iter_N.partial`` and renamed to ``iter_N`` only when every rank has
 finished; the tracker is replaced atomically afterwards. A crash mid-save leaves the previous
-checkpoint and tracker untouched; a leftover ``.partial`` directory is ignored and cleared.
+checkpoint and tracker untouched; a leftover ``.partial`` directory is ignored and cleared. Every
+file that decides what is complete (shards, RNG states, the ``complete`` marker, the tracker) is
+fsynced before it counts. A save that fails on any rank (disk full, permissions) fails on every
+rank with the same message, before anything of the previous checkpoint is touched.
+
+A checkpoint directory is trusted input: megatron-core unpickles its common state.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import shutil
 from dataclasses import dataclass
@@ -27,6 +33,7 @@ import numpy as np
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_lsh.data.tokenizer import HF_TOKENIZER_FILES
 
@@ -41,6 +48,10 @@ COMPLETE_MARKER = "complete"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded; the message says which and why."""
+
+
+class SaveFailedError(CheckpointError):
+    """A save that failed; raised alike on every rank (the message is the same everywhere)."""
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -73,6 +84,31 @@ def complete_iterations(root: str) -> list:
         int(name[5:]) for name in os.listdir(root)
         if name.startswith("iter_") and name[5:].isdigit() and _is_complete(os.path.join(root, name))
     )
+
+
+def foreign_checkpoints(root: str) -> list:
+    """Names under root that look like checkpoints this project did not write: ``iter_N``
+    directories without our ``complete`` marker (Megatron-LM's own, say), or a tracker naming an
+    iteration we hold no checkpoint of. (Ours become ``iter_N`` only once complete.)"""
+    if not os.path.isdir(root):
+        return []
+    foreign = sorted(
+        name for name in os.listdir(root)
+        if name.startswith("iter_") and name[5:].isdigit() and not _is_complete(os.path.join(root, name))
+    )
+    tracker = os.path.join(root, TRACKER_FILE)
+    if not foreign and os.path.isfile(tracker):
+        with open(tracker) as f:
+            text = f.read().strip()
+        if not (text.isdigit() and int(text) in complete_iterations(root)) and not complete_iterations(root):
+            foreign.append(f"{TRACKER_FILE} ({text!r})")
+    return foreign
+
+
+def common_state(path: str) -> dict:
+    """A checkpoint's small common state (iteration, arguments, scheduler, ...), read without
+    touching its shards."""
+    return dist_checkpointing.load_common_state_dict(path)
 
 
 def damaged_file(path: str) -> Optional[str]:
@@ -109,9 +145,13 @@ def _barrier() -> None:
 
 
 def _rng_state() -> dict:
+    """Every RNG stream of this process in types ``torch.load(weights_only=True)`` accepts
+    (numpy's key array as a tensor)."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     return {
         "random": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss),
+                  float(cached_gaussian)),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "tracker": get_cuda_rng_tracker().get_states(),
@@ -120,7 +160,9 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), position, has_gauss,
+                         cached_gaussian))
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -160,24 +202,113 @@ def parallel_layout() -> dict:
     }
 
 
+def _write_results_in_process() -> None:
+    """megatron-core's torch_dist writer hands each rank's write results over a queue that lives in
+    a helper process (a spawn-context Manager, filesystem_async._get_write_results_queue), meant
+    for asynchronous saves. Our saves are synchronous: the results are written and read by this
+    very process, so a plain in-process queue does. Without it the first save pays for starting
+    that helper (a fresh interpreter importing torch: seconds), and a SIGTERM to every process of
+    the job (SLURM, torchrun) kills the helper, so the stop-save that follows fails with
+    BrokenPipeError."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not isinstance(filesystem_async._results_queue, queue.Queue):
+        filesystem_async._results_queue = queue.Queue()
+
+
+def _fsync_dir(path: str) -> None:
+    """A rename or a new file in ``path`` survives a power loss only once the directory is synced."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_durably(path: str, text: str) -> None:
+    """``text`` into ``path`` atomically (a temporary file renamed over it) and on disk."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _save_durably(obj, path: str) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _one_line_reason(error: BaseException) -> str:
+    """The root of a failure in one line: torch's CheckpointException carries each failed rank's
+    exception with its traceback; megatron-core's writer wraps the worker's error in another."""
+    if isinstance(error, CheckpointException) and error.failures:
+        wrapped = next(iter(error.failures.values()))
+        error = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _agree(error: Optional[BaseException], path: str, previous: Optional[int], root: str) -> None:
+    """Collective: raises SaveFailedError on every rank when the save failed on any, with the
+    first failing rank's reason, so no rank goes on to wait for the others at a barrier."""
+    reason = None if error is None else _one_line_reason(error)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        reasons = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(reasons, reason)
+    else:
+        reasons = [reason]
+    failed = [(rank, text) for rank, text in enumerate(reasons) if text is not None]
+    if not failed:
+        return
+    rank, text = failed[0]
+    kept = f"{iteration_dir(root, previous)} is intact" if previous is not None else "there is no earlier checkpoint"
+    try:
+        text += f"; {shutil.disk_usage(root).free / 2**20:.0f} MiB free there"
+    except OSError:
+        pass
+    raise SaveFailedError(f"saving checkpoint {path} failed (rank {rank}: {text}); the newest complete "
+                          f"checkpoint {kept}: free space or fix the permissions of --save {root} and resume")
+
+
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, consumed_samples: int, args,
-                    task_name: str, lsh_merge_thresholds: Optional[dict] = None) -> str:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+                    task_name: str, lsh_merge_thresholds: Optional[dict] = None, run_clock: Optional[dict] = None,
+                    keep_last: Optional[int] = None) -> str:
+    """Collective: every rank calls it. Returns the checkpoint directory. ``run_clock``: the run's
+    time axis at this save (see training/run_clock.py). ``keep_last``: afterwards delete all but the
+    newest ``keep_last`` complete checkpoints."""
     final = iteration_dir(root, iteration)
     partial = final + ".partial"
+    previous = find_latest_checkpoint(root)
+    error = None
     if _rank() == 0:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(partial)  # dist_checkpointing writes into an existing, empty directory
-        # The run's tokenizer travels with its checkpoints, for conversion and evaluation.
-        tokenizer = getattr(args, "tokenizer_model", None)
-        if tokenizer and os.path.isdir(tokenizer):
-            _copy_tokenizer_dir(tokenizer, os.path.join(root, TOKENIZER_DIR_COPY))
-        elif tokenizer and not os.path.isfile(os.path.join(root, TOKENIZER_COPY)):
-            shutil.copy(tokenizer, os.path.join(root, TOKENIZER_COPY + ".tmp"))
-            os.replace(os.path.join(root, TOKENIZER_COPY + ".tmp"), os.path.join(root, TOKENIZER_COPY))
-    _barrier()
+        try:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)
+            os.makedirs(partial)  # dist_checkpointing writes into an existing, empty directory
+            # The run's tokenizer travels with its checkpoints, for conversion and evaluation.
+            tokenizer = getattr(args, "tokenizer_model", None)
+            if tokenizer and os.path.isdir(tokenizer):
+                _copy_tokenizer_dir(tokenizer, os.path.join(root, TOKENIZER_DIR_COPY))
+            elif tokenizer and not os.path.isfile(os.path.join(root, TOKENIZER_COPY)):
+                shutil.copy(tokenizer, os.path.join(root, TOKENIZER_COPY + ".tmp"))
+                os.replace(os.path.join(root, TOKENIZER_COPY + ".tmp"), os.path.join(root, TOKENIZER_COPY))
+        except OSError as failure:
+            error = failure
+    _agree(error, final, previous, root)
 
+    if run_clock is not None and torch.distributed.is_initialized():
+        # Rank 0's reading: the common state must be the same on every rank.
+        shared = [run_clock]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        run_clock = shared[0]
     state = _sharded_state_dict(model, optimizer, is_loading=False)
     state.update(
         iteration=iteration,
@@ -187,26 +318,53 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, cons
         task=task_name,
         # The compression controller's state: each LSH layer's merge threshold.
         lsh_merge_thresholds=lsh_merge_thresholds,
+        run_clock=run_clock,
         world_size=torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
         parallel_layout=parallel_layout(),
     )
-    dist_checkpointing.save(state, partial)
-    os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
-    torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{_rank():05d}.pt"))
-    _barrier()
+    try:
+        _write_results_in_process()
+        # Collective inside; a rank's failed write reaches every rank as an exception.
+        dist_checkpointing.save(state, partial)
+        os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
+        _save_durably(_rng_state(), os.path.join(partial, "rng", f"rank_{_rank():05d}.pt"))
+    except (Exception, CheckpointException) as failure:  # noqa: BLE001 - reported on every rank by _agree
+        # (torch's CheckpointException, which gathers every rank's write failure, is a BaseException)
+        error = failure
+    if error is not None and _rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # frees what a full disk took
+    _agree(error, final, previous, root)
 
     if _rank() == 0:
-        with open(os.path.join(partial, COMPLETE_MARKER), "w") as f:
-            f.write(f"{iteration}\n")
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        tracker = os.path.join(root, TRACKER_FILE)
-        with open(tracker + ".tmp", "w") as f:
-            f.write(f"{iteration}\n")
-        os.replace(tracker + ".tmp", tracker)
+        try:
+            _fsync_dir(partial)
+            _write_durably(os.path.join(partial, COMPLETE_MARKER), f"{iteration}\n")
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _fsync_dir(root)
+            _write_durably(os.path.join(root, TRACKER_FILE), f"{iteration}\n")
+        except OSError as failure:
+            error = failure
+    _agree(error, final, previous, root)
+    if keep_last is not None and _rank() == 0:
+        prune_checkpoints(root, keep_last)
     _barrier()
     return final
+
+
+def prune_checkpoints(root: str, keep_last: int) -> list:
+    """Deletes every complete checkpoint but the newest ``keep_last`` (at least one is always kept),
+    oldest first; returns the iterations deleted."""
+    complete = complete_iterations(root)
+    doomed = complete[:-max(keep_last, 1)]
+    for iteration in doomed:
+        path = iteration_dir(root, iteration)
+        # Renamed first, so a crash mid-delete leaves a directory nobody mistakes for a checkpoint.
+        trash = path + ".deleting"
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return doomed
 
 
 def _copy_tokenizer_dir(source: str, target: str) -> None:
@@ -229,6 +387,7 @@ class LoadedCheckpoint:
     path: str
     args: dict
     lsh_merge_thresholds: Optional[dict] = None
+    run_clock: Optional[dict] = None
 
 
 def load_checkpoint(
@@ -288,8 +447,14 @@ def load_checkpoint(
         else:
             same_layout = saved_layout == parallel_layout()
         if same_layout and os.path.isfile(rng_file):
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+            try:
+                rng_state = torch.load(rng_file, weights_only=True)
+            except pickle.UnpicklingError:  # written before RNG files held plain types only
+                logger.warning(f"{rng_file}: an older format that only a full unpickling reads; RNG states "
+                               "not restored (dropout after the resume differs from an uninterrupted run)")
+            else:
+                _set_rng_state(rng_state)
         else:
             logger.warning(f"{path}: RNG states not restored (saved with another parallel layout: {saved_layout})")
     return LoadedCheckpoint(state["iteration"], state["consumed_samples"], path, saved_args,
-                            common.get("lsh_merge_thresholds"))
+                            common.get("lsh_merge_thresholds"), common.get("run_clock"))

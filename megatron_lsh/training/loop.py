@@ -31,13 +31,21 @@ from megatron_lsh.moe.controller import CompressionController
 from megatron_lsh.moe.topology import nodes_of_group, ranks_per_node
 from megatron_lsh.training import a2a_timer
 from megatron_lsh.training.arguments import ArgumentError, validate_args
-from megatron_lsh.training.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
+from megatron_lsh.training.checkpointing import (
+    CheckpointError,
+    SaveFailedError,
+    find_latest_checkpoint,
+    iteration_dir,
+    load_checkpoint,
+    save_checkpoint,
+)
 from megatron_lsh.training.config import transformer_config_from_args
 from megatron_lsh.training.initialize import destroy_distributed, initialize_distributed
 from megatron_lsh.training.metrics import compression_metrics, moe_aux_loss_metrics
 from megatron_lsh.training.metrics_logger import MetricsLogger, timestamp
 from megatron_lsh.training.nonfinite import NonFiniteWatch
 from megatron_lsh.training.optimizer import TrainingOptimizer
+from megatron_lsh.training.resume import ResumePlan, RunClock, check_schedule, plan_resume
 from megatron_lsh.training.task import ModelTask, masked_token_mean, padded_vocab_size, perplexity
 
 logger = logging.getLogger(__name__)
@@ -93,6 +101,9 @@ class Trainer:
         validate_args(args, world_size)
         # Built before any process group exists, so a bad model flag stops every rank alike.
         self.config = transformer_config_from_args(args)
+        # Likewise which checkpoint this job starts from: a missing or foreign one stops every rank.
+        resume_plan = plan_resume(args)
+        self.clock = RunClock(self.start_time)
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         os.environ.setdefault("RANK", "0")
@@ -169,26 +180,17 @@ class Trainer:
             wd_incr_style="constant",
             wsd_decay_steps=args.lr_wsd_decay_iters,
             lr_wsd_decay_style=args.lr_wsd_decay_style,
+            # A changed schedule is refused or resolved by check_schedule before the state loads.
+            use_checkpoint_opt_param_scheduler=not args.override_opt_param_scheduler,
+            override_opt_param_scheduler=args.override_opt_param_scheduler,
         )
         self.lsh_controller = CompressionController.for_model(self.model, self.config)
         self.iteration = 0
         self.consumed_samples = 0
         self.history: list = []  # every logged row of metrics, for callers and tests
-        if args.load:
-            loaded = load_checkpoint(
-                args.load, self.model, self.optimizer, self.scheduler,
-                load_optim=not args.no_load_optim, load_rng=not args.no_load_rng, finetune=args.finetune,
-                step=args.ckpt_step,
-            )
-            if loaded is None:
-                self.log.console(f"no checkpoint in {args.load} yet: training from scratch")
-            else:
-                if args.no_load_optim or args.finetune:
-                    self.optimizer.reload_model_params()
-                self.iteration, self.consumed_samples = loaded.iteration, loaded.consumed_samples
-                if self.lsh_controller is not None and loaded.lsh_merge_thresholds:
-                    self.lsh_controller.load_state_dict(loaded.lsh_merge_thresholds)
-                self.log.console(f"loaded {loaded.path}: resuming at iteration {self.iteration}")
+        self.restart_gap_metrics: Optional[Dict[str, float]] = None  # logged once, at the first row
+        if resume_plan is not None:
+            self._resume(resume_plan)
 
         parameters = sum(p.numel() for chunk in self.model for p in chunk.parameters())
         self.log.console(
@@ -217,6 +219,38 @@ class Trainer:
         self._signal_received: Optional[int] = None
         if args.exit_signal_handler:
             signal.signal(signal.SIGTERM, self._note_signal)
+
+    def _resume(self, plan: ResumePlan) -> None:
+        args = self.args
+        if plan.note:
+            self.log.console(plan.note)
+        iteration = plan.step if plan.step is not None else find_latest_checkpoint(plan.directory)
+        load_optim = not args.no_load_optim and not plan.finetune
+        if iteration is not None and load_optim:
+            said = check_schedule(iteration_dir(plan.directory, iteration), self.scheduler, args)
+            if said:
+                self.log.console(said)
+        loaded = load_checkpoint(
+            plan.directory, self.model, self.optimizer, self.scheduler,
+            load_optim=not args.no_load_optim, load_rng=not args.no_load_rng, finetune=plan.finetune,
+            step=plan.step,
+        )
+        if not load_optim:
+            self.optimizer.reload_model_params()
+        self.iteration, self.consumed_samples = loaded.iteration, loaded.consumed_samples
+        if self.lsh_controller is not None and loaded.lsh_merge_thresholds:
+            self.lsh_controller.load_state_dict(loaded.lsh_merge_thresholds)
+        if plan.finetune:
+            self.log.console(f"loaded the weights of {loaded.path}: fine-tuning from iteration 0")
+            return
+        self.log.console(f"loaded {loaded.path}: resuming at iteration {self.iteration}")
+        gap = self.clock.resume(loaded.run_clock)
+        if gap is not None:
+            self.log.console(f"restart gap: {gap:.0f}s between that save and this job's start (work after the save, "
+                             f"queueing; {self.clock.restart_gaps:.0f}s over all restarts) is not on the time axis, "
+                             f"which resumes at {self.clock.seconds():.0f}s")
+            self.restart_gap_metrics = {"restart gap seconds": gap,
+                                        "restart gaps seconds total": self.clock.restart_gaps}
 
     def layout(self) -> str:
         args = self.args
@@ -383,8 +417,9 @@ class Trainer:
             self.args.save, self.iteration, self.model, self.optimizer, self.scheduler,
             self.consumed_samples, self.args, self.task.name,
             lsh_merge_thresholds=self.lsh_controller.state_dict() if self.lsh_controller is not None else None,
+            run_clock=self.clock.state(), keep_last=self.args.ckpt_keep_last,
         )
-        self.log.console(f"saved checkpoint {path} ({time.time() - start:.1f}s)")
+        self.log.console(f"saved checkpoint {path} ({time.time() - start:.2f}s)")
 
     def _evaluate_and_log(self, dataset=None, name="validation") -> None:
         with a2a_timer.excluded():
@@ -396,8 +431,15 @@ class Trainer:
         if f"{name} lsh compression rate" in metrics:
             line += f" lsh compression rate: {metrics[f'{name} lsh compression rate']:.3f} |"
         self.log.console("-" * len(line) + "\n" + line + "\n" + "-" * len(line))
-        self.log.log(metrics, self.iteration, self.tokens_seen(), time.time() - self.start_time)
+        self._log_row(metrics)
         self.history.append({"iteration": self.iteration, **metrics})
+
+    def _log_row(self, metrics: Dict[str, float]) -> None:
+        """One row of metrics to tensorboard and wandb, against iteration, tokens and the run's clock."""
+        if self.restart_gap_metrics is not None:
+            metrics = {**metrics, **self.restart_gap_metrics}
+            self.restart_gap_metrics = None
+        self.log.log(metrics, self.iteration, self.tokens_seen(), self.clock.seconds())
 
     def _log_interval(self, interval: Dict[str, list]) -> None:
         args = self.args
@@ -446,7 +488,7 @@ class Trainer:
         if "a2a share of step time" in metrics:
             line += f" a2a share: {100 * metrics['a2a share of step time']:.1f}% |"
         self.log.console(line)
-        self.log.log(metrics, self.iteration, self.tokens_seen(), time.time() - self.start_time)
+        self._log_row(metrics)
         self.history.append({"iteration": self.iteration, **metrics})
 
 
@@ -489,6 +531,12 @@ def pretrain(task: ModelTask, args) -> None:
         trainer.train()
     except (ArgumentError, DataError, TokenizerError) as error:
         # Every rank sees the same flags and files: one message, from rank 0.
+        if int(os.environ.get("RANK", "0")) == 0:
+            _write_error_line(f"error: {error}")
+        destroy_distributed()
+        sys.exit(2)
+    except SaveFailedError as error:
+        # Raised alike on every rank, with the failing rank's reason: one line, from rank 0.
         if int(os.environ.get("RANK", "0")) == 0:
             _write_error_line(f"error: {error}")
         destroy_distributed()

@@ -1,0 +1,169 @@
+"""Where a run starts from, and what it keeps of a checkpoint's schedule and clock.
+
+- A resubmitted job continues its own work: when --save holds a complete checkpoint this training
+  wrote, the job resumes from it, whatever --load or --finetune say (they only start a job whose
+  --save is still empty). --finetune, or a --load other than --save, that finds no checkpoint is
+  an error; so is a --save or --load holding checkpoints this project did not write.
+- The learning-rate schedule on resume follows Megatron-LM: a schedule flag that differs from the
+  checkpoint's is refused, unless --override-opt_param-scheduler (take the flags) or
+  --use-checkpoint-opt_param-scheduler (take the checkpoint's) says which one wins.
+- The run's clock: wall-clock seconds on the time axis continue across preemptions from where the
+  checkpoint left them; the gap between a save and the next job's start (work lost after the save,
+  time in the queue) is logged apart.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_lsh.training.arguments import ArgumentError
+from megatron_lsh.training.checkpointing import (
+    common_state,
+    complete_iterations,
+    find_latest_checkpoint,
+    foreign_checkpoints,
+    iteration_dir,
+)
+
+
+@dataclass
+class ResumePlan:
+    directory: str
+    finetune: bool
+    step: Optional[int] = None
+    note: Optional[str] = None  # said on the console when the plan is not what the flags read as
+
+
+def _same_directory(first: Optional[str], second: Optional[str]) -> bool:
+    return first is not None and second is not None and os.path.abspath(first) == os.path.abspath(second)
+
+
+def _refuse_foreign(flag: str, directory: str) -> None:
+    foreign = foreign_checkpoints(directory)
+    if foreign:
+        raise ArgumentError(
+            f"{flag} {directory} holds {foreign[0]}, which megatron-lsh did not write (it marks each complete "
+            "checkpoint with a 'complete' file): it is never overwritten or loaded as ours; pass another directory"
+        )
+
+
+def _holds_training_state(directory: str, iteration: int) -> bool:
+    """A checkpoint written by training (with its schedule), not by import_hf (weights only)."""
+    return common_state(iteration_dir(directory, iteration)).get("scheduler") is not None
+
+
+def plan_resume(args) -> Optional[ResumePlan]:
+    """Which checkpoint this job starts from (None: from scratch), from --save, --load,
+    --finetune and --ckpt-step; ArgumentError when the flags ask for one that is not there."""
+    save, load = args.save, args.load
+    if save is not None:
+        _refuse_foreign("--save", save)
+        own = find_latest_checkpoint(save)
+        choosing_a_step_of_save = args.ckpt_step is not None and _same_directory(load, save)
+        if own is not None and not choosing_a_step_of_save and _holds_training_state(save, own):
+            note = None
+            if args.finetune or (load is not None and not _same_directory(load, save)):
+                asked = " ".join(part for part in (f"--load {load}" if load else "",
+                                                   "--finetune" if args.finetune else "") if part)
+                note = (f"--save {save} holds this job's own checkpoint (iteration {own}): resuming from it; "
+                        f"{asked} only starts a job whose --save is empty")
+            return ResumePlan(save, finetune=False, note=note)
+    if load is None:
+        if args.finetune:
+            raise ArgumentError("--finetune needs --load DIR, the checkpoint whose weights to start from")
+        return None
+    _refuse_foreign("--load", load)
+    if args.ckpt_step is None and find_latest_checkpoint(load) is None:
+        if _same_directory(load, save) and not args.finetune:
+            return None  # the first submission of a job that saves where it loads
+        why = ("--finetune needs the weights to start from" if args.finetune else
+               "pass the directory of a checkpoint, or leave --load out to train from scratch")
+        raise ArgumentError(f"--load {load} holds no complete checkpoint; {why}")
+    return ResumePlan(load, finetune=args.finetune, step=args.ckpt_step)
+
+
+# megatron-core's OptimizerParamScheduler state -> the flag that sets it here.
+_SCHEDULE_FLAGS = {
+    "max_lr": "--lr",
+    "min_lr": "--min-lr",
+    "lr_warmup_steps": "--lr-warmup-iters",
+    "lr_decay_style": "--lr-decay-style",
+    "lr_decay_steps": "--lr-decay-iters (default: --train-iters)",
+    "start_wd": "--weight-decay",
+    "end_wd": "--weight-decay",
+}
+# Not in the scheduler's state: compared through the arguments the checkpoint saved.
+_WSD_FLAGS = {"lr_wsd_decay_iters": "--lr-wsd-decay-iters", "lr_wsd_decay_style": "--lr-wsd-decay-style"}
+
+
+def schedule_differences(saved_schedule: dict, saved_args: dict, schedule: dict, args) -> list:
+    """(flag, this run's value, the checkpoint's) for every schedule setting that differs."""
+    differences = [(flag, schedule[key], saved_schedule[key]) for key, flag in _SCHEDULE_FLAGS.items()
+                   if key in saved_schedule and schedule[key] != saved_schedule[key]]
+    if args.lr_decay_style == "WSD":
+        differences += [(flag, getattr(args, key), saved_args.get(key)) for key, flag in _WSD_FLAGS.items()
+                        if getattr(args, key) != saved_args.get(key)]
+    seen, unique = set(), []
+    for difference in differences:  # --weight-decay sets two fields
+        if difference[0] not in seen:
+            seen.add(difference[0])
+            unique.append(difference)
+    return unique
+
+
+def check_schedule(path: str, scheduler, args) -> Optional[str]:
+    """Before a resume loads the scheduler: refuse a changed schedule flag (ArgumentError, one line)
+    unless a flag says whose schedule wins; returns what to say when one did."""
+    common = common_state(path)
+    saved_schedule, saved_args = common.get("scheduler"), common.get("args", {})
+    if saved_schedule is None:
+        return None
+    differences = schedule_differences(saved_schedule, saved_args, scheduler.state_dict(), args)
+    if not differences:
+        return None
+    listed = "; ".join(f"{flag} {ours} (checkpoint: {theirs})" for flag, ours, theirs in differences)
+    if args.override_opt_param_scheduler:
+        return f"--override-opt_param-scheduler: the schedule follows the flags: {listed}"
+    if args.use_checkpoint_opt_param_scheduler:
+        if args.lr_decay_style == "WSD" or saved_schedule.get("lr_decay_style") == "WSD":
+            scheduler.wsd_decay_steps = saved_args.get("lr_wsd_decay_iters")
+            scheduler.lr_wsd_decay_style = saved_args.get("lr_wsd_decay_style")
+        return f"--use-checkpoint-opt_param-scheduler: the schedule stays the checkpoint's, not the flags' {listed}"
+    flag, ours, theirs = differences[0]
+    more = f" (and {len(differences) - 1} more: {listed})" if len(differences) > 1 else ""
+    raise ArgumentError(
+        f"{flag} {ours} differs from the checkpoint's {theirs} ({path}){more}: pass "
+        "--override-opt_param-scheduler to train with the flags' schedule, or --use-checkpoint-opt_param-scheduler "
+        "to keep the checkpoint's"
+    )
+
+
+class RunClock:
+    """The run's wall-clock axis: seconds of this job plus those of the jobs before it, up to the
+    checkpoint each resume started from. Gaps between a save and the next job's start are kept
+    apart (``restart_gap_seconds``), so perplexity against time is one line across preemptions."""
+
+    def __init__(self, job_start: Optional[float] = None):
+        self.job_start = time.time() if job_start is None else job_start
+        self.before_this_job = 0.0
+        self.restart_gaps = 0.0
+
+    def seconds(self) -> float:
+        return self.before_this_job + time.time() - self.job_start
+
+    def state(self) -> dict:
+        """What a checkpoint keeps."""
+        return {"seconds": self.seconds(), "saved_at": time.time(), "restart_gap_seconds": self.restart_gaps}
+
+    def resume(self, saved: Optional[dict]) -> Optional[float]:
+        """Continue a checkpoint's clock; returns this restart's gap (None for a checkpoint saved
+        before clocks were)."""
+        if not saved:
+            return None
+        gap = max(self.job_start - saved["saved_at"], 0.0)
+        self.before_this_job = saved["seconds"]
+        self.restart_gaps = saved.get("restart_gap_seconds", 0.0) + gap
+        return gap
