@@ -129,24 +129,37 @@ def kill_with_descendants(pid):
             pass
 
 
-def sigterm_job_at(flags, iteration: int, nproc=2, script="pretrain_gpt_moe.py", timeout=300) -> str:
-    """The script under torchrun, sent SIGTERM to every process of the job (as SLURM and torchrun
-    stop a job: workers, data-loader workers, checkpoint writers) once it logs ``iteration``; its
-    output. The job must save, stop and exit 0."""
+def sigterm_job_at(flags, iteration: int, nproc=2, script="pretrain_gpt_moe.py", timeout=300,
+                   whole_group=False) -> str:
+    """The script under torchrun, sent SIGTERM once it logs ``iteration``; its output. The job must
+    save and stop. By default the signal goes to torchrun's workers (and their data-loader workers
+    and checkpoint writers), as torchrun forwards it, and torchrun must exit 0. With
+    ``whole_group``, to every process of the job, torchrun included, as SLURM sends it: torchrun
+    then ends in its own SignalException (exit 1) once the workers are gone, so the workers'
+    clean end is read from the output: rank 0's closing line and no rank's traceback."""
     import psutil
 
     process = subprocess.Popen(torchrun_command(flags, nproc=nproc, script=script), cwd=REPO, env=environment(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=whole_group)
     output = []
     for line in process.stdout:
         output.append(line)
         if re.search(rf"iteration\s+{iteration}/", line):
-            for worker in psutil.Process(process.pid).children(recursive=True):
-                worker.send_signal(signal.SIGTERM)
+            if whole_group:
+                os.killpg(process.pid, signal.SIGTERM)
+            else:
+                for worker in psutil.Process(process.pid).children(recursive=True):
+                    worker.send_signal(signal.SIGTERM)
             break
     output.append(process.stdout.read())
     output = "".join(output)
-    assert process.wait(timeout=timeout) == 0, output[-3000:]
+    code = process.wait(timeout=timeout)
+    if whole_group:
+        assert re.search(r"done: iteration \d+", output) and not re.search(r"\[rank\d+\]: Traceback", output), \
+            output[-3000:]
+    else:
+        assert code == 0, output[-3000:]
     return output
 
 
