@@ -62,7 +62,7 @@ def _ratio(s: Dict, reference: Dict) -> float:
 
 def write_report(summaries: Dict[str, Dict], docs: Path) -> None:
     lines = [
-        "# Quality against bytes: LSH-MoE, 8-bit payloads and stock megatron-core",
+        "# Quality against bytes: LSH-MoE, 8- and 4-bit payloads and stock megatron-core",
         "",
         "Regenerate with `python benchmarks/quality_study.py` (hours on 2 cores; it runs in parts, e.g.",
         "`--corpus quickstart --groups ablation`, and `--report-only` rewrites this page from the summaries",
@@ -72,12 +72,14 @@ def write_report(summaries: Dict[str, Dict], docs: Path) -> None:
         "same seed (1234) and same data order, on one of two corpora, each with its own 8000-piece tokenizer.",
         "",
         "Bytes: all four all-to-alls (dispatch and combine, forward and backward) as a bf16 run sends them",
-        "(2 bytes an element; mxfp8 1 byte an element and a 1-byte scale per 32; routing probabilities",
-        "2 bytes, sent by stock and by 8-bit payloads alone, kept home by LSH) against megatron-core's",
+        "(2 bytes an element; mxfp8 1 byte an element and a 1-byte scale per 32; mxfp4 half a byte an",
+        "element and a 1-byte scale per 32; nvfp4 half a byte an element, a 1-byte scale per 16 and 4 bytes a",
+        "row; routing probabilities 2 bytes, sent by stock and by payloads alone, kept home by LSH) against megatron-core's",
         "dispatch of the same rows in bf16, whatever the CPU computes in. Compression rate: centroids / token",
         "rows; relative error: mean ||x - c|| / ||x|| of token rows against the centroid that replaced them.",
         "Perplexity ratios are against the stock run of the same length and corpus. The peer: 8-bit (mxfp8)",
-        "payloads without LSH, as DeepSeek-V3 and newer Megatron-LM send them.",
+        "payloads without LSH, as DeepSeek-V3 and newer Megatron-LM send them; the 4-bit peers (mxfp4, nvfp4)",
+        "are the next step down the field is taking.",
         "",
     ]
     points_by_corpus = {}
@@ -475,7 +477,7 @@ def _plots(corpus: str, summaries: Dict[str, Dict], points: List[tuple], docs: P
     axis.axhline(PPL_TARGET[corpus], color="grey", linestyle=":")
     axis.axvline(BYTES_TARGET, color="grey", linestyle=":")
     axis.set(xlabel="a2a bytes / bf16 stock (whole run)", ylabel="final perplexity / stock",
-             title=f"{corpus}: ablations (squares: 8-bit payloads alone, the peer)")
+             title=f"{corpus}: ablations (squares: low-precision payloads alone, the peers)")
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(docs / f"quality_pareto_{corpus}.png", dpi=110)

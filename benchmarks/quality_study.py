@@ -76,6 +76,13 @@ CP6 = ["--lsh", "--lsh-hash-type", "cross_polytope", "--lsh-num-hashes", "6", "-
        "--lsh-redraw-interval", "0", *BF16_ALL, "--lsh-split", "hash"]
 # Megatron-LM's two: the token->expert direction of the forward and of the backward.
 MXFP8_DISPATCH = ["--moe-dispatch-fwd-dtype", "mxfp8", "--moe-combine-bwd-dtype", "mxfp8"]
+# 4-bit payloads (issue 33): in all four directions, and in the field's two (dispatch forward,
+# combine backward; the forward combine and the dispatch backward stay 16-bit).
+MXFP4_ALL = [value if value != "mxfp8" else "mxfp4" for value in MXFP8_ALL]
+NVFP4_ALL = [value if value != "mxfp8" else "nvfp4" for value in MXFP8_ALL]
+MXFP4_DISPATCH = [value if value != "mxfp8" else "mxfp4" for value in MXFP8_DISPATCH]
+NVFP4_DISPATCH = [value if value != "mxfp8" else "nvfp4" for value in MXFP8_DISPATCH]
+STOCHASTIC_GRADIENTS = ["--moe-payload-bwd-rounding", "stochastic"]
 # Hash seeds besides the default one (1234), for the spread that makes a difference a tie.
 HASH_SEEDS = ("42", "7")
 
@@ -148,6 +155,27 @@ def plan() -> List[Variant]:
         Variant("bound 0.3", bound, "ablation", "the error bound alone"),
         Variant("cp6 + mxfp8", stacked(CP6, MXFP8_ALL), "ablation", "fixed hashing, stacked"),
         Variant("bound 0.3 + mxfp8", stacked(bound, MXFP8_ALL), "ablation", "the error bound, stacked"),
+    ]
+    # The bytes frontier below 8 bits: 4-bit payloads alone, and LSH earning its rows over them
+    # (a merge's error compounds with the payload's ~0.1 per row, so tighter bounds than 8 bits').
+    h16 = with_flags(bound, lsh_num_hashes="16")
+    variants += [
+        Variant("mxfp4", ["--no-lsh", *MXFP4_ALL], "ablation", "4-bit MX payloads (e2m1, power-of-two scale per 32) "
+                "in all four directions", peer=True),
+        Variant("nvfp4", ["--no-lsh", *NVFP4_ALL], "ablation", "4-bit NVFP4 payloads (e2m1, e4m3 scale per 16, fp32 "
+                "per row) in all four directions", peer=True),
+        Variant("mxfp4 dispatch", ["--no-lsh", *MXFP4_DISPATCH], "ablation",
+                "4-bit MX payloads in the field's two directions (dispatch forward, combine backward)", peer=True),
+        Variant("nvfp4 dispatch", ["--no-lsh", *NVFP4_DISPATCH], "ablation",
+                "4-bit NVFP4 payloads in the field's two directions", peer=True),
+        Variant("nvfp4 sr", ["--no-lsh", *NVFP4_ALL, *STOCHASTIC_GRADIENTS], "ablation",
+                "NVFP4 in all four directions, gradients rounded stochastically (the NVFP4 recipe's choice)", peer=True),
+        Variant("bound 0.2 h16 + mxfp4", stacked(with_flags(h16, lsh_error_bound="0.2"), MXFP4_ALL), "ablation",
+                "LSH over 4-bit MX rows, a tighter bound than the default's"),
+        Variant("bound 0.1 h16 + mxfp4", stacked(with_flags(h16, lsh_error_bound="0.1"), MXFP4_ALL), "ablation",
+                "LSH over 4-bit MX rows, a bound below the payload's own error"),
+        Variant("bound 0.2 h16 + nvfp4", stacked(with_flags(h16, lsh_error_bound="0.2"), NVFP4_ALL), "ablation",
+                "LSH over 4-bit NVFP4 rows, a tighter bound than the default's"),
     ]
     # The default (the hash levels) at two more hash seeds: the tie width ("bound 0.3 h16 + mxfp8"
     # is its run at 1234).

@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Sequence, Union
 from megatron_lsh.checkpoint.loading import saved_run, tokenizer_model_path
 from megatron_lsh.models.architectures import gpt_moe_pattern
 from megatron_lsh.moe.config import LSH_PAYLOADS, PAYLOAD_SETTINGS, flag_named_after
-from megatron_lsh.moe.payload import MX_BLOCK, PAYLOAD_FORMATS, row_bytes
+from megatron_lsh.moe.payload import PAYLOAD_FORMATS, PayloadFormatError, check_payload_format, row_bytes
 from megatron_lsh.training.checkpointing import CheckpointError
 
 # Bytes of a routing probability megatron-core's dispatcher sends with each row (fp32).
@@ -151,9 +151,11 @@ def check_payloads(payloads: Dict[str, str], hidden_size: int) -> Dict[str, str]
     for name, payload_format in formats.items():
         if payload_format not in PAYLOAD_FORMATS:
             raise ProjectionError(f"{flag_named_after(name)} {payload_format}: use one of {', '.join(PAYLOAD_FORMATS)}")
-        if payload_format == "mxfp8" and hidden_size % MX_BLOCK:
-            raise ProjectionError(f"{flag_named_after(name)} mxfp8 scales blocks of {MX_BLOCK} elements, which do "
-                                  f"not divide --hidden-size {hidden_size}")
+        try:
+            check_payload_format(payload_format, hidden_size)
+        except PayloadFormatError as error:
+            reason = str(error).replace("the hidden size", "--hidden-size")
+            raise ProjectionError(f"{flag_named_after(name)} {payload_format}: {reason}") from None
     return formats
 
 

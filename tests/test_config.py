@@ -125,9 +125,10 @@ def test_a_run_saved_before_a_setting_existed_loads_with_what_it_ran_with():
     bf16_payloads = {name: "bf16" for name in PAYLOAD_SETTINGS}
     assert settings_before_they_existed({"lsh_error_compensation": True}) == {
         "lsh_compensation": "residual", "lsh_error_bound": None, "lsh_target_compression": None,
-        "lsh_split": "hash", **bf16_payloads}
+        "lsh_split": "hash", "moe_payload_bwd_rounding": "nearest", **bf16_payloads}
     assert settings_before_they_existed({"lsh_compensation": "none", "lsh_error_bound": 0.3,
-                                         "lsh_target_compression": 0.3, "lsh_split": "hash", **bf16_payloads}) == {}
+                                         "lsh_target_compression": 0.3, "lsh_split": "hash",
+                                         "moe_payload_bwd_rounding": "nearest", **bf16_payloads}) == {}
 
 
 def test_evaluation_overrides_only_the_lsh_settings_given_and_off_means_no_bound():

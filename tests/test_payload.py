@@ -108,3 +108,140 @@ def test_mxfp8_needs_a_torch_with_float8(monkeypatch):
                              moe_dispatch_fwd_dtype="mxfp8")
     assert error.value.setting == "moe_dispatch_fwd_dtype"
     assert "needs torch.float8_e4m3fn" in str(error.value)
+
+
+# -- 4-bit payloads -------------------------------------------------------------------------------
+
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+
+
+def test_e2m1_rounds_to_the_nearest_value_ties_to_even_and_saturates_at_6():
+    from megatron_lsh.moe.payload import _e2m1_codes, _e2m1_values
+
+    given = torch.tensor([0.0, 0.2, 0.25, 0.3, 0.5, 0.75, 1.25, 1.75, 2.5, 2.6, 3.5, 5.0, 5.1, 6.0, 7.0, 1e30,
+                          -0.25, -0.3, -0.75, -5.0, -9.0])
+    expected = [0.0, 0.0, 0.0, 0.5, 0.5, 1.0, 1.0, 2.0, 2.0, 3.0, 4.0, 4.0, 6.0, 6.0, 6.0, 6.0,
+                0.0, -0.5, -1.0, -4.0, -6.0]
+    codes = _e2m1_codes(given, stochastic=False)
+    assert _e2m1_values(codes).tolist() == expected
+    assert codes[16].item() == 0  # -0.25 rounds to +0: no negative zero on the wire
+    assert sorted(set(_e2m1_values(torch.arange(16, dtype=torch.uint8)).abs().tolist())) == E2M1
+
+
+def hand_block(scale):
+    """32 elements whose e2m1 codes after dividing by ``scale`` are known: every value, the
+    subnormal 0.5, the ties."""
+    elements = [6.0, -6.0, 4.0, 3.0, 2.0, 1.5, 1.0, 0.5, 0.0, -0.5, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]
+    elements += [0.0] * (32 - len(elements))
+    rounded = [6.0, -6.0, 4.0, 3.0, 2.0, 1.5, 1.0, 0.5, 0.0, -0.5, 0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
+    rounded += [0.0] * (32 - len(rounded))
+    return torch.tensor(elements) * scale, torch.tensor(rounded) * scale
+
+
+def test_an_mxfp4_block_is_sixteen_bytes_of_element_pairs_and_its_power_of_two_scale():
+    from megatron_lsh.moe.payload import decode_mxfp4, encode_mxfp4
+
+    block, rounded = hand_block(2.0 ** -3)  # amax 6 x 2^-3: the scale is 2^-3 exactly
+    zeros = torch.zeros(32)
+    rows = torch.stack([torch.cat([block, zeros]), torch.cat([zeros, -block])])
+    wire = encode_mxfp4(rows)
+    assert wire.shape == (2, 64 // 2 + 64 // MX_BLOCK) and row_bytes("mxfp4", 64) == 34
+    assert wire[0, 0].item() == 0x7 | (0xF << 4)  # +6 in the low nibble, -6 in the high
+    assert wire[0, 32].item() == 127 - 3 and wire[1, 33].item() == 127 - 3
+    assert wire[0, 33].item() == 0  # an all-zero block: the smallest scale, elements zero
+    back = decode_mxfp4(wire, 64, torch.float32)
+    assert torch.equal(back[0], torch.cat([rounded, zeros])) and torch.equal(back[1], torch.cat([zeros, -rounded]))
+    # A block whose largest element needs the next power of two: 7 -> scale 2, elements halved.
+    wire = encode_mxfp4(torch.cat([torch.tensor([7.0, 1.0]), torch.zeros(30)]).unsqueeze(0))
+    assert wire[0, 16].item() == 127 + 1
+    assert decode_mxfp4(wire, 32, torch.float32)[0, :2].tolist() == [8.0, 1.0]
+
+
+def test_an_nvfp4_row_carries_e4m3_block_scales_under_its_fp32_row_scale():
+    from megatron_lsh.moe.payload import decode_nvfp4, encode_nvfp4
+
+    # Row amax 6 x 448: the row scale is 1 and a block of amax 6 gets the e4m3 scale 1 exactly.
+    block, rounded = hand_block(1.0)
+    row = torch.cat([block[:16], torch.full((16,), 6.0 * 448)])
+    wire = encode_nvfp4(row.unsqueeze(0))
+    assert wire.shape == (1, 16 + 2 + 4) and row_bytes("nvfp4", 32) == 22
+    assert wire[0, 18:].clone().view(torch.float32).item() == 1.0
+    assert wire[0, 16:18].view(torch.float8_e4m3fn).float().tolist() == [1.0, 448.0]
+    back = decode_nvfp4(wire, 32, torch.float32)
+    assert torch.equal(back[0, :16], rounded[:16]) and torch.all(back[0, 16:] == 6.0 * 448)
+    # A block scale that e4m3 rounds down (6.2 / 6 -> 1.0): the block's largest element saturates.
+    row = torch.cat([torch.tensor([6.2, 0.5]), torch.zeros(14), torch.full((16,), 6.0 * 448)])
+    back = decode_nvfp4(encode_nvfp4(row.unsqueeze(0)), 32, torch.float32)
+    assert back[0, :2].tolist() == [6.0, 0.5]
+    # A block far below the row's largest: its e4m3 scale is subnormal (2^-9 is e4m3's smallest).
+    row = torch.cat([torch.full((16,), 6.0 * 2.0 ** -9), torch.full((16,), 6.0 * 448)])
+    wire = encode_nvfp4(row.unsqueeze(0))
+    assert wire[0, 16].item() == 0x01  # the smallest subnormal e4m3
+    assert torch.equal(decode_nvfp4(wire, 32, torch.float32)[0], row)
+
+
+@pytest.mark.parametrize("payload_format", ["mxfp4", "nvfp4"])
+def test_4bit_payloads_keep_zeros_and_mark_non_finite_blocks_as_nan(payload_format):
+    rows = torch.zeros(3, 64)
+    rows[1, 3] = float("inf")
+    rows[1, 40] = 1.0
+    rows[2, 0] = float("nan")
+    back = round_trip(rows, payload_format)
+    assert torch.equal(back[0], rows[0])
+    block = MX_BLOCK if payload_format == "mxfp4" else 16
+    assert torch.isnan(back[1, :block]).all() and not torch.isnan(back[1, block:]).any()
+    assert back[1, 40].item() == 1.0 if payload_format == "mxfp4" else torch.isnan(back[1]).any()
+    assert torch.isnan(back[2, :block]).all()
+
+
+@pytest.mark.parametrize("payload_format", ["mxfp8", "mxfp4", "nvfp4"])
+def test_a_rows_encoding_does_not_depend_on_the_rows_sent_with_it(payload_format):
+    rows = rows_of_many_magnitudes(n=16, width=64)
+    together = round_trip(rows, payload_format)
+    alone = torch.cat([round_trip(rows[i:i + 1], payload_format) for i in range(16)])
+    assert torch.equal(together, alone)
+    assert torch.equal(round_trip(rows.flip(0), payload_format), together.flip(0))
+
+
+@pytest.mark.parametrize("payload_format, bytes_ratio, error_range", [
+    ("mxfp4", (128 + 8) / 512, (0.09, 0.13)), ("nvfp4", (128 + 16 + 4) / 512, (0.07, 0.11))])
+def test_4bit_payloads_on_gaussian_rows_send_about_a_quarter_of_the_bytes_at_about_a_tenth_error(
+        payload_format, bytes_ratio, error_range):
+    rows = torch.randn(256, 256, generator=torch.Generator().manual_seed(1))
+    back = round_trip(rows, payload_format)
+    relative = ((back - rows).norm(dim=1) / rows.norm(dim=1)).mean().item()
+    assert error_range[0] < relative < error_range[1]
+    assert row_bytes(payload_format, 256) / row_bytes("bf16", 256) == pytest.approx(bytes_ratio, abs=0.01)
+
+
+@pytest.mark.parametrize("payload_format", ["mxfp4", "nvfp4"])
+def test_stochastic_rounding_picks_a_neighbour_and_is_unbiased(payload_format):
+    torch.manual_seed(0)
+    # 1.2 within a block of amax 6 (scale 1 for mxfp4): neighbours 1.0 and 1.5, up 40% of the time.
+    row = torch.cat([torch.tensor([6.0]), torch.full((31,), 1.2)]).repeat(4000, 1)
+    if payload_format == "nvfp4":
+        row[:, 16] = 6.0  # the second block of 16 has the same amax
+    back = round_trip(row, payload_format, stochastic=True)
+    assert set(back[:, 1:16].unique().tolist()) == {1.0, 1.5}
+    assert back[:, 1:16].mean().item() == pytest.approx(1.2, abs=0.01)
+    nearest = round_trip(row, payload_format)
+    assert set(nearest[:, 1:16].unique().tolist()) == {1.0}
+
+
+def test_the_backward_directions_can_round_stochastically():
+    rows = rows_of_many_magnitudes(n=8, width=64).requires_grad_()
+    gradient = torch.randn(8, 64, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(3)
+    sent = payload_all_to_all(OneRankGroup(), rows, [8], [8], "mxfp4", "mxfp4", "stochastic")
+    sent.backward(gradient)
+    assert torch.equal(sent.detach(), round_trip(rows.detach(), "mxfp4"))  # forward: nearest
+    torch.manual_seed(3)
+    assert torch.equal(rows.grad, round_trip(gradient, "mxfp4", stochastic=True))
+
+
+def test_4bit_formats_need_their_block_to_divide_the_hidden_size():
+    with pytest.raises(PayloadFormatError, match="'mxfp4' scales blocks of 32 elements, which do not divide"):
+        check_payload_format("mxfp4", 48)
+    check_payload_format("nvfp4", 48)
+    with pytest.raises(PayloadFormatError, match="'nvfp4' scales blocks of 16 elements, which do not divide"):
+        check_payload_format("nvfp4", 40)

@@ -16,7 +16,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_lsh.lsh.clustering import SPLITS
 from megatron_lsh.lsh.hashing import HASH_TYPES, MAX_TOTAL_BUCKETS
-from megatron_lsh.moe.payload import PAYLOAD_FORMATS, PayloadFormatError, check_payload_format
+from megatron_lsh.moe.payload import PAYLOAD_FORMATS, ROUNDINGS, PayloadFormatError, check_payload_format
 from megatron_lsh.moe.topology import LSH_SCOPES
 
 
@@ -92,7 +92,9 @@ def payload_setting(direction: str, evaluation_override: bool = False) -> Field:
     """The payload format setting of one all-to-all direction."""
     return setting(
         "bf16", f"Payload format of {direction}: 'bf16' as computed (counted at 2 bytes an element); "
-        "'mxfp8' e4m3 elements with one power-of-two scale per 32 (1.03 bytes an element).",
+        "'mxfp8' e4m3 elements with one power-of-two scale per 32 (1.03 bytes an element); 'mxfp4' e2m1 "
+        "elements, two a byte, with one power-of-two scale per 32 (0.56 bytes an element); 'nvfp4' e2m1 "
+        "elements with one e4m3 scale per 16 under an fp32 scale per row (0.56 bytes an element and 4 a row).",
         choices=PAYLOAD_FORMATS, evaluation_override=evaluation_override, before_it_existed="bf16",
         flag_default=LSH_PAYLOADS)
 
@@ -185,6 +187,12 @@ class LSHTransformerConfig(TransformerConfig):
 
     moe_combine_bwd_dtype: str = payload_setting("the combine all-to-all's backward (the outputs' gradients to the "
                                                  "experts; Megatron-LM's name)")
+
+    moe_payload_bwd_rounding: str = setting(
+        "nearest", "How the backward directions' 4-bit payloads (mxfp4, nvfp4) round the gradients they carry: "
+        "'nearest' (ties to even) or 'stochastic' (up or down at random, with the probability that keeps the "
+        "expected value: the NVFP4 training recipe's choice for gradients). Forward payloads and mxfp8 always "
+        "round to nearest.", choices=ROUNDINGS, before_it_existed="nearest")
 
     lsh_seed: int = setting(1234, "Seed of the hash projections; every rank derives the same projections from it.")
 

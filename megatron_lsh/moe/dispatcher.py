@@ -103,6 +103,7 @@ class PayloadAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         global_rows = payload_all_to_all(
             self.ep_group, rows, self.output_splits, self.input_splits,
             self.config.moe_dispatch_fwd_dtype, self.config.moe_dispatch_bwd_dtype,
+            self.config.moe_payload_bwd_rounding,
         )
         return global_rows, self._dispatch_probs(probs, global_rows.size(0))
 
@@ -118,6 +119,7 @@ class PayloadAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         return payload_all_to_all(
             self.ep_group, hidden_states, self.input_splits, self.output_splits,
             self.config.moe_combine_fwd_dtype, self.config.moe_combine_bwd_dtype,
+            self.config.moe_payload_bwd_rounding,
         )
 
     def _sent_rows_per_expert(self) -> torch.Tensor:

@@ -4,11 +4,22 @@
 element whatever a run computes in, so a CPU run in fp32 reports what a GPU run in bf16 sends.
 'mxfp8' is the OCP microscaling format: e4m3 elements and one power-of-two (e8m0) scale per
 block of 32 elements along the row. The scale rounds up (2^ceil(log2(amax / 448))), so no
-element saturates. Rows cross the wire as bytes, elements then scales, and are decoded to the
-sender's dtype on arrival: the experts compute in the run's dtype, on what 8 bits carried.
+element saturates. 'mxfp4': e2m1 elements (0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives), two
+a byte, with the same e8m0 scale per 32, rounded up alike (amax / 6). 'nvfp4': e2m1 elements,
+two a byte, one e4m3 scale per 16 under one fp32 scale per row (NVIDIA's two-level scaling; per
+row rather than per tensor, so a row's encoding never depends on the rows sent beside it); the
+e4m3 scale rounds to nearest, so a block's largest element may saturate at 6. Elements round to
+nearest (ties to even), or, for the backward directions if asked, stochastically (the NVFP4
+training recipe's choice for gradients: unbiased, each element to one of its two neighbours).
+Rows cross the wire as bytes (elements, then scales) and are decoded to the sender's dtype on
+arrival: the experts compute in the run's dtype, on what the payload carried. A block holding a
+non-finite element is sent with the formats' NaN scale: it arrives as NaN, never as a finite
+value it was not, and training's non-finite check names the layer.
 
 Rows are quantised whatever the expert-parallel size (a rank's rows for its own experts too),
 so a model computes the same at every layout, as a fused quantise-and-send kernel would.
+
+Shapes: rows [n, h] (n rows of hidden size h); wire [n, row_bytes(format, h)] uint8.
 """
 
 from __future__ import annotations
@@ -17,11 +28,20 @@ from typing import Optional, Sequence
 
 import torch
 
-PAYLOAD_FORMATS = ("bf16", "mxfp8")
+PAYLOAD_FORMATS = ("bf16", "mxfp8", "mxfp4", "nvfp4")
+ROUNDINGS = ("nearest", "stochastic")
 MX_BLOCK = 32
+NV_BLOCK = 16
 _E4M3_MAX = 448.0
 _E8M0_BIAS = 127
+_E8M0_NAN = 255
+_E4M3_NAN = 0x7F
+_E2M1_MAX = 6.0
+# e2m1 magnitudes by code (sign in bit 3), and the midpoints between neighbouring codes.
+_E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 BF16_BYTES = 2  # an element of a stock payload, and a routing probability
+_BLOCK = {"mxfp8": MX_BLOCK, "mxfp4": MX_BLOCK, "nvfp4": NV_BLOCK}
 
 
 class PayloadFormatError(ValueError):
@@ -37,18 +57,22 @@ def check_payload_format(payload_format: str, row_width: int) -> None:
     if payload_format not in PAYLOAD_FORMATS:
         raise PayloadFormatError(
             f"{payload_format!r} is not a payload format; use one of {', '.join(map(repr, PAYLOAD_FORMATS))}")
-    if payload_format == "mxfp8":
-        if not float8_available():
-            raise PayloadFormatError(f"'mxfp8' needs torch.float8_e4m3fn, which torch {torch.__version__} lacks")
-        if row_width % MX_BLOCK:
-            raise PayloadFormatError(
-                f"'mxfp8' scales blocks of {MX_BLOCK} elements, which do not divide the hidden size {row_width}")
+    if payload_format in ("mxfp8", "nvfp4") and not float8_available():
+        raise PayloadFormatError(f"{payload_format!r} needs torch.float8_e4m3fn, which torch {torch.__version__} lacks")
+    block = _BLOCK.get(payload_format)
+    if block is not None and row_width % block:
+        raise PayloadFormatError(
+            f"{payload_format!r} scales blocks of {block} elements, which do not divide the hidden size {row_width}")
 
 
 def row_bytes(payload_format: str, row_width: int) -> int:
     """Bytes one row of ``row_width`` elements takes on the wire, scales included."""
     if payload_format == "mxfp8":
         return row_width + row_width // MX_BLOCK
+    if payload_format == "mxfp4":
+        return row_width // 2 + row_width // MX_BLOCK
+    if payload_format == "nvfp4":
+        return row_width // 2 + row_width // NV_BLOCK + 4
     return BF16_BYTES * row_width
 
 
@@ -58,26 +82,137 @@ def encode_mxfp8(rows: torch.Tensor) -> torch.Tensor:
     blocks = rows.float().reshape(n, width // MX_BLOCK, MX_BLOCK)
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     # Smallest power of two that brings the block's largest element within e4m3's range.
-    exponent = torch.ceil(torch.log2(amax / _E4M3_MAX)).nan_to_num(0.0, posinf=0.0, neginf=-_E8M0_BIAS)
-    exponent = exponent.clamp(-_E8M0_BIAS, _E8M0_BIAS)
+    exponent = _e8m0_exponent(amax, _E4M3_MAX)
     elements = (blocks * torch.exp2(-exponent)).to(torch.float8_e4m3fn).view(torch.uint8)
-    scales = (exponent + _E8M0_BIAS).to(torch.uint8)
-    return torch.cat([elements.reshape(n, width), scales.reshape(n, width // MX_BLOCK)], dim=1)
+    return torch.cat([elements.reshape(n, width), _e8m0_bytes(exponent, amax).reshape(n, width // MX_BLOCK)], dim=1)
 
 
 def decode_mxfp8(wire: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
     n = wire.size(0)
     elements = wire[:, :width].contiguous().view(torch.float8_e4m3fn).float()
-    exponent = wire[:, width:].float() - _E8M0_BIAS
-    blocks = elements.reshape(n, width // MX_BLOCK, MX_BLOCK) * torch.exp2(exponent).unsqueeze(-1)
+    blocks = elements.reshape(n, width // MX_BLOCK, MX_BLOCK) * _e8m0_values(wire[:, width:]).unsqueeze(-1)
     return blocks.reshape(n, width).to(dtype)
 
 
-def round_trip(rows: torch.Tensor, payload_format: str) -> torch.Tensor:
+def _e8m0_exponent(amax: torch.Tensor, element_max: float) -> torch.Tensor:
+    """The smallest power of two that brings each block's largest element within element_max."""
+    exponent = torch.ceil(torch.log2(amax / element_max)).nan_to_num(0.0, posinf=0.0, neginf=-_E8M0_BIAS)
+    return exponent.clamp(-_E8M0_BIAS, _E8M0_BIAS)
+
+
+def _e8m0_bytes(exponent: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """Biased exponents as bytes; a block with a non-finite element gets e8m0's NaN."""
+    return torch.where(torch.isfinite(amax), exponent + _E8M0_BIAS, float(_E8M0_NAN)).to(torch.uint8)
+
+
+def _e8m0_values(scale_bytes: torch.Tensor) -> torch.Tensor:
+    values = torch.exp2(scale_bytes.float() - _E8M0_BIAS)
+    return torch.where(scale_bytes == _E8M0_NAN, float("nan"), values)
+
+
+def _e2m1_codes(scaled: torch.Tensor, stochastic: bool) -> torch.Tensor:
+    """e2m1 codes (uint8, sign in bit 3) of values already scaled to the format's range; larger
+    magnitudes saturate at 6. Nearest: ties go to the even code. Stochastic: up with probability
+    the distance from the lower neighbour over the gap, so the expected value is the input."""
+    magnitude = scaled.abs().clamp(max=_E2M1_MAX)
+    magnitudes = torch.tensor(_E2M1_MAGNITUDES, device=scaled.device)
+    if stochastic:
+        lower = (torch.bucketize(magnitude, magnitudes, right=True) - 1).clamp(0, len(_E2M1_MAGNITUDES) - 2)
+        low, high = magnitudes[lower], magnitudes[lower + 1]
+        up = torch.rand_like(magnitude) * (high - low) < magnitude - low
+        code = lower + up.to(lower.dtype)
+    else:
+        midpoints = torch.tensor(_E2M1_MIDPOINTS, device=scaled.device)
+        code = torch.bucketize(magnitude, midpoints)  # a midpoint itself goes down: to the even code...
+        on_midpoint = midpoints[code.clamp(max=len(_E2M1_MIDPOINTS) - 1)] == magnitude
+        code = code + (on_midpoint & (code % 2 == 1)).to(code.dtype)  # ...unless the lower code is odd
+    negative = (scaled < 0) & (code > 0)
+    return (code + 8 * negative.to(code.dtype)).to(torch.uint8)
+
+
+def _e2m1_values(codes: torch.Tensor) -> torch.Tensor:
+    magnitudes = torch.tensor(_E2M1_MAGNITUDES, device=codes.device)
+    values = magnitudes[(codes & 7).long()]
+    return torch.where(codes >= 8, -values, values)
+
+
+def _pack_pairs(codes: torch.Tensor) -> torch.Tensor:
+    """[n, h] 4-bit codes -> [n, h/2] bytes: element 2i in the low nibble, 2i+1 in the high."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def _unpack_pairs(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.size(0), -1)
+
+
+def encode_mxfp4(rows: torch.Tensor, stochastic: bool = False) -> torch.Tensor:
+    """[n, h] rows -> [n, h/2 + h/32] uint8: e2m1 element pairs, then one e8m0 scale per 32."""
+    n, width = rows.shape
+    blocks = rows.float().reshape(n, width // MX_BLOCK, MX_BLOCK)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    exponent = _e8m0_exponent(amax, _E2M1_MAX)
+    codes = _e2m1_codes((blocks * torch.exp2(-exponent)).reshape(n, width), stochastic)
+    return torch.cat([_pack_pairs(codes), _e8m0_bytes(exponent, amax).reshape(n, width // MX_BLOCK)], dim=1)
+
+
+def decode_mxfp4(wire: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    n = wire.size(0)
+    elements = _e2m1_values(_unpack_pairs(wire[:, :width // 2])).reshape(n, width // MX_BLOCK, MX_BLOCK)
+    blocks = elements * _e8m0_values(wire[:, width // 2:]).unsqueeze(-1)
+    return blocks.reshape(n, width).to(dtype)
+
+
+def encode_nvfp4(rows: torch.Tensor, stochastic: bool = False) -> torch.Tensor:
+    """[n, h] rows -> [n, h/2 + h/16 + 4] uint8: e2m1 element pairs, one e4m3 scale per 16, and
+    the row's fp32 scale (amax / (6 x 448), so the block scales use e4m3's whole range)."""
+    n, width = rows.shape
+    blocks = rows.float().reshape(n, width // NV_BLOCK, NV_BLOCK)
+    block_amax = blocks.abs().amax(dim=-1, keepdim=True)
+    row_amax = block_amax.amax(dim=1, keepdim=True)
+    finite = torch.isfinite(row_amax)
+    row_scale = torch.where(finite & (row_amax > 0), row_amax / (_E2M1_MAX * _E4M3_MAX), 1.0)
+    block_scale = (block_amax / _E2M1_MAX / row_scale).to(torch.float8_e4m3fn)
+    divisor = block_scale.float() * row_scale
+    scaled = torch.where(divisor > 0, blocks / divisor.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+    codes = _e2m1_codes(scaled.reshape(n, width), stochastic)
+    scale_bytes = torch.where(torch.isfinite(block_amax), block_scale.view(torch.uint8), _E4M3_NAN)
+    return torch.cat([_pack_pairs(codes), scale_bytes.reshape(n, width // NV_BLOCK),
+                      row_scale.reshape(n, 1).contiguous().view(torch.uint8)], dim=1)
+
+
+def decode_nvfp4(wire: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    n = wire.size(0)
+    elements = _e2m1_values(_unpack_pairs(wire[:, :width // 2])).reshape(n, width // NV_BLOCK, NV_BLOCK)
+    scales_end = width // 2 + width // NV_BLOCK
+    block_scale = wire[:, width // 2:scales_end].contiguous().view(torch.float8_e4m3fn).float()
+    # Copied into fresh storage: viewing bytes as float32 needs aligned offsets and strides.
+    row_scale = torch.empty((n, 4), dtype=torch.uint8, device=wire.device).copy_(wire[:, scales_end:])
+    row_scale = row_scale.view(torch.float32)
+    blocks = elements * (block_scale * row_scale).unsqueeze(-1)
+    return blocks.reshape(n, width).to(dtype)
+
+
+_CODECS = {
+    "mxfp8": (lambda rows, stochastic: encode_mxfp8(rows), decode_mxfp8),
+    "mxfp4": (encode_mxfp4, decode_mxfp4),
+    "nvfp4": (encode_nvfp4, decode_nvfp4),
+}
+
+
+def encode(rows: torch.Tensor, payload_format: str, stochastic: bool = False) -> torch.Tensor:
+    """Rows as the wire carries them in a low-precision format (mxfp8 always rounds to nearest)."""
+    return _CODECS[payload_format][0](rows, stochastic)
+
+
+def decode(wire: torch.Tensor, payload_format: str, width: int, dtype: torch.dtype) -> torch.Tensor:
+    return _CODECS[payload_format][1](wire, width, dtype)
+
+
+def round_trip(rows: torch.Tensor, payload_format: str, stochastic: bool = False) -> torch.Tensor:
     """What arrives when ``rows`` are sent in ``payload_format`` (no communication)."""
     if payload_format == "bf16":
         return rows
-    return decode_mxfp8(encode_mxfp8(rows), rows.size(-1), rows.dtype)
+    return decode(encode(rows, payload_format, stochastic), payload_format, rows.size(-1), rows.dtype)
 
 
 def _all_to_all_rows(group, rows: torch.Tensor, output_splits, input_splits) -> torch.Tensor:
@@ -90,34 +225,39 @@ def _all_to_all_rows(group, rows: torch.Tensor, output_splits, input_splits) -> 
     return received
 
 
-def _send(group, rows: torch.Tensor, output_splits, input_splits, payload_format: str) -> torch.Tensor:
+def _send(group, rows: torch.Tensor, output_splits, input_splits, payload_format: str,
+          stochastic: bool = False) -> torch.Tensor:
     if payload_format == "bf16":
         return _all_to_all_rows(group, rows, output_splits, input_splits)
-    received = _all_to_all_rows(group, encode_mxfp8(rows), output_splits, input_splits)
-    return decode_mxfp8(received, rows.size(-1), rows.dtype)
+    received = _all_to_all_rows(group, encode(rows, payload_format, stochastic), output_splits, input_splits)
+    return decode(received, payload_format, rows.size(-1), rows.dtype)
 
 
 class PayloadAllToAll(torch.autograd.Function):
-    """All-to-all of rows, the forward in one format and the gradient's way back in another."""
+    """All-to-all of rows, the forward in one format and the gradient's way back in another
+    (rounded to nearest or stochastically)."""
 
     @staticmethod
-    def forward(ctx, group, rows, output_splits, input_splits, forward_format, backward_format):
+    def forward(ctx, group, rows, output_splits, input_splits, forward_format, backward_format, backward_rounding):
         ctx.group, ctx.splits, ctx.backward_format = group, (output_splits, input_splits), backward_format
+        ctx.stochastic = backward_rounding == "stochastic"
         return _send(group, rows, output_splits, input_splits, forward_format)
 
     @staticmethod
     def backward(ctx, grad):
         output_splits, input_splits = ctx.splits
-        return None, _send(ctx.group, grad, input_splits, output_splits, ctx.backward_format), None, None, None, None
+        sent = _send(ctx.group, grad, input_splits, output_splits, ctx.backward_format, ctx.stochastic)
+        return None, sent, None, None, None, None, None
 
 
 def payload_all_to_all(group, rows: torch.Tensor, output_splits: Optional[Sequence[int]],
                        input_splits: Optional[Sequence[int]], forward_format: str,
-                       backward_format: str) -> torch.Tensor:
+                       backward_format: str, backward_rounding: str = "nearest") -> torch.Tensor:
     """megatron-core's ``all_to_all`` (same split arguments), rows sent in ``forward_format`` and
-    their gradient returned in ``backward_format``."""
+    their gradient returned in ``backward_format``, rounded by ``backward_rounding``."""
     if output_splits is None or input_splits is None:  # equal splits
         rows_each = rows.size(0) // group.size()
         output_splits = input_splits = [rows_each] * group.size()
     output_splits, input_splits = [int(s) for s in output_splits], [int(s) for s in input_splits]
-    return PayloadAllToAll.apply(group, rows, output_splits, input_splits, forward_format, backward_format)
+    return PayloadAllToAll.apply(group, rows, output_splits, input_splits, forward_format, backward_format,
+                                 backward_rounding)
