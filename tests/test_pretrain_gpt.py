@@ -32,7 +32,8 @@ def logged_run(corpus, tmp_path_factory):
                    "--tensorboard-dir": str(work / "tb"), "--wandb-project": "test",
                    "--wandb-save-dir": str(work / "wandb"), "--save": str(work / "ckpt"),
                    "--timing-log-level": "1", "--moe-dispatch-bwd-dtype": "bf16",
-                   "--moe-combine-bwd-dtype": "bf16"}))
+                   "--moe-combine-bwd-dtype": "bf16", "--log-throughput": True,
+                   "--log-timers-to-tensorboard": True, "--log-validation-ppl-to-tensorboard": True}))
     return output, work
 
 
@@ -73,6 +74,34 @@ def test_tensorboard_holds_every_metric_against_iteration_tokens_and_time(logged
     tokens = [e.step for e in events.Scalars("lm loss vs tokens")]
     assert steps == [5, 10, 15, 20, 25, 30]
     assert tokens == [s * 16 * 64 for s in steps]
+
+
+# Megatron-LM's names (megatron/training/training.py), for dashboards built on its runs.
+MEGATRON_LM_TRACKED = ["lm loss", "learning-rate", "grad-norm", "batch-size", "loss-scale", "lm loss validation",
+                       "lm loss validation ppl", "iteration-time", "throughput"]
+
+
+@pytest.mark.slow
+def test_tensorboard_and_wandb_also_hold_megatron_lms_names_against_iteration_and_samples(logged_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output, work = logged_run
+    events = EventAccumulator(str(work / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for name in MEGATRON_LM_TRACKED:
+        assert name in tags and f"{name} vs samples" in tags, name
+    assert [e.step for e in events.Scalars("learning-rate vs samples")] == [s * 16 for s in (5, 10, 15, 20, 25, 30)]
+    assert [e.step for e in events.Scalars("lm loss validation")] == [0, 10, 20, 30]
+    # Seconds there, milliseconds in ours.
+    seconds = [e.value for e in events.Scalars("iteration-time")]
+    milliseconds = [e.value for e in events.Scalars("iteration time ms")]
+    assert seconds == pytest.approx([m / 1000 for m in milliseconds])
+    # TFLOP/s per GPU by Megatron-LM's count, on the console as Megatron-LM prints it.
+    printed = [float(t) for t in re.findall(r"throughput per GPU \(TFLOP/s/GPU\): ([0-9.]+) \|", output)]
+    assert len(printed) == 6 and all(t > 0 for t in printed)
+    rows = read_offline_wandb_history(glob.glob(str(work / "wandb" / "wandb" / "offline-run-*"))[0])
+    assert set(MEGATRON_LM_TRACKED) <= set().union(*rows)
 
 
 def read_offline_wandb_history(run_dir):

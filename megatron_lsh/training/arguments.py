@@ -277,6 +277,16 @@ def add_logging_args(parser):
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--wandb-project", default=None)
     g.add_argument("--wandb-exp-name", default=None)
+    g.add_argument("--wandb-entity", default=None, help="wandb team or user the run is logged under.")
+    g.add_argument("--log-throughput", action="store_true",
+                   help="Log model TFLOP/s per GPU (Megatron-LM's count: megatron_lsh/training/flops.py); "
+                        "also to tensorboard/wandb as 'throughput' with --log-timers-to-tensorboard.")
+    g.add_argument("--log-timers-to-tensorboard", action="store_true",
+                   help="Also write Megatron-LM's 'iteration-time' (seconds) and 'throughput' to tensorboard and wandb.")
+    g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true",
+                   help="Also write Megatron-LM's 'lm loss validation ppl' (ours, 'validation lm loss PPL', always is).")
+    g.add_argument("--log-world-size-to-tensorboard", action="store_true",
+                   help="Also write Megatron-LM's 'world-size'.")
     g.add_argument("--wandb-save-dir", default=None)
     g.add_argument(
         "--timing-log-level", type=int, choices=[0, 1, 2], default=0,

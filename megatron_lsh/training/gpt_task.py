@@ -7,6 +7,7 @@ from megatron_lsh.data.gpt_data import build_gpt_datasets
 from megatron_lsh.models import build_gpt_moe_model
 from megatron_lsh.training.arguments import validate_gpt_args
 from megatron_lsh.training.task import ModelTask
+from megatron_lsh.training.flops import gpt_flops_per_sample
 
 
 def build_model(args, config, vocab_size, pre_process=True, post_process=True, vp_stage=None):
@@ -40,5 +41,6 @@ GPT_TASK = ModelTask(
     build_datasets=build_gpt_datasets,
     forward=forward,
     tokens_per_sample=lambda args: args.seq_length,
+    flops_per_sample=gpt_flops_per_sample,
     validate=validate_gpt_args,
 )

@@ -42,7 +42,8 @@ from megatron_lsh.training.checkpointing import (
 from megatron_lsh.training.config import transformer_config_from_args
 from megatron_lsh.training.initialize import destroy_distributed, initialize_distributed
 from megatron_lsh.training.metrics import compression_metrics, moe_aux_loss_metrics
-from megatron_lsh.training.metrics_logger import MetricsLogger, timestamp
+from megatron_lsh.training.flops import tflops_per_gpu
+from megatron_lsh.training.metrics_logger import MetricsLogger, megatron_lm_metrics, timestamp
 from megatron_lsh.training.nonfinite import NonFiniteWatch
 from megatron_lsh.training.optimizer import TrainingOptimizer
 from megatron_lsh.training.resume import ResumePlan, RunClock, check_schedule, plan_resume
@@ -137,6 +138,7 @@ class Trainer:
         # DDP; its schedules run the micro-batches and its finalize_model_grads reduces gradients
         # over data parallel, sequence-parallel copies and tied embeddings across stages.
         self.model = build_model_chunks(task, args, self.config, vocab)
+        self.flops_per_sample = task.flops_per_sample(args, vocab)
         # Gradients are all-reduced whole: --use-distributed-optimizer shards the optimizer state
         # by whole parameters (TrainingOptimizer), and every rank takes the global grad norm.
         ddp_config = DistributedDataParallelConfig(
@@ -439,7 +441,8 @@ class Trainer:
         if self.restart_gap_metrics is not None:
             metrics = {**metrics, **self.restart_gap_metrics}
             self.restart_gap_metrics = None
-        self.log.log(metrics, self.iteration, self.tokens_seen(), self.clock.seconds())
+        self.log.log(metrics, self.iteration, self.tokens_seen(), self.clock.seconds(),
+                     consumed_samples=self.consumed_samples, megatron_lm=megatron_lm_metrics(metrics, self.args))
 
     def _log_interval(self, interval: Dict[str, list]) -> None:
         args = self.args
@@ -456,7 +459,13 @@ class Trainer:
             "grad norm": grad_norm,
             "iteration time ms": 1000 * step_seconds / steps,
             "tokens per second": tokens / step_seconds,
+            "global batch size": args.global_batch_size,
+            "loss scale": 1.0,  # no loss scaling: bf16 or fp32
+            "world size": torch.distributed.get_world_size(),
         }
+        if args.log_throughput:
+            metrics["throughput per GPU (TFLOP/s/GPU)"] = tflops_per_gpu(
+                self.flops_per_sample, steps * args.global_batch_size, step_seconds, torch.distributed.get_world_size())
         groups = self.task.router_loss_groups(args) if self.task.router_loss_groups else None
         metrics.update(moe_aux_loss_metrics(self.num_microbatches * steps, groups))
         if args.timing_log_level >= a2a_timer.TIMING_LOG_LEVEL:
@@ -471,7 +480,9 @@ class Trainer:
             f" [{timestamp()}] iteration {self.iteration:8d}/{args.train_iters:8d} |"
             f" consumed samples: {self.consumed_samples:12d} |"
             f" elapsed time per iteration (ms): {metrics['iteration time ms']:.1f} |"
-            f" learning rate: {metrics['learning rate']:.6E} |"
+            + (f" throughput per GPU (TFLOP/s/GPU): {metrics['throughput per GPU (TFLOP/s/GPU)']:.3g} |"
+               if args.log_throughput else "")
+            + f" learning rate: {metrics['learning rate']:.6E} |"
             f" global batch size: {args.global_batch_size:5d} |"
             f" lm loss: {lm_loss:.6E} |"
         )

@@ -4,6 +4,12 @@ Every metric is written three times, against iteration, consumed tokens and wall
 tensorboard tags NAME, "NAME vs tokens" and "NAME vs time"; wandb keys NAME, "by_tokens/NAME" and
 "by_time/NAME" with those step metrics, so perplexity against wall time is a ready chart.
 
+Beside ours, the metrics Megatron-LM logs go under its own names (megatron/training/training.py:
+``learning-rate``, ``grad-norm``, ``lm loss validation``, ...), against iteration and, in
+tensorboard, against consumed samples ("NAME vs samples"), behind the same flags as there
+(--log-validation-ppl-to-tensorboard, --log-timers-to-tensorboard, ...), so dashboards built on
+Megatron-LM runs find them.
+
 wandb runs offline when no API key is configured (WANDB_API_KEY, or `wandb login`). Neither a
 missing package nor a failing service ever stops training: the sink is switched off with one
 warning.
@@ -17,6 +23,33 @@ import os
 from typing import Dict, Optional
 
 logger = logging.getLogger(__name__)
+
+
+# Ours -> Megatron-LM's name, always written (Megatron-LM writes these by default).
+MEGATRON_LM_NAMES = {
+    "lm loss": "lm loss",
+    "learning rate": "learning-rate",
+    "global batch size": "batch-size",
+    "grad norm": "grad-norm",
+    "loss scale": "loss-scale",
+    "validation lm loss": "lm loss validation",
+}
+# Ours -> (the Megatron-LM flag that asks for it, Megatron-LM's name, factor to its unit).
+MEGATRON_LM_FLAGGED_NAMES = {
+    "validation lm loss PPL": ("log_validation_ppl_to_tensorboard", "lm loss validation ppl", 1.0),
+    "iteration time ms": ("log_timers_to_tensorboard", "iteration-time", 1e-3),  # seconds there
+    "throughput per GPU (TFLOP/s/GPU)": ("log_timers_to_tensorboard", "throughput", 1.0),
+    "world size": ("log_world_size_to_tensorboard", "world-size", 1.0),
+}
+
+
+def megatron_lm_metrics(metrics: Dict[str, float], args) -> Dict[str, float]:
+    """The metrics of a row that Megatron-LM logs, under its names and units."""
+    named = {theirs: metrics[ours] for ours, theirs in MEGATRON_LM_NAMES.items() if ours in metrics}
+    for ours, (flag, theirs, factor) in MEGATRON_LM_FLAGGED_NAMES.items():
+        if ours in metrics and getattr(args, flag, False):
+            named[theirs] = metrics[ours] * factor
+    return named
 
 
 def _print(line: str) -> None:
@@ -53,6 +86,7 @@ class MetricsLogger:
                 os.makedirs(save_dir, exist_ok=True)
                 self.wandb = wandb.init(
                     project=args.wandb_project,
+                    entity=getattr(args, "wandb_entity", None),
                     name=args.wandb_exp_name,
                     dir=save_dir,
                     config=run_config or {},
@@ -75,15 +109,24 @@ class MetricsLogger:
         if self.enabled:
             _print(line)
 
-    def log(self, metrics: Dict[str, float], iteration: int, consumed_tokens: int, wall_seconds: float) -> None:
+    def log(self, metrics: Dict[str, float], iteration: int, consumed_tokens: int, wall_seconds: float,
+            consumed_samples: Optional[int] = None, megatron_lm: Optional[Dict[str, float]] = None) -> None:
+        """``megatron_lm``: the same row under Megatron-LM's names (see megatron_lm_metrics), written
+        against iteration and consumed samples."""
         if not self.enabled:
             return
+        megatron_lm = megatron_lm or {}
         if self.tensorboard is not None:
             try:
                 for name, value in metrics.items():
                     self.tensorboard.add_scalar(name, value, iteration)
                     self.tensorboard.add_scalar(f"{name} vs tokens", value, consumed_tokens)
                     self.tensorboard.add_scalar(f"{name} vs time", value, int(round(wall_seconds)))
+                for name, value in megatron_lm.items():
+                    if name not in metrics:  # "lm loss" is both ours and theirs
+                        self.tensorboard.add_scalar(name, value, iteration)
+                    if consumed_samples is not None:
+                        self.tensorboard.add_scalar(f"{name} vs samples", value, consumed_samples)
                 self.tensorboard.flush()
             except Exception as error:
                 _print(f"WARNING: tensorboard logging disabled ({error})")
@@ -94,6 +137,7 @@ class MetricsLogger:
                 row[name] = value
                 row[f"by_tokens/{name}"] = value
                 row[f"by_time/{name}"] = value
+            row.update({name: value for name, value in megatron_lm.items() if name not in metrics})
             try:
                 self.wandb.log(row)
             except Exception as error:

@@ -13,6 +13,7 @@ from megatron_lsh.data.tokenizer import build_tokenizer
 from megatron_lsh.models.t5 import build_t5_moe_model, moe_layer_patterns
 from megatron_lsh.training.arguments import ArgumentError, apply_hf_architecture
 from megatron_lsh.training.task import ModelTask
+from megatron_lsh.training.flops import t5_flops_per_sample
 
 
 def add_t5_args(parser):
@@ -140,6 +141,7 @@ T5_TASK = ModelTask(
     build_datasets=build_t5_datasets,
     forward=forward,
     tokens_per_sample=lambda args: args.encoder_seq_length + args.decoder_seq_length,
+    flops_per_sample=t5_flops_per_sample,
     validate=validate_t5_args,
     router_loss_groups=lambda args: {
         "encoder": range(0, args.encoder_num_layers),

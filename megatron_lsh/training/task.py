@@ -21,6 +21,7 @@ class ModelTask:
     # (batch, model) -> (per-token losses, or hidden states before the last pipeline stage; loss mask)
     forward: Callable
     tokens_per_sample: Callable  # (args) -> tokens one sample contributes to throughput
+    flops_per_sample: Callable  # (args, padded vocabulary) -> training FLOPs of one sample (training/flops.py)
     validate: Optional[Callable] = None  # (args) -> None, raising ArgumentError
     # (args) -> {group name: 0-based router-loss slots}, to log router losses per group too
     router_loss_groups: Optional[Callable] = None
