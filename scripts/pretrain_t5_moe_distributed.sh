@@ -20,7 +20,7 @@ MODEL_ARGS=(
     --num-attention-heads 12
     --kv-channels 64
     --encoder-seq-length 512
-    --decoder-seq-length 160
+    --decoder-seq-length 128
     --position-embedding-type relative
     --normalization RMSNorm
     --disable-bias-linear
