@@ -318,3 +318,16 @@ def test_a_save_that_fails_ends_every_rank_in_one_line_and_keeps_the_previous_ch
     assert "]: Traceback" not in result.stderr
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
     assert not list(save.glob("*.partial"))
+
+
+@pytest.mark.slow
+def test_a_schedule_in_samples_trains_as_the_same_schedule_in_iterations(tmp_path):
+    """Megatron-LM's sample-based flags: 64 samples of 8 a step are 8 iterations, the warmup and the
+    decay counted in samples; learning rates and losses equal the same schedule in iterations."""
+    common = {"--save-interval": None, "--lr-decay-style": "cosine", "--min-lr": "1e-4"}
+    in_iterations = run_ranks(flags(**common, **{"--train-iters": "8", "--lr-warmup-iters": "2",
+                                                 "--lr-decay-iters": "6"}))
+    in_samples = run_ranks(flags(**common, **{"--train-iters": None, "--train-samples": "64",
+                                              "--lr-warmup-samples": "16", "--lr-decay-samples": "48"}))
+    assert learning_rates(in_samples) == learning_rates(in_iterations) and len(learning_rates(in_samples)) == 8
+    assert losses(in_samples) == losses(in_iterations)

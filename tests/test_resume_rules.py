@@ -107,7 +107,7 @@ def schedule(**changes):
 
 
 def test_a_changed_schedule_flag_is_named_with_both_values():
-    args = argparse.Namespace(lr_decay_style="cosine")
+    args = argparse.Namespace(lr_decay_style="cosine", train_samples=None, lr_warmup_fraction=None)
     assert schedule_differences(schedule(), {}, schedule(num_steps=0), args) == []
     assert schedule_differences(schedule(), {}, schedule(max_lr=2e-3, lr_decay_steps=2000), args) == [
         ("--lr", 2e-3, 1e-3), ("--lr-decay-iters (default: --train-iters)", 2000, 1000)]
@@ -115,8 +115,8 @@ def test_a_changed_schedule_flag_is_named_with_both_values():
         ("--weight-decay", 0.1, 0.01)]
     # A longer run whose decay was set apart changes nothing of the schedule (constant weight decay).
     assert schedule_differences(schedule(), {}, schedule(wd_incr_steps=4000), args) == []
-    wsd = argparse.Namespace(lr_decay_style="WSD", lr_wsd_decay_iters=200, lr_wsd_decay_style="linear")
-    saved_args = {"lr_wsd_decay_iters": 100, "lr_wsd_decay_style": "linear"}
+    wsd = argparse.Namespace(lr_decay_style="WSD", lr_wsd_decay_steps=200, lr_wsd_decay_style="linear")
+    saved_args = {"lr_wsd_decay_iters": 100, "lr_wsd_decay_style": "linear"}  # saved before sample schedules
     assert schedule_differences(schedule(lr_decay_style="WSD"), saved_args, schedule(lr_decay_style="WSD"), wsd) == [
         ("--lr-wsd-decay-iters", 200, 100)]
 
@@ -208,3 +208,10 @@ def test_a_split_that_leaves_a_needed_split_without_documents_is_refused(corpus,
     error = pretrain_error([*flags, "--split", "999,1,0"], capfd, monkeypatch)
     assert error.startswith(f"error: --split 999,1,0: the validation split of {corpus['train']} gets none of its ")
     assert "give it a larger share (e.g. --split 90,5,5)" in error
+
+
+def test_a_schedule_in_samples_names_the_sample_flags():
+    args = argparse.Namespace(lr_decay_style="cosine", train_samples=6400, lr_warmup_fraction=None)
+    assert schedule_differences(schedule(), {}, schedule(lr_decay_steps=6400, lr_warmup_steps=64), args) == [
+        ("--lr-warmup-samples", 64, 10), ("--lr-decay-samples (default: --train-samples)", 6400, 1000)]
+

@@ -189,7 +189,12 @@ def add_training_args(parser):
     g = parser.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, required=True)
     g.add_argument("--global-batch-size", type=int, default=None, help="Default: micro x data parallel.")
-    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--train-iters", type=int, default=None,
+                   help="Iterations to train; or --train-samples (one of them is required).")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="Samples to train (Megatron-LM's sample-based schedule): iterations are --train-samples / "
+                        "--global-batch-size, and the learning-rate schedule counts samples (--lr-warmup-samples, "
+                        "--lr-decay-samples, --lr-wsd-decay-samples).")
     g.add_argument("--exit-interval", type=int, default=None, help="Stop after this iteration.")
     g.add_argument(
         "--exit-duration-in-mins", type=float, default=None,
@@ -209,6 +214,11 @@ def add_training_args(parser):
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-decay-iters", type=int, default=None, help="Default: train iters.")
     g.add_argument("--lr-wsd-decay-iters", type=int, default=None)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="Warmup as a fraction of the decay (Megatron-LM's), instead of --lr-warmup-iters/-samples.")
+    g.add_argument("--lr-warmup-samples", type=int, default=0, help="With --train-samples.")
+    g.add_argument("--lr-decay-samples", type=int, default=None, help="With --train-samples. Default: train samples.")
+    g.add_argument("--lr-wsd-decay-samples", type=int, default=None, help="With --train-samples.")
     g.add_argument("--lr-wsd-decay-style", choices=["linear", "cosine", "exponential", "minus_sqrt"], default="linear")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--adam-beta1", type=float, default=0.9)
@@ -244,6 +254,71 @@ def add_data_args(parser):
     g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None)
     g.add_argument("--tokenizer-model", default=None)
     return parser
+
+
+def add_megatron_lm_args(parser):
+    """Megatron-LM flags its example scripts pass that concern how the model is built and run:
+    implemented, accepted as what this build already does (said once at start-up), or refused in
+    one line (check_megatron_lm_flags)."""
+    g = parser.add_argument_group("Megatron-LM compatibility")
+    g.add_argument("--use-mcore-models", action="store_true",
+                   help="Accepted: megatron-core's models are the only ones here.")
+    g.add_argument("--no-masked-softmax-fusion", dest="masked_softmax_fusion", action="store_false",
+                   help="Accepted: megatron-core's local layers run unfused softmax here.")
+    g.add_argument("--no-position-embedding", dest="add_position_embedding", action="store_false",
+                   help="Megatron-LM's deprecated flag: accepted with rotary or relative positions (no learned "
+                        "table), refused otherwise, as there.")
+    g.add_argument("--transformer-impl", choices=["local", "transformer_engine", "inference_optimized"],
+                   default="local",
+                   help="local (megatron-core's local layers, the only ones built here; Megatron-LM's default is "
+                        "transformer_engine).")
+    g.add_argument("--attention-backend", choices=["auto", "local", "unfused", "flash", "fused"], default="auto",
+                   help="auto, local, unfused: megatron-core's local dot-product attention; flash and fused need "
+                        "Transformer Engine's layers.")
+    g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
+                   help="Default: nccl with CUDA GPUs, gloo without (Megatron-LM's default is nccl).")
+    return parser
+
+
+# Megatron-LM flags accepted because this build already does what they ask: (dest, value when given, note).
+SATISFIED_FLAGS = (
+    ("use_mcore_models", True, "--use-mcore-models: megatron-core's models are the only ones here"),
+    ("masked_softmax_fusion", False, "--no-masked-softmax-fusion: softmax runs unfused here"),
+    ("add_position_embedding", False, "--no-position-embedding: the positions are rotary or relative, no learned "
+                                      "table"),
+)
+
+
+def satisfied_flag_notes(args) -> list:
+    """One line per Megatron-LM flag given that asks for what this build already does."""
+    return [f"accepted {note}" for dest, value, note in SATISFIED_FLAGS if getattr(args, dest, None) == value]
+
+
+def check_megatron_lm_flags(args) -> None:
+    """Megatron-LM flags whose request cannot apply here: one ArgumentError naming the flag and
+    what to pass instead. Runs after the model's own checks (position embeddings are known)."""
+    if not args.add_position_embedding and args.position_embedding_type not in ("rope", "relative"):
+        raise ArgumentError("--no-position-embedding is deprecated (as in Megatron-LM): use --position-embedding-type "
+                            f"instead of --position-embedding-type {args.position_embedding_type} with it")
+    if args.transformer_impl != "local":
+        try:
+            import transformer_engine  # noqa: F401
+            why = "megatron-lsh builds megatron-core's local layers only"
+        except ImportError:
+            why = "Transformer Engine is not installed, and megatron-lsh builds megatron-core's local layers only"
+        raise ArgumentError(f"--transformer-impl {args.transformer_impl}: {why}; pass --transformer-impl local")
+    if args.attention_backend in ("flash", "fused"):
+        raise ArgumentError(f"--attention-backend {args.attention_backend} is Transformer Engine's attention, which "
+                            "megatron-lsh does not build; pass --attention-backend auto (megatron-core's local attention)")
+    if args.distributed_backend == "nccl" and not torch_cuda_available():
+        raise ArgumentError("--distributed-backend nccl needs CUDA GPUs, and this machine has none: pass "
+                            "--distributed-backend gloo (or leave it out)")
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def add_checkpoint_args(parser):
@@ -300,7 +375,7 @@ def add_logging_args(parser):
 def build_parser(description: str, extra_args=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     for add in (add_model_args, add_moe_args, add_training_args, add_data_args,
-                add_checkpoint_args, add_logging_args, add_lsh_args):
+                add_checkpoint_args, add_logging_args, add_megatron_lm_args, add_lsh_args):
         add(parser)
     if extra_args is not None:
         extra_args(parser)
@@ -464,11 +539,61 @@ def validate_parallel_layout(args, world_size: int) -> int:
     return world_size // (tp * pp)
 
 
+def set_schedule_steps(args) -> None:
+    """The learning-rate schedule's steps, as Megatron-LM counts them: iterations, or with
+    --train-samples samples (the scheduler then advances by the global batch each iteration).
+    Sets args.train_iters (from --train-samples), lr_warmup_steps, lr_decay_steps,
+    lr_wsd_decay_steps, schedule_total_steps and schedule_increment."""
+    by_samples = args.train_samples is not None
+    given = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in (
+        "--lr-warmup-iters", "--lr-decay-iters", "--lr-wsd-decay-iters",
+        "--lr-warmup-samples", "--lr-decay-samples", "--lr-wsd-decay-samples")}
+    if by_samples:
+        if args.train_iters is not None:
+            raise ArgumentError("--train-iters and --train-samples: pass one (iterations or samples)")
+        wrong = [flag for flag in given if flag.endswith("-iters") and given[flag]]
+        if wrong:
+            raise ArgumentError(f"{wrong[0]} counts iterations; with --train-samples pass "
+                                f"{wrong[0].replace('-iters', '-samples')}")
+        args.train_iters = args.train_samples // args.global_batch_size
+        if args.train_iters < 1:
+            raise ArgumentError(f"--train-samples {args.train_samples} is less than one --global-batch-size "
+                                f"{args.global_batch_size}")
+        decay, warmup = args.lr_decay_samples or args.train_samples, args.lr_warmup_samples
+        wsd, total, increment = args.lr_wsd_decay_samples, args.train_samples, args.global_batch_size
+        names = ("--lr-warmup-samples", "--lr-decay-samples", "--lr-wsd-decay-samples", "--train-samples")
+    else:
+        if args.train_iters is None:
+            raise ArgumentError("--train-iters or --train-samples is required")
+        wrong = [flag for flag in given if flag.endswith("-samples") and given[flag]]
+        if wrong:
+            raise ArgumentError(f"{wrong[0]} counts samples; pass --train-samples, or "
+                                f"{wrong[0].replace('-samples', '-iters')} with --train-iters")
+        decay, warmup = args.lr_decay_iters or args.train_iters, args.lr_warmup_iters
+        wsd, total, increment = args.lr_wsd_decay_iters, args.train_iters, 1
+        names = ("--lr-warmup-iters", "--lr-decay-iters", "--lr-wsd-decay-iters", "--train-iters")
+    if args.lr_warmup_fraction is not None:
+        if warmup:
+            raise ArgumentError(f"--lr-warmup-fraction and {names[0]}: pass one")
+        if not 0 <= args.lr_warmup_fraction < 1:
+            raise ArgumentError(f"--lr-warmup-fraction {args.lr_warmup_fraction} must be at least 0 and below 1")
+        warmup = args.lr_warmup_fraction * decay  # Megatron-LM's: a fraction of the decay
+    if warmup >= decay:
+        raise ArgumentError(f"{names[0]} {warmup} must be smaller than {names[1]} {decay} (which defaults to "
+                            f"{names[3]})")
+    if args.lr_decay_style == "WSD" and wsd is None:
+        raise ArgumentError(f"--lr-decay-style WSD needs {names[2]}")
+    args.lr_warmup_steps, args.lr_decay_steps, args.lr_wsd_decay_steps = warmup, decay, wsd
+    args.schedule_total_steps, args.schedule_increment = total, increment
+
+
 # Flags that count something: (flag, smallest value, what to pass instead of a smaller one).
 _COUNT_FLAGS = (
     ("--micro-batch-size", 1, None),
     ("--global-batch-size", 1, None),
     ("--train-iters", 1, None),
+    ("--train-samples", 1, None),
+    ("--lr-warmup-samples", 0, None),
     ("--log-interval", 1, None),
     ("--eval-interval", 1, "--eval-iters 0 turns evaluation off"),
     ("--eval-iters", 0, None),
@@ -505,6 +630,7 @@ def check_writable_directory(flag: str, path: str) -> None:
 def validate_args(args, world_size: int) -> None:
     """Everything checkable before start-up; raises ArgumentError naming the flag."""
     _check_counts(args)
+    check_megatron_lm_flags(args)
     ep = args.expert_model_parallel_size
     args.moe_router_topk = args.moe_router_topk or 2
     args.normalization = args.normalization or "LayerNorm"
@@ -547,13 +673,7 @@ def validate_args(args, world_size: int) -> None:
             f"--hidden-size {args.hidden_size} must be divisible by --num-attention-heads "
             f"{args.num_attention_heads}"
         )
-    if args.lr_warmup_iters >= args.lr_decay_iters:
-        raise ArgumentError(
-            f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than --lr-decay-iters "
-            f"{args.lr_decay_iters} (which defaults to --train-iters)"
-        )
-    if args.lr_decay_style == "WSD" and args.lr_wsd_decay_iters is None:
-        raise ArgumentError("--lr-decay-style WSD needs --lr-wsd-decay-iters")
+    set_schedule_steps(args)
     if not 0 <= args.min_lr <= args.lr:
         raise ArgumentError(f"--min-lr {args.min_lr} must be between 0 and --lr {args.lr}")
     if args.save_interval is not None and args.save is None:

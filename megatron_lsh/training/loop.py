@@ -27,10 +27,16 @@ from megatron_lsh.device import compute_device
 from megatron_lsh.data.gpt_data import DataError, data_iterator
 from megatron_lsh.data.tokenizer import TokenizerError, build_tokenizer
 from megatron_lsh.moe import get_compression_tracker, set_lsh_iteration
+from megatron_lsh.moe.config import PAYLOAD_SETTINGS
 from megatron_lsh.moe.controller import CompressionController
 from megatron_lsh.moe.topology import nodes_of_group, ranks_per_node
 from megatron_lsh.training import a2a_timer
-from megatron_lsh.training.arguments import ArgumentError, validate_args
+from megatron_lsh.training.arguments import (
+    ArgumentError,
+    lsh_config_kwargs,
+    satisfied_flag_notes,
+    validate_args,
+)
 from megatron_lsh.training.checkpointing import (
     CheckpointError,
     SaveFailedError,
@@ -116,6 +122,7 @@ class Trainer:
             expert_tensor_parallel_size=args.expert_tensor_parallel_size,
             virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
             seed=args.seed,
+            backend=args.distributed_backend,
             timeout_minutes=args.distributed_timeout_minutes,
         )
         self.rank = torch.distributed.get_rank()
@@ -123,6 +130,8 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.num_microbatches = args.global_batch_size // (args.micro_batch_size * self.dp_size)
         self.log = MetricsLogger(args, enabled=self.rank == 0, run_config=vars(args))
+        for line in satisfied_flag_notes(args) + [lsh_settings_line(args)]:
+            self.log.console(line)
         if args.lsh_enabled and args.lsh_scope == "inter-node" and self.rank == 0:
             nodes = nodes_of_group(parallel_state.get_expert_model_parallel_group(), ranks_per_node())
             if len(set(nodes)) == 1:
@@ -170,17 +179,18 @@ class Trainer:
         )
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
-            init_lr=0.0 if args.lr_warmup_iters else args.lr,
+            # Steps of the schedule: iterations, or samples with --train-samples (set_schedule_steps).
+            init_lr=0.0 if args.lr_warmup_steps else args.lr,
             max_lr=args.lr,
             min_lr=args.min_lr,
-            lr_warmup_steps=args.lr_warmup_iters,
-            lr_decay_steps=args.lr_decay_iters,
+            lr_warmup_steps=args.lr_warmup_steps,
+            lr_decay_steps=args.lr_decay_steps,
             lr_decay_style=args.lr_decay_style,
             start_wd=args.weight_decay,
             end_wd=args.weight_decay,
-            wd_incr_steps=args.train_iters,
+            wd_incr_steps=args.schedule_total_steps,
             wd_incr_style="constant",
-            wsd_decay_steps=args.lr_wsd_decay_iters,
+            wsd_decay_steps=args.lr_wsd_decay_steps,
             lr_wsd_decay_style=args.lr_wsd_decay_style,
             # A changed schedule is refused or resolved by check_schedule before the state loads.
             use_checkpoint_opt_param_scheduler=not args.override_opt_param_scheduler,
@@ -311,7 +321,7 @@ class Trainer:
                 f"{where}; lower --lr, raise --lr-warmup-iters, or resume from an earlier checkpoint"
             )
         self.optimizer.step()
-        self.scheduler.step(increment=1)
+        self.scheduler.step(increment=args.schedule_increment)
         if self.lsh_controller is not None:
             self.lsh_controller.update(group=torch.distributed.group.WORLD)
         self.iteration += 1
@@ -501,6 +511,19 @@ class Trainer:
         self.log.console(line)
         self._log_row(metrics)
         self.history.append({"iteration": self.iteration, **metrics})
+
+
+def lsh_settings_line(args) -> str:
+    """The first thing a log says: what this run sends its MoE all-to-alls with, and how to get
+    megatron-core's stock dispatch."""
+    settings = lsh_config_kwargs(args)
+    payloads = ", ".join(f"{name[4:-6].replace('_', ' ')} {settings[name]}" for name in PAYLOAD_SETTINGS)
+    if not settings["lsh_enabled"]:
+        return f"LSH off (--no-lsh): megatron-core's all-to-all dispatch; payloads: {payloads}"
+    shown = {key[4:]: value for key, value in settings.items()
+             if key.startswith("lsh_") and key not in ("lsh_enabled", "lsh_gradient_study") and value is not None}
+    return (f"LSH on: {', '.join(f'{key} {value}' for key, value in shown.items())}; payloads: {payloads}; "
+            "--no-lsh gives megatron-core's stock dispatch (bf16 payloads)")
 
 
 def build_model_chunks(task: ModelTask, args, config, vocab_size: int) -> list:

@@ -85,27 +85,38 @@ def plan_resume(args) -> Optional[ResumePlan]:
     return ResumePlan(load, finetune=args.finetune, step=args.ckpt_step)
 
 
-# megatron-core's OptimizerParamScheduler state -> the flag that sets it here.
-_SCHEDULE_FLAGS = {
-    "max_lr": "--lr",
-    "min_lr": "--min-lr",
-    "lr_warmup_steps": "--lr-warmup-iters",
-    "lr_decay_style": "--lr-decay-style",
-    "lr_decay_steps": "--lr-decay-iters (default: --train-iters)",
-    "start_wd": "--weight-decay",
-    "end_wd": "--weight-decay",
-}
-# Not in the scheduler's state: compared through the arguments the checkpoint saved.
-_WSD_FLAGS = {"lr_wsd_decay_iters": "--lr-wsd-decay-iters", "lr_wsd_decay_style": "--lr-wsd-decay-style"}
+def _schedule_flags(args) -> dict:
+    """megatron-core's OptimizerParamScheduler state -> the flag that sets it here (its steps are
+    iterations, or samples with --train-samples)."""
+    unit = "samples" if getattr(args, "train_samples", None) is not None else "iters"
+    warmup = f"--lr-warmup-{unit}" if getattr(args, "lr_warmup_fraction", None) is None else "--lr-warmup-fraction"
+    return {
+        "max_lr": "--lr",
+        "min_lr": "--min-lr",
+        "lr_warmup_steps": warmup,
+        "lr_decay_style": "--lr-decay-style",
+        "lr_decay_steps": f"--lr-decay-{unit} (default: --train-{unit})",
+        "start_wd": "--weight-decay",
+        "end_wd": "--weight-decay",
+    }
+
+
+def _wsd_decay_steps(saved_or_current: dict):
+    """WSD's decay steps as a run set them (runs saved before sample-based schedules: iterations)."""
+    return saved_or_current.get("lr_wsd_decay_steps", saved_or_current.get("lr_wsd_decay_iters"))
 
 
 def schedule_differences(saved_schedule: dict, saved_args: dict, schedule: dict, args) -> list:
     """(flag, this run's value, the checkpoint's) for every schedule setting that differs."""
-    differences = [(flag, schedule[key], saved_schedule[key]) for key, flag in _SCHEDULE_FLAGS.items()
+    differences = [(flag, schedule[key], saved_schedule[key]) for key, flag in _schedule_flags(args).items()
                    if key in saved_schedule and schedule[key] != saved_schedule[key]]
-    if args.lr_decay_style == "WSD":
-        differences += [(flag, getattr(args, key), saved_args.get(key)) for key, flag in _WSD_FLAGS.items()
-                        if getattr(args, key) != saved_args.get(key)]
+    if args.lr_decay_style == "WSD":  # not in the scheduler's state: compared through the saved arguments
+        unit = "samples" if getattr(args, "train_samples", None) is not None else "iters"
+        current = _wsd_decay_steps(vars(args))
+        if current != _wsd_decay_steps(saved_args):
+            differences.append((f"--lr-wsd-decay-{unit}", current, _wsd_decay_steps(saved_args)))
+        if args.lr_wsd_decay_style != saved_args.get("lr_wsd_decay_style"):
+            differences.append(("--lr-wsd-decay-style", args.lr_wsd_decay_style, saved_args.get("lr_wsd_decay_style")))
     seen, unique = set(), []
     for difference in differences:  # --weight-decay sets two fields
         if difference[0] not in seen:
@@ -129,7 +140,7 @@ def check_schedule(path: str, scheduler, args) -> Optional[str]:
         return f"--override-opt_param-scheduler: the schedule follows the flags: {listed}"
     if args.use_checkpoint_opt_param_scheduler:
         if args.lr_decay_style == "WSD" or saved_schedule.get("lr_decay_style") == "WSD":
-            scheduler.wsd_decay_steps = saved_args.get("lr_wsd_decay_iters")
+            scheduler.wsd_decay_steps = _wsd_decay_steps(saved_args)
             scheduler.lr_wsd_decay_style = saved_args.get("lr_wsd_decay_style")
         return f"--use-checkpoint-opt_param-scheduler: the schedule stays the checkpoint's, not the flags' {listed}"
     flag, ours, theirs = differences[0]
