@@ -300,8 +300,21 @@ def main():
         SUMMARIES.mkdir(parents=True, exist_ok=True)
         command = "python benchmarks/lsh_overhead.py " + shlex.join(sys.argv[1:])  # quoted: it can be pasted
         summary = {"command": command, "settings": settings, "note": args.note, "rows": rows}
-        (SUMMARIES / f"{device.type}-{args.dtype}-{args.data}-{args.lsh_split}.json").write_text(json.dumps(summary, indent=1))
+        (SUMMARIES / f"{summary_name(args, device)}.json").write_text(json.dumps(summary, indent=1))
         write_doc()
+
+
+def summary_name(args, device) -> str:
+    """One summary per device, dtype, data and split, and per bound and payload formats where they
+    are not a plain `--lsh` run's (so a 4-bit run sits beside the default's, not over it)."""
+    name = f"{device.type}-{args.dtype}-{args.data}-{args.lsh_split}"
+    defaults = parse_args([])
+    if args.lsh_error_bound != defaults.lsh_error_bound:
+        name += f"-bound{args.lsh_error_bound}"
+    formats = sorted({getattr(args, setting) for setting in PAYLOAD_SETTINGS})
+    if formats != sorted({getattr(defaults, setting) for setting in PAYLOAD_SETTINGS}):
+        name += "-" + "+".join(formats)
+    return name
 
 
 if __name__ == "__main__":

@@ -37,9 +37,6 @@ _E8M0_BIAS = 127
 _E8M0_NAN = 255
 _E4M3_NAN = 0x7F
 _E2M1_MAX = 6.0
-# e2m1 magnitudes by code (sign in bit 3), and the midpoints between neighbouring codes.
-_E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 BF16_BYTES = 2  # an element of a stock payload, and a routing probability
 _BLOCK = {"mxfp8": MX_BLOCK, "mxfp4": MX_BLOCK, "nvfp4": NV_BLOCK}
 
@@ -110,30 +107,39 @@ def _e8m0_values(scale_bytes: torch.Tensor) -> torch.Tensor:
     return torch.where(scale_bytes == _E8M0_NAN, float("nan"), values)
 
 
+_MANTISSA_DROPPED = 22  # float32's 23 mantissa bits down to e2m1's one
+# float32 1.0's biased exponent and kept bit, (127 << 1) | 0, is e2m1 code 2.
+_E2M1_CODE_OFFSET = (127 << 1) - 2
+# e2m1 values by code (sign in bit 3).
+_E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
 def _e2m1_codes(scaled: torch.Tensor, stochastic: bool) -> torch.Tensor:
     """e2m1 codes (uint8, sign in bit 3) of values already scaled to the format's range; larger
     magnitudes saturate at 6. Nearest: ties go to the even code. Stochastic: up with probability
-    the distance from the lower neighbour over the gap, so the expected value is the input."""
-    magnitude = scaled.abs().clamp(max=_E2M1_MAX)
-    magnitudes = torch.tensor(_E2M1_MAGNITUDES, device=scaled.device)
+    the distance from the lower neighbour over the gap, so the expected value is the input.
+
+    On float32's bits rather than by a table search: from 1 up, e2m1 is float32 with one mantissa
+    bit, so rounding drops 22 bits (adding just under half of them plus the kept bit, for ties to
+    even, or a random amount below them, for stochastic rounding; a carry moves into the
+    exponent), and what is left, exponent and kept bit, is the code plus a constant. Below 1 the
+    values are the multiples of 0.5: codes 0, 1 (and 2, for 1)."""
+    magnitude = scaled.float().abs().clamp_(max=_E2M1_MAX)
+    bits = magnitude.view(torch.int32)
     if stochastic:
-        lower = (torch.bucketize(magnitude, magnitudes, right=True) - 1).clamp(0, len(_E2M1_MAGNITUDES) - 2)
-        low, high = magnitudes[lower], magnitudes[lower + 1]
-        up = torch.rand_like(magnitude) * (high - low) < magnitude - low
-        code = lower + up.to(lower.dtype)
+        carry = torch.randint(0, 1 << _MANTISSA_DROPPED, bits.shape, dtype=torch.int32, device=bits.device)
+        below_one = torch.floor_(magnitude * 2 + torch.rand_like(magnitude))
     else:
-        midpoints = torch.tensor(_E2M1_MIDPOINTS, device=scaled.device)
-        code = torch.bucketize(magnitude, midpoints)  # a midpoint itself goes down: to the even code...
-        on_midpoint = midpoints[code.clamp(max=len(_E2M1_MIDPOINTS) - 1)] == magnitude
-        code = code + (on_midpoint & (code % 2 == 1)).to(code.dtype)  # ...unless the lower code is odd
+        carry = ((bits >> _MANTISSA_DROPPED) & 1).add_((1 << (_MANTISSA_DROPPED - 1)) - 1)
+        below_one = torch.round(magnitude * 2)  # half to even: 0.25 -> 0, 0.75 -> 1
+    from_one = (bits + carry).bitwise_right_shift_(_MANTISSA_DROPPED).sub_(_E2M1_CODE_OFFSET)
+    code = torch.where(magnitude < 1, below_one.to(torch.int32), from_one).to(torch.uint8)
     negative = (scaled < 0) & (code > 0)
-    return (code + 8 * negative.to(code.dtype)).to(torch.uint8)
+    return code.bitwise_or_(negative.to(torch.uint8) << 3)
 
 
 def _e2m1_values(codes: torch.Tensor) -> torch.Tensor:
-    magnitudes = torch.tensor(_E2M1_MAGNITUDES, device=codes.device)
-    values = magnitudes[(codes & 7).long()]
-    return torch.where(codes >= 8, -values, values)
+    return _E2M1_VALUES.to(codes.device)[codes.long()]
 
 
 def _pack_pairs(codes: torch.Tensor) -> torch.Tensor:
