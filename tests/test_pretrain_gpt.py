@@ -59,14 +59,19 @@ TRACKED = ["lm loss", "learning rate", "grad norm", "tokens per second", "valida
            "a2a share of step time", "load_balancing_loss"]
 
 
-@pytest.mark.slow
-def test_tensorboard_holds_every_metric_against_iteration_tokens_and_time(logged_run):
+def tensorboard_events(directory):
+    """The run's tensorboard events, read, and the names of its scalars."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, work = logged_run
-    events = EventAccumulator(str(work / "tb"))
+    events = EventAccumulator(str(directory))
     events.Reload()
-    tags = set(events.Tags()["scalars"])
+    return events, set(events.Tags()["scalars"])
+
+
+@pytest.mark.slow
+def test_tensorboard_holds_every_metric_against_iteration_tokens_and_time(logged_run):
+    _, work = logged_run
+    events, tags = tensorboard_events(work / "tb")
     for name in TRACKED:
         for tag in (name, f"{name} vs tokens", f"{name} vs time"):
             assert tag in tags, tag
@@ -83,12 +88,8 @@ MEGATRON_LM_TRACKED = ["lm loss", "learning-rate", "grad-norm", "batch-size", "l
 
 @pytest.mark.slow
 def test_tensorboard_and_wandb_also_hold_megatron_lms_names_against_iteration_and_samples(logged_run):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     output, work = logged_run
-    events = EventAccumulator(str(work / "tb"))
-    events.Reload()
-    tags = set(events.Tags()["scalars"])
+    events, tags = tensorboard_events(work / "tb")
     for name in MEGATRON_LM_TRACKED:
         assert name in tags and f"{name} vs samples" in tags, name
     assert [e.step for e in events.Scalars("learning-rate vs samples")] == [s * 16 for s in (5, 10, 15, 20, 25, 30)]
