@@ -282,7 +282,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, cons
                     task_name: str, lsh_merge_thresholds: Optional[dict] = None, run_clock: Optional[dict] = None,
                     keep_last: Optional[int] = None) -> str:
     """Collective: every rank calls it. Returns the checkpoint directory. ``run_clock``: the run's
-    time axis at this save (see training/run_clock.py). ``keep_last``: afterwards delete all but the
+    time axis at this save (training/resume.py: RunClock). ``keep_last``: afterwards delete all but the
     newest ``keep_last`` complete checkpoints."""
     final = iteration_dir(root, iteration)
     partial = final + ".partial"

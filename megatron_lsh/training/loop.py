@@ -318,7 +318,8 @@ class Trainer:
             where += f"; first non-finite gradient: {gradient}" if gradient else ""
             raise TrainingError(
                 f"loss {loss} / grad norm {grad_norm} is not finite at iteration {self.iteration + 1}"
-                f"{where}; lower --lr, raise --lr-warmup-iters, or resume from an earlier checkpoint"
+                f"{where}; lower --lr or raise --lr-warmup-iters (resuming, with --override-opt_param-scheduler so "
+                "that the checkpoint's schedule gives way), or resume from an earlier checkpoint"
             )
         self.optimizer.step()
         self.scheduler.step(increment=args.schedule_increment)
