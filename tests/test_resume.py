@@ -191,7 +191,7 @@ def test_sigterm_to_the_whole_job_after_periodic_saves_saves_and_resumes_exactly
                "--load": str(save), "--exit-signal-handler": True, "--ckpt-keep-last": "2", **extra, **more}
         if "t5" in script:
             return t5_flags(corpus, **run, **{"--eval-interval": "100", "--lsh": True})
-        return flags(**LSH, **run)
+        return flags(**LSH, **run, **{"--eval-iters": "1"})
 
     straight = losses(run_ranks(job(tmp_path / "straight"), nproc=nproc, script=script))
     save = tmp_path / "stopped"
@@ -244,7 +244,8 @@ def test_extending_a_cosine_run_is_refused_unless_a_flag_says_whose_schedule_win
     --use-checkpoint-opt_param-scheduler stays where the checkpoint's schedule ended (--min-lr)."""
     import math
 
-    run = {"--lr": "1e-3", "--min-lr": "1e-4", "--lr-decay-style": "cosine", "--save-interval": None}
+    run = {"--lr": "1e-3", "--min-lr": "1e-4", "--lr-decay-style": "cosine", "--save-interval": None,
+           "--eval-iters": "1"}
     base = tmp_path / "base"
     run_ranks(flags(**run, **{"--train-iters": "8", "--save": str(base)}))
 
@@ -276,11 +277,11 @@ def test_extending_a_cosine_run_is_refused_unless_a_flag_says_whose_schedule_win
 @pytest.mark.slow
 def test_a_resubmitted_fine_tune_continues_its_own_checkpoint_instead_of_starting_over(tmp_path):
     base = tmp_path / "base"
-    run_ranks(flags(**{"--train-iters": "4", "--save-interval": None, "--save": str(base)}))
+    run_ranks(flags(**{"--train-iters": "4", "--save-interval": None, "--save": str(base), "--eval-iters": "1"}))
 
     def fine_tune(save, **more):
         return flags(**{"--finetune": True, "--load": str(base), "--save": str(save), "--train-iters": "8",
-                        "--save-interval": "2", **more})
+                        "--save-interval": "2", "--eval-iters": "1", **more})
 
     straight = losses(run_ranks(fine_tune(tmp_path / "straight")))
     assert sorted(straight) == list(range(1, 9))
@@ -301,14 +302,14 @@ def test_a_save_that_fails_ends_every_rank_in_one_line_and_keeps_the_previous_ch
     import resource
 
     save = tmp_path / "run"
-    run_ranks(flags(**{"--train-iters": "4", "--save-interval": "2", "--save": str(save)}))
+    run_ranks(flags(**{"--train-iters": "4", "--save-interval": "2", "--save": str(save), "--eval-iters": "1"}))
 
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 
     result = subprocess.run(
         torchrun_command(flags(**{"--train-iters": "8", "--save-interval": "2", "--save": str(save),
-                                  "--load": str(save), "--override-opt_param-scheduler": True})),
+                                  "--load": str(save), "--override-opt_param-scheduler": True, "--eval-iters": "1"})),
         cwd=REPO, env=environment(), capture_output=True, text=True, timeout=240, preexec_fn=small_files)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
@@ -324,7 +325,7 @@ def test_a_save_that_fails_ends_every_rank_in_one_line_and_keeps_the_previous_ch
 def test_a_schedule_in_samples_trains_as_the_same_schedule_in_iterations(tmp_path):
     """Megatron-LM's sample-based flags: 64 samples of 8 a step are 8 iterations, the warmup and the
     decay counted in samples; learning rates and losses equal the same schedule in iterations."""
-    common = {"--save-interval": None, "--lr-decay-style": "cosine", "--min-lr": "1e-4"}
+    common = {"--save-interval": None, "--lr-decay-style": "cosine", "--min-lr": "1e-4", "--eval-iters": "1"}
     in_iterations = run_ranks(flags(**common, **{"--train-iters": "8", "--lr-warmup-iters": "2",
                                                  "--lr-decay-iters": "6"}))
     in_samples = run_ranks(flags(**common, **{"--train-iters": None, "--train-samples": "64",

@@ -380,22 +380,9 @@ def _copy_tokenizer_dir(source: str, target: str) -> None:
     os.replace(partial, target)
 
 
-@dataclass
-class LoadedCheckpoint:
-    iteration: int
-    consumed_samples: int
-    path: str
-    args: dict
-    lsh_merge_thresholds: Optional[dict] = None
-    run_clock: Optional[dict] = None
-
-
-def load_checkpoint(
-    root: str, model, optimizer, scheduler, load_optim: bool = True, load_rng: bool = True,
-    finetune: bool = False, step: Optional[int] = None,
-) -> Optional[LoadedCheckpoint]:
-    """Collective. Restores the newest complete checkpoint under root (or the one of iteration
-    ``step``) into model (and optimizer, scheduler, RNG states); None when there is none yet."""
+def checkpoint_to_load(root: str, step: Optional[int] = None) -> Optional[str]:
+    """The directory a load of root would read (the newest complete checkpoint, or iteration
+    ``step``), None when there is none yet; CheckpointError when it is not there or damaged."""
     complete = complete_iterations(root)
     if step is not None:
         if step not in complete:
@@ -415,6 +402,28 @@ def load_checkpoint(
         hint = (f"resume from an earlier one with --ckpt-step {earlier[-1]} (complete: {earlier})"
                 if earlier else "there is no earlier complete checkpoint to resume from")
         raise CheckpointError(f"checkpoint {path} is damaged: {problem}; {hint}")
+    return path
+
+
+@dataclass
+class LoadedCheckpoint:
+    iteration: int
+    consumed_samples: int
+    path: str
+    args: dict
+    lsh_merge_thresholds: Optional[dict] = None
+    run_clock: Optional[dict] = None
+
+
+def load_checkpoint(
+    root: str, model, optimizer, scheduler, load_optim: bool = True, load_rng: bool = True,
+    finetune: bool = False, step: Optional[int] = None,
+) -> Optional[LoadedCheckpoint]:
+    """Collective. Restores the newest complete checkpoint under root (or the one of iteration
+    ``step``) into model (and optimizer, scheduler, RNG states); None when there is none yet."""
+    path = checkpoint_to_load(root, step)
+    if path is None:
+        return None
     common = dist_checkpointing.load_common_state_dict(path)
     saved_args = common.get("args", {})
     optimizer = optimizer if (load_optim and not finetune) else None

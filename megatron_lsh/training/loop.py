@@ -40,8 +40,7 @@ from megatron_lsh.training.arguments import (
 from megatron_lsh.training.checkpointing import (
     CheckpointError,
     SaveFailedError,
-    find_latest_checkpoint,
-    iteration_dir,
+    checkpoint_to_load,
     load_checkpoint,
     save_checkpoint,
 )
@@ -236,10 +235,10 @@ class Trainer:
         args = self.args
         if plan.note:
             self.log.console(plan.note)
-        iteration = plan.step if plan.step is not None else find_latest_checkpoint(plan.directory)
         load_optim = not args.no_load_optim and not plan.finetune
-        if iteration is not None and load_optim:
-            said = check_schedule(iteration_dir(plan.directory, iteration), self.scheduler, args)
+        path = checkpoint_to_load(plan.directory, plan.step)  # a damaged one is named before anything else
+        if path is not None and load_optim:
+            said = check_schedule(path, self.scheduler, args)
             if said:
                 self.log.console(said)
         loaded = load_checkpoint(
