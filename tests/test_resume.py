@@ -191,7 +191,7 @@ def test_sigterm_to_the_whole_job_after_periodic_saves_saves_and_resumes_exactly
                "--load": str(save), "--exit-signal-handler": True, "--ckpt-keep-last": "2", **extra, **more}
         if "t5" in script:
             return t5_flags(corpus, **run, **{"--eval-interval": "100", "--lsh": True})
-        return flags(**LSH, **run, **{"--eval-iters": "1"})
+        return flags(**LSH, **run, **{"--eval-iters": "1", "--num-workers": "0"})
 
     straight = losses(run_ranks(job(tmp_path / "straight"), nproc=nproc, script=script))
     save = tmp_path / "stopped"

@@ -215,3 +215,12 @@ def test_a_schedule_in_samples_names_the_sample_flags():
     assert schedule_differences(schedule(), {}, schedule(lr_decay_steps=6400, lr_warmup_steps=64), args) == [
         ("--lr-warmup-samples", 64, 10), ("--lr-decay-samples (default: --train-samples)", 6400, 1000)]
 
+
+
+def test_a_save_directory_whose_newest_checkpoint_lost_its_common_state_still_resumes_from_it(tmp_path):
+    """So that loading it names the missing file instead of a job silently starting elsewhere."""
+    own = tmp_path / "own"
+    fake_checkpoint(own, 40)
+    (own / "iter_0000040" / "common.pt").unlink()
+    plan = plan_resume(job(save=own, load=tmp_path / "base", finetune=True))
+    assert (plan.directory, plan.finetune) == (str(own), False)

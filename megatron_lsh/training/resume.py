@@ -22,7 +22,6 @@ from typing import Optional
 from megatron_lsh.training.arguments import ArgumentError
 from megatron_lsh.training.checkpointing import (
     common_state,
-    complete_iterations,
     find_latest_checkpoint,
     foreign_checkpoints,
     iteration_dir,
@@ -51,8 +50,12 @@ def _refuse_foreign(flag: str, directory: str) -> None:
 
 
 def _holds_training_state(directory: str, iteration: int) -> bool:
-    """A checkpoint written by training (with its schedule), not by import_hf (weights only)."""
-    return common_state(iteration_dir(directory, iteration)).get("scheduler") is not None
+    """A checkpoint written by training (with its schedule), not by import_hf (weights only). One
+    whose common state cannot be read counts as training's: loading it then names what is damaged."""
+    try:
+        return common_state(iteration_dir(directory, iteration)).get("scheduler") is not None
+    except Exception:  # noqa: BLE001 - megatron-core raises several kinds for a missing or broken file
+        return True
 
 
 def plan_resume(args) -> Optional[ResumePlan]:
