@@ -110,8 +110,8 @@ def _e8m0_values(scale_bytes: torch.Tensor) -> torch.Tensor:
 _MANTISSA_DROPPED = 22  # float32's 23 mantissa bits down to e2m1's one
 # float32 1.0's biased exponent and kept bit, (127 << 1) | 0, is e2m1 code 2.
 _E2M1_CODE_OFFSET = (127 << 1) - 2
-# e2m1 values by code (sign in bit 3).
-_E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+# e2m1 values by code (sign in bit 3), one copy per device (no host-to-device copy per decode).
+_E2M1_VALUES = {}
 
 
 def _e2m1_codes(scaled: torch.Tensor, stochastic: bool) -> torch.Tensor:
@@ -139,7 +139,11 @@ def _e2m1_codes(scaled: torch.Tensor, stochastic: bool) -> torch.Tensor:
 
 
 def _e2m1_values(codes: torch.Tensor) -> torch.Tensor:
-    return _E2M1_VALUES.to(codes.device)[codes.long()]
+    table = _E2M1_VALUES.get(codes.device)
+    if table is None:
+        table = _E2M1_VALUES[codes.device] = torch.tensor(
+            [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], device=codes.device)
+    return table[codes.long()]
 
 
 def _pack_pairs(codes: torch.Tensor) -> torch.Tensor:

@@ -97,11 +97,9 @@ def foreign_checkpoints(root: str) -> list:
         if name.startswith("iter_") and name[5:].isdigit() and not _is_complete(os.path.join(root, name))
     )
     tracker = os.path.join(root, TRACKER_FILE)
-    if not foreign and os.path.isfile(tracker):
+    if not foreign and os.path.isfile(tracker) and not complete_iterations(root):
         with open(tracker) as f:
-            text = f.read().strip()
-        if not (text.isdigit() and int(text) in complete_iterations(root)) and not complete_iterations(root):
-            foreign.append(f"{TRACKER_FILE} ({text!r})")
+            foreign.append(f"{TRACKER_FILE} ({f.read().strip()!r})")
     return foreign
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from megatron_lsh.models.architectures import gpt_moe_pattern
+
 MATMUL = 3 * 2  # forward + two backward matmuls, 2 FLOPs a multiply-add
 
 
@@ -46,18 +48,10 @@ def _logits(args, tokens: float, vocab_size: int) -> float:
     return MATMUL * tokens * args.hidden_size * vocab_size
 
 
-def gpt_moe_layer_pattern(args) -> list:
-    """1 (MoE) / 0 (dense) per layer: Megatron's rule for an integer --moe-layer-freq (layer i is
-    MoE when i % N == 0), or the list given."""
-    if isinstance(args.moe_layer_freq, int):
-        return [int(i % args.moe_layer_freq == 0) for i in range(args.num_layers)]
-    return list(args.moe_layer_freq)
-
-
 def gpt_flops_per_sample(args, vocab_size: int) -> float:
     tokens = args.seq_length
     attention = args.num_layers * _attention(args, tokens, tokens, keys_per_query=tokens / 2)
-    return attention + _mlps(args, tokens, gpt_moe_layer_pattern(args)) + _logits(args, tokens, vocab_size)
+    return attention + _mlps(args, tokens, gpt_moe_pattern(vars(args))) + _logits(args, tokens, vocab_size)
 
 
 def t5_flops_per_sample(args, vocab_size: int) -> float:
