@@ -132,6 +132,14 @@ def plan() -> List[Variant]:
     # Bisection at a tighter bound: in the speed study it keeps the bytes and loses bisection's gap.
     variants += [Variant("bisect 0.2", ["--lsh", "--lsh-split", "bisect", "--lsh-error-bound", "0.2"], group)
                  for group in ("main", "scale")]
+    # The 4-bit frontier (issue 33) over whole runs: the best 4-bit format alone (NVFP4 in the
+    # ablations), MX's, and LSH at a tighter bound than the default's over NVFP4 rows.
+    for group in ("main", "scale"):
+        variants += [
+            Variant("nvfp4", ["--no-lsh", *NVFP4_ALL], group, peer=True),
+            Variant("mxfp4", ["--no-lsh", *MXFP4_ALL], group, peer=True),
+            Variant("lsh 0.2 + nvfp4", ["--lsh", "--lsh-error-bound", "0.2", *NVFP4_ALL], group),
+        ]
     variants += [
         Variant("stock", ["--no-lsh"], "ablation", "reference"),
         Variant("mxfp8 dispatch", ["--no-lsh", *MXFP8_DISPATCH], "ablation",
