@@ -33,6 +33,7 @@ def apply() -> None:
     _gloo_uneven_gather_and_reduce_scatter()
     _cpu_pipeline_schedules()
     _cpu_tied_embedding_sync()
+    _cpu_grad_scalers()
     logger.debug("megatron-core CPU workarounds applied")
 
 
@@ -129,6 +130,10 @@ def _cpu_rng_tracker() -> None:
             tp_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
 
     tp_random.initialize_rng_tracker = initialize_rng_tracker
+    # Activation recomputation (CheckpointFunction) saves and restores the CPU generator, the CUDA
+    # one and the tracker's; without CUDA the CPU generator is the only device stream.
+    tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    tp_random._set_cuda_rng_state = lambda *args, **kwargs: None
 
 
 def _gloo_uneven_gather_and_reduce_scatter() -> None:
@@ -208,3 +213,31 @@ def _cpu_tied_embedding_sync() -> None:
             torch.Tensor.cuda = to_cuda
 
     LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
+
+
+def _cpu_grad_scalers() -> None:
+    # optimizer.grad_scaler (--fp16's loss scaling) makes its scale and factors with
+    # torch.tensor(..., device='cuda') and loads a saved scale with `.cuda(...)`. Its module sees
+    # a torch whose tensor() puts "cuda" tensors on the CPU; loading keeps the scale on the CPU.
+    from megatron.core.optimizer import grad_scaler
+
+    class TorchWithCPUTensor:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def tensor(*args, device=None, **kwargs):
+            return torch.tensor(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+    grad_scaler.torch = TorchWithCPUTensor()
+    original = grad_scaler.DynamicGradScaler.load_state_dict
+
+    def load_state_dict(self, state_dict):
+        to_cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda tensor, *a, **kw: tensor.cpu()
+        try:
+            return original(self, state_dict)
+        finally:
+            torch.Tensor.cuda = to_cuda
+
+    grad_scaler.DynamicGradScaler.load_state_dict = load_state_dict

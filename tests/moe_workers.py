@@ -403,3 +403,39 @@ def gradient_study_modes(rank, world_size, studies):
     """Per study mode, and None for the stock layer, outputs and gradients."""
     return _coarse_layers_on_one_input(world_size, {None: dict(lsh_enabled=False), **{
         study: dict(lsh_gradient_study=study) for study in studies}})
+
+
+def grouped_gemm_vs_sequential_experts(rank, world_size, cases):
+    """Per case: outputs and gradients (input, router weights, every expert parameter) of
+    megatron-core's SequentialMLP and of GroupedGemmExperts holding the same weights, on rows
+    with the given counts per local expert."""
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron_lsh.moe.experts import GroupedGemmExperts
+
+    initialize_distributed(expert_model_parallel_size=world_size, seed=3)
+    results = []
+    for counts, overrides in cases:
+        config = moe_config(world_size, lsh_enabled=False, **overrides)
+        experts_spec = get_moe_module_spec(use_te=False, num_experts=config.num_moe_experts).submodules.experts
+        local = config.num_moe_experts // world_size
+        groups = get_default_pg_collection()
+        sequential = build_module(experts_spec, local, config, pg_collection=groups)
+        grouped = GroupedGemmExperts(local, config, experts_spec.submodules, pg_collection=groups)
+        grouped.load_state_dict(sequential.state_dict())
+        counts = torch.tensor(counts[:local])
+        generator = torch.Generator().manual_seed(11)
+        rows = torch.randn(int(counts.sum()), config.hidden_size, generator=generator)
+        probs = torch.rand(int(counts.sum()), generator=generator)
+        measured = []
+        for module in (sequential, grouped):
+            module.zero_grad()
+            inputs, weights = rows.clone().requires_grad_(), probs.clone().requires_grad_()
+            output, bias = module(inputs, counts, weights)
+            assert bias is None
+            (output * torch.linspace(-1, 1, output.numel()).view_as(output)).sum().backward()
+            measured.append({"output": output.detach(), "input grad": inputs.grad, "probs grad": weights.grad,
+                             **{f"grad {name}": p.grad.clone() for name, p in module.named_parameters()}})
+        results.append(measured)
+    return results

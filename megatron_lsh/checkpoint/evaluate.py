@@ -20,6 +20,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_lsh.training.checkpointing import CheckpointError
+from megatron_lsh.data.tokenizer import tokenizer_settings
 from megatron_lsh.checkpoint.loading import load_for_inference, saved_run, task_of_run, tokenizer_model_path
 from megatron_lsh.data.gpt_data import DataError, data_iterator
 from megatron_lsh.data.preprocess import preprocess_jsonl
@@ -43,6 +44,8 @@ def evaluate(load_dir: str, data_path: str | None = None, input_jsonl: str | Non
                 [input_jsonl], f"{scratch}/held_out", saved["tokenizer_type"],
                 tokenizer_model_path(load_dir, saved), vocab_size=saved.get("vocab_size"),
                 workers=1, progress=False, split_sentences=task is T5_TASK,
+                tokenizer_options={name: value for name, value in tokenizer_settings(saved).items()
+                                   if name not in ("tokenizer_type", "tokenizer_model", "vocab_size")},
             )["text"]["prefix"]
         loaded = load_for_inference(load_dir, lsh=lsh, lsh_overrides=lsh_overrides)
         get_compression_tracker().reset()

@@ -19,7 +19,7 @@ from megatron_lsh.training.checkpointing import (
     find_latest_checkpoint,
     iteration_dir,
 )
-from megatron_lsh.data.tokenizer import build_tokenizer
+from megatron_lsh.data.tokenizer import SENTENCEPIECE_TYPES, tokenizer_from_args
 from megatron_lsh.moe.config import PAYLOAD_SETTINGS, settings_before_they_existed
 from megatron_lsh.moe.controller import CompressionController
 from megatron_lsh.training.arguments import flag_defaults
@@ -65,6 +65,8 @@ def tokenizer_model_path(load_dir: str, args: dict) -> str:
         copy = os.path.join(load_dir, TOKENIZER_DIR_COPY)
         return copy if os.path.isdir(copy) else args.get("tokenizer_model")
     copy = os.path.join(load_dir, TOKENIZER_COPY)
+    if args.get("tokenizer_type") not in SENTENCEPIECE_TYPES:  # its copy is a SentencePiece model's
+        return args.get("tokenizer_model")
     return copy if os.path.isfile(copy) else args.get("tokenizer_model")
 
 
@@ -99,7 +101,7 @@ def load_for_inference(load_dir: str, lsh: bool = False, dtype=torch.float32,
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port())
     initialize_distributed(expert_model_parallel_size=1, seed=args.seed)
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+    tokenizer = tokenizer_from_args(args)
     config = transformer_config_from_args(args, hidden_dropout=0.0, attention_dropout=0.0)
     vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by, saved_tensor_parallel)
     model = task.build_model(args, config, vocab_size)

@@ -36,8 +36,8 @@ def split_sentences(text: str) -> List[str]:
     return [part.strip() for part in _SENTENCE_BREAK.split(text) if part.strip()]
 
 
-def _init_worker(tokenizer_type, tokenizer_model, vocab_size, json_keys, append_eod, sentences):
-    _worker_state["tokenizer"] = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size)
+def _init_worker(tokenizer_type, tokenizer_model, vocab_size, tokenizer_options, json_keys, append_eod, sentences):
+    _worker_state["tokenizer"] = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size, **tokenizer_options)
     _worker_state["keys"] = json_keys
     _worker_state["append_eod"] = append_eod
     _worker_state["sentences"] = sentences
@@ -84,13 +84,16 @@ def preprocess_jsonl(
     vocab_size: int | None = None,
     progress: bool = True,
     split_sentences: bool = False,
+    tokenizer_options: dict | None = None,
 ) -> Dict[str, dict]:
     """Tokenize every document of the jsonl inputs with `workers` processes, in input order.
 
     Returns, per key, the output prefix and its document and token counts. Files appear under
-    their final names only once complete.
+    their final names only once complete. tokenizer_options: build_tokenizer's other arguments
+    (vocab_file, merge_file, ...).
     """
-    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size)
+    tokenizer_options = dict(tokenizer_options or {})
+    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size, **tokenizer_options)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     for path in inputs:
         if not os.path.isfile(path):
@@ -113,7 +116,8 @@ def preprocess_jsonl(
             with open(path, encoding="utf-8") as f:
                 yield from f
 
-    initargs = (tokenizer_type, tokenizer_model, vocab_size, list(json_keys), append_eod, split_sentences)
+    initargs = (tokenizer_type, tokenizer_model, vocab_size, tokenizer_options, list(json_keys), append_eod,
+                split_sentences)
     if workers > 1:
         context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
         pool = context.Pool(workers, initializer=_init_worker, initargs=initargs)
@@ -150,6 +154,8 @@ def preprocess_jsonl(
         sidecar = {
             "tokenizer_type": tokenizer_type,
             "tokenizer_model": os.path.abspath(tokenizer_model) if tokenizer_model else None,
+            **{name: os.path.abspath(path) for name, path in tokenizer_options.items()
+               if name in ("vocab_file", "merge_file") and path},
             "tokenizer_fingerprint": tokenizer.fingerprint,
             "vocab_size": tokenizer.vocab_size,
             "append_eod": append_eod,

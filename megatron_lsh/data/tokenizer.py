@@ -19,7 +19,14 @@ from functools import cached_property
 from typing import Dict, Iterable, List, Sequence
 
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+# Megatron-LM's names (its --tokenizer-type choices that apply to text pretraining).
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer", "GPT2BPETokenizer",
+                   "BertWordPieceCase", "BertWordPieceLowerCase", "HuggingFaceTokenizer", "TikTokenizer",
+                   "NullTokenizer")
+# A --tokenizer-model that is one SentencePiece model file (what a checkpoint copies beside it).
+SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
+# Read with --vocab-file (and --merge-file): a vocabulary rather than a --tokenizer-model.
+VOCAB_FILE_TYPES = ("GPT2BPETokenizer", "BertWordPieceCase", "BertWordPieceLowerCase")
 
 # The files of a Hugging Face tokenizer directory that define its ids (what the fingerprint hashes
 # and what a checkpoint copies).
@@ -273,12 +280,201 @@ class NullTokenizer:
         return " ".join(str(int(i)) for i in ids)
 
 
-def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None, vocab_size: int | None = None):
-    """The tokenizer Megatron-LM's --tokenizer-type / --tokenizer-model flags name."""
-    if tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
+class MegatronCoreTokenizer:
+    """A tokenizer of megatron-core's library (``megatron.core.tokenizers``) with the attributes
+    megatron-core's datasets and our tools read, its ids those Megatron-LM's training gives the
+    same --tokenizer-type (so Megatron-LM's data and checkpoints fit)."""
+
+    def __init__(self, tokenizer_type: str, core, files: Sequence[str], vocab: Dict[str, int], *, eod: int,
+                 pad: int = -1, bos=None, eos=None, unk=None, cls=None, sep=None, mask=None):
+        self.tokenizer_type = tokenizer_type
+        self._core = core
+        self.vocab = vocab
+        self.model_path = files[0]
+        self.vocab_size = core.vocab_size
+        self.eod, self.pad, self.bos, self.unk, self.cls, self.sep = eod, pad, bos, unk, cls, sep
+        self.eos = eod if eos is None else eos
+        # megatron-core's span corruption writes the mask id before T5 puts sentinels in.
+        self.mask = unk if mask is None else mask
+        if len(files) == 1:  # a model file's own hash, as SentencePieceTokenizer's data records it
+            self.fingerprint = file_fingerprint(files[0])
+        else:
+            digest = hashlib.sha256()
+            for path in files:
+                digest.update(os.path.basename(path).encode() + b"\0" + file_fingerprint(path).encode())
+            self.fingerprint = digest.hexdigest()
+        self.unique_identifiers = OrderedDict(
+            [("class", tokenizer_type), ("tokenizer_path", [os.path.abspath(f) for f in files]),
+             ("fingerprint", self.fingerprint)])
+
+    @cached_property
+    def inv_vocab(self) -> Dict[int, str]:
+        """Id to token; megatron-core's span corruption reads it to find word starts."""
+        return {i: token for token, i in self.vocab.items()}
+
+    @cached_property
+    def additional_special_tokens_ids(self) -> List[int]:
+        """Ids of the T5 sentinels <extra_id_0>, <extra_id_1>, ... the vocabulary holds."""
+        ids = []
+        while (token := self.vocab.get(f"<extra_id_{len(ids)}>")) is not None:
+            ids.append(token)
+        return ids
+
+    def tokenize(self, text: str) -> List[int]:
+        return list(self._core.tokenize(text))
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._core.detokenize([int(i) for i in ids])
+
+
+def _core_tokenizer(path: str, library: str, **kwargs):
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    return MegatronTokenizer.from_pretrained(tokenizer_path=path, metadata_path={"library": library}, **kwargs)
+
+
+def _hugging_face_vocab(core) -> Dict[str, int]:
+    """Every token of a megatron-core Hugging Face tokenizer, added ones included (its own
+    ``vocab`` lists the base vocabulary only, without the tokens BERT's build appends)."""
+    return dict(core._tokenizer.tokenizer.get_vocab())
+
+
+def _sentencepiece_tokenizer(tokenizer_type: str, model_path: str) -> MegatronCoreTokenizer:
+    """Llama2Tokenizer / GPTSentencePieceTokenizer: any SentencePiece model, its own ids (Llama's
+    has no padding piece: pad is -1, as in Megatron-LM)."""
+    if not model_path or not os.path.isfile(model_path):
+        raise TokenizerError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model FILE, a SentencePiece model "
+                             f"(got {model_path})")
+    try:
+        core = _core_tokenizer(model_path, "sentencepiece")
+    except Exception as error:  # sentencepiece raises RuntimeError/OSError; one line for the user
+        raise TokenizerError(f"--tokenizer-model {model_path} is not a SentencePiece model ({error})") from None
+    if core.eos < 0:
+        raise TokenizerError(f"--tokenizer-model {model_path} has no end-of-sequence piece, which ends every "
+                             "document; train it with eos_id set")
+    vocab = {token: i for i, token in core.inv_vocab.items()}
+    return MegatronCoreTokenizer(tokenizer_type, core, [model_path], vocab, eod=core.eos, pad=core.pad,
+                                 bos=core.bos if core.bos >= 0 else None, unk=core.unk)
+
+
+def _vocabulary_directory(files: Dict[str, str], config: dict) -> str:
+    """A Hugging Face tokenizer directory for Megatron-LM's vocabulary files, so megatron-core's
+    Hugging Face library reads them offline (its own route for these types asks the Hub for
+    'gpt2' / 'bert-large-cased'). Made once per content, atomically (every rank may ask)."""
+    import json
+    import tempfile
+
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name, path in sorted(files.items()):
+        digest.update(name.encode() + file_fingerprint(path).encode())
+    root = os.path.join(os.environ.get("MEGATRON_LSH_CACHE", os.path.join(tempfile.gettempdir(), "megatron_lsh")),
+                        "tokenizers", digest.hexdigest()[:24])
+    if not os.path.isdir(root):
+        os.makedirs(os.path.dirname(root), exist_ok=True)
+        scratch = tempfile.mkdtemp(dir=os.path.dirname(root))
+        for name, path in files.items():
+            with open(path, "rb") as source, open(os.path.join(scratch, name), "wb") as target:
+                target.write(source.read())
+        with open(os.path.join(scratch, "tokenizer_config.json"), "w") as f:
+            json.dump(config, f)
+        try:
+            os.rename(scratch, root)
+        except OSError:  # another rank made it first
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
+    return root
+
+
+def _require_vocabulary_files(tokenizer_type: str, vocab_file, merge_file) -> None:
+    if not vocab_file or not os.path.isfile(vocab_file):
+        raise TokenizerError(f"--tokenizer-type {tokenizer_type} needs --vocab-file FILE (got {vocab_file})")
+    if tokenizer_type == "GPT2BPETokenizer" and (not merge_file or not os.path.isfile(merge_file)):
+        raise TokenizerError(f"--tokenizer-type GPT2BPETokenizer needs --merge-file FILE, the BPE merges beside "
+                             f"--vocab-file (got {merge_file})")
+
+
+def _gpt2_bpe_tokenizer(vocab_file: str, merge_file: str) -> MegatronCoreTokenizer:
+    _require_vocabulary_files("GPT2BPETokenizer", vocab_file, merge_file)
+    directory = _vocabulary_directory({"vocab.json": vocab_file, "merges.txt": merge_file},
+                                      {"tokenizer_class": "GPT2Tokenizer"})
+    try:
+        core = _core_tokenizer(directory, "huggingface")
+    except Exception as error:
+        raise TokenizerError(f"--vocab-file {vocab_file} / --merge-file {merge_file}: not GPT-2 BPE files "
+                             f"({error})") from None
+    vocab = _hugging_face_vocab(core)
+    eod = vocab.get("<|endoftext|>")
+    if eod is None:
+        raise TokenizerError(f"--vocab-file {vocab_file} has no <|endoftext|>, GPT-2's end of document")
+    # Megatron-LM's GPT-2 tokenizer has no padding token, nor a beginning one besides <|endoftext|>.
+    return MegatronCoreTokenizer("GPT2BPETokenizer", core, [vocab_file, merge_file], vocab, eod=eod, bos=eod)
+
+
+def _bert_wordpiece_tokenizer(tokenizer_type: str, vocab_file: str, vocab_extra_ids: int) -> MegatronCoreTokenizer:
+    """BERT's WordPiece; as Megatron-LM builds it: [BOS] and [EOS] appended when the vocabulary
+    lacks them, then the T5 sentinels <extra_id_N> (--vocab-extra-ids)."""
+    _require_vocabulary_files(tokenizer_type, vocab_file, None)
+    lower = tokenizer_type == "BertWordPieceLowerCase"
+    directory = _vocabulary_directory({"vocab.txt": vocab_file},
+                                      {"tokenizer_class": "BertTokenizer", "do_lower_case": lower})
+    try:
+        core = _core_tokenizer(directory, "huggingface")
+    except Exception as error:
+        raise TokenizerError(f"--vocab-file {vocab_file}: not a WordPiece vocabulary ({error})") from None
+    missing = [token for token in ("[CLS]", "[SEP]", "[PAD]", "[MASK]") if token not in _hugging_face_vocab(core)]
+    if missing:
+        raise TokenizerError(f"--vocab-file {vocab_file} lacks {', '.join(missing)}, which BERT's tokenizer needs")
+    core.add_special_tokens({"bos_token": "[BOS]", "eos_token": "[EOS]",
+                             "additional_special_tokens": [f"<extra_id_{i}>" for i in range(vocab_extra_ids)]})
+    vocab = _hugging_face_vocab(core)
+    return MegatronCoreTokenizer(tokenizer_type, core, [vocab_file], vocab, eod=vocab["[EOS]"], pad=vocab["[PAD]"],
+                                 bos=vocab["[BOS]"], unk=vocab.get("[UNK]"), cls=vocab["[CLS]"],
+                                 sep=vocab["[SEP]"], mask=vocab["[MASK]"])
+
+
+def _tiktoken_tokenizer(model_path: str, pattern, vocab_size, num_special_tokens: int, special_tokens):
+    if not model_path or not os.path.isfile(model_path):
+        raise TokenizerError(f"--tokenizer-type TikTokenizer needs --tokenizer-model FILE, a vocabulary .json "
+                             f"(got {model_path})")
+    if pattern not in ("v1", "v2"):
+        raise TokenizerError(f"--tokenizer-type TikTokenizer needs --tiktoken-pattern v1 or v2 (got {pattern})")
+    try:
+        import tiktoken  # noqa: F401
+    except ImportError:
+        raise TokenizerError("--tokenizer-type TikTokenizer needs the tiktoken package: pip install tiktoken") from None
+    kwargs = dict(pattern=pattern, num_special_tokens=num_special_tokens)
+    if vocab_size:
+        kwargs["vocab_size"] = vocab_size
+    if special_tokens:
+        kwargs["special_tokens"] = list(special_tokens)
+    try:
+        core = _core_tokenizer(model_path, "tiktoken", **kwargs)
+    except Exception as error:
+        raise TokenizerError(f"--tokenizer-model {model_path}: not a TikTokenizer vocabulary ({error})") from None
+    vocab = {token: i for i, token in core.inv_vocab.items()}
+    return MegatronCoreTokenizer("TikTokenizer", core, [model_path], vocab, eod=core.eod, pad=core.pad, bos=core.bos,
+                                 unk=core.unk)
+
+
+def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None, vocab_size: int | None = None, *,
+                    vocab_file: str | None = None, merge_file: str | None = None, vocab_extra_ids: int = 0,
+                    tiktoken_pattern: str | None = None, tiktoken_num_special_tokens: int = 1000,
+                    tokenizer_special_tokens: Sequence[str] | None = None):
+    """The tokenizer Megatron-LM's --tokenizer-type and its files' flags name."""
+    if tokenizer_type == "SentencePieceTokenizer":
         if not tokenizer_model:
             raise TokenizerError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model")
         return SentencePieceTokenizer(tokenizer_model)
+    if tokenizer_type in ("GPTSentencePieceTokenizer", "Llama2Tokenizer"):
+        return _sentencepiece_tokenizer(tokenizer_type, tokenizer_model)
+    if tokenizer_type == "GPT2BPETokenizer":
+        return _gpt2_bpe_tokenizer(vocab_file, merge_file)
+    if tokenizer_type in ("BertWordPieceCase", "BertWordPieceLowerCase"):
+        return _bert_wordpiece_tokenizer(tokenizer_type, vocab_file, vocab_extra_ids)
+    if tokenizer_type == "TikTokenizer":
+        return _tiktoken_tokenizer(tokenizer_model, tiktoken_pattern, vocab_size, tiktoken_num_special_tokens,
+                                   tokenizer_special_tokens)
     if tokenizer_type == "HuggingFaceTokenizer":
         if not tokenizer_model:
             raise TokenizerError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR (the model's "
@@ -291,3 +487,17 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None, voc
     )
 
 
+# The flags (argparse destinations) that say which tokenizer a run or a data tool uses.
+TOKENIZER_FLAGS = ("tokenizer_type", "tokenizer_model", "vocab_size", "vocab_file", "merge_file", "vocab_extra_ids",
+                   "tiktoken_pattern", "tiktoken_num_special_tokens", "tokenizer_special_tokens")
+
+
+def tokenizer_settings(args) -> dict:
+    """build_tokenizer's arguments from parsed flags (or a saved run's args), absent ones defaulted."""
+    values = args if isinstance(args, dict) else vars(args)
+    defaults = dict(vocab_extra_ids=0, tiktoken_num_special_tokens=1000)
+    return {name: values.get(name, defaults.get(name)) for name in TOKENIZER_FLAGS}
+
+
+def tokenizer_from_args(args):
+    return build_tokenizer(**tokenizer_settings(args))

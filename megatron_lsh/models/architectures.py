@@ -70,8 +70,11 @@ def switch_sparse_step(pattern: List[int]) -> Optional[int]:
 
 
 def gpt_moe_pattern(args: dict) -> List[int]:
-    """megatron-core's MoE layer placement for GPT: every N-th layer from the first, or a list."""
+    """megatron-core's MoE layer placement for GPT: every N-th layer from the first, or a list
+    (none in a dense model, without --num-experts)."""
     freq, layers = _get(args, "moe_layer_freq", 1), _get(args, "num_layers", 0)
+    if args.get("num_experts", 1) is None:
+        return [0] * layers
     if isinstance(freq, int):
         return [int(i % freq == 0) for i in range(layers)]
     return list(freq)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 from megatron.core.models.gpt import GPTModel
@@ -17,13 +18,19 @@ def gpt_moe_block_spec(config: TransformerConfig, use_transformer_engine: bool =
     """megatron-core's GPT decoder block spec (MoE every ``config.moe_layer_freq`` layers) for
     this pipeline stage (and virtual stage), with LSHMoELayer in place of MoELayer and norms
     that allow sequence parallelism."""
+    # Without Transformer Engine megatron-core's grouped experts need the grouped_gemm package;
+    # ours (moe/experts.py) replace its SequentialMLP instead.
+    ours = config.moe_grouped_gemm and not use_transformer_engine
+    spec_config = copy.copy(config)
+    spec_config.moe_grouped_gemm = config.moe_grouped_gemm and use_transformer_engine
     return with_sequence_parallel_norms(with_lsh_moe(
         get_gpt_decoder_block_spec(
-            config,
+            spec_config,
             use_transformer_engine=use_transformer_engine,
             normalization=config.normalization,
             vp_stage=vp_stage,
-        )
+        ),
+        grouped_gemm=ours,
     ))
 
 

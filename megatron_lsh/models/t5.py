@@ -65,8 +65,10 @@ def _layer_specs(dense_spec, config: TransformerConfig, pattern: List[int]):
     for name in ("input_layernorm", "pre_cross_attn_layernorm", "pre_mlp_layernorm"):
         if getattr(dense.submodules, name, None) is not None and not _is_identity(getattr(dense.submodules, name)):
             setattr(dense.submodules, name, norm)
+    if not config.num_moe_experts:  # a dense T5 (Megatron-LM's T5 example)
+        return [dense] * len(pattern), norm
     moe = copy.deepcopy(dense)
-    moe.submodules.mlp = get_lsh_moe_module_spec(config.num_moe_experts)
+    moe.submodules.mlp = get_lsh_moe_module_spec(config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm)
     return [moe if is_moe else dense for is_moe in pattern], norm
 
 

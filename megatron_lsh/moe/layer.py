@@ -13,6 +13,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import RowParallelLinear
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
@@ -20,6 +21,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_lsh.moe.dispatcher import LSHAlltoAllTokenDispatcher, PayloadAlltoAllTokenDispatcher
+from megatron_lsh.moe.experts import GroupedGemmExperts
 
 
 def _skip_expert_reduce_without_expert_parallelism(experts, pg_collection) -> None:
@@ -166,9 +168,13 @@ def set_lsh_iteration(model: torch.nn.Module, iteration: int) -> None:
             layer.lsh_dispatcher.set_iteration(iteration)
 
 
-def with_lsh_moe(spec):
-    """A copy of any layer or block spec with every MoELayer replaced by LSHMoELayer."""
-    return replace_modules(spec, {MoELayer: LSHMoELayer})
+def with_lsh_moe(spec, grouped_gemm: bool = False):
+    """A copy of any layer or block spec with every MoELayer replaced by LSHMoELayer, and with
+    grouped_gemm (--moe-grouped-gemm) megatron-core's local SequentialMLP experts by grouped GEMMs."""
+    replacements = {MoELayer: LSHMoELayer}
+    if grouped_gemm:
+        replacements[SequentialMLP] = GroupedGemmExperts
+    return replace_modules(spec, replacements)
 
 
 def replace_modules(spec, replacements: dict):
@@ -194,10 +200,10 @@ def _replace_modules(node, replacements):
 def get_lsh_moe_module_spec(
     num_experts: int, use_te: bool = False, moe_grouped_gemm: bool = False
 ) -> ModuleSpec:
-    """megatron-core's MoE module spec, with LSHMoELayer."""
-    return with_lsh_moe(
-        get_moe_module_spec(use_te=use_te, num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm)
-    )
+    """megatron-core's MoE module spec, with LSHMoELayer (and grouped GEMM experts: TE's with
+    use_te, else ours)."""
+    spec = get_moe_module_spec(use_te=use_te, num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm and use_te)
+    return with_lsh_moe(spec, grouped_gemm=moe_grouped_gemm and not use_te)
 
 
 def get_gpt_lsh_layer_local_spec(
@@ -210,10 +216,11 @@ def get_gpt_lsh_layer_local_spec(
     return with_lsh_moe(
         get_gpt_layer_local_spec(
             num_experts=num_experts,
-            moe_grouped_gemm=moe_grouped_gemm,
+            moe_grouped_gemm=False,  # megatron-core's local GroupedMLP needs the grouped_gemm package
             qk_layernorm=qk_layernorm,
             normalization=normalization,
-        )
+        ),
+        grouped_gemm=moe_grouped_gemm,
     )
 
 

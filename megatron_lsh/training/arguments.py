@@ -11,7 +11,8 @@ import os
 from dataclasses import MISSING
 
 from megatron_lsh.models.architectures import ARCHITECTURES, ArchitectureFlagError, apply_architecture
-from megatron_lsh.data.tokenizer import TOKENIZER_TYPES
+from megatron_lsh.data.tokenizer import TOKENIZER_TYPES, VOCAB_FILE_TYPES
+from megatron_lsh.training.batch_schedule import BatchScheduleError, batch_calculator, iterations_for_samples
 from megatron_lsh.moe.config import WithAndWithoutLSH, added_settings, flag_of
 
 
@@ -148,6 +149,23 @@ def add_moe_args(parser):
     g.add_argument("--moe-router-pre-softmax", action="store_true")
     g.add_argument("--moe-token-dispatcher-type", choices=["alltoall", "allgather"], default="alltoall")
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None)
+    g.add_argument("--moe-grouped-gemm", action="store_true",
+                   help="Each rank's local experts as one grouped GEMM per projection (torch's grouped_mm; the "
+                        "parameters and checkpoints stay those of the sequential experts).")
+    g.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"], default="softmax")
+    g.add_argument("--moe-router-topk-scaling-factor", type=float, default=None)
+    g.add_argument("--moe-router-enable-expert-bias", action="store_true",
+                   help="DeepSeek-V3's aux-loss-free balancing: a per-expert bias on the routing scores "
+                        "(needs --moe-router-score-function sigmoid).")
+    g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
+    g.add_argument("--moe-router-dtype", choices=["fp32", "fp64"], default=None,
+                   help="Routing computed in this precision (default: the model's).")
+    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None,
+                   help="A shared expert of this FFN width beside the routed ones (its output added).")
+    g.add_argument("--moe-shared-expert-overlap", action="store_true",
+                   help="Accepted: the shared expert runs after the routed ones here (same values).")
+    g.add_argument("--moe-token-drop-policy", choices=["probs", "position"], default="probs",
+                   help="With --moe-expert-capacity-factor: which tokens an expert over capacity drops.")
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g = parser.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -234,6 +252,29 @@ def add_training_args(parser):
         help="Start each gradient bucket's data-parallel reduction during the last micro-batch's backward.",
     )
     g.add_argument("--bf16", action="store_true", help="bf16 parameters and activations, fp32 master weights.")
+    g.add_argument("--fp16", action="store_true",
+                   help="fp16 parameters and activations, fp32 master weights, the loss scaled (dynamically unless "
+                        "--loss-scale); a step whose gradients overflow is skipped and the scale lowered.")
+    g.add_argument("--loss-scale", type=float, default=None, help="A constant loss scale (fp16); default: dynamic.")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--loss-scale-window", type=float, default=1000,
+                   help="Steps without overflow before the dynamic scale doubles.")
+    g.add_argument("--hysteresis", type=int, default=2, help="Overflows tolerated before the dynamic scale halves.")
+    g.add_argument("--rampup-batch-size", nargs=3, type=int, default=None, metavar=("START", "INCREMENT", "SAMPLES"),
+                   help="Grow the global batch from START by INCREMENT over SAMPLES samples (Megatron-LM's, "
+                        "megatron-core's micro-batch calculator).")
+    g.add_argument("--recompute-activations", action="store_true",
+                   help="Megatron-LM's older name for --recompute-granularity selective.")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="Recompute activations in the backward instead of keeping them: full (whole layers, see "
+                        "--recompute-method) or selective (--recompute-modules, default the attention core).")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                   help="With full: uniform (groups of --recompute-num-layers layers) or block (the first "
+                        "--recompute-num-layers layers of each stage).")
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--recompute-modules", nargs="*", default=None,
+                   help="With selective: core_attn, mlp, moe, layernorm, moe_act, ... (megatron-core's names).")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=100)
@@ -253,6 +294,14 @@ def add_data_args(parser):
     g.add_argument("--num-workers", type=int, default=2, help="Data loader processes per rank.")
     g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None)
     g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer's vocab.json, BertWordPiece*'s vocab.txt.")
+    g.add_argument("--merge-file", default=None, help="GPT2BPETokenizer's merges.")
+    g.add_argument("--vocab-extra-ids", type=int, default=0,
+                   help="T5 sentinels <extra_id_N>: appended to BertWordPiece* vocabularies; other tokenizers must "
+                        "hold them (T5's default: 100).")
+    g.add_argument("--tiktoken-pattern", choices=("v1", "v2"), default=None, help="TikTokenizer's split pattern.")
+    g.add_argument("--tiktoken-num-special-tokens", type=int, default=1000)
+    g.add_argument("--tokenizer-special-tokens", nargs="+", default=None, help="TikTokenizer's special tokens.")
     return parser
 
 
@@ -277,6 +326,31 @@ def add_megatron_lm_args(parser):
                         "Transformer Engine's layers.")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
                    help="Default: nccl with CUDA GPUs, gloo without (Megatron-LM's default is nccl).")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="Accepted: with --use-distributed-optimizer the updated parameters are all-gathered right "
+                        "after the step here (the same values; the overlap with the next forward is not built).")
+    g.add_argument("--no-rope-fusion", dest="apply_rope_fusion", action="store_false",
+                   help="Accepted: rotary embeddings run unfused here.")
+    g.add_argument("--no-bias-swiglu-fusion", dest="bias_swiglu_fusion", action="store_false",
+                   help="Accepted: activations run unfused here.")
+    g.add_argument("--no-bias-gelu-fusion", dest="bias_gelu_fusion", action="store_false",
+                   help="Accepted: activations run unfused here.")
+    g.add_argument("--no-bias-dropout-fusion", dest="bias_dropout_fusion", action="store_false",
+                   help="Accepted: bias and dropout run unfused here.")
+    g.add_argument("--cross-entropy-loss-fusion", action="store_true",
+                   help="Accepted: the loss is megatron-core's unfused vocab-parallel cross entropy (same values).")
+    g.add_argument("--attention-softmax-in-fp32", action="store_true",
+                   help="Run the attention softmax in fp32 with --fp16/--bf16 (megatron-core's setting).")
+    g.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist",
+                   help="torch_dist (megatron-core's distributed checkpoint), the only format written here.")
+    g.add_argument("--no-mmap-bin-files", dest="mmap_bin_files", action="store_false",
+                   help="Read .bin files without memory mapping (megatron-core's IndexedDataset).")
+    g.add_argument("--empty-unused-memory-level", type=int, choices=[0, 1, 2], default=0,
+                   help="Accepted: releases CUDA's cached memory in Megatron-LM; nothing to release on CPU, and "
+                        "on a GPU megatron-lsh leaves the cache to torch.")
+    g.add_argument("--manual-gc", action="store_true",
+                   help="Python's garbage collector off, run every --manual-gc-interval steps (Megatron-LM's).")
+    g.add_argument("--manual-gc-interval", type=int, default=0)
     return parser
 
 
@@ -286,12 +360,30 @@ SATISFIED_FLAGS = (
     ("masked_softmax_fusion", False, "--no-masked-softmax-fusion: softmax runs unfused here"),
     ("add_position_embedding", False, "--no-position-embedding: the positions are rotary or relative, no learned "
                                       "table"),
+    ("overlap_param_gather", True, "--overlap-param-gather: the distributed optimizer all-gathers the updated "
+                                   "parameters right after its step (same values, not overlapped with the forward)"),
+    ("apply_rope_fusion", False, "--no-rope-fusion: rotary embeddings run unfused here"),
+    ("bias_swiglu_fusion", False, "--no-bias-swiglu-fusion: activations run unfused here"),
+    ("bias_gelu_fusion", False, "--no-bias-gelu-fusion: activations run unfused here"),
+    ("bias_dropout_fusion", False, "--no-bias-dropout-fusion: bias and dropout run unfused here"),
+    ("cross_entropy_loss_fusion", True, "--cross-entropy-loss-fusion: megatron-core's unfused cross entropy "
+                                        "(same values)"),
+    ("moe_shared_expert_overlap", True, "--moe-shared-expert-overlap: the shared expert runs after the routed ones "
+                                        "(same values)"),
+    ("empty_unused_memory_level", 1, "--empty-unused-memory-level: torch keeps its allocator cache here"),
+    ("empty_unused_memory_level", 2, "--empty-unused-memory-level: torch keeps its allocator cache here"),
 )
 
 
 def satisfied_flag_notes(args) -> list:
     """One line per Megatron-LM flag given that asks for what this build already does."""
-    return [f"accepted {note}" for dest, value, note in SATISFIED_FLAGS if getattr(args, dest, None) == value]
+    notes = [f"accepted {note}" for dest, value, note in SATISFIED_FLAGS if getattr(args, dest, None) == value]
+    if getattr(args, "tokenizer_type_inferred", False):
+        notes.append("no --tokenizer-type: --vocab-file with --merge-file is GPT-2's BPE, so GPT2BPETokenizer")
+    if args.rampup_batch_size is not None and args.train_samples is None:
+        notes.append("--rampup-batch-size with --train-iters (Megatron-LM refuses the pair): the batch ramps up "
+                     "over the samples consumed; the learning-rate schedule counts iterations")
+    return notes
 
 
 def check_megatron_lm_flags(args) -> None:
@@ -413,9 +505,12 @@ def lsh_settings_of_flags(flags) -> dict:
 
 
 def set_defaults(args) -> None:
+    if getattr(args, "num_experts", 0) is None:  # a dense model: no all-to-all for LSH to compress
+        args.lsh_enabled = False
     set_lsh_defaults(args)
     args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
-    args.moe_ffn_hidden_size = args.moe_ffn_hidden_size or args.ffn_hidden_size
+    if args.num_experts is not None:
+        args.moe_ffn_hidden_size = args.moe_ffn_hidden_size or args.ffn_hidden_size
     args.lr_decay_iters = args.lr_decay_iters or args.train_iters
 
 
@@ -468,13 +563,14 @@ def validate_parallel_layout(args, world_size: int) -> int:
     of processes, up front and naming the flag; returns the data-parallel size."""
     tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
     if args.expert_tensor_parallel_size is None:
-        args.expert_tensor_parallel_size = tp  # Megatron-LM's default
+        # Megatron-LM's default; a dense model has no experts to split.
+        args.expert_tensor_parallel_size = tp if args.num_experts is not None else 1
     etp = args.expert_tensor_parallel_size
     for flag, size in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
                        ("--expert-tensor-parallel-size", etp)):
         if size < 1:
             raise ArgumentError(f"{flag} {size} must be at least 1")
-    if tp > 1 and not args.sequence_parallel:
+    if tp > 1 and not args.sequence_parallel and args.num_experts is not None:
         raise ArgumentError(
             f"--tensor-model-parallel-size {tp} with MoE layers needs --sequence-parallel "
             "(megatron-core's MoE layers take sequence-parallel input under tensor parallelism)"
@@ -506,7 +602,7 @@ def validate_parallel_layout(args, world_size: int) -> int:
         raise ArgumentError(
             f"--moe-ffn-hidden-size {moe_ffn} must be divisible by --expert-tensor-parallel-size {etp}"
         )
-    if etp > 1 and not args.disable_bias_linear:
+    if etp > 1 and not args.disable_bias_linear and args.num_experts is not None:
         raise ArgumentError(
             f"--expert-tensor-parallel-size {etp}: megatron-core's experts take biases only when "
             "whole; pass --disable-bias-linear or --expert-tensor-parallel-size 1"
@@ -539,6 +635,13 @@ def validate_parallel_layout(args, world_size: int) -> int:
     return world_size // (tp * pp)
 
 
+def _batch_calculator(args):
+    try:
+        return batch_calculator(args, getattr(args, "data_parallel_size", 1))
+    except BatchScheduleError as error:
+        raise ArgumentError(str(error)) from None
+
+
 def set_schedule_steps(args) -> None:
     """The learning-rate schedule's steps, as Megatron-LM counts them: iterations, or with
     --train-samples samples (the scheduler then advances by the global batch each iteration).
@@ -555,7 +658,7 @@ def set_schedule_steps(args) -> None:
         if wrong:
             raise ArgumentError(f"{wrong[0]} counts iterations; with --train-samples pass "
                                 f"{wrong[0].replace('-iters', '-samples')}")
-        args.train_iters = args.train_samples // args.global_batch_size
+        args.train_iters = iterations_for_samples(_batch_calculator(args), args.train_samples)
         if args.train_iters < 1:
             raise ArgumentError(f"--train-samples {args.train_samples} is less than one --global-batch-size "
                                 f"{args.global_batch_size}")
@@ -627,10 +730,36 @@ def check_writable_directory(flag: str, path: str) -> None:
                             "pass a directory this job can write") from None
 
 
+def _check_precision_and_recompute(args) -> None:
+    if args.fp16 and args.bf16:
+        raise ArgumentError("--fp16 and --bf16: pass one (16-bit format of the parameters and activations)")
+    if args.loss_scale is not None and not args.fp16:
+        raise ArgumentError("--loss-scale scales fp16's loss: pass --fp16 with it, or leave it out")
+    if args.recompute_activations:  # Megatron-LM's older flag
+        if args.recompute_granularity not in (None, "selective"):
+            raise ArgumentError("--recompute-activations means --recompute-granularity selective; pass one of them")
+        args.recompute_granularity = "selective"
+    if args.recompute_granularity == "full":
+        if args.recompute_method is None or not args.recompute_num_layers:
+            raise ArgumentError("--recompute-granularity full needs --recompute-method uniform|block and "
+                                "--recompute-num-layers N (as in Megatron-LM)")
+    elif args.recompute_method is not None or args.recompute_num_layers:
+        raise ArgumentError("--recompute-method / --recompute-num-layers apply to --recompute-granularity full only")
+    if args.recompute_modules and args.recompute_granularity != "selective":
+        raise ArgumentError("--recompute-modules lists what --recompute-granularity selective recomputes; pass it")
+    if args.moe_grouped_gemm and (args.expert_tensor_parallel_size or args.tensor_model_parallel_size) > 1:
+        raise ArgumentError("--moe-grouped-gemm runs each expert whole on its rank: pass --expert-tensor-parallel-size 1 "
+                            "with it")
+    if args.moe_router_enable_expert_bias and args.moe_router_score_function != "sigmoid":
+        raise ArgumentError("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid (DeepSeek-V3's "
+                            "routing, as megatron-core requires)")
+
+
 def validate_args(args, world_size: int) -> None:
     """Everything checkable before start-up; raises ArgumentError naming the flag."""
     _check_counts(args)
     check_megatron_lm_flags(args)
+    _check_precision_and_recompute(args)
     ep = args.expert_model_parallel_size
     args.moe_router_topk = args.moe_router_topk or 2
     args.normalization = args.normalization or "LayerNorm"
@@ -642,14 +771,16 @@ def validate_args(args, world_size: int) -> None:
         )
     if args.swiglu and args.activation not in (None, "silu"):
         raise ArgumentError(f"--swiglu gates with SiLU; drop --activation {args.activation}")
-    if args.num_experts is None:
-        raise ArgumentError("--num-experts is required: this trains Mixture-of-Experts models")
-    if ep < 1 or args.num_experts % ep:
+    if args.num_experts is None:  # a dense model (Megatron-LM's GPT-3 example): nothing for LSH to compress
+        if ep != 1:
+            raise ArgumentError(f"--expert-model-parallel-size {ep} needs --num-experts (a Mixture-of-Experts model)")
+        args.moe_router_topk = None
+    elif ep < 1 or args.num_experts % ep:
         raise ArgumentError(
             f"--expert-model-parallel-size {ep} must divide --num-experts {args.num_experts}"
         )
     data_parallel = validate_parallel_layout(args, world_size)
-    if args.moe_router_topk < 1 or args.moe_router_topk > args.num_experts:
+    if args.num_experts is not None and not 1 <= args.moe_router_topk <= args.num_experts:
         raise ArgumentError(
             f"--moe-router-topk {args.moe_router_topk} must be between 1 and --num-experts"
         )
@@ -673,6 +804,7 @@ def validate_args(args, world_size: int) -> None:
             f"--hidden-size {args.hidden_size} must be divisible by --num-attention-heads "
             f"{args.num_attention_heads}"
         )
+    args.data_parallel_size = data_parallel
     set_schedule_steps(args)
     if not 0 <= args.min_lr <= args.lr:
         raise ArgumentError(f"--min-lr {args.min_lr} must be between 0 and --lr {args.lr}")
@@ -703,13 +835,24 @@ def validate_args(args, world_size: int) -> None:
         for flag, paths in (("--data-path", args.data_path), ("--train-data-path", args.train_data_path),
                             ("--valid-data-path", args.valid_data_path), ("--test-data-path", args.test_data_path)):
             _require_files(flag, data_prefixes(paths))
+        if args.tokenizer_type is None and args.vocab_file and args.merge_file:
+            # Megatron-LM's GPT-3 example names the files only; they are GPT-2's BPE.
+            args.tokenizer_type, args.tokenizer_type_inferred = "GPT2BPETokenizer", True
         if args.tokenizer_type is None:
             raise ArgumentError("--tokenizer-type is required with data files")
-    if args.tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
+    if args.tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
+                               "TikTokenizer"):
         if not args.tokenizer_model:
             raise ArgumentError(f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model")
         if not os.path.isfile(args.tokenizer_model):
             raise ArgumentError(f"--tokenizer-model {args.tokenizer_model}: no such file")
+    if args.tokenizer_type in VOCAB_FILE_TYPES:
+        for flag, path in (("--vocab-file", args.vocab_file),
+                           ("--merge-file", args.merge_file if args.tokenizer_type == "GPT2BPETokenizer" else "")):
+            if path is None:
+                raise ArgumentError(f"--tokenizer-type {args.tokenizer_type} needs {flag}")
+            if path and not os.path.isfile(path):
+                raise ArgumentError(f"{flag} {path}: no such file")
     if args.tokenizer_type == "HuggingFaceTokenizer":
         if not args.tokenizer_model or not os.path.isdir(args.tokenizer_model):
             raise ArgumentError(f"--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR, a Hugging Face "

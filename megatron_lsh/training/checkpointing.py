@@ -35,7 +35,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_lsh.data.tokenizer import HF_TOKENIZER_FILES
+from megatron_lsh.data.tokenizer import HF_TOKENIZER_FILES, SENTENCEPIECE_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -295,7 +295,8 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, cons
             tokenizer = getattr(args, "tokenizer_model", None)
             if tokenizer and os.path.isdir(tokenizer):
                 _copy_tokenizer_dir(tokenizer, os.path.join(root, TOKENIZER_DIR_COPY))
-            elif tokenizer and not os.path.isfile(os.path.join(root, TOKENIZER_COPY)):
+            elif (tokenizer and getattr(args, "tokenizer_type", None) in SENTENCEPIECE_TYPES
+                  and not os.path.isfile(os.path.join(root, TOKENIZER_COPY))):
                 shutil.copy(tokenizer, os.path.join(root, TOKENIZER_COPY + ".tmp"))
                 os.replace(os.path.join(root, TOKENIZER_COPY + ".tmp"), os.path.join(root, TOKENIZER_COPY))
         except OSError as failure:
@@ -425,10 +426,11 @@ def load_checkpoint(
     common = dist_checkpointing.load_common_state_dict(path)
     saved_args = common.get("args", {})
     optimizer = optimizer if (load_optim and not finetune) else None
-    if optimizer is not None and bool(saved_args.get("bf16")) != bool(optimizer.fp32_master_weights):
+    saved_master = bool(saved_args.get("bf16") or saved_args.get("fp16"))  # fp32 master weights
+    if optimizer is not None and saved_master != bool(optimizer.fp32_master_weights):
         raise CheckpointError(
-            f"{path} was saved {'with' if saved_args.get('bf16') else 'without'} --bf16; resume "
-            "with the same setting, or pass --no-load-optim to start a fresh optimizer"
+            f"{path} was saved {'with' if saved_master else 'without'} --bf16/--fp16 (fp32 master weights); "
+            "resume with a 16-bit setting again, or pass --no-load-optim to start a fresh optimizer"
         )
     try:
         state = dist_checkpointing.load(_sharded_state_dict(model, optimizer, is_loading=True), path)

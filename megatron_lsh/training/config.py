@@ -58,7 +58,7 @@ def in_flag_terms(error: LSHConfigError) -> str:
 
 
 def transformer_config_from_args(args, **overrides) -> LSHTransformerConfig:
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if getattr(args, "fp16", False) else torch.float32
     settings = dict(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -83,7 +83,13 @@ def transformer_config_from_args(args, **overrides) -> LSHTransformerConfig:
         persist_layer_norm=False,
         params_dtype=dtype,
         bf16=args.bf16,
+        fp16=getattr(args, "fp16", False),
+        attention_softmax_in_fp32=getattr(args, "attention_softmax_in_fp32", False),
         pipeline_dtype=dtype,
+        recompute_granularity=getattr(args, "recompute_granularity", None),
+        recompute_method=getattr(args, "recompute_method", None),
+        recompute_num_layers=getattr(args, "recompute_num_layers", None),
+        **({"recompute_modules": args.recompute_modules} if getattr(args, "recompute_modules", None) else {}),
         num_moe_experts=args.num_experts,
         moe_router_topk=args.moe_router_topk,
         moe_ffn_hidden_size=args.moe_ffn_hidden_size,
@@ -94,6 +100,14 @@ def transformer_config_from_args(args, **overrides) -> LSHTransformerConfig:
         moe_router_pre_softmax=routes_pre_softmax(vars(args)),
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
         moe_expert_capacity_factor=args.moe_expert_capacity_factor,
+        moe_token_drop_policy=getattr(args, "moe_token_drop_policy", "probs"),
+        moe_grouped_gemm=getattr(args, "moe_grouped_gemm", False),
+        moe_router_score_function=getattr(args, "moe_router_score_function", "softmax"),
+        moe_router_topk_scaling_factor=getattr(args, "moe_router_topk_scaling_factor", None),
+        moe_router_enable_expert_bias=getattr(args, "moe_router_enable_expert_bias", False),
+        moe_router_bias_update_rate=getattr(args, "moe_router_bias_update_rate", 1e-3),
+        moe_router_dtype=getattr(args, "moe_router_dtype", None),
+        moe_shared_expert_intermediate_size=getattr(args, "moe_shared_expert_intermediate_size", None),
         expert_model_parallel_size=args.expert_model_parallel_size,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         sequence_parallel=getattr(args, "sequence_parallel", False),

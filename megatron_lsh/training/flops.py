@@ -37,10 +37,12 @@ def _attention(args, query_tokens: float, key_tokens: float, keys_per_query: flo
 def _mlps(args, tokens: float, moe_pattern: Sequence[int]) -> float:
     """The MLPs of the layers of one stack: dense, or the experts each token is routed to."""
     gated = 3 if args.swiglu else 2  # SwiGLU's first matmul is twice as wide
+    if getattr(args, "num_experts", 0) is None:  # a dense model: every layer's MLP is dense
+        moe_pattern = [0] * len(moe_pattern)
     moe_layers = sum(moe_pattern)
     dense_layers = len(moe_pattern) - moe_layers
-    per_token = (dense_layers * args.ffn_hidden_size
-                 + moe_layers * args.moe_ffn_hidden_size * args.moe_router_topk) * gated * args.hidden_size
+    routed = moe_layers * args.moe_ffn_hidden_size * args.moe_router_topk if moe_layers else 0
+    per_token = (dense_layers * args.ffn_hidden_size + routed) * gated * args.hidden_size
     return MATMUL * tokens * per_token
 
 

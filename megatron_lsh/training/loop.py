@@ -3,6 +3,7 @@ megatron-core DDP, clipping, the LR schedule, periodic evaluation, logging and c
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import math
@@ -25,7 +26,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_lsh.device import compute_device
 from megatron_lsh.data.gpt_data import DataError, data_iterator
-from megatron_lsh.data.tokenizer import TokenizerError, build_tokenizer
+from megatron_lsh.data.tokenizer import TokenizerError, tokenizer_from_args
 from megatron_lsh.moe import get_compression_tracker, set_lsh_iteration
 from megatron_lsh.moe.config import PAYLOAD_SETTINGS
 from megatron_lsh.moe.controller import CompressionController
@@ -37,6 +38,7 @@ from megatron_lsh.training.arguments import (
     satisfied_flag_notes,
     validate_args,
 )
+from megatron_lsh.training.batch_schedule import batch_calculator
 from megatron_lsh.training.checkpointing import (
     CheckpointError,
     SaveFailedError,
@@ -50,7 +52,7 @@ from megatron_lsh.training.metrics import compression_metrics, moe_aux_loss_metr
 from megatron_lsh.training.flops import tflops_per_gpu
 from megatron_lsh.training.metrics_logger import MetricsLogger, megatron_lm_metrics, timestamp
 from megatron_lsh.training.nonfinite import NonFiniteWatch
-from megatron_lsh.training.optimizer import TrainingOptimizer
+from megatron_lsh.training.optimizer import TrainingOptimizer, grad_scaler_from_args
 from megatron_lsh.training.resume import ResumePlan, RunClock, check_schedule, plan_resume
 from megatron_lsh.training.task import ModelTask, masked_token_mean, padded_vocab_size, perplexity
 
@@ -128,6 +130,8 @@ class Trainer:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.num_microbatches = args.global_batch_size // (args.micro_batch_size * self.dp_size)
+        # The batch of each step (--rampup-batch-size grows it; evaluation uses the full one).
+        self.batches = batch_calculator(args, self.dp_size, self.rank)
         self.log = MetricsLogger(args, enabled=self.rank == 0, run_config=vars(args))
         for line in satisfied_flag_notes(args) + [lsh_settings_line(args)]:
             self.log.console(line)
@@ -138,7 +142,7 @@ class Trainer:
                                "(LOCAL_WORLD_SIZE=%d), so LSH merges nothing; use --lsh-scope all "
                                "to compress intra-node traffic", ranks_per_node())
 
-        self.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+        self.tokenizer = tokenizer_from_args(args)
         vocab = padded_vocab_size(
             self.tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
         )
@@ -167,15 +171,19 @@ class Trainer:
             self.config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
             self.config.grad_sync_func = start_sync if len(start_sync) > 1 else start_sync[0]
         self.forward_backward = get_forward_backward_func()
+        self.skipped_iterations = 0  # fp16 steps whose gradients overflowed
         self.optimizer = TrainingOptimizer(
             torch.nn.ModuleList(self.model),
             lr=args.lr,
             weight_decay=args.weight_decay,
             betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_eps,
-            fp32_master_weights=args.bf16,
+            fp32_master_weights=args.bf16 or args.fp16,
             shard_over_data_parallel=args.use_distributed_optimizer,
+            grad_scaler=grad_scaler_from_args(args),
         )
+        if args.fp16:  # megatron-core's schedules scale each micro-batch's loss before its backward
+            self.config.grad_scale_func = self.optimizer.scale_loss
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
             # Steps of the schedule: iterations, or samples with --train-samples (set_schedule_steps).
@@ -206,8 +214,9 @@ class Trainer:
         parameters = sum(p.numel() for chunk in self.model for p in chunk.parameters())
         self.log.console(
             f"{task.name}: {parameters / 1e6:.2f}M parameters on rank 0 ({self.layout()}; experts: "
-            f"{args.num_experts // args.expert_model_parallel_size} of {args.num_experts} local), "
-            f"vocabulary {self.tokenizer.vocab_size} (padded {vocab}), "
+            + (f"{args.num_experts // args.expert_model_parallel_size} of {args.num_experts} local), "
+               if args.num_experts else "none: a dense model), ")
+            + f"vocabulary {self.tokenizer.vocab_size} (padded {vocab}), "
             f"{self.num_microbatches} micro-batches of {args.micro_batch_size} x {self.dp_size} ranks "
             f"per step, LSH {'on' if args.lsh_enabled else 'off'}; optimizer state "
             + ("sharded over data parallel" if self.optimizer.sharded else "replicated")
@@ -301,14 +310,21 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         self.nonfinite.start_step()
-        reductions = self._run_schedule(self.train_iter, self.num_microbatches, forward_only=False)
-        self.optimizer.prepare_grads()
-        grad_norm = self.optimizer.clip_grads(args.clip_grad)
+        self.batches.update(self.consumed_samples, consistency_check=True)
+        num_microbatches, batch = self.batches.get(), self.batches.get_current_global_batch_size()
+        reductions = self._run_schedule(self.train_iter, num_microbatches, forward_only=False)
+        overflow = self.optimizer.prepare_grads()
         # The mean of the micro-batches' mean losses (what the gradient is of), from the last
         # pipeline stage, over all data-parallel replicas as Megatron-LM logs it.
         loss = sum(float(r["weighted loss"][0] / r["weighted loss"][1].clamp(min=1)) for r in reductions)
-        loss = _pipeline_sum([loss / self.num_microbatches])
+        loss = _pipeline_sum([loss / num_microbatches])
         loss = _all_reduce_mean(loss, group=parallel_state.get_data_parallel_group())[0]
+        if overflow:  # fp16: as Megatron-LM, the step is skipped (no update, no schedule step)
+            self.skipped_iterations += 1
+            self.iteration += 1
+            self.consumed_samples += batch
+            return {"lm loss": loss, "grad norm": float("nan"), "skipped": 1.0, "batch": batch}
+        grad_norm = self.optimizer.clip_grads(args.clip_grad)
         if not math.isfinite(grad_norm) or not math.isfinite(loss):
             # Raised before the optimizer step: nothing non-finite is applied, and nothing saved.
             layer = self.nonfinite.first_bad_layer()
@@ -321,12 +337,13 @@ class Trainer:
                 "that the checkpoint's schedule gives way), or resume from an earlier checkpoint"
             )
         self.optimizer.step()
-        self.scheduler.step(increment=args.schedule_increment)
+        # Samples-based schedules advance by the step's batch (Megatron-LM's increment), else by one.
+        self.scheduler.step(increment=batch if args.train_samples is not None else 1)
         if self.lsh_controller is not None:
             self.lsh_controller.update(group=torch.distributed.group.WORLD)
         self.iteration += 1
-        self.consumed_samples += args.global_batch_size
-        return {"lm loss": loss, "grad norm": grad_norm}
+        self.consumed_samples += batch
+        return {"lm loss": loss, "grad norm": grad_norm, "skipped": 0.0, "batch": batch}
 
     # -- evaluation --------------------------------------------------------------------------
 
@@ -389,7 +406,9 @@ class Trainer:
 
     def train(self) -> None:
         args = self.args
-        interval: Dict[str, list] = {"lm loss": [], "grad norm": [], "step seconds": []}
+        interval: Dict[str, list] = {"lm loss": [], "grad norm": [], "step seconds": [], "skipped": [], "batch": []}
+        if args.manual_gc:  # Megatron-LM's: no collection pauses inside steps, one every interval
+            gc.disable()
         a2a_timer.take_seconds()
         stop_at = min(args.train_iters, args.exit_interval or args.train_iters)
         if self.iteration == 0 and args.eval_interval:
@@ -399,8 +418,10 @@ class Trainer:
             step_start = time.time()
             metrics = self.train_step()
             interval["step seconds"].append(time.time() - step_start)
-            for key in ("lm loss", "grad norm"):
+            for key in ("lm loss", "grad norm", "skipped", "batch"):
                 interval[key].append(metrics[key])
+            if args.manual_gc and args.manual_gc_interval and self.iteration % args.manual_gc_interval == 0:
+                gc.collect()
             if self.iteration % args.log_interval == 0 or self.iteration == stop_at:
                 self._log_interval(interval)
                 interval = {key: [] for key in interval}
@@ -458,26 +479,30 @@ class Trainer:
         args = self.args
         steps = len(interval["lm loss"])
         a2a_seconds = a2a_timer.take_seconds()
-        lm_loss, grad_norm = (sum(interval[k]) / steps for k in ("lm loss", "grad norm"))
+        lm_loss = sum(interval["lm loss"]) / steps
+        applied = [norm for norm, skipped in zip(interval["grad norm"], interval["skipped"]) if not skipped]
+        grad_norm = sum(applied) / len(applied) if applied else float("nan")  # skipped fp16 steps have none
+        samples = sum(interval["batch"])
         # Training steps only (data, forward, backward, optimiser): evaluations and checkpoints
         # between them do not count, as in Megatron-LM's "elapsed time per iteration".
         step_seconds, a2a_seconds = _all_reduce_mean([sum(interval["step seconds"]), a2a_seconds])
-        tokens = steps * args.global_batch_size * self.task.tokens_per_sample(args)
+        tokens = samples * self.task.tokens_per_sample(args)
         metrics = {
             "lm loss": lm_loss,
             "learning rate": self.optimizer.param_groups[0]["lr"],
             "grad norm": grad_norm,
             "iteration time ms": 1000 * step_seconds / steps,
             "tokens per second": tokens / step_seconds,
-            "global batch size": args.global_batch_size,
-            "loss scale": 1.0,  # no loss scaling: bf16 or fp32
+            "global batch size": interval["batch"][-1],
+            # fp16's current scale; bf16 and fp32 do not scale the loss.
+            "loss scale": float(self.optimizer.grad_scaler.scale) if self.optimizer.grad_scaler is not None else 1.0,
             "world size": torch.distributed.get_world_size(),
         }
         if args.log_throughput:
             metrics["throughput per GPU (TFLOP/s/GPU)"] = tflops_per_gpu(
-                self.flops_per_sample, steps * args.global_batch_size, step_seconds, torch.distributed.get_world_size())
+                self.flops_per_sample, samples, step_seconds, torch.distributed.get_world_size())
         groups = self.task.router_loss_groups(args) if self.task.router_loss_groups else None
-        metrics.update(moe_aux_loss_metrics(self.num_microbatches * steps, groups))
+        metrics.update(moe_aux_loss_metrics(samples // (args.micro_batch_size * self.dp_size), groups))
         if args.timing_log_level >= a2a_timer.TIMING_LOG_LEVEL:
             metrics["a2a share of step time"] = a2a_seconds / step_seconds if step_seconds else 0.0
         metrics["optimizer state MB per rank (max)"] = \
@@ -493,13 +518,18 @@ class Trainer:
             + (f" throughput per GPU (TFLOP/s/GPU): {metrics['throughput per GPU (TFLOP/s/GPU)']:.3g} |"
                if args.log_throughput else "")
             + f" learning rate: {metrics['learning rate']:.6E} |"
-            f" global batch size: {args.global_batch_size:5d} |"
+            f" global batch size: {interval['batch'][-1]:5d} |"
             f" lm loss: {lm_loss:.6E} |"
         )
         for name in ("load_balancing_loss", "z_loss"):
             if name in metrics:
                 line += f" {name}: {metrics[name]:.6E} |"
+        if args.fp16:
+            metrics["skipped iterations"] = sum(interval["skipped"])
+            line += f" loss scale: {metrics['loss scale']:.1f} |"
         line += f" grad norm: {grad_norm:.3f} | tokens per second: {metrics['tokens per second']:.0f} |"
+        if args.fp16:
+            line += f" number of skipped iterations: {int(metrics['skipped iterations']):3d} |"
         if "lsh compression rate" in metrics:
             line += f" lsh compression rate: {metrics['lsh compression rate']:.3f} |"
         if "a2a bytes ratio" in metrics:  # all four all-to-alls, against bf16 stock
@@ -516,6 +546,8 @@ class Trainer:
 def lsh_settings_line(args) -> str:
     """The first thing a log says: what this run sends its MoE all-to-alls with, and how to get
     megatron-core's stock dispatch."""
+    if args.num_experts is None:
+        return "a dense model (no --num-experts): no expert all-to-alls, so LSH and payload formats do not apply"
     settings = lsh_config_kwargs(args)
     payloads = ", ".join(f"{name[4:-6].replace('_', ' ')} {settings[name]}" for name in PAYLOAD_SETTINGS)
     if not settings["lsh_enabled"]:

@@ -1,4 +1,5 @@
-"""AdamW over megatron-core DDP gradients, with fp32 master weights for bf16 models, global
+"""AdamW over megatron-core DDP gradients, with fp32 master weights for bf16 and fp16 models (the
+latter's loss scaled by megatron-core's grad scalers), global
 gradient-norm clipping across the parallel layout, a sharded (dist_checkpointing) state, and
 optionally the optimizer state itself sharded over data parallelism (--use-distributed-optimizer).
 
@@ -108,7 +109,10 @@ class TrainingOptimizer:
         eps: float = 1e-8,
         fp32_master_weights: bool = False,
         shard_over_data_parallel: bool = False,
+        grad_scaler=None,
     ):
+        # fp16: megatron-core's loss scaler (ConstantGradScaler / DynamicGradScaler); None otherwise.
+        self.grad_scaler = grad_scaler
         decay, no_decay = [], []
         for name, param in model.named_parameters():
             if not param.requires_grad:
@@ -163,11 +167,28 @@ class TrainingOptimizer:
         for _, main in self._pairs():
             main.grad = None
 
-    def prepare_grads(self) -> None:
-        """Point the optimizer's parameters at the reduced gradients (DDP's main_grad)."""
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss the backward starts from (megatron-core's config.grad_scale_func)."""
+        return loss * self.grad_scaler.scale.to(loss.device)
+
+    def prepare_grads(self) -> bool:
+        """Point the optimizer's parameters at the reduced gradients (DDP's main_grad), unscaled
+        under fp16. Returns whether they overflowed (fp16 only; then the step is to be skipped and
+        the scale has been lowered), agreed by every rank."""
+        inverse = None if self.grad_scaler is None else float(self.grad_scaler.inv_scale)
         for model_param, main_param in self._pairs():
             grad = reduced_grad(model_param)
             main_param.grad = None if grad is None else grad.to(main_param.dtype)
+            if inverse is not None and main_param.grad is not None:
+                main_param.grad.mul_(inverse)
+        if self.grad_scaler is None:
+            return False
+        grads = [main.grad for _, main in self._pairs() if main.grad is not None]
+        overflow = torch.tensor([float(any(not torch.isfinite(g).all() for g in grads))], device=compute_device())
+        torch.distributed.all_reduce(overflow, op=torch.distributed.ReduceOp.MAX)  # sync: every rank skips alike
+        found_inf = bool(overflow.item())
+        self.grad_scaler.update(found_inf)
+        return found_inf
 
     @property
     def sharded(self) -> bool:
@@ -255,8 +276,9 @@ class TrainingOptimizer:
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False) -> Dict:
         """The optimizer state as ShardedTensors laid out like the model's parameters, so a
         checkpoint can be resumed on another expert-parallel layout."""
-        if is_loading:
-            self._init_state()
+        # Before its first update (e.g. every fp16 step so far skipped) Adam has no state yet: its
+        # zero state is saved then, as the loading side expects it.
+        self._init_state()
         state = self.optimizer.state_dict()
         id_to_sharded = get_param_id_to_sharded_param_map(
             model_sharded_state_dict, chain.from_iterable(self.model_groups)
@@ -268,6 +290,8 @@ class TrainingOptimizer:
         if steps:
             state["state"]["common_step"] = torch.tensor(steps.pop())
         result = {"optimizer": state}
+        if self.grad_scaler is not None:
+            result["grad_scaler"] = self.grad_scaler.state_dict()
         if self.fp32_master_weights:
             result["fp32_params"] = [
                 make_sharded_optimizer_tensor(id_to_sharded[i], main, prefix="optimizer.state.fp32_param")
@@ -288,8 +312,23 @@ class TrainingOptimizer:
             for param_state in state["state"].values():
                 param_state["step"] = step.clone().float()
         self.optimizer.load_state_dict(state)
+        if self.grad_scaler is not None and "grad_scaler" in loaded:
+            self.grad_scaler.load_state_dict(loaded["grad_scaler"])
         if self.fp32_master_weights:
             with torch.no_grad():
                 for (model_param, main_param), saved in zip(self._pairs(), loaded["fp32_params"]):
                     main_param.copy_(saved)
                     model_param.copy_(saved)
+
+
+def grad_scaler_from_args(args):
+    """--fp16's loss scaler, as Megatron-LM builds it: constant with --loss-scale, else dynamic
+    (doubling after --loss-scale-window clean steps, halving after --hysteresis overflows)."""
+    if not getattr(args, "fp16", False):
+        return None
+    from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
+
+    if args.loss_scale:
+        return ConstantGradScaler(args.loss_scale)
+    return DynamicGradScaler(initial_scale=args.initial_loss_scale, min_scale=args.min_loss_scale, growth_factor=2.0,
+                             backoff_factor=0.5, growth_interval=args.loss_scale_window, hysteresis=args.hysteresis)

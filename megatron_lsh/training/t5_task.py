@@ -9,7 +9,7 @@ from megatron.core.datasets.t5_dataset import T5MaskedWordPieceDataset
 
 from megatron_lsh.device import compute_device
 from megatron_lsh.data.t5_data import build_t5_datasets
-from megatron_lsh.data.tokenizer import build_tokenizer
+from megatron_lsh.data.tokenizer import tokenizer_from_args
 from megatron_lsh.models.t5 import build_t5_moe_model, moe_layer_patterns
 from megatron_lsh.training.arguments import ArgumentError, apply_hf_architecture
 from megatron_lsh.training.task import ModelTask
@@ -22,11 +22,12 @@ def add_t5_args(parser):
     g.add_argument("--decoder-num-layers", type=int, default=None, help="Default: --num-layers.")
     g.add_argument("--encoder-seq-length", type=int, default=None, help="Default: --seq-length.")
     g.add_argument("--decoder-seq-length", type=int, default=None)
-    g.add_argument("--vocab-extra-ids", type=int, default=100, help="Sentinels the tokenizer must hold.")
     g.add_argument("--mask-prob", type=float, default=0.15)
     g.add_argument("--short-seq-prob", type=float, default=0.1)
     g.add_argument("--relative-attention-num-buckets", type=int, default=32)
     g.add_argument("--relative-attention-max-distance", type=int, default=128)
+    # Span corruption needs sentinels; Megatron-LM's T5 script passes 100 (its parser's default is 0).
+    parser.set_defaults(vocab_extra_ids=100)
     return parser
 
 
@@ -75,8 +76,9 @@ def validate_t5_args(args) -> None:
             "a tokenizer with more sentinels"
         )
     if args.tokenizer_type is None:
-        raise ArgumentError("T5 needs --tokenizer-type SentencePieceTokenizer and a --tokenizer-model with sentinels")
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+        raise ArgumentError("T5 needs --tokenizer-type: SentencePieceTokenizer with a --tokenizer-model holding sentinels, "
+                            "or BertWordPieceCase with --vocab-file (as Megatron-LM's T5 script)")
+    tokenizer = tokenizer_from_args(args)
     sentinels = len(getattr(tokenizer, "additional_special_tokens_ids", []))
     if sentinels < args.vocab_extra_ids:
         raise ArgumentError(
