@@ -173,8 +173,8 @@ def build_gpt_datasets(args, tokenizer, num_samples: Sequence[int]):
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
-        create_attention_mask=False,
-        mmap_bin_files=True,
+        create_attention_mask=False,  # the local attention builds the causal mask itself
+        mmap_bin_files=getattr(args, "mmap_bin_files", True),
     )
     return build_splits(dataset_class, config, num_samples, split)
 

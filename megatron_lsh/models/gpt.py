@@ -42,6 +42,7 @@ def build_gpt_moe_model(
     share_embeddings_and_output_weights: bool = True,
     use_transformer_engine: bool = False,
     rotary_base: int = 10000,
+    rotary_percent: float = 1.0,
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: Optional[int] = None,
@@ -59,4 +60,5 @@ def build_gpt_moe_model(
         share_embeddings_and_output_weights=share_embeddings_and_output_weights,
         position_embedding_type=position_embedding_type,
         rotary_base=rotary_base,
+        rotary_percent=rotary_percent,
     )

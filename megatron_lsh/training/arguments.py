@@ -103,6 +103,11 @@ def add_model_args(parser):
         help="Default: rope for GPT, relative (T5 buckets) for T5.",
     )
     g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--rotary-percent", type=float, default=1.0, help="Share of each head's dimensions rotated (RoPE).")
+    g.add_argument("--use-rotary-position-embeddings", action="store_true",
+                   help="Megatron-LM's older name for --position-embedding-type rope.")
+    g.add_argument("--apply-layernorm-1p", action="store_true",
+                   help="Norm weights stored as offsets from 1 (megatron-core's layernorm_zero_centered_gamma).")
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default=None, help="Default: LayerNorm.")
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--swiglu", action="store_true", help="SwiGLU MLPs (gated, SiLU).")
@@ -351,6 +356,23 @@ def add_megatron_lm_args(parser):
     g.add_argument("--manual-gc", action="store_true",
                    help="Python's garbage collector off, run every --manual-gc-interval steps (Megatron-LM's).")
     g.add_argument("--manual-gc-interval", type=int, default=0)
+    g.add_argument("--no-create-attention-mask-in-dataloader", dest="create_attention_mask_in_dataloader",
+                   action="store_false", help="Accepted: the data loader never builds attention masks here.")
+    g.add_argument("--grad-reduce-in-bf16", action="store_true",
+                   help="All-reduce gradients in bf16 instead of fp32 (megatron-core DDP's grad_reduce_in_fp32 off).")
+    g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="adam (AdamW), the only one built here.")
+    g.add_argument("--context-parallel-size", type=int, default=1, help="1: context parallelism is not built here.")
+    # Flags that cannot apply here, parsed to be refused in one line (check_megatron_lm_flags).
+    for flag in ("--multi-latent-attention", "--fp8-param-gather", "--calculate-per-token-loss", "--profile",
+                 "--te-rng-tracker", "--use-pytorch-profiler"):
+        g.add_argument(flag, action="store_true", help="Refused here: see the error it gives.")
+    for flag, kind in (("--kv-lora-rank", int), ("--q-lora-rank", int), ("--qk-head-dim", int),
+                       ("--qk-pos-emb-head-dim", int), ("--v-head-dim", int), ("--rotary-scaling-factor", float),
+                       ("--mscale", float), ("--mscale-all-dim", float), ("--fp8-format", str),
+                       ("--fp8-amax-history-len", int), ("--fp8-amax-compute-algo", str), ("--fp8-recipe", str),
+                       ("--decoupled-lr", float), ("--decoupled-min-lr", float), ("--profile-step-start", int),
+                       ("--profile-step-end", int)):
+        g.add_argument(flag, type=kind, default=None, help="Refused here (with the flag that needs it), or unused.")
     return parser
 
 
@@ -368,6 +390,8 @@ SATISFIED_FLAGS = (
     ("bias_dropout_fusion", False, "--no-bias-dropout-fusion: bias and dropout run unfused here"),
     ("cross_entropy_loss_fusion", True, "--cross-entropy-loss-fusion: megatron-core's unfused cross entropy "
                                         "(same values)"),
+    ("create_attention_mask_in_dataloader", False, "--no-create-attention-mask-in-dataloader: the data loader "
+                                                   "never builds attention masks here"),
     ("moe_shared_expert_overlap", True, "--moe-shared-expert-overlap: the shared expert runs after the routed ones "
                                         "(same values)"),
     ("empty_unused_memory_level", 1, "--empty-unused-memory-level: torch keeps its allocator cache here"),
@@ -402,6 +426,38 @@ def check_megatron_lm_flags(args) -> None:
     if args.attention_backend in ("flash", "fused"):
         raise ArgumentError(f"--attention-backend {args.attention_backend} is Transformer Engine's attention, which "
                             "megatron-lsh does not build; pass --attention-backend auto (megatron-core's local attention)")
+    refused = {
+        "multi_latent_attention": "--multi-latent-attention (DeepSeek's MLA) is not built here: megatron-lsh builds "
+                                  "megatron-core's standard attention; use --group-query-attention",
+        "fp8_format": "--fp8-format: fp8 compute needs Transformer Engine, which megatron-lsh does not build; use --bf16 "
+                      "(the MoE all-to-alls still carry 8-bit payloads: --moe-dispatch-fwd-dtype mxfp8 ...)",
+        "fp8_recipe": "--fp8-recipe: fp8 compute needs Transformer Engine; use --bf16",
+        "fp8_param_gather": "--fp8-param-gather: fp8 parameters need Transformer Engine; use --bf16",
+        "calculate_per_token_loss": "--calculate-per-token-loss is not built here: the loss is each micro-batch's mean "
+                                    "over its tokens, averaged over micro-batches (Megatron-LM's default); drop it",
+        "decoupled_lr": "--decoupled-lr (a learning rate of its own for the embeddings) is not built here; drop it",
+        "profile": "--profile marks Nsight/torch-profiler ranges in Megatron-LM; megatron-lsh has no profiler hook: drop "
+                   "it and run the job under nsys or py-spy",
+        "use_pytorch_profiler": "--use-pytorch-profiler: megatron-lsh has no profiler hook; drop it",
+        "te_rng_tracker": "--te-rng-tracker is Transformer Engine's; drop it",
+    }
+    for dest, message in refused.items():
+        if getattr(args, dest, None):
+            raise ArgumentError(message)
+    for dest in ("kv_lora_rank", "q_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "mscale",
+                 "mscale_all_dim", "rotary_scaling_factor"):
+        if getattr(args, dest, None) is not None:
+            raise ArgumentError(f"--{dest.replace('_', '-')} sizes DeepSeek's multi-latent attention or YaRN rotary "
+                                "scaling, neither built here; drop it")
+    if args.context_parallel_size != 1:
+        raise ArgumentError(f"--context-parallel-size {args.context_parallel_size}: context parallelism is not built "
+                            "here; pass 1 (or leave it out)")
+    if args.optimizer != "adam":
+        raise ArgumentError(f"--optimizer {args.optimizer}: megatron-lsh trains with AdamW only; pass --optimizer adam")
+    if args.use_rotary_position_embeddings:  # Megatron-LM's older flag
+        if args.position_embedding_type not in (None, "rope"):
+            raise ArgumentError("--use-rotary-position-embeddings means --position-embedding-type rope; pass one")
+        args.position_embedding_type = "rope"
     if args.distributed_backend == "nccl" and not torch_cuda_available():
         raise ArgumentError("--distributed-backend nccl needs CUDA GPUs, and this machine has none: pass "
                             "--distributed-backend gloo (or leave it out)")
@@ -805,6 +861,7 @@ def validate_args(args, world_size: int) -> None:
             f"{args.num_attention_heads}"
         )
     args.data_parallel_size = data_parallel
+    _batch_calculator(args)  # a ramp-up the layout cannot follow is refused here, samples or iterations
     set_schedule_steps(args)
     if not 0 <= args.min_lr <= args.lr:
         raise ArgumentError(f"--min-lr {args.min_lr} must be between 0 and --lr {args.lr}")

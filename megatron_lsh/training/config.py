@@ -70,6 +70,7 @@ def transformer_config_from_args(args, **overrides) -> LSHTransformerConfig:
         init_method_std=args.init_method_std,
         normalization=args.normalization,
         layernorm_epsilon=args.norm_epsilon,
+        layernorm_zero_centered_gamma=getattr(args, "apply_layernorm_1p", False),
         add_bias_linear=not args.disable_bias_linear,
         gated_linear_unit=args.swiglu,
         qk_layernorm=getattr(args, "qk_layernorm", False),

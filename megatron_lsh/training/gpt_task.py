@@ -18,6 +18,7 @@ def build_model(args, config, vocab_size, pre_process=True, post_process=True, v
         position_embedding_type=args.position_embedding_type,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         rotary_base=args.rotary_base,
+        rotary_percent=getattr(args, "rotary_percent", 1.0),
         pre_process=pre_process,
         post_process=post_process,
         vp_stage=vp_stage,
