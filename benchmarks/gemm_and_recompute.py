@@ -29,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SUMMARY = REPO / "docs" / "data" / "gemm_and_recompute.json"
+GPU_SUMMARY = REPO / "docs" / "data" / "gemm_and_recompute_cuda.json"
 DOC = REPO / "docs" / "gemm_and_recompute.md"
 LOCAL_EXPERTS = (8, 32, 64)
 ROWS = 4096
@@ -57,7 +58,7 @@ def _timed(step, repeats: int) -> list:
     return times
 
 
-def measure_experts(local: int, repeats: int) -> dict:
+def measure_experts(local: int, repeats: int, device: str = "cpu", dtype: str = "fp32") -> dict:
     import torch
     import torch.nn.functional as F
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
@@ -67,33 +68,39 @@ def measure_experts(local: int, repeats: int) -> dict:
     from megatron_lsh.moe import LSHTransformerConfig
     from megatron_lsh.moe.experts import GroupedGemmExperts
 
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     config = LSHTransformerConfig(num_layers=1, hidden_size=256, num_attention_heads=4, ffn_hidden_size=512,
                                   moe_ffn_hidden_size=512, num_moe_experts=local, moe_router_topk=2,
-                                  gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False)
+                                  gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+                                  params_dtype=torch_dtype, bf16=dtype == "bf16")
     spec = get_moe_module_spec(use_te=False, num_experts=local).submodules.experts
     groups = get_default_pg_collection()
     sequential = build_module(spec, local, config, pg_collection=groups)
     grouped = GroupedGemmExperts(local, config, spec.submodules, pg_collection=groups)
     grouped.load_state_dict(sequential.state_dict())
+    sequential, grouped = sequential.to(device), grouped.to(device)
     generator = torch.Generator().manual_seed(0)
     share = torch.rand(local, generator=generator) + 0.2  # uneven, every expert some rows
     counts = (share / share.sum() * ROWS).floor().long()
     counts[0] += ROWS - int(counts.sum())
-    rows = torch.randn(ROWS, 256, generator=generator)
-    probs = torch.rand(ROWS, generator=generator)
+    rows = torch.randn(ROWS, 256, generator=generator).to(device, torch_dtype)
+    probs = torch.rand(ROWS, generator=generator).to(device)
 
     def step(module):
         def run():
             module.zero_grad()
             inputs = rows.clone().requires_grad_()
             output, _ = module(inputs, counts, probs)
-            output.sum().backward()
+            output.float().sum().backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
         return run
 
     with torch.no_grad():
         difference = (grouped(rows, counts, probs)[0] - sequential(rows, counts, probs)[0]).abs().max().item()
     stock, ours = _timed(step(sequential), repeats), _timed(step(grouped), repeats)
-    return {"local_experts": local, "sequential_s": stock, "grouped_s": ours, "max_abs_difference": difference}
+    return {"local_experts": local, "sequential_s": stock, "grouped_s": ours, "max_abs_difference": difference,
+            "device": device, "dtype": dtype}
 
 
 def measure_recompute(setting: str, repeats: int) -> dict:
@@ -150,21 +157,35 @@ def _median_spread(values: list) -> str:
     return f"{statistics.median(values):.3f} s ({min(values):.3f}-{max(values):.3f})"
 
 
-def write_doc(summary: dict) -> None:
+def _gpu_summary():
+    return json.loads(GPU_SUMMARY.read_text()) if GPU_SUMMARY.exists() else None
+
+
+def _experts_table(rows: list) -> list:
+    lines = ["| local experts | sequential (stock) | grouped GEMM | grouped / stock | max abs output difference |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        ratio = statistics.median(row["grouped_s"]) / statistics.median(row["sequential_s"])
+        lines.append(f"| {row['local_experts']} | {_median_spread(row['sequential_s'])} | "
+                     f"{_median_spread(row['grouped_s'])} | {ratio:.2f}x | {row['max_abs_difference']:.1e} |")
+    return lines
+
+
+def write_doc(summary: dict, gpu: dict = None) -> None:
     lines = ["# Grouped GEMM experts and activation recomputation on CPU", "",
              "Written by `python benchmarks/gemm_and_recompute.py --write-doc` (summary: `docs/data/gemm_and_recompute.json`; "
              "`--report-only` rewrites this page from it). One process, "
              f"{summary['threads']} thread(s), {summary['repeats']} timed repeats after a warm-up; median (min-max). "
-             "CPU only: what a GPU gains is for `scripts/gpu_check.sh` to measure.", "",
+             ""
+             "On CPU `grouped_mm` is a reference kernel; its GPU kernel is what the flag is for.", "",
              "## --moe-grouped-gemm against megatron-core's sequential experts", "",
              f"Forward and backward of one rank's local experts (hidden 256, FFN 512, SwiGLU), {ROWS} rows spread "
              "unevenly over them, the same weights in both.", "",
-             "| local experts | sequential (stock) | grouped GEMM | grouped / stock | max abs output difference |",
-             "|---|---|---|---|---|"]
-    for row in summary["experts"]:
-        ratio = statistics.median(row["grouped_s"]) / statistics.median(row["sequential_s"])
-        lines.append(f"| {row['local_experts']} | {_median_spread(row['sequential_s'])} | "
-                     f"{_median_spread(row['grouped_s'])} | {ratio:.2f}x | {row['max_abs_difference']:.1e} |")
+             *_experts_table(summary["experts"]), ""]
+    if gpu is None:
+        lines += ["On a GPU: not measured yet (`scripts/gpu_check.sh` runs `--device cuda --dtype bf16`)."]
+    else:
+        lines += [f"On {gpu['device']} (bf16, {gpu['repeats']} repeats):", "", *_experts_table(gpu["experts"])]
     kept = next(row for row in summary["recompute"] if row["setting"] == "kept")
     lines += ["", "## Activation recomputation", "",
               "A 4-layer GPT-MoE (hidden 256, 8 experts, sequence 512, micro-batch 4, fp32), forward and backward. "
@@ -187,9 +208,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--write-doc", action="store_true")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: the experts only, in --dtype, into docs/data/gemm_and_recompute_cuda.json "
+                             "(scripts/gpu_check.sh)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--experts-only", action="store_true", help="leave recomputation out (a rehearsal)")
     args = parser.parse_args()
     if args.report_only:
-        write_doc(json.loads(SUMMARY.read_text()))
+        write_doc(json.loads(SUMMARY.read_text()), _gpu_summary())
         return
     if args.repeats < 3:
         parser.error("--repeats: at least 3 (the machine is shared; one timing says little)")
@@ -198,10 +224,18 @@ def main() -> None:
     _init_one_process()
     experts = []
     for local in LOCAL_EXPERTS:
-        experts.append(measure_experts(local, args.repeats))
+        experts.append(measure_experts(local, args.repeats, args.device, args.dtype))
         row = experts[-1]
         print(f"{local} local experts: sequential {_median_spread(row['sequential_s'])}, grouped "
               f"{_median_spread(row['grouped_s'])}", flush=True)
+    if args.experts_only and args.device == "cpu":
+        return
+    if args.device == "cuda":
+        summary = {"repeats": args.repeats, "device": torch.cuda.get_device_name(0), "experts": experts}
+        if args.write_doc:
+            GPU_SUMMARY.write_text(json.dumps(summary, indent=1))
+            write_doc(json.loads(SUMMARY.read_text()), summary)
+        return
     recompute = []
     for setting in RECOMPUTE:
         recompute.append(measure_recompute(setting, args.repeats))
@@ -211,7 +245,7 @@ def main() -> None:
                "recompute": recompute}
     if args.write_doc:
         SUMMARY.write_text(json.dumps(summary, indent=1))
-        write_doc(summary)
+        write_doc(summary, _gpu_summary())
 
 
 if __name__ == "__main__":

@@ -63,6 +63,9 @@ def test_the_gpu_check_rehearses_every_step_on_cpu(tmp_path):
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")
             for line in (tmp_path / "training_steps.log").read_text().splitlines() if line.startswith("| ")}
     assert {"stock", "default"} <= set(rows)
+    gemm = (tmp_path / "gemm.log").read_text()
+    assert all(f"{local} local experts: sequential" in gemm for local in (8, 32, 64))
+    assert "done: iteration 20" in (tmp_path / "speed_flags.log").read_text()
     assert float(rows["stock"][5]) == 1.0
     assert 0 < float(rows["default"][4]) <= 1 and float(rows["default"][5]) < 0.53  # 8-bit rows, fewer of them
     assert "overhead" in (tmp_path / "lsh_overhead.log").read_text()
