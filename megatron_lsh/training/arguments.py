@@ -100,7 +100,7 @@ def add_model_args(parser):
         "--position-embedding-type",
         choices=["learned_absolute", "rope", "relative"],
         default=None,
-        help="Default: rope for GPT, relative (T5 buckets) for T5.",
+        help="Default: learned_absolute for GPT (Megatron-LM's), relative (T5 buckets) for T5.",
     )
     g.add_argument("--rotary-base", type=int, default=10000)
     g.add_argument("--rotary-percent", type=float, default=1.0, help="Share of each head's dimensions rotated (RoPE).")
@@ -232,7 +232,7 @@ def add_training_args(parser):
     g.add_argument(
         "--lr-decay-style",
         choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
-        default="cosine",
+        default="linear",  # Megatron-LM's
     )
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-decay-iters", type=int, default=None, help="Default: train iters.")
@@ -583,7 +583,7 @@ def validate_gpt_args(args) -> None:
         raise ArgumentError("GPT needs --num-layers and --seq-length")
     if args.hf_architecture:
         apply_hf_architecture(args, "gpt")
-    args.position_embedding_type = args.position_embedding_type or "rope"
+    args.position_embedding_type = args.position_embedding_type or "learned_absolute"  # Megatron-LM's default
     if args.position_embedding_type == "relative":
         raise ArgumentError("--position-embedding-type relative is T5's; GPT takes rope or learned_absolute")
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
