@@ -104,3 +104,24 @@ def test_megatron_lm_example_script_runs_with_every_flag_and_resumes(name, tmp_p
     second = run_ranks(flags_of(files, checkpoint, iterations=6), script=script)
     assert "resuming at iteration 4" in second, second[-2000:]
     assert sorted(losses(second)) == [5, 6]
+
+
+@pytest.mark.slow
+def test_a_run_on_gpt2_bpe_exports_with_its_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from megatron_lsh.data.tokenizer import build_tokenizer
+    from tests.launch import convert
+    from tests.megatron_lm_files import TEXT
+
+    files = gpt2_data(tmp_path)
+    run_ranks(["--hf-architecture", "qwen3_moe", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads",
+               "4", "--seq-length", "64", "--micro-batch-size", "2", "--num-experts", "4", "--expert-model-parallel-size",
+               "2", "--lr", "1e-3", "--train-iters", "2", "--eval-iters", "0", "--num-workers", "0",
+               "--data-path", files["data_path"], "--vocab-file", files["vocab_file"], "--merge-file",
+               files["merge_file"], "--tokenizer-type", "GPT2BPETokenizer", "--save", str(tmp_path / "run")])
+    finished = convert(tmp_path / "run", tmp_path / "hf")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    exported = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    ours = build_tokenizer("GPT2BPETokenizer", vocab_file=files["vocab_file"], merge_file=files["merge_file"])
+    assert exported.encode(TEXT[5], add_special_tokens=False) == ours.tokenize(TEXT[5])

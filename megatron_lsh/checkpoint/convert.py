@@ -31,7 +31,7 @@ from megatron_lsh.checkpoint.hf_export import (
     switch_state_dict,
 )
 from megatron_lsh.checkpoint.hf_tokenizer import save_hf_tokenizer
-from megatron_lsh.data.tokenizer import HuggingFaceTokenizer, NullTokenizer
+from megatron_lsh.data.tokenizer import HuggingFaceTokenizer, MegatronCoreTokenizer, NullTokenizer
 from megatron_lsh.checkpoint.loading import load_for_inference, saved_run
 
 MODEL_OF_TASK = {"GPT-MoE": "gpt", "T5-MoE": "t5"}
@@ -72,6 +72,11 @@ def convert(load_dir: str, output_dir: str, dtype: str = "fp32") -> str:
               f"mock data): {output_dir} has the model only; copy the tokenizer files of its model beside it", file=sys.stderr)
     elif isinstance(tokenizer, HuggingFaceTokenizer):  # the model's own, as it came
         tokenizer.save(output_dir)
+    elif isinstance(tokenizer, MegatronCoreTokenizer) and tokenizer.hugging_face() is not None:
+        tokenizer.hugging_face().save_pretrained(output_dir)  # GPT-2 BPE / BERT WordPiece, sentinels included
+    elif args.tokenizer_type == "TikTokenizer":
+        print(f"warning: a TikTokenizer vocabulary has no Hugging Face form here: {output_dir} has the model only; "
+              "copy a matching tokenizer beside it", file=sys.stderr)
     else:
         save_hf_tokenizer(args.tokenizer_model, output_dir, model_max_length=args.max_position_embeddings)
     return architecture

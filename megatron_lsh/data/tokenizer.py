@@ -326,6 +326,11 @@ class MegatronCoreTokenizer:
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._core.detokenize([int(i) for i in ids])
 
+    def hugging_face(self):
+        """The transformers tokenizer behind GPT2BPETokenizer / BertWordPiece* (added tokens
+        included, for an export), else None."""
+        return self._core._tokenizer.tokenizer if self._core.library == "huggingface" else None
+
 
 def _core_tokenizer(path: str, library: str, **kwargs):
     from megatron.core.tokenizers import MegatronTokenizer

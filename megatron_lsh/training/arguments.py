@@ -910,6 +910,9 @@ def validate_args(args, world_size: int) -> None:
                 raise ArgumentError(f"--tokenizer-type {args.tokenizer_type} needs {flag}")
             if path and not os.path.isfile(path):
                 raise ArgumentError(f"{flag} {path}: no such file")
+        # Saved with the run: the post-training tools read them from any directory.
+        args.vocab_file = os.path.abspath(args.vocab_file)
+        args.merge_file = os.path.abspath(args.merge_file) if args.merge_file else None
     if args.tokenizer_type == "HuggingFaceTokenizer":
         if not args.tokenizer_model or not os.path.isdir(args.tokenizer_model):
             raise ArgumentError(f"--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR, a Hugging Face "
