@@ -185,15 +185,25 @@ def _cpu_pipeline_schedules() -> None:
     # "cuda" tensors on the CPU; every other name is torch's own.
     from megatron.core.pipeline_parallel import schedules
 
-    class TorchWithCPUZeros:
-        def __getattr__(self, name):
-            return getattr(torch, name)
+    schedules.torch = _TorchMakingCPUTensors("zeros")
 
-        @staticmethod
-        def zeros(*args, device=None, **kwargs):
-            return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
 
-    schedules.torch = TorchWithCPUZeros()
+class _TorchMakingCPUTensors:
+    """torch, for one megatron-core module: the named tensor factories put the tensors asked for
+    on "cuda" on the CPU; every other name is torch's own."""
+
+    def __init__(self, *factories: str):
+        self._factories = factories
+
+    def __getattr__(self, name):
+        attribute = getattr(torch, name)
+        if name not in self._factories:
+            return attribute
+
+        def on_cpu(*args, device=None, **kwargs):
+            return attribute(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+        return on_cpu
 
 
 def _cpu_tied_embedding_sync() -> None:
@@ -221,15 +231,7 @@ def _cpu_grad_scalers() -> None:
     # a torch whose tensor() puts "cuda" tensors on the CPU; loading keeps the scale on the CPU.
     from megatron.core.optimizer import grad_scaler
 
-    class TorchWithCPUTensor:
-        def __getattr__(self, name):
-            return getattr(torch, name)
-
-        @staticmethod
-        def tensor(*args, device=None, **kwargs):
-            return torch.tensor(*args, device="cpu" if device == "cuda" else device, **kwargs)
-
-    grad_scaler.torch = TorchWithCPUTensor()
+    grad_scaler.torch = _TorchMakingCPUTensors("tensor")
     original = grad_scaler.DynamicGradScaler.load_state_dict
 
     def load_state_dict(self, state_dict):

@@ -11,7 +11,7 @@ from megatron_lsh.training.flops import gpt_flops_per_sample
 
 
 def build_model(args, config, vocab_size, pre_process=True, post_process=True, vp_stage=None):
-    return build_gpt_moe_model(
+    model = build_gpt_moe_model(
         config,
         vocab_size=vocab_size,
         max_sequence_length=args.max_position_embeddings,
@@ -23,6 +23,12 @@ def build_model(args, config, vocab_size, pre_process=True, post_process=True, v
         post_process=post_process,
         vp_stage=vp_stage,
     )
+    positions = getattr(getattr(model, "embedding", None), "position_embeddings", None)
+    if positions is not None:
+        # megatron-core makes the learned position table a plain fp32 torch Embedding (Megatron-LM's
+        # Float16Module casts the whole model); in 16-bit runs it joins the word embeddings' dtype.
+        positions.to(config.params_dtype)
+    return model
 
 
 def forward(batch, model):
