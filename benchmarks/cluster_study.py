@@ -56,7 +56,8 @@ MODEL_FLAGS = [
     "--num-attention-heads", "4", "--seq-length", str(SEQ), "--max-position-embeddings", str(SEQ),
     "--normalization", "LayerNorm", "--num-experts", str(EXPERTS), "--moe-router-topk", str(TOPK),
     "--moe-layer-freq", "1", "--micro-batch-size", str(MICRO_BATCH), "--global-batch-size", str(GLOBAL_BATCH),
-    "--lr", "2e-3", "--min-lr", "2e-4", "--weight-decay", "0.1", "--lr-decay-style", "cosine", "--position-embedding-type", "rope",
+    "--lr", "2e-3", "--min-lr", "2e-4", "--weight-decay", "0.1", "--lr-decay-style", "cosine",
+    "--position-embedding-type", "rope",
     "--num-workers", "0", "--save-interval", "100000",
     "--timing-log-level", "1",  # the all-to-all share of step time
 ]

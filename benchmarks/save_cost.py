@@ -38,7 +38,8 @@ SIZES = {
                "--num-experts", "8", "--moe-layer-freq", "1", "--micro-batch-size", "1", "--vocab-size", "32000"],
 }
 COMMON = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--moe-router-topk", "2", "--expert-model-parallel-size",
-          "2", "--lsh", "--lr", "1e-4", "--lr-decay-style", "cosine", "--position-embedding-type", "rope", "--train-iters", "6", "--save-interval", "2", "--log-interval", "2",
+          "2", "--lsh", "--lr", "1e-4", "--lr-decay-style", "cosine", "--position-embedding-type", "rope",
+          "--train-iters", "6", "--save-interval", "2", "--log-interval", "2",
           "--eval-iters", "0", "--num-workers", "0"]
 
 

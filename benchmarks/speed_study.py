@@ -57,7 +57,8 @@ MODEL_FLAGS = [
     "--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "256", "--num-attention-heads", "4",
     "--seq-length", "128", "--max-position-embeddings", "128", "--normalization", "LayerNorm",
     "--num-experts", "8", "--moe-router-topk", "2", "--moe-layer-freq", "1",
-    "--micro-batch-size", "16", "--global-batch-size", "32", "--lr", "2e-3", "--min-lr", "2e-4", "--lr-decay-style", "cosine", "--position-embedding-type", "rope",
+    "--micro-batch-size", "16", "--global-batch-size", "32", "--lr", "2e-3", "--min-lr", "2e-4",
+    "--lr-decay-style", "cosine", "--position-embedding-type", "rope",
     "--lr-warmup-iters", "20", "--weight-decay", "0.1", "--log-interval", "25", "--eval-interval", "25",
     "--eval-iters", "4", "--num-workers", "0", "--save-interval", "100000",
     "--timing-log-level", "1",  # the all-to-all share of step time

@@ -360,7 +360,8 @@ def add_megatron_lm_args(parser):
                    action="store_false", help="Accepted: the data loader never builds attention masks here.")
     g.add_argument("--grad-reduce-in-bf16", action="store_true",
                    help="All-reduce gradients in bf16 instead of fp32 (megatron-core DDP's grad_reduce_in_fp32 off).")
-    g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="adam (AdamW), the only one built here.")
+    g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                   help="adam (AdamW), the only one built here.")
     g.add_argument("--context-parallel-size", type=int, default=1, help="1: context parallelism is not built here.")
     # Flags that cannot apply here, parsed to be refused in one line (check_megatron_lm_flags).
     for flag in ("--multi-latent-attention", "--fp8-param-gather", "--calculate-per-token-loss", "--profile",
@@ -429,15 +430,15 @@ def check_megatron_lm_flags(args) -> None:
     refused = {
         "multi_latent_attention": "--multi-latent-attention (DeepSeek's MLA) is not built here: megatron-lsh builds "
                                   "megatron-core's standard attention; use --group-query-attention",
-        "fp8_format": "--fp8-format: fp8 compute needs Transformer Engine, which megatron-lsh does not build; use --bf16 "
-                      "(the MoE all-to-alls still carry 8-bit payloads: --moe-dispatch-fwd-dtype mxfp8 ...)",
+        "fp8_format": "--fp8-format: fp8 compute needs Transformer Engine, which megatron-lsh does not build; use "
+                      "--bf16 (the MoE all-to-alls still carry 8-bit payloads: --moe-dispatch-fwd-dtype mxfp8 ...)",
         "fp8_recipe": "--fp8-recipe: fp8 compute needs Transformer Engine; use --bf16",
         "fp8_param_gather": "--fp8-param-gather: fp8 parameters need Transformer Engine; use --bf16",
         "calculate_per_token_loss": "--calculate-per-token-loss is not built here: the loss is each micro-batch's mean "
                                     "over its tokens, averaged over micro-batches (Megatron-LM's default); drop it",
         "decoupled_lr": "--decoupled-lr (a learning rate of its own for the embeddings) is not built here; drop it",
-        "profile": "--profile marks Nsight/torch-profiler ranges in Megatron-LM; megatron-lsh has no profiler hook: drop "
-                   "it and run the job under nsys or py-spy",
+        "profile": "--profile marks Nsight/torch-profiler ranges in Megatron-LM; megatron-lsh has no profiler hook: "
+                   "drop it and run the job under nsys or py-spy",
         "use_pytorch_profiler": "--use-pytorch-profiler: megatron-lsh has no profiler hook; drop it",
         "te_rng_tracker": "--te-rng-tracker is Transformer Engine's; drop it",
     }
@@ -804,8 +805,8 @@ def _check_precision_and_recompute(args) -> None:
     if args.recompute_modules and args.recompute_granularity != "selective":
         raise ArgumentError("--recompute-modules lists what --recompute-granularity selective recomputes; pass it")
     if args.moe_grouped_gemm and (args.expert_tensor_parallel_size or args.tensor_model_parallel_size) > 1:
-        raise ArgumentError("--moe-grouped-gemm runs each expert whole on its rank: pass --expert-tensor-parallel-size 1 "
-                            "with it")
+        raise ArgumentError("--moe-grouped-gemm runs each expert whole on its rank: pass "
+                            "--expert-tensor-parallel-size 1 with it")
     if args.moe_router_enable_expert_bias and args.moe_router_score_function != "sigmoid":
         raise ArgumentError("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid (DeepSeek-V3's "
                             "routing, as megatron-core requires)")

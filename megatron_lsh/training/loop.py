@@ -154,7 +154,8 @@ class Trainer:
         # Gradients are all-reduced whole: --use-distributed-optimizer shards the optimizer state
         # by whole parameters (TrainingOptimizer), and every rank takes the global grad norm.
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=not args.grad_reduce_in_bf16, overlap_grad_reduce=args.overlap_grad_reduce, use_distributed_optimizer=False
+            grad_reduce_in_fp32=not args.grad_reduce_in_bf16, overlap_grad_reduce=args.overlap_grad_reduce,
+            use_distributed_optimizer=False,
         )
         self.ddp = [
             DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=chunk,

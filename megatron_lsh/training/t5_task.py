@@ -76,8 +76,8 @@ def validate_t5_args(args) -> None:
             "a tokenizer with more sentinels"
         )
     if args.tokenizer_type is None:
-        raise ArgumentError("T5 needs --tokenizer-type: SentencePieceTokenizer with a --tokenizer-model holding sentinels, "
-                            "or BertWordPieceCase with --vocab-file (as Megatron-LM's T5 script)")
+        raise ArgumentError("T5 needs --tokenizer-type: SentencePieceTokenizer with a --tokenizer-model holding "
+                            "sentinels, or BertWordPieceCase with --vocab-file (as Megatron-LM's T5 script)")
     tokenizer = tokenizer_from_args(args)
     sentinels = len(getattr(tokenizer, "additional_special_tokens_ids", []))
     if sentinels < args.vocab_extra_ids:
