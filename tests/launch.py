@@ -22,8 +22,10 @@ def as_flags(defaults: dict, overrides: dict) -> list:
 
 
 def model_flags(corpus, **overrides):
-    """A tiny GPT-MoE on the test corpus, 2 ranks, expert parallel 2."""
+    """A tiny GPT-MoE on the test corpus, 2 ranks, expert parallel 2 (rotary positions and a cosine
+    schedule, as the tests' expectations were measured with)."""
     return as_flags({
+        "--position-embedding-type": "rope", "--lr-decay-style": "cosine",
         "--num-layers": "2", "--hidden-size": "64", "--num-attention-heads": "4",
         "--seq-length": "64", "--micro-batch-size": "4", "--global-batch-size": "16",
         "--num-experts": "4", "--moe-router-topk": "2", "--moe-aux-loss-coeff": "1e-2",
