@@ -16,8 +16,10 @@ SCRIPT = "pretrain_t5_moe.py"
 
 
 def t5_flags(corpus, **overrides):
-    """A tiny T5-MoE on the test corpus, 2 ranks, expert parallel 2."""
+    """A tiny T5-MoE on the test corpus, 2 ranks, expert parallel 2 (a cosine schedule, as the
+    tests' expectations were measured with)."""
     return as_flags({
+        "--lr-decay-style": "cosine",
         "--encoder-num-layers": "2", "--decoder-num-layers": "2", "--hidden-size": "64",
         "--num-attention-heads": "4", "--encoder-seq-length": "64", "--decoder-seq-length": "24",
         "--vocab-extra-ids": "40", "--micro-batch-size": "4", "--global-batch-size": "16",
