@@ -76,3 +76,20 @@ def test_preprocessing_with_megatron_lm_vocabulary_files_records_them(files, tmp
     tokens = np.fromfile(prefix + ".bin", dtype=np.uint16)
     tokenizer = build_tokenizer("GPT2BPETokenizer", vocab_file=str(vocab), merge_file=str(merges))
     assert list(tokens[: len(tokenizer.tokenize(TEXT[0])) + 1]) == tokenizer.tokenize(TEXT[0]) + [tokenizer.eod]
+
+
+def test_tiktokenizer_reads_megatron_lms_vocabulary_json(tmp_path):
+    import base64
+
+    pytest.importorskip("tiktoken")
+    merges = [b"th", b"he", b"the", b" t"]
+    vocab = [{"rank": i, "token_bytes": base64.b64encode(bytes([i])).decode(), "token_str": ""} for i in range(256)]
+    vocab += [{"rank": 256 + j, "token_bytes": base64.b64encode(m).decode(), "token_str": m.decode()}
+              for j, m in enumerate(merges)]
+    path = tmp_path / "tiktoken.json"
+    path.write_text(json.dumps(vocab))
+    tokenizer = build_tokenizer("TikTokenizer", str(path), tiktoken_pattern="v2", tiktoken_num_special_tokens=16)
+    assert tokenizer.vocab_size == 16 + 260  # the special tokens first, then the vocabulary
+    assert (tokenizer.unk, tokenizer.bos, tokenizer.eod) == (0, 1, 2)  # <unk>, <s>, </s>
+    ids = tokenizer.tokenize("the theme")
+    assert ids[0] == 16 + 256 + 2 and tokenizer.detokenize(ids) == "the theme"  # 'the' is merge 2

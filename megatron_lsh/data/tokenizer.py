@@ -448,9 +448,12 @@ def _tiktoken_tokenizer(model_path: str, pattern, vocab_size, num_special_tokens
         import tiktoken  # noqa: F401
     except ImportError:
         raise TokenizerError("--tokenizer-type TikTokenizer needs the tiktoken package: pip install tiktoken") from None
-    kwargs = dict(pattern=pattern, num_special_tokens=num_special_tokens)
-    if vocab_size:
-        kwargs["vocab_size"] = vocab_size
+    if not vocab_size:  # the whole vocabulary (megatron-core's library otherwise assumes 2**17 tokens)
+        import json
+
+        with open(model_path) as f:
+            vocab_size = len(json.load(f)) + num_special_tokens
+    kwargs = dict(pattern=pattern, num_special_tokens=num_special_tokens, vocab_size=vocab_size)
     if special_tokens:
         kwargs["special_tokens"] = list(special_tokens)
     try:
