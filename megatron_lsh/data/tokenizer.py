@@ -338,10 +338,13 @@ def _core_tokenizer(path: str, library: str, **kwargs):
     return MegatronTokenizer.from_pretrained(tokenizer_path=path, metadata_path={"library": library}, **kwargs)
 
 
-def _hugging_face_vocab(core) -> Dict[str, int]:
-    """Every token of a megatron-core Hugging Face tokenizer, added ones included (its own
-    ``vocab`` lists the base vocabulary only, without the tokens BERT's build appends)."""
-    return dict(core._tokenizer.tokenizer.get_vocab())
+def _library_vocab(core) -> Dict[str, int]:
+    """Token -> id for every token of a megatron-core tokenizer. A Hugging Face one's own
+    ``vocab`` lists the base vocabulary only, without the tokens BERT's build appends: its
+    transformers tokenizer's ``get_vocab`` has them."""
+    if core.library == "huggingface":
+        return dict(core._tokenizer.tokenizer.get_vocab())
+    return {token: i for i, token in core.inv_vocab.items()}
 
 
 def _sentencepiece_tokenizer(tokenizer_type: str, model_path: str) -> MegatronCoreTokenizer:
@@ -357,7 +360,7 @@ def _sentencepiece_tokenizer(tokenizer_type: str, model_path: str) -> MegatronCo
     if core.eos < 0:
         raise TokenizerError(f"--tokenizer-model {model_path} has no end-of-sequence piece, which ends every "
                              "document; train it with eos_id set")
-    vocab = {token: i for i, token in core.inv_vocab.items()}
+    vocab = _library_vocab(core)
     return MegatronCoreTokenizer(tokenizer_type, core, [model_path], vocab, eod=core.eos, pad=core.pad,
                                  bos=core.bos if core.bos >= 0 else None, unk=core.unk)
 
@@ -408,7 +411,7 @@ def _gpt2_bpe_tokenizer(vocab_file: str, merge_file: str) -> MegatronCoreTokeniz
     except Exception as error:
         raise TokenizerError(f"--vocab-file {vocab_file} / --merge-file {merge_file}: not GPT-2 BPE files "
                              f"({error})") from None
-    vocab = _hugging_face_vocab(core)
+    vocab = _library_vocab(core)
     eod = vocab.get("<|endoftext|>")
     if eod is None:
         raise TokenizerError(f"--vocab-file {vocab_file} has no <|endoftext|>, GPT-2's end of document")
@@ -427,12 +430,12 @@ def _bert_wordpiece_tokenizer(tokenizer_type: str, vocab_file: str, vocab_extra_
         core = _core_tokenizer(directory, "huggingface")
     except Exception as error:
         raise TokenizerError(f"--vocab-file {vocab_file}: not a WordPiece vocabulary ({error})") from None
-    missing = [token for token in ("[CLS]", "[SEP]", "[PAD]", "[MASK]") if token not in _hugging_face_vocab(core)]
+    missing = [token for token in ("[CLS]", "[SEP]", "[PAD]", "[MASK]") if token not in _library_vocab(core)]
     if missing:
         raise TokenizerError(f"--vocab-file {vocab_file} lacks {', '.join(missing)}, which BERT's tokenizer needs")
     core.add_special_tokens({"bos_token": "[BOS]", "eos_token": "[EOS]",
                              "additional_special_tokens": [f"<extra_id_{i}>" for i in range(vocab_extra_ids)]})
-    vocab = _hugging_face_vocab(core)
+    vocab = _library_vocab(core)
     return MegatronCoreTokenizer(tokenizer_type, core, [vocab_file], vocab, eod=vocab["[EOS]"], pad=vocab["[PAD]"],
                                  bos=vocab["[BOS]"], unk=vocab.get("[UNK]"), cls=vocab["[CLS]"],
                                  sep=vocab["[SEP]"], mask=vocab["[MASK]"])
@@ -460,7 +463,7 @@ def _tiktoken_tokenizer(model_path: str, pattern, vocab_size, num_special_tokens
         core = _core_tokenizer(model_path, "tiktoken", **kwargs)
     except Exception as error:
         raise TokenizerError(f"--tokenizer-model {model_path}: not a TikTokenizer vocabulary ({error})") from None
-    vocab = {token: i for i, token in core.inv_vocab.items()}
+    vocab = _library_vocab(core)
     return MegatronCoreTokenizer("TikTokenizer", core, [model_path], vocab, eod=core.eod, pad=core.pad, bos=core.bos,
                                  unk=core.unk)
 

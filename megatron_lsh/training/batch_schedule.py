@@ -54,12 +54,3 @@ def iterations_for_samples(calculator, train_samples: int) -> int:
         steps += (train_samples - consumed) // calculator.global_batch_size
     return steps
 
-
-def samples_for_iterations(calculator, iterations: int) -> int:
-    """Samples consumed by that many steps from the start (the ramp-up's smaller batches included)."""
-    consumed = 0
-    for _ in range(iterations):
-        calculator.update(consumed, consistency_check=False)
-        consumed += calculator.get_current_global_batch_size()
-    calculator.update(0, consistency_check=False)
-    return consumed

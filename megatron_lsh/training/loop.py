@@ -172,7 +172,6 @@ class Trainer:
             self.config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
             self.config.grad_sync_func = start_sync if len(start_sync) > 1 else start_sync[0]
         self.forward_backward = get_forward_backward_func()
-        self.skipped_iterations = 0  # fp16 steps whose gradients overflowed
         self.optimizer = TrainingOptimizer(
             torch.nn.ModuleList(self.model),
             lr=args.lr,
@@ -321,7 +320,6 @@ class Trainer:
         loss = _pipeline_sum([loss / num_microbatches])
         loss = _all_reduce_mean(loss, group=parallel_state.get_data_parallel_group())[0]
         if overflow:  # fp16: as Megatron-LM, the step is skipped (no update, no schedule step)
-            self.skipped_iterations += 1
             self.iteration += 1
             self.consumed_samples += batch
             return {"lm loss": loss, "grad norm": float("nan"), "skipped": 1.0, "batch": batch}

@@ -175,18 +175,19 @@ class TrainingOptimizer:
         """Point the optimizer's parameters at the reduced gradients (DDP's main_grad), unscaled
         under fp16. Returns whether they overflowed (fp16 only; then the step is to be skipped and
         the scale has been lowered), agreed by every rank."""
-        inverse = None if self.grad_scaler is None else float(self.grad_scaler.inv_scale)
         for model_param, main_param in self._pairs():
             grad = reduced_grad(model_param)
             main_param.grad = None if grad is None else grad.to(main_param.dtype)
-            if inverse is not None and main_param.grad is not None:
-                main_param.grad.mul_(inverse)
         if self.grad_scaler is None:
             return False
+        # Unscaled and checked in one pass, as megatron-core's mixed-precision optimizer does.
         grads = [main.grad for _, main in self._pairs() if main.grad is not None]
-        overflow = torch.tensor([float(any(not torch.isfinite(g).all() for g in grads))], device=compute_device())
-        torch.distributed.all_reduce(overflow, op=torch.distributed.ReduceOp.MAX)  # sync: every rank skips alike
-        found_inf = bool(overflow.item())
+        overflow = torch.zeros(1, device=compute_device())
+        if grads:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, overflow,
+                                                              self.grad_scaler.inv_scale.to(overflow.device))
+        torch.distributed.all_reduce(overflow, op=torch.distributed.ReduceOp.MAX)  # every rank skips alike
+        found_inf = bool(overflow.item())  # host sync: whether this step applies
         self.grad_scaler.update(found_inf)
         return found_inf
 
