@@ -140,6 +140,9 @@ def plan() -> List[Variant]:
             Variant("mxfp4", ["--no-lsh", *MXFP4_ALL], group, peer=True),
             Variant("lsh 0.2 + nvfp4", ["--lsh", "--lsh-error-bound", "0.2", *NVFP4_ALL], group),
         ]
+    # Its seed spread over whole runs: the candidate at the other hash seeds (its run above is 1234).
+    variants += [Variant(f"lsh 0.2 + nvfp4 seed {seed}", ["--lsh", "--lsh-error-bound", "0.2", *NVFP4_ALL,
+                                                          "--lsh-seed", seed], "main") for seed in HASH_SEEDS]
     variants += [
         Variant("stock", ["--no-lsh"], "ablation", "reference"),
         Variant("mxfp8 dispatch", ["--no-lsh", *MXFP8_DISPATCH], "ablation",

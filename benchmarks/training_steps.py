@@ -53,12 +53,12 @@ SETTINGS = {
 # Model sizes: "gpu" is a small real model (8192 tokens per rank and micro-batch); "cpu" the
 # quickstart's width and tokens per rank (2048); "tiny" rehearses the benchmark in a minute.
 SIZES = {
-    "gpu": {"--num-layers": 8, "--hidden-size": 1024, "--num-attention-heads": 16, "--seq-length": 2048,
-            "--micro-batch-size": 4, "--train-iters": 50, "--log-interval": 10},
-    "cpu": {"--num-layers": 4, "--hidden-size": 128, "--num-attention-heads": 4, "--seq-length": 256,
-            "--micro-batch-size": 8, "--train-iters": 50, "--log-interval": 10},
-    "tiny": {"--num-layers": 2, "--hidden-size": 64, "--num-attention-heads": 4, "--seq-length": 128,
-             "--micro-batch-size": 4, "--train-iters": 10, "--log-interval": 2},
+    "gpu": {"--num-layers": 8, "--hidden-size": 1024, "--ffn-hidden-size": 4096, "--num-attention-heads": 16,
+            "--seq-length": 2048, "--micro-batch-size": 4, "--train-iters": 50, "--log-interval": 10},
+    "cpu": {"--num-layers": 4, "--hidden-size": 128, "--ffn-hidden-size": 512, "--num-attention-heads": 4,
+            "--seq-length": 256, "--micro-batch-size": 8, "--train-iters": 50, "--log-interval": 10},
+    "tiny": {"--num-layers": 2, "--hidden-size": 64, "--ffn-hidden-size": 256, "--num-attention-heads": 4,
+             "--seq-length": 128, "--micro-batch-size": 4, "--train-iters": 10, "--log-interval": 2},
 }
 COMMON = ["--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear",
           "--attention-dropout", "0.0", "--hidden-dropout", "0.0", "--num-experts", "8", "--moe-router-topk", "2",

@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 from megatron_lsh.checkpoint.loading import saved_run, tokenizer_model_path
 from megatron_lsh.models.architectures import gpt_moe_pattern
+from megatron_lsh.training.arguments import default_ffn_hidden_size
 from megatron_lsh.moe.config import LSH_PAYLOADS, PAYLOAD_SETTINGS, flag_named_after
 from megatron_lsh.moe.payload import PAYLOAD_FORMATS, PayloadFormatError, check_payload_format, row_bytes
 from megatron_lsh.training.checkpointing import CheckpointError
@@ -365,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--load", help="Take the model flags from this megatron-lsh checkpoint directory.")
     model.add_argument("--num-layers", type=int)
     model.add_argument("--hidden-size", type=int)
-    model.add_argument("--ffn-hidden-size", type=int, help="Default 4 x hidden.")
+    model.add_argument("--ffn-hidden-size", type=int, help="Default Megatron-LM's: 4 x hidden (2/3 of it with --swiglu).")
     model.add_argument("--moe-ffn-hidden-size", type=int, help="Default --ffn-hidden-size.")
     model.add_argument("--num-experts", type=int)
     model.add_argument("--moe-router-topk", type=int, help="Default 2.")
@@ -425,7 +426,7 @@ def _model_from_args(args, saved: Dict) -> ModelShape:
     if missing:
         raise ProjectionError("missing " + ", ".join("--" + k.replace("_", "-") for k in missing)
                               + " (or --load a run's checkpoints)")
-    ffn = values["ffn_hidden_size"] or 4 * values["hidden_size"]
+    ffn = values["ffn_hidden_size"] or default_ffn_hidden_size(values["hidden_size"], bool(values["swiglu"]))
     return ModelShape(
         num_layers=values["num_layers"], hidden_size=values["hidden_size"], ffn_hidden_size=ffn,
         moe_ffn_hidden_size=values["moe_ffn_hidden_size"] or ffn, num_experts=values["num_experts"],

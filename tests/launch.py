@@ -178,15 +178,16 @@ def run_pretrain_expecting_error(flags, world_size=1, script="pretrain_gpt_moe.p
     return the_error_line(result.stderr)
 
 
-def the_error_line(stderr: str) -> str:
-    """The one `error:` line bad input must give, with no traceback."""
+def the_error_line(stderr: str, prefix: str = "error: ") -> str:
+    """The one `error:` line bad input must give (`error (rank 0):` once found after start-up, by
+    every rank), with no traceback."""
     assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    errors = [line for line in stderr.splitlines() if line.startswith(prefix)]
     assert len(errors) == 1, stderr
     return errors[0]
 
 
-def pretrain_error(flags, capfd, monkeypatch, world_size=1, model="gpt"):
+def pretrain_error(flags, capfd, monkeypatch, world_size=1, model="gpt", prefix="error: "):
     """What `run_pretrain_expecting_error` checks, in this process: `pretrain` (the entry scripts'
     body) as rank 0 of `world_size` exits 2 with one `error:` line and no traceback. Errors found
     after start-up (data, tokenizer) come from a process group of one, which `pretrain` tears
@@ -207,7 +208,7 @@ def pretrain_error(flags, capfd, monkeypatch, world_size=1, model="gpt"):
         assert stop.code == 2, stop.code
     else:
         raise AssertionError("pretrain ran to the end instead of refusing its input")
-    return the_error_line(capfd.readouterr().err)
+    return the_error_line(capfd.readouterr().err, prefix)
 
 
 def kill_at_checkpoint_and_resume(flags_for, tmp_path, killed_after, script="pretrain_gpt_moe.py", nproc=2,

@@ -18,7 +18,9 @@ from megatron_lsh.training.checkpointing import (
     CheckpointError,
     find_latest_checkpoint,
     iteration_dir,
+    vocabulary_rows,
 )
+from megatron_lsh.training.megatron_lm_format import saved_arguments
 from megatron_lsh.data.tokenizer import SENTENCEPIECE_TYPES, tokenizer_from_args
 from megatron_lsh.moe.config import PAYLOAD_SETTINGS, settings_before_they_existed
 from megatron_lsh.moe.controller import CompressionController
@@ -48,7 +50,7 @@ def saved_run(load_dir: str):
     common = dist_checkpointing.load_common_state_dict(path)
     if "args" not in common:
         raise CheckpointError(f"{path} was not written by megatron-lsh's pretraining loop")
-    args = dict(common["args"])
+    args = saved_arguments(common)
     # Checkpoints from before the task was recorded: T5 runs are the ones with an encoder.
     task = common.get("task") or ("T5-MoE" if args.get("encoder_num_layers") else "GPT-MoE")
     return args, task, path
@@ -103,7 +105,8 @@ def load_for_inference(load_dir: str, lsh: bool = False, dtype=torch.float32,
     initialize_distributed(expert_model_parallel_size=1, seed=args.seed)
     tokenizer = tokenizer_from_args(args)
     config = transformer_config_from_args(args, hidden_dropout=0.0, attention_dropout=0.0)
-    vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by, saved_tensor_parallel)
+    vocab_size = vocabulary_rows(path) or padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
+                                                             saved_tensor_parallel)
     model = task.build_model(args, config, vocab_size)
     state = dist_checkpointing.load({"model": model.sharded_state_dict(prefix="")}, path)
     model.load_state_dict(state["model"])

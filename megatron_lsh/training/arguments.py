@@ -561,11 +561,18 @@ def lsh_settings_of_flags(flags) -> dict:
     return lsh_config_kwargs(args)
 
 
+def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
+    """Megatron-LM's: 4 x hidden, or with SwiGLU's three projections two thirds of it, rounded
+    down to a multiple of 64 (about the same parameters; at least 64, where Megatron-LM's rule
+    gives none below hidden 24)."""
+    return max(int(4 * hidden_size * 2 / 3 / 64) * 64, 64) if swiglu else 4 * hidden_size
+
+
 def set_defaults(args) -> None:
     if getattr(args, "num_experts", 0) is None:  # a dense model: no all-to-all for LSH to compress
         args.lsh_enabled = False
     set_lsh_defaults(args)
-    args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
+    args.ffn_hidden_size = args.ffn_hidden_size or default_ffn_hidden_size(args.hidden_size, args.swiglu)
     if args.num_experts is not None:
         args.moe_ffn_hidden_size = args.moe_ffn_hidden_size or args.ffn_hidden_size
     args.lr_decay_iters = args.lr_decay_iters or args.train_iters

@@ -9,6 +9,10 @@ Layout, Megatron-LM style:
     SAVE/iter_0000100/rng/rank_00000.pt       each rank's RNG streams
     SAVE/tokenizer.model                      the run's tokenizer (SAVE/tokenizer/: a Hugging Face one)
 
+The common state and shards also follow Megatron-LM's conventions (training/megatron_lm_format.py):
+Megatron-LM of the matching release loads our checkpoints, and we load its ``torch_dist`` ones
+(weights, iteration, samples, RNG; not its optimizer state).
+
 A checkpoint is written into ``iter_N.partial`` and renamed to ``iter_N`` only when every rank has
 finished; the tracker is replaced atomically afterwards. A crash mid-save leaves the previous
 checkpoint and tracker untouched; a leftover ``.partial`` directory is ignored and cleared. Every
@@ -36,10 +40,11 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_lsh.data.tokenizer import HF_TOKENIZER_FILES, SENTENCEPIECE_TYPES
+from megatron_lsh.training import megatron_lm_format as megatron_lm
+from megatron_lsh.training.megatron_lm_format import TRACKER_FILE, saved_arguments, scheduler_state
 
 logger = logging.getLogger(__name__)
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
 TOKENIZER_COPY = "tokenizer.model"
 # A Hugging Face tokenizer (a directory of files) travels as a directory.
 TOKENIZER_DIR_COPY = "tokenizer"
@@ -72,7 +77,8 @@ def find_latest_checkpoint(root: str) -> Optional[int]:
             text = f.read().strip()
         if text.isdigit() and _is_complete(iteration_dir(root, int(text))):
             return int(text)
-        logger.warning(f"{tracker} names {text!r}, which is not a complete checkpoint; scanning {root}")
+        if megatron_lm_checkpoint(root) is None:  # Megatron-LM's newest is not ours to report
+            logger.warning(f"{tracker} names {text!r}, which is not a complete checkpoint; scanning {root}")
     complete = complete_iterations(root)
     return complete[-1] if complete else None
 
@@ -86,21 +92,53 @@ def complete_iterations(root: str) -> list:
     )
 
 
+def megatron_lm_checkpoint(root: str, step: Optional[int] = None) -> Optional[str]:
+    """The directory of the checkpoint Megatron-LM wrote under root that a load would read: the
+    one its tracker names (or iteration ``step``), when it is a whole torch_dist checkpoint
+    without our marker. Megatron-LM writes the tracker only after every rank has saved."""
+    entry = str(step) if step is not None else megatron_lm.tracker_entry(root)
+    if entry is None or not (entry.isdigit() or entry == megatron_lm.RELEASE):
+        return None
+    path = megatron_lm.checkpoint_dir(root, entry)
+    return path if megatron_lm.is_distributed(path) and not _is_complete(path) else None
+
+
+def is_megatron_lm_checkpoint(path: str) -> bool:
+    return megatron_lm.is_distributed(path) and not _is_complete(path)
+
+
 def foreign_checkpoints(root: str) -> list:
-    """Names under root that look like checkpoints this project did not write: ``iter_N``
-    directories without our ``complete`` marker (Megatron-LM's own, say), or a tracker naming an
-    iteration we hold no checkpoint of. (Ours become ``iter_N`` only once complete.)"""
+    """Names under root that look like checkpoints neither we nor Megatron-LM's torch_dist format
+    wrote: ``iter_N`` directories that are neither ours (with our ``complete`` marker) nor
+    megatron-core distributed checkpoints (Megatron-LM's legacy torch format, a crashed save),
+    or a tracker naming an iteration no checkpoint here holds. (Ours become ``iter_N`` only once
+    complete.)"""
     if not os.path.isdir(root):
         return []
     foreign = sorted(
         name for name in os.listdir(root)
-        if name.startswith("iter_") and name[5:].isdigit() and not _is_complete(os.path.join(root, name))
+        if (name.startswith("iter_") and name[5:].isdigit() or name == megatron_lm.RELEASE)
+        and not _is_complete(os.path.join(root, name)) and not megatron_lm.is_distributed(os.path.join(root, name))
     )
     tracker = os.path.join(root, TRACKER_FILE)
-    if not foreign and os.path.isfile(tracker) and not complete_iterations(root):
-        with open(tracker) as f:
-            foreign.append(f"{TRACKER_FILE} ({f.read().strip()!r})")
+    if (not foreign and os.path.isfile(tracker) and not complete_iterations(root)
+            and megatron_lm_checkpoint(root) is None):
+        foreign.append(f"{TRACKER_FILE} ({megatron_lm.tracker_entry(root)!r})")
     return foreign
+
+
+def vocabulary_rows(path: str) -> Optional[int]:
+    """The padded vocabulary (rows of the word embedding) a checkpoint holds, from its index."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(path).read_metadata().state_dict_metadata
+    except Exception:  # noqa: BLE001 - a damaged index is named by damaged_file before any load
+        return None
+    for key, item in metadata.items():
+        if key.endswith("embedding.word_embeddings.weight") and getattr(item, "size", None) is not None:
+            return int(item.size[0])
+    return None
 
 
 def common_state(path: str) -> dict:
@@ -278,13 +316,16 @@ def _agree(error: Optional[BaseException], path: str, previous: Optional[int], r
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, consumed_samples: int, args,
                     task_name: str, lsh_merge_thresholds: Optional[dict] = None, run_clock: Optional[dict] = None,
-                    keep_last: Optional[int] = None) -> str:
+                    keep_last: Optional[int] = None, floating_point_operations: float = 0.0) -> str:
     """Collective: every rank calls it. Returns the checkpoint directory. ``run_clock``: the run's
     time axis at this save (training/resume.py: RunClock). ``keep_last``: afterwards delete all but the
-    newest ``keep_last`` complete checkpoints."""
+    newest ``keep_last`` complete checkpoints. ``floating_point_operations``: the run's so far."""
     final = iteration_dir(root, iteration)
     partial = final + ".partial"
     previous = find_latest_checkpoint(root)
+    if os.path.exists(final) and not _is_complete(final):  # Megatron-LM's, say: never replaced
+        raise SaveFailedError(f"saving checkpoint {final} would replace a directory megatron-lsh did not write; "
+                              f"move it away or pass another --save than {root}")
     error = None
     if _rank() == 0:
         try:
@@ -312,8 +353,12 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, cons
     state.update(
         iteration=iteration,
         consumed_samples=consumed_samples,
-        scheduler=scheduler.state_dict() if scheduler is not None else None,
-        args=vars(args),
+        # What Megatron-LM's loader reads (training/megatron_lm_format.py), under its names.
+        checkpoint_version=megatron_lm.CHECKPOINT_VERSION,
+        opt_param_scheduler=scheduler.state_dict() if scheduler is not None else None,
+        args=megatron_lm.arguments_to_save(args, consumed_samples, getattr(args, "padded_vocab_size", None)),
+        num_floating_point_operations_so_far=floating_point_operations,
+        rng_state=megatron_lm.rng_state_object(),
         task=task_name,
         # The compression controller's state: each LSH layer's merge threshold.
         lsh_merge_thresholds=lsh_merge_thresholds,
@@ -381,8 +426,15 @@ def _copy_tokenizer_dir(source: str, target: str) -> None:
 
 def checkpoint_to_load(root: str, step: Optional[int] = None) -> Optional[str]:
     """The directory a load of root would read (the newest complete checkpoint, or iteration
-    ``step``), None when there is none yet; CheckpointError when it is not there or damaged."""
+    ``step``), None when there is none yet; CheckpointError when it is not there or damaged.
+    A checkpoint of Megatron-LM's that its tracker (or ``step``) names is the one to read."""
     complete = complete_iterations(root)
+    theirs = megatron_lm_checkpoint(root, step)
+    if theirs is not None:
+        problem = damaged_file(theirs)
+        if problem is not None:
+            raise CheckpointError(f"Megatron-LM's checkpoint {theirs} is damaged: {problem}")
+        return theirs
     if step is not None:
         if step not in complete:
             raise CheckpointError(
@@ -424,7 +476,9 @@ def load_checkpoint(
     if path is None:
         return None
     common = dist_checkpointing.load_common_state_dict(path)
-    saved_args = common.get("args", {})
+    if is_megatron_lm_checkpoint(path):
+        return _load_megatron_lm(path, common, model, load_rng=load_rng, finetune=finetune)
+    saved_args = saved_arguments(common)
     optimizer = optimizer if (load_optim and not finetune) else None
     saved_master = bool(saved_args.get("bf16") or saved_args.get("fp16"))  # fp32 master weights
     if optimizer is not None and saved_master != bool(optimizer.fp32_master_weights):
@@ -432,8 +486,10 @@ def load_checkpoint(
             f"{path} was saved {'with' if saved_master else 'without'} --bf16/--fp16 (fp32 master weights); "
             "resume with a 16-bit setting again, or pass --no-load-optim to start a fresh optimizer"
         )
+    request = _sharded_state_dict(model, optimizer, is_loading=True)
+    _check_shapes(request, path)
     try:
-        state = dist_checkpointing.load(_sharded_state_dict(model, optimizer, is_loading=True), path)
+        state = dist_checkpointing.load(request, path)
     except Exception as error:
         raise CheckpointError(
             f"cannot load {path} into this model ({type(error).__name__}: {error}); the model "
@@ -443,8 +499,8 @@ def load_checkpoint(
         chunk.load_state_dict(state[key])
     if optimizer is not None:
         optimizer.load_sharded_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
+        if scheduler is not None and scheduler_state(state) is not None:
+            scheduler.load_state_dict(scheduler_state(state))
     if finetune:
         return LoadedCheckpoint(0, 0, path, saved_args)
     if load_rng:
@@ -467,3 +523,59 @@ def load_checkpoint(
             logger.warning(f"{path}: RNG states not restored (saved with another parallel layout: {saved_layout})")
     return LoadedCheckpoint(state["iteration"], state["consumed_samples"], path, saved_args,
                             common.get("lsh_merge_thresholds"), common.get("run_clock"))
+
+
+def _check_shapes(request: dict, path: str) -> None:
+    """One line naming the first model tensor whose shape differs from the checkpoint's (or that
+    it lacks), before megatron-core's loader would fail deep inside."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(path).read_metadata().state_dict_metadata
+    for key in [k for k in request if k.startswith("model")]:
+        for item in nested_values(request[key]):
+            if not isinstance(item, dist_checkpointing.ShardedTensor):
+                continue
+            shape = getattr(saved.get(item.key), "size", None)
+            if shape is None:
+                raise CheckpointError(f"{path} has no tensor {item.key}: the model flags (--num-layers, --num-experts, "
+                                      "--swiglu, --normalization, ...) must match the saved run")
+            if tuple(shape) != tuple(item.global_shape):
+                raise CheckpointError(
+                    f"{path}: tensor {item.key} is {list(shape)} in the checkpoint but {list(item.global_shape)} in "
+                    "this model: the model flags (--hidden-size, --ffn-hidden-size, --num-experts, vocabulary, ...) "
+                    "must match the saved run"
+                )
+
+
+def _load_megatron_lm(path: str, common: dict, model, load_rng: bool, finetune: bool) -> LoadedCheckpoint:
+    """A checkpoint Megatron-LM wrote (torch_dist): its weights, and unless fine-tuning its
+    iteration, consumed samples and RNG streams. Its optimizer state is never read (its own
+    layout): the resume rules ask for --no-load-optim or --finetune before anything starts."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = saved_arguments(common)
+    release = os.path.basename(os.path.normpath(path)) == megatron_lm.RELEASE
+    request = _sharded_state_dict(model, None, is_loading=True)
+    _check_shapes(request, path)
+    rng = megatron_lm.rng_state_object()
+    keep_rng = load_rng and not (finetune or release)
+    # Its RNG streams carry over only to the layout that wrote them (as in Megatron-LM).
+    rng_saved = rng.unique_key in FileSystemReader(path).read_metadata().state_dict_metadata
+    if keep_rng and rng_saved:
+        request["rng_state"] = rng
+    try:
+        state = dist_checkpointing.load(request, path)
+    except Exception as error:
+        raise CheckpointError(f"cannot load Megatron-LM's checkpoint {path} ({type(error).__name__}: {error})") from None
+    for key, chunk in zip(_model_keys(model), _chunks(model)):
+        chunk.load_state_dict(state[key])
+    if finetune or release:
+        return LoadedCheckpoint(0, 0, path, saved)
+    if keep_rng:
+        left_out = megatron_lm.restore_rng_state(state["rng_state"]) if rng_saved else (
+            f"none saved for this layout ({saved.get('tensor_model_parallel_size', 1)} tensor x "
+            f"{saved.get('pipeline_model_parallel_size', 1)} pipeline ranks wrote it)")
+        if left_out:
+            logger.warning(f"{path}: RNG streams not restored: {left_out}")
+    return LoadedCheckpoint(int(common["iteration"]), int(saved.get("consumed_train_samples", 0)), path, saved)

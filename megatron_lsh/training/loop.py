@@ -43,8 +43,10 @@ from megatron_lsh.training.checkpointing import (
     CheckpointError,
     SaveFailedError,
     checkpoint_to_load,
+    iteration_dir,
     load_checkpoint,
     save_checkpoint,
+    vocabulary_rows,
 )
 from megatron_lsh.training.config import transformer_config_from_args
 from megatron_lsh.training.initialize import destroy_distributed, initialize_distributed
@@ -143,9 +145,7 @@ class Trainer:
                                "to compress intra-node traffic", ranks_per_node())
 
         self.tokenizer = tokenizer_from_args(args)
-        vocab = padded_vocab_size(
-            self.tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
-        )
+        vocab = self._vocabulary_rows(resume_plan)
         # One chunk per virtual pipeline stage (one without interleaving), each in megatron-core's
         # DDP; its schedules run the micro-batches and its finalize_model_grads reduces gradients
         # over data parallel, sequence-parallel copies and tied embeddings across stages.
@@ -206,6 +206,7 @@ class Trainer:
         self.lsh_controller = CompressionController.for_model(self.model, self.config)
         self.iteration = 0
         self.consumed_samples = 0
+        self.loaded_iteration: Optional[int] = None  # the iteration of the checkpoint this run started from
         self.history: list = []  # every logged row of metrics, for callers and tests
         self.restart_gap_metrics: Optional[Dict[str, float]] = None  # logged once, at the first row
         if resume_plan is not None:
@@ -240,6 +241,24 @@ class Trainer:
         if args.exit_signal_handler:
             signal.signal(signal.SIGTERM, self._note_signal)
 
+    def _vocabulary_rows(self, plan: Optional[ResumePlan]) -> int:
+        """The embedding's rows: the tokenizer's vocabulary padded by Megatron-LM's rule, or those
+        of the checkpoint this run starts from (saved under another rule or tensor-parallel size)."""
+        args = self.args
+        vocab = padded_vocab_size(self.tokenizer.vocab_size, args.make_vocab_size_divisible_by,
+                                  args.tensor_model_parallel_size)
+        saved = vocabulary_rows(checkpoint_to_load(plan.directory, plan.step)) if plan is not None else None
+        if saved is not None and saved != vocab:
+            if saved < self.tokenizer.vocab_size or saved % args.tensor_model_parallel_size:
+                raise CheckpointError(
+                    f"{plan.directory}: its embedding has {saved} rows, which cannot hold this tokenizer's "
+                    f"{self.tokenizer.vocab_size} tokens over {args.tensor_model_parallel_size} tensor-parallel ranks: "
+                    "pass the run's own --tokenizer-type/--tokenizer-model and a tensor-parallel size dividing it"
+                )
+            vocab = saved
+        args.padded_vocab_size = vocab
+        return vocab
+
     def _resume(self, plan: ResumePlan) -> None:
         args = self.args
         if plan.note:
@@ -258,6 +277,7 @@ class Trainer:
         if not load_optim:
             self.optimizer.reload_model_params()
         self.iteration, self.consumed_samples = loaded.iteration, loaded.consumed_samples
+        self.loaded_iteration = loaded.iteration
         if self.lsh_controller is not None and loaded.lsh_merge_thresholds:
             self.lsh_controller.load_state_dict(loaded.lsh_merge_thresholds)
         if plan.finetune:
@@ -444,12 +464,16 @@ class Trainer:
         self.log.close()
 
     def save(self) -> None:
+        if self.iteration == self.loaded_iteration and os.path.isdir(iteration_dir(self.args.save, self.iteration)):
+            self.log.console(f"nothing trained since iteration {self.iteration} was loaded: not saved again")
+            return
         start = time.time()
         path = save_checkpoint(
             self.args.save, self.iteration, self.model, self.optimizer, self.scheduler,
             self.consumed_samples, self.args, self.task.name,
             lsh_merge_thresholds=self.lsh_controller.state_dict() if self.lsh_controller is not None else None,
             run_clock=self.clock.state(), keep_last=self.args.ckpt_keep_last,
+            floating_point_operations=self.consumed_samples * self.flops_per_sample,
         )
         self.log.console(f"saved checkpoint {path} ({time.time() - start:.2f}s)")
 

@@ -1,5 +1,8 @@
 """Where a run starts from, and what it keeps of a checkpoint's schedule and clock.
 
+- A checkpoint Megatron-LM wrote (torch_dist) is loaded like ours where its tracker names it in
+  --load: its weights with --finetune, or its weights, iteration, consumed samples and RNG streams
+  with --no-load-optim (its optimizer state is in Megatron-LM's own layout, never read here).
 - A resubmitted job continues its own work: when --save holds a complete checkpoint this training
   wrote, the job resumes from it, whatever --load or --finetune say (they only start a job whose
   --save is still empty). --finetune, or a --load other than --save, that finds no checkpoint is
@@ -20,11 +23,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_lsh.training.arguments import ArgumentError
+from megatron_lsh.training import megatron_lm_format as megatron_lm
 from megatron_lsh.training.checkpointing import (
     common_state,
     find_latest_checkpoint,
     foreign_checkpoints,
     iteration_dir,
+    megatron_lm_checkpoint,
 )
 
 
@@ -42,6 +47,12 @@ def _same_directory(first: Optional[str], second: Optional[str]) -> bool:
 
 def _refuse_foreign(flag: str, directory: str) -> None:
     foreign = foreign_checkpoints(directory)
+    if foreign and megatron_lm.is_legacy(os.path.join(directory, foreign[0])):
+        raise ArgumentError(
+            f"{flag} {directory} holds {foreign[0]} in Megatron-LM's legacy torch format (mp_rank_*/"
+            "model_optim_rng.pt), which is not read here: re-save it from Megatron-LM with --ckpt-format torch_dist "
+            "and pass that directory"
+        )
     if foreign:
         raise ArgumentError(
             f"{flag} {directory} holds {foreign[0]}, which megatron-lsh did not write (it marks each complete "
@@ -53,7 +64,7 @@ def _holds_training_state(directory: str, iteration: int) -> bool:
     """A checkpoint written by training (with its schedule), not by import_hf (weights only). One
     whose common state cannot be read counts as training's: loading it then names what is damaged."""
     try:
-        return common_state(iteration_dir(directory, iteration)).get("scheduler") is not None
+        return megatron_lm.scheduler_state(common_state(iteration_dir(directory, iteration))) is not None
     except Exception:  # noqa: BLE001 - megatron-core raises several kinds for a missing or broken file
         return True
 
@@ -64,7 +75,14 @@ def plan_resume(args) -> Optional[ResumePlan]:
     save, load = args.save, args.load
     if save is not None:
         _refuse_foreign("--save", save)
-        own = find_latest_checkpoint(save)
+        theirs = megatron_lm_checkpoint(save)
+        if theirs is not None and not _same_directory(load, save):
+            raise ArgumentError(
+                f"--save {save} holds Megatron-LM's checkpoint {os.path.basename(theirs)}: pass --load {save} too to "
+                "continue from it (this run's checkpoints then go beside it, in a layout Megatron-LM loads), or "
+                "another --save"
+            )
+        own = find_latest_checkpoint(save) if theirs is None else None
         choosing_a_step_of_save = args.ckpt_step is not None and _same_directory(load, save)
         if own is not None and not choosing_a_step_of_save and _holds_training_state(save, own):
             note = None
@@ -79,6 +97,9 @@ def plan_resume(args) -> Optional[ResumePlan]:
             raise ArgumentError("--finetune needs --load DIR, the checkpoint whose weights to start from")
         return None
     _refuse_foreign("--load", load)
+    theirs = megatron_lm_checkpoint(load, args.ckpt_step)
+    if theirs is not None:
+        return _megatron_lm_plan(load, theirs, args)
     if args.ckpt_step is None and find_latest_checkpoint(load) is None:
         if _same_directory(load, save) and not args.finetune:
             return None  # the first submission of a job that saves where it loads
@@ -86,6 +107,23 @@ def plan_resume(args) -> Optional[ResumePlan]:
                "pass the directory of a checkpoint, or leave --load out to train from scratch")
         raise ArgumentError(f"--load {load} holds no complete checkpoint; {why}")
     return ResumePlan(load, finetune=args.finetune, step=args.ckpt_step)
+
+
+def _megatron_lm_plan(load: str, path: str, args) -> ResumePlan:
+    """Starting from a checkpoint Megatron-LM wrote: its weights (a release checkpoint, or
+    --finetune), or with --no-load-optim everything but its optimizer state."""
+    release = os.path.basename(os.path.normpath(path)) == megatron_lm.RELEASE
+    finetune = args.finetune or release
+    if not finetune and not getattr(args, "no_load_optim", False):
+        raise ArgumentError(
+            f"--load {load}: {os.path.basename(path)} is Megatron-LM's checkpoint, whose optimizer state is in "
+            "Megatron-LM's own layout and not read here: pass --no-load-optim to resume its weights, iteration, "
+            "consumed samples and RNG streams with a fresh optimizer and learning-rate schedule (as Megatron-LM does "
+            "with that flag), or --finetune to start from its weights at iteration 0"
+        )
+    what = "its weights, from iteration 0" if finetune else "all but its optimizer state (--no-load-optim)"
+    return ResumePlan(load, finetune=finetune, step=args.ckpt_step,
+                      note=f"--load {load}: Megatron-LM's checkpoint {os.path.basename(path)}; loading {what}")
 
 
 def _schedule_flags(args) -> dict:
@@ -132,7 +170,7 @@ def check_schedule(path: str, scheduler, args) -> Optional[str]:
     """Before a resume loads the scheduler: refuse a changed schedule flag (ArgumentError, one line)
     unless a flag says whose schedule wins; returns what to say when one did."""
     common = common_state(path)
-    saved_schedule, saved_args = common.get("scheduler"), common.get("args", {})
+    saved_schedule, saved_args = megatron_lm.scheduler_state(common), megatron_lm.saved_arguments(common)
     if saved_schedule is None:
         return None
     differences = schedule_differences(saved_schedule, saved_args, scheduler.state_dict(), args)

@@ -57,9 +57,8 @@ def perplexity(mean_loss: float) -> float:
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int = 1) -> int:
-    """Megatron pads the embedding table to a multiple of --make-vocab-size-divisible-by that
-    tensor parallelism splits evenly. The least common multiple (not Megatron-LM's product)
-    keeps the table, and so the checkpoint, the same across layouts whenever
-    --make-vocab-size-divisible-by is already a multiple of the tensor-parallel size."""
-    multiple = math.lcm(divisible_by, tensor_parallel)
+    """Megatron-LM's rule: the embedding table padded to a multiple of --make-vocab-size-divisible-by
+    times the tensor-parallel size (so a checkpoint's vocabulary is Megatron-LM's; a resume keeps
+    the rows of the checkpoint it starts from, whatever its layout)."""
+    multiple = divisible_by * tensor_parallel
     return int(math.ceil(vocab_size / multiple) * multiple)
