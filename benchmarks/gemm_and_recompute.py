@@ -1,11 +1,13 @@
 """--moe-grouped-gemm against megatron-core's sequential experts (the stock path), and what
-activation recomputation saves and costs, measured in one process on CPU.
+activation recomputation and fused attention (--attention-backend flash) save and cost, measured
+on CPU.
 
 Experts: a rank's local experts (8, 32, 64) of hidden 256 and FFN 512 with SwiGLU (fine-grained
 experts, as Qwen3-MoE's), 4096 rows (2048 tokens x top-2) spread unevenly over them; forward and
 backward of megatron-core's SequentialMLP and of GroupedGemmExperts holding the same weights.
 Recomputation: a 4-layer GPT-MoE (hidden 256, 8 experts, sequence 512, micro-batch 4) forward and
-backward, without recomputation and with full (uniform, 1 layer) and selective (core_attn) ones:
+backward, without recomputation and with full (uniform, 1 layer) and selective (core_attn) ones,
+and with torch's fused attention instead of megatron-core's unfused one:
 peak resident memory growth of the step (tracemalloc cannot see torch's allocations, so the
 process's maxrss is read in a fresh subprocess per setting) and the step time.
 
@@ -37,6 +39,7 @@ RECOMPUTE = {
     "kept": [],
     "full": ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"],
     "selective": ["--recompute-granularity", "selective"],
+    "fused attention": ["--attention-backend", "flash"],
 }
 
 
@@ -187,11 +190,13 @@ def write_doc(summary: dict, gpu: dict = None) -> None:
     else:
         lines += [f"On {gpu['device']} (bf16, {gpu['repeats']} repeats):", "", *_experts_table(gpu["experts"])]
     kept = next(row for row in summary["recompute"] if row["setting"] == "kept")
-    lines += ["", "## Activation recomputation", "",
+    lines += ["", "## Activation recomputation and fused attention", "",
               "A 4-layer GPT-MoE (hidden 256, 8 experts, sequence 512, micro-batch 4, fp32), forward and backward. "
               "Memory: growth of the process's peak resident memory over the timed steps (fresh process per "
               "setting; the model is built before it is read). Losses with and without recomputation are equal "
-              "(tests/test_precision_and_recompute.py).", "",
+              "(tests/test_precision_and_recompute.py); fused attention's equal megatron-core's unfused ones to "
+              "float rounding (tests/test_fused_attention.py). Every row against the first (unfused attention, "
+              "nothing recomputed).", "",
               "| setting | step time | time / kept | peak memory growth | memory / kept |", "|---|---|---|---|---|"]
     for row in summary["recompute"]:
         time_ratio = statistics.median(row["step_s"]) / statistics.median(kept["step_s"])

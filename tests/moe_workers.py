@@ -439,3 +439,59 @@ def grouped_gemm_vs_sequential_experts(rank, world_size, cases):
                              **{f"grad {name}": p.grad.clone() for name, p in module.named_parameters()}})
         results.append(measured)
     return results
+
+
+def fused_vs_unfused_attention(rank, world_size, cases):
+    """Per case (query groups, attention mask type, with a padding mask): outputs and the
+    gradients of query, key and value of megatron-core's DotProductAttention and of
+    FusedDotProductAttention, and whether the fused path ran (torch's SDPA called)."""
+    from unittest import mock
+
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_lsh.models import attention
+
+    initialize_distributed(seed=3)
+    results = []
+    for groups, mask_type, padded in cases:
+        config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, num_query_groups=groups,
+                                   attention_dropout=0.0, use_cpu_initialization=True)
+        kind = AttnMaskType[mask_type]
+        generator = torch.Generator().manual_seed(5)
+        query = torch.randn(12, 2, 4, 16, generator=generator)
+        key, value = (torch.randn(12, 2, groups, 16, generator=generator) for _ in range(2))
+        mask = None
+        if padded:  # [b, 1, sq, sk], True where masked: the last 3 keys of the second sequence
+            mask = torch.zeros(2, 1, 12, 12, dtype=torch.bool)
+            mask[1, :, :, -3:] = True
+        measured = []
+        for module_class in (DotProductAttention, attention.FusedDotProductAttention):
+            module = module_class(config, layer_number=1, attn_mask_type=kind, attention_type="self")
+            inputs = [t.clone().requires_grad_() for t in (query, key, value)]
+            with mock.patch.object(attention.F, "scaled_dot_product_attention",
+                                   wraps=attention.F.scaled_dot_product_attention) as sdpa:
+                output = module(*inputs, attention_mask=mask)
+            (output * torch.linspace(-1, 1, output.numel()).view_as(output)).sum().backward()
+            measured.append({"output": output.detach(), "fused": sdpa.called,
+                             **{f"{name} grad": t.grad for name, t in zip(("query", "key", "value"), inputs)}})
+        results.append(measured)
+    return results
+
+
+def attention_modules_of(rank, world_size, flag_sets):
+    """For each set of training flags, the core-attention classes of a GPT model's layers."""
+    from megatron_lsh.models.gpt import gpt_moe_block_spec
+    from megatron_lsh.training.arguments import parse_args, validate_args
+    from megatron_lsh.training.config import transformer_config_from_args
+
+    initialize_distributed(seed=3)
+    found = []
+    for flags in flag_sets:
+        args = parse_args("test", flags)
+        validate_args(args, 1)
+        spec = gpt_moe_block_spec(transformer_config_from_args(args))
+        found.append({layer.submodules.self_attention.submodules.core_attention.__name__
+                      for layer in spec.layer_specs})
+    return found

@@ -60,7 +60,6 @@ def test_megatron_lm_flags_this_build_satisfies_are_accepted_and_said_once():
 
 @pytest.mark.parametrize("flags, message", [
     (["--transformer-impl", "transformer_engine"], "--transformer-impl transformer_engine: "),
-    (["--attention-backend", "flash"], "--attention-backend flash is Transformer Engine's attention"),
     (["--distributed-backend", "nccl"], "--distributed-backend nccl needs CUDA GPUs"),
     (["--no-position-embedding", "--position-embedding-type", "learned_absolute"],
      "--no-position-embedding is deprecated (as in Megatron-LM): use --position-embedding-type"),

@@ -7,10 +7,12 @@ from typing import Optional
 
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_lsh.models.attention import FusedDotProductAttention, fused_attention_wanted
 from megatron_lsh.models.norm import with_sequence_parallel_norms
-from megatron_lsh.moe.layer import with_lsh_moe
+from megatron_lsh.moe.layer import replace_modules, with_lsh_moe
 
 
 def gpt_moe_block_spec(config: TransformerConfig, use_transformer_engine: bool = False,
@@ -23,7 +25,7 @@ def gpt_moe_block_spec(config: TransformerConfig, use_transformer_engine: bool =
     ours = config.moe_grouped_gemm and not use_transformer_engine
     spec_config = copy.copy(config)
     spec_config.moe_grouped_gemm = config.moe_grouped_gemm and use_transformer_engine
-    return with_sequence_parallel_norms(with_lsh_moe(
+    spec = with_sequence_parallel_norms(with_lsh_moe(
         get_gpt_decoder_block_spec(
             spec_config,
             use_transformer_engine=use_transformer_engine,
@@ -32,6 +34,9 @@ def gpt_moe_block_spec(config: TransformerConfig, use_transformer_engine: bool =
         ),
         grouped_gemm=ours,
     ))
+    if not use_transformer_engine and fused_attention_wanted(config.attention_backend):
+        spec = replace_modules(spec, {DotProductAttention: FusedDotProductAttention})
+    return spec
 
 
 def build_gpt_moe_model(

@@ -327,8 +327,9 @@ def add_megatron_lm_args(parser):
                    help="local (megatron-core's local layers, the only ones built here; Megatron-LM's default is "
                         "transformer_engine).")
     g.add_argument("--attention-backend", choices=["auto", "local", "unfused", "flash", "fused"], default="auto",
-                   help="auto, local, unfused: megatron-core's local dot-product attention; flash and fused need "
-                        "Transformer Engine's layers.")
+                   help="flash, fused: causal attention through torch's scaled_dot_product_attention (its fused "
+                        "kernels on a GPU); local, unfused: megatron-core's unfused attention; auto: fused on a GPU, "
+                        "unfused on CPU. Masked or biased attention (T5) runs unfused whatever this says.")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
                    help="Default: nccl with CUDA GPUs, gloo without (Megatron-LM's default is nccl).")
     g.add_argument("--overlap-param-gather", action="store_true",
@@ -424,9 +425,6 @@ def check_megatron_lm_flags(args) -> None:
         except ImportError:
             why = "Transformer Engine is not installed, and megatron-lsh builds megatron-core's local layers only"
         raise ArgumentError(f"--transformer-impl {args.transformer_impl}: {why}; pass --transformer-impl local")
-    if args.attention_backend in ("flash", "fused"):
-        raise ArgumentError(f"--attention-backend {args.attention_backend} is Transformer Engine's attention, which "
-                            "megatron-lsh does not build; pass --attention-backend auto (megatron-core's local attention)")
     refused = {
         "multi_latent_attention": "--multi-latent-attention (DeepSeek's MLA) is not built here: megatron-lsh builds "
                                   "megatron-core's standard attention; use --group-query-attention",

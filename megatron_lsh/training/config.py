@@ -6,6 +6,7 @@ import re
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnBackend
 
 from megatron_lsh.models.architectures import routes_pre_softmax
 from megatron_lsh.moe import LSHConfigError, LSHTransformerConfig
@@ -67,6 +68,7 @@ def transformer_config_from_args(args, **overrides) -> LSHTransformerConfig:
         kv_channels=args.kv_channels,
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
+        attention_backend=AttnBackend[getattr(args, "attention_backend", "auto")],
         init_method_std=args.init_method_std,
         normalization=args.normalization,
         layernorm_epsilon=args.norm_epsilon,
