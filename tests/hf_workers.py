@@ -225,3 +225,25 @@ def import_one(hf_dir, save_dir, back_dir, upcycle):
     result["same_ids"] = loaded.tokenizer.tokenize(text) == AutoTokenizer.from_pretrained(hf_dir)(
         text, add_special_tokens=False).input_ids
     return result
+
+
+def logits_on_random_ids(rank, world_size, load_dir, hf_dir):
+    """The megatron model's (every expert, LSH off) and the exported model's logits on the same
+    random token ids (a checkpoint without a tokenizer to export): the largest difference, the
+    logits' scale and the loading report."""
+    import megatron_lsh  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    from megatron_lsh.checkpoint.loading import load_for_inference
+
+    loaded = load_for_inference(load_dir)
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(3))
+    hf, info = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True)
+    with torch.no_grad():
+        megatron_logits = loaded.model(ids, torch.arange(ids.size(1)).expand_as(ids), None)
+        hf_logits = hf.eval()(ids).logits
+    vocab = hf_logits.size(-1)
+    return {"architecture": type(hf).__name__, "missing_keys": list(info["missing_keys"]),
+            "unexpected_keys": list(info["unexpected_keys"]),
+            "max_logit_difference": (megatron_logits[..., :vocab] - hf_logits).abs().max().item(),
+            "logit_scale": hf_logits.abs().max().item()}

@@ -77,6 +77,7 @@ def write(directory: str, iteration: int, consumed: int) -> None:
     import torch
     from megatron.core import dist_checkpointing
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
+    from megatron.core.transformer.enums import AttnBackend
 
     _process_group()
     model = _model()
@@ -85,13 +86,19 @@ def write(directory: str, iteration: int, consumed: int) -> None:
         for parameter in model.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02 + 0.01)
     args = argparse.Namespace(
-        num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=FFN, num_experts=4, moe_router_topk=2,
+        num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=FFN, moe_ffn_hidden_size=FFN,
+        num_experts=4, moe_router_topk=2,
         seq_length=32, max_position_embeddings=32, add_position_embedding=True, position_embedding_type="rope",
         make_vocab_size_divisible_by=128, padded_vocab_size=PADDED_VOCAB, tokenizer_type="NullTokenizer",
         vocab_size=1000, tensor_model_parallel_size=1, pipeline_model_parallel_size=1, world_size=1,
         data_parallel_size=1, consumed_train_samples=consumed, consumed_valid_samples=0, skipped_train_samples=0,
         ckpt_format="torch_dist", use_distributed_optimizer=True, bf16=True, lr=1e-3, no_save_rng=False,
-        no_save_optim=False,
+        no_save_optim=False, normalization="RMSNorm", swiglu=True, untie_embeddings_and_output_weights=True,
+        group_query_attention=False, num_query_groups=1, qk_layernorm=False, kv_channels=16, moe_layer_freq=1,
+        rotary_base=10000, rotary_percent=1.0, encoder_num_layers=2, decoder_num_layers=None,
+        # Megatron-LM's destinations for flags ours name differently, and an enum where it keeps one.
+        add_bias_linear=False, layernorm_epsilon=1e-5, layernorm_zero_centered_gamma=False,
+        attention_backend=AttnBackend.auto,
     )
     random.seed(11)
     rng = {"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),

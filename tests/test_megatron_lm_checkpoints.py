@@ -132,3 +132,19 @@ def argparse_namespace(**values):
     import argparse
 
     return argparse.Namespace(**values)
+
+
+@pytest.mark.slow
+def test_a_megatron_lm_checkpoint_converts_to_hugging_face_with_its_logits(written_by_megatron_lm, tmp_path):
+    pytest.importorskip("transformers")
+    from tests.distributed import run_distributed
+    from tests.hf_workers import logits_on_random_ids
+    from tests.launch import convert
+
+    result = convert(written_by_megatron_lm, tmp_path / "hf")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mixtral" in result.stdout
+    (compared,) = run_distributed(logits_on_random_ids, 1, str(written_by_megatron_lm), str(tmp_path / "hf"))
+    assert compared["architecture"] == "MixtralForCausalLM"
+    assert compared["missing_keys"] == [] and compared["unexpected_keys"] == []
+    assert compared["logit_scale"] > 0.01 and compared["max_logit_difference"] < 1e-4, compared

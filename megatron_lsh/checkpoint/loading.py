@@ -16,8 +16,7 @@ from megatron_lsh.training.checkpointing import (
     TOKENIZER_COPY,
     TOKENIZER_DIR_COPY,
     CheckpointError,
-    find_latest_checkpoint,
-    iteration_dir,
+    checkpoint_to_load,
     vocabulary_rows,
 )
 from megatron_lsh.training.megatron_lm_format import saved_arguments
@@ -43,16 +42,18 @@ class LoadedModel:
 
 def saved_run(load_dir: str):
     """(args as a dict, task name, checkpoint path) of the newest complete checkpoint."""
-    iteration = find_latest_checkpoint(load_dir)
-    if iteration is None:
-        raise CheckpointError(f"--load {load_dir}: no complete checkpoint (iter_*/ with a 'complete' marker)")
-    path = iteration_dir(load_dir, iteration)
+    path = checkpoint_to_load(load_dir)  # ours, or the one Megatron-LM's tracker names
+    if path is None:
+        raise CheckpointError(f"--load {load_dir}: no complete checkpoint (iter_*/ with a 'complete' marker, or "
+                              "Megatron-LM's torch_dist checkpoint its tracker names)")
     common = dist_checkpointing.load_common_state_dict(path)
     if "args" not in common:
         raise CheckpointError(f"{path} was not written by megatron-lsh's pretraining loop")
     args = saved_arguments(common)
-    # Checkpoints from before the task was recorded: T5 runs are the ones with an encoder.
-    task = common.get("task") or ("T5-MoE" if args.get("encoder_num_layers") else "GPT-MoE")
+    # Checkpoints from before the task was recorded: T5 runs are the ones with an encoder; in
+    # Megatron-LM's (which record no task, and set encoder_num_layers for GPT too), a decoder.
+    t5 = args.get("decoder_num_layers") if "checkpoint_version" in common else args.get("encoder_num_layers")
+    task = common.get("task") or ("T5-MoE" if t5 else "GPT-MoE")
     return args, task, path
 
 

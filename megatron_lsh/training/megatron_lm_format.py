@@ -23,6 +23,7 @@ checkpoint asks for ``--no-load-optim`` (as Megatron-LM's Mixtral script passes)
 from __future__ import annotations
 
 import argparse
+import enum
 import os
 import random
 from typing import Optional
@@ -63,11 +64,28 @@ def is_distributed(path: str) -> bool:
     return os.path.isdir(path) and dist_checkpointing.check_is_distributed_checkpoint(path)
 
 
+# Flags both parsers take whose destination differs: (ours, Megatron-LM's, whether the value is
+# negated). Megatron-LM's parser of core_v0.16.1 against ours, every option string compared.
+RENAMED_FLAGS = (
+    ("disable_bias_linear", "add_bias_linear", True),  # --disable-bias-linear
+    ("norm_epsilon", "layernorm_epsilon", False),  # --norm-epsilon
+    ("apply_layernorm_1p", "layernorm_zero_centered_gamma", False),  # --apply-layernorm-1p
+)
+
+
 def saved_arguments(common: dict) -> dict:
-    """A checkpoint's saved arguments as a dict: Megatron-LM (and we, since checkpoints travel)
-    save a Namespace; checkpoints of ours from before saved a dict."""
+    """A checkpoint's saved arguments as a dict under our names: Megatron-LM (and we, since
+    checkpoints travel) save a Namespace; checkpoints of ours from before saved a dict. Ours
+    record their task, Megatron-LM's do not."""
     saved = common.get("args") or {}
-    return dict(vars(saved)) if isinstance(saved, argparse.Namespace) else dict(saved)
+    saved = dict(vars(saved)) if isinstance(saved, argparse.Namespace) else dict(saved)
+    if "task" not in common and "checkpoint_version" in common:
+        # Megatron-LM keeps some choices as megatron-core enums (AttnBackend, ...); ours are names.
+        saved = {key: value.name if isinstance(value, enum.Enum) else value for key, value in saved.items()}
+        for ours, theirs, negated in RENAMED_FLAGS:
+            if theirs in saved:
+                saved[ours] = (not saved[theirs]) if negated else saved[theirs]
+    return saved
 
 
 def scheduler_state(common: dict) -> Optional[dict]:
@@ -90,6 +108,9 @@ def arguments_to_save(args, consumed_samples: int, padded_vocab_size: Optional[i
     saved.ckpt_format, saved.use_dist_ckpt = "torch_dist", True
     saved.no_save_optim = saved.no_save_rng = False
     saved.use_distributed_optimizer = False  # our optimizer state is laid out like the model's
+    for ours, theirs, negated in RENAMED_FLAGS:
+        if hasattr(args, ours):
+            setattr(saved, theirs, (not getattr(args, ours)) if negated else getattr(args, ours))
     return saved
 
 
