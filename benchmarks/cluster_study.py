@@ -40,8 +40,8 @@ from tensorboard_scalars import logged_series
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from megatron_lsh.moe.config import PAYLOAD_SETTINGS  # noqa: E402
-from megatron_lsh.training.arguments import lsh_settings_of_flags  # noqa: E402
 from megatron_lsh.projection import Cluster, ModelShape, compression_from_tensorboard, project  # noqa: E402
+from megatron_lsh.training.arguments import lsh_settings_of_flags  # noqa: E402
 
 DOCS = REPO / "docs"
 VALIDATION_TOLERANCE = 0.15
@@ -307,7 +307,8 @@ def report(runs: List[Run], calibration: Dict, elapsed: float) -> str:
         "|---|---|---|",
         *(f"| {c['processes']} | {c['step_ms']:.0f} | {c['tflops'] * 1e3:.2f} |" for c in compute.values()),
         "",
-        "All-to-all on each layout (on 2 x 2 the 2 processes of a node share its link), bandwidth at the message size of the",
+        "All-to-all on each layout (on 2 x 2 the 2 processes of a node share its link), bandwidth at the message size "
+        "of the",
         "model's all-to-all (what one rank sends one peer: a shaped link's throughput depends on it, and a",
         "nccl-tests table is read at the job's size too); latency under load: what one small all-to-all adds",
         "between blocks of 5 ms of compute, waiting for the slowest rank included:",
@@ -318,7 +319,8 @@ def report(runs: List[Run], calibration: Dict, elapsed: float) -> str:
     for key, measured in calibration["network"].items():
         layout, _, rate = key.partition("@")
         link = f"{float(rate) / 1000:g} Gbit/s" if rate else "- (loopback)"
-        bandwidth = (f"{measured['inter_node_gbps_per_node']:.3f} Gbit/s per node link" if "inter_node_gbps_per_node" in measured
+        bandwidth = (f"{measured['inter_node_gbps_per_node']:.3f} Gbit/s per node link"
+                     if "inter_node_gbps_per_node" in measured
                      else f"{measured['intra_node_gbps_per_rank']:.1f} Gbit/s per process")
         size = f"{measured['large_bytes'] / 1024:.0f} KiB" if "large_bytes" in measured else "4096 KiB"
         lines.append(f"| {layout.replace('x', ' x ')} | {link} | {size} | {measured['latency_us']:.0f} us | "
@@ -335,7 +337,8 @@ def report(runs: List[Run], calibration: Dict, elapsed: float) -> str:
         "node per step (everything: all-to-alls, gradient all-reduce, set-up), loopback MB likewise on the node's",
         "loopback.",
         "",
-        "| layout | link | run | measured ms | predicted ms | error | a2a share measured / predicted | compression | link MB/node/step | loopback MB/node/step |",
+        "| layout | link | run | measured ms | predicted ms | error | a2a share measured / predicted | compression | "
+        "link MB/node/step | loopback MB/node/step |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     errors = []
@@ -350,8 +353,8 @@ def report(runs: List[Run], calibration: Dict, elapsed: float) -> str:
             f"{100 * p['a2a_share']:.0f}% | {r['compression']:.3f} | {r['link_mb_per_node_iter']:.2f} | "
             f"{r['loopback_mb_per_node_iter']:.2f} |")
     within = sum(e <= VALIDATION_TOLERANCE for e in errors)
-    misses = [f"{run.kind} {run.nodes} x {run.procs} at {run.rate_mbit / 1000:g} Gbit/s" for run, e in zip(validation, errors)
-              if e > VALIDATION_TOLERANCE]
+    misses = [f"{run.kind} {run.nodes} x {run.procs} at {run.rate_mbit / 1000:g} Gbit/s"
+              for run, e in zip(validation, errors) if e > VALIDATION_TOLERANCE]
     lines += ["", f"Within {100 * VALIDATION_TOLERANCE:.0f}%: {within} of {len(errors)} runs; largest error "
               f"{100 * max(errors):.0f}%, median {100 * statistics.median(errors):.0f}%."
               + (f" Outside: {', '.join(misses)}." if misses else ""), ""]
@@ -367,17 +370,20 @@ def report(runs: List[Run], calibration: Dict, elapsed: float) -> str:
                          == (lsh.nodes, lsh.procs, lsh.rate_mbit))
             excess = {run.kind: run.results["predicted"]["step_ms"] - run.results["step_ms"] for run in (stock, lsh)}
             shared &= excess["lsh"] <= 1.2 * excess["stock"]
-            parts.append(f"{lsh.nodes} x {lsh.procs}: {excess['lsh']:+.0f} ms for LSH, {excess['stock']:+.0f} ms for stock, "
+            parts.append(f"{lsh.nodes} x {lsh.procs}: {excess['lsh']:+.0f} ms for LSH, {excess['stock']:+.0f} ms for "
+                         "stock, "
                          f"gradient all-reduce predicted {lsh.results['predicted']['grad_ms']:.0f} ms")
+        slow_lsh_runs = sum(r.kind == "lsh" and r.nodes > 1 and r.rate_mbit == slowest for r in validation)
         lines += [f"At {slowest / 1000:g} Gbit/s the projection puts LSH's step above the measured one on "
-                  f"{len(over)} of {sum(r.kind == 'lsh' and r.nodes > 1 and r.rate_mbit == slowest for r in validation)} "
+                  f"{len(over)} of {slow_lsh_runs} "
                   "layouts (" + "; ".join(parts) + ")"
                   + (": by no more than it puts stock's above, although LSH sends far fewer all-to-all "
                      "bytes, so the miss lies in what both send alike; the dense gradients' all-reduce "
                      "(a few large messages, where the calibration times all-to-alls) is the likeliest part, not "
                      "timed on its own here. The same miss weighs more on LSH's shorter step" if shared else "")
                   + "; there the projection predicts less speedup than was measured.", ""]
-    lines += ["The measured a2a share counts the wait for the slowest rank inside each all-to-all, which the projection "
+    lines += ["The measured a2a share counts the wait for the slowest rank inside each all-to-all, which the "
+              "projection "
               "books as latency.", ""]
     speedups = []
     for run in validation:
@@ -406,7 +412,8 @@ def report(runs: List[Run], calibration: Dict, elapsed: float) -> str:
             "(the intra-node rows go exact). a2a MB: what the dispatcher counted per step (forward all-to-alls, all",
             "ranks), inter-node part first.",
             "",
-            "| run | step ms | vs stock | inter-node a2a MB/step (stock) | all a2a MB/step (stock) | link MB/node/step | loopback MB/node/step | compression of rows in scope | val PPL | vs stock |",
+            "| run | step ms | vs stock | inter-node a2a MB/step (stock) | all a2a MB/step (stock) | link MB/node/step "
+            "| loopback MB/node/step | compression of rows in scope | val PPL | vs stock |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for run in scope:
@@ -414,7 +421,8 @@ def report(runs: List[Run], calibration: Dict, elapsed: float) -> str:
             name = "stock" if run.kind == "stock" else f"LSH, --lsh-scope {run.scope}"
             inter = (f"{r['a2a_inter_node_mb_per_iter']:.2f} ({r['a2a_inter_node_stock_mb_per_iter']:.2f})"
                      if r["a2a_inter_node_stock_mb_per_iter"] else "-")
-            total = f"{r['a2a_mb_per_iter']:.2f} ({r['a2a_stock_mb_per_iter']:.2f})" if r["a2a_stock_mb_per_iter"] else "-"
+            total = (f"{r['a2a_mb_per_iter']:.2f} ({r['a2a_stock_mb_per_iter']:.2f})"
+                     if r["a2a_stock_mb_per_iter"] else "-")
             lines.append(
                 f"| {name} | {r['step_ms']:.0f} | {r['step_ms'] / stock['step_ms']:.2f}x | {inter} | {total} | "
                 f"{r['link_mb_per_node_iter']:.2f} | {r['loopback_mb_per_node_iter']:.2f} | {r['compression']:.3f} | "
@@ -472,7 +480,8 @@ def main() -> None:
             print(f"  [{index + 1}/{len(runs)}] {run.label}: {r['step_ms']:.0f} ms/step"
                   + (f" (predicted {r['predicted']['step_ms']:.0f})" if "predicted" in r else "")
                   + f", compression {r['compression']:.3f}, link {r['link_mb_per_node_iter']:.2f} MB/node/step"
-                  + (f", PPL {r['final_ppl']:.1f}" if r["final_ppl"] else "") + f" ({time.time() - t:.0f} s)", flush=True)
+                  + (f", PPL {r['final_ppl']:.1f}" if r["final_ppl"] else "") + f" ({time.time() - t:.0f} s)",
+                  flush=True)
             saved.write_text(json.dumps({"calibration": calibration, "elapsed_s": time.time() - start,
                                          "runs": [asdict(r) for r in runs]}, indent=1))
     except ClusterUnavailable as error:

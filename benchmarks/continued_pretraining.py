@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-from quality_study import MXFP8_ALL, SUMMARIES as QUALITY_SUMMARIES, summarize  # run from benchmarks/
+from quality_study import MXFP8_ALL, summarize  # run from benchmarks/
+from quality_study import SUMMARIES as QUALITY_SUMMARIES
 from quickstart_data import prepare_data
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,7 +101,8 @@ def continue_run(name: str, flags: List[str], start: Dict, iters: int, work: Pat
     summary = summarize(out / "tensorboard", iters)
     summary.update(name=name, flags=flags, iters=iters, wall_s=time.time() - started)
     SUMMARIES.mkdir(parents=True, exist_ok=True)
-    (SUMMARIES / f"{name.replace(' ', '_').replace('+', '').replace('.', '')}.json").write_text(json.dumps(summary, indent=1))
+    file_name = name.replace(" ", "_").replace("+", "").replace(".", "")
+    (SUMMARIES / f"{file_name}.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
@@ -131,7 +133,8 @@ def write_report(summaries: Dict[str, Dict]) -> None:
     else:
         first = stock["ppl_by_iteration"][0][1] if stock["ppl_by_iteration"] else float("nan")
         lines += [f"Validation perplexity on the new text before any step: {first:.1f}.", "",
-                  f"| run | final val PPL | vs stock | a2a bytes vs stock | last 10% | mean compression | relative error |"
+                  "| run | final val PPL | vs stock | a2a bytes vs stock | last 10% | mean compression | relative "
+                  "error |"
                   " from scratch, same corpus and setting (600 it.): vs stock, bytes |",
                   "|---|---|---|---|---|---|---|---|"]
         scratch = _from_scratch()

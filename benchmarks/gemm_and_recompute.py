@@ -14,7 +14,8 @@ process's maxrss is read in a fresh subprocess per setting) and the step time.
 Times: median and min-max over --repeats (at least 3) after a warm-up; ratios against the stock
 path of the same run. This machine is shared; the spread says how much.
 
-    python benchmarks/gemm_and_recompute.py --write-doc    # measure, keep docs/data/gemm_and_recompute.json, write the doc
+    python benchmarks/gemm_and_recompute.py --write-doc    # measure, keep docs/data/gemm_and_recompute.json, write the
+    doc
     python benchmarks/gemm_and_recompute.py --report-only  # docs/gemm_and_recompute.md from the summary
 """
 
@@ -176,7 +177,8 @@ def _experts_table(rows: list) -> list:
 
 def write_doc(summary: dict, gpu: dict = None) -> None:
     lines = ["# Grouped GEMM experts and activation recomputation on CPU", "",
-             "Written by `python benchmarks/gemm_and_recompute.py --write-doc` (summary: `docs/data/gemm_and_recompute.json`; "
+             "Written by `python benchmarks/gemm_and_recompute.py --write-doc` (summary: "
+             "`docs/data/gemm_and_recompute.json`; "
              "`--report-only` rewrites this page from it). One process, "
              f"{summary['threads']} thread(s), {summary['repeats']} timed repeats after a warm-up; median (min-max). "
              ""

@@ -36,10 +36,10 @@ from dataclasses import MISSING
 from pathlib import Path
 
 import torch
-
-import megatron_lsh  # noqa: F401  (CPU workarounds)
 from megatron.core.transformer.moe.moe_utils import permute
 from megatron.core.transformer.spec_utils import build_module
+
+import megatron_lsh  # noqa: F401  (CPU workarounds)
 from megatron_lsh.data.synthetic import clustered_hidden_states
 from megatron_lsh.lsh import build_hash_family, expand_to_tokens, hash_and_cluster
 from megatron_lsh.moe import LSHTransformerConfig, get_lsh_moe_module_spec

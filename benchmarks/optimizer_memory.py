@@ -21,9 +21,9 @@ import torch
 
 def measure(rank, world_size, options):
     """Per rank: optimizer state bytes and step seconds (each repeat) of both optimizers."""
-    import megatron_lsh  # noqa: F401  (CPU workarounds)
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
+    import megatron_lsh  # noqa: F401  (CPU workarounds)
     from megatron_lsh.models import build_gpt_moe_model
     from megatron_lsh.moe import LSHTransformerConfig
     from megatron_lsh.training.initialize import initialize_distributed
@@ -69,9 +69,11 @@ def report(results, options) -> str:
     lines = [
         f"Layout: {len(results)} ranks, expert parallel {options['ep']} (data parallel {len(results)}, "
         f"expert data parallel {len(results) // options['ep']}); hidden {options['hidden']}, "
-        f"{options['layers']} layers, {options['experts']} experts, {'bf16 with fp32 master weights' if options['bf16'] else 'fp32'}.",
+        f"{options['layers']} layers, {options['experts']} experts, "
+        f"{'bf16 with fp32 master weights' if options['bf16'] else 'fp32'}.",
         "",
-        "| rank | parameters | replicated optimizer state (MB) | distributed (MB) | ratio | step ms replicated | step ms distributed |",
+        "| rank | parameters | replicated optimizer state (MB) | distributed (MB) | ratio | step ms replicated | step "
+        "ms distributed |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for rank, result in enumerate(results):

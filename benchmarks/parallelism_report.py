@@ -69,7 +69,8 @@ GPU was available to verify a second, GPU-only path. `--overlap-param-gather` is
 # (layout, what is checked, the tests that check it as file::function)
 TESTS = [
     ("TP2 x SP x EP2, ETP 1 and 2 (one MoE layer)",
-     "every token its own cluster: outputs, input gradients and parameter gradients equal stock megatron-core's to 1e-5",
+     "every token its own cluster: outputs, input gradients and parameter gradients equal stock "
+     "megatron-core's to 1e-5",
      ["test_dispatcher_multirank.py::test_singleton_clusters_match_stock_under_tensor_and_sequence_parallelism"]),
     ("TP2 x SP x EP2, ETP 1 and 2 (GPT)",
      "trains with LSH: loss falls; the controller pulls the compression rate down from its start; bytes below stock",

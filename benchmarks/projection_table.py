@@ -47,7 +47,8 @@ def default_rate(corpus: str) -> MeasuredRate:
     last = [rate for iteration, rate in summary["compression"] if iteration > 0.9 * summary["iters"]]
     return MeasuredRate(corpus, sum(last) / len(last),
                         f"training's default (plain `--lsh`: {DEFAULT_IN_WORDS}) on the "
-                        f"{corpus} corpus, mean compression over the last 10% of its {summary['iters']}-iteration scale run "
+                        f"{corpus} corpus, mean compression over the last 10% of its {summary['iters']}-iteration "
+                        "scale run "
                         f"(8192 tokens per rank and micro-batch; {path.relative_to(REPO)}), which ended "
                         f"at {summary['bytes_ratio_last_10pct']:.3f}x stock's all-to-all bytes there")
 
@@ -95,7 +96,8 @@ def setups() -> List[Setup]:
     paper_cluster = "8 x A100 per node, NVLink 3, 100 Gbit/s per node (assumed)"
     rows = []
     for gpus in (16, 32):
-        for name, model in (("GPT-MoE (paper-like)", gpt_moe_paper_like(gpus)), ("T5-MoE (paper-like)", t5_moe_paper_like(gpus))):
+        for name, model in (("GPT-MoE (paper-like)", gpt_moe_paper_like(gpus)),
+                            ("T5-MoE (paper-like)", t5_moe_paper_like(gpus))):
             rows.append(Setup(f"{gpus // 8} x 8 A100, 100 Gbit/s", name, model,
                               Cluster(gpus // 8, 8, NVLINK3, 100.0, A100, latency_us=30.0), paper_cluster))
     rows += [
@@ -186,19 +188,24 @@ def main() -> None:
         "  within one. Nominal rates flatter both stock and LSH; nccl-tests' alltoall_perf on the real cluster is",
         "  the number to give `--inter-node-gbps` (the emulated study shows how far measured and nominal can differ).",
         "- Paper setups: the cluster (8 x A100 per node, 100 Gbit/s between nodes) is assumed too; with it the stock",
-        f"  all-to-all share is {paper_low:.0f}-{paper_high:.0f}% of the step ({paper_versus} the 30-70% the paper measured).",
+        f"  all-to-all share is {paper_low:.0f}-{paper_high:.0f}% of the step ({paper_versus} the 30-70% the paper "
+        "measured).",
         "- Experts run on centroids, so part of every speedup is compute: at rate r the experts' FLOPs fall to r",
         "  of stock's. The 1 x 8 H200 row is that and the 8-bit payloads on NVLink (one node: nothing crosses a slow",
-        f"  link); with `--lsh-scope inter-node` only the payloads are left ({single_node_inter:.2f}x, the hashing's cost",
+        f"  link); with `--lsh-scope inter-node` only the payloads are left ({single_node_inter:.2f}x, the hashing's "
+        "cost",
         "  included). In the fine-grained",
-        f"  model the experts are {100 * fine_expert_share:.0f}% of the forward FLOPs (the projection's count: attention",
+        f"  model the experts are {100 * fine_expert_share:.0f}% of the forward FLOPs (the projection's count: "
+        "attention",
         "  and the output layer are the rest); whether a GPU keeps its efficiency on the smaller expert batches is not",
         "  modelled.",
         "- 8-bit payloads: e4m3 elements and a scale per 32 (1.03 bytes an element against bf16's 2) in every",
         "  direction, intra-node rows included (training encodes whoever receives them); their encoding is not",
-        "  timed for the peer (a pass over the rows, small next to the experts' GEMMs) and is part of the LSH overhead.",
+        "  timed for the peer (a pass over the rows, small next to the experts' GEMMs) and is part of the LSH "
+        "overhead.",
         "- LSH overhead: hashing and clustering at 5% of the exact experts' time (benchmarks/lsh_overhead.py, for",
-        f"  training's default ({DEFAULT_SPLIT} split, bound and 8-bit quantisation) at hidden 1024: {measured_overhead()};",
+        f"  training's default ({DEFAULT_SPLIT} split, bound and 8-bit quantisation) at hidden 1024: "
+        f"{measured_overhead()};",
         "  the GPU figure is still to be measured).",
         "- Gradient all-reduce not overlapped with the backward pass (Megatron-LM's `--overlap-grad-reduce` would",
         "  hide part of it and raise every speedup a little).",

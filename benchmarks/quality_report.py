@@ -74,7 +74,8 @@ def write_report(summaries: Dict[str, Dict], docs: Path) -> None:
         "Bytes: all four all-to-alls (dispatch and combine, forward and backward) as a bf16 run sends them",
         "(2 bytes an element; mxfp8 1 byte an element and a 1-byte scale per 32; mxfp4 half a byte an",
         "element and a 1-byte scale per 32; nvfp4 half a byte an element, a 1-byte scale per 16 and 4 bytes a",
-        "row; routing probabilities 2 bytes, sent by stock and by payloads alone, kept home by LSH) against megatron-core's",
+        "row; routing probabilities 2 bytes, sent by stock and by payloads alone, kept home by LSH) against "
+        "megatron-core's",
         "dispatch of the same rows in bf16, whatever the CPU computes in. Compression rate: centroids / token",
         "rows; relative error: mean ||x - c|| / ||x|| of token rows against the centroid that replaced them.",
         "Perplexity ratios are against the stock run of the same length and corpus. The peer: 8-bit (mxfp8)",
@@ -105,7 +106,8 @@ def write_report(summaries: Dict[str, Dict], docs: Path) -> None:
     lines += _merged_gradients_verdict(summaries)
     lines += ["## Curves", ""]
     for corpus in points_by_corpus:
-        lines += [f"![{corpus}: validation perplexity against tokens and against bytes](quality_curves_{corpus}.png)", "",
+        lines += [f"![{corpus}: validation perplexity against tokens and against bytes](quality_curves_{corpus}.png)",
+                  "",
                   f"![{corpus}: perplexity ratio against bytes ratio](quality_pareto_{corpus}.png)", ""]
     docs.mkdir(exist_ok=True)
     (docs / "quality_study.md").write_text("\n".join(lines) + "\n")
@@ -202,11 +204,13 @@ def _gradient_section(corpus: str, ablations: Dict[str, Dict], runs: Dict[str, D
     lines = [f"### Merged tokens' gradients ({stock['iters']} iterations, fixed cp6, against its gap to stock)", "",
              f"cp6 ends at {_ratio(cp6, stock):.3f}x stock ({cp6['final_ppl']:.2f} against {stock['final_ppl']:.2f}). "
              "A backward rule (`--lsh-gradient-rule`, removed since: each member's input gradient from its "
-             "centroid's other than the mean's equal part, at cp6's bytes) is recorded as it ran; a study mode (`--lsh-gradient-study`) trains on exact values with some of LSH's "
+             "centroid's other than the mean's equal part, at cp6's bytes) is recorded as it ran; a study mode "
+             "(`--lsh-gradient-study`) trains on exact values with some of LSH's "
              "gradients, which says where the gap comes from. The experts' side: axis rows (`--lsh-cluster-axis`, "
              f"removed since; the code is at commit {AXIS_COMMIT}) sent a second row per cluster, c + sigma u along "
              "the members' principal direction u (sigma their RMS spread along it), and gave each member the secant "
-             "E(c) + t (E(a) - E(c)) by its coordinate t along u, so experts ran and learnt at two points of a cluster, "
+             "E(c) + t (E(a) - E(c)) by its coordinate t along u, so experts ran and learnt at two points of a "
+             "cluster, "
              "at one more row per cluster in every all-to-all. Gap closed: (cp6 - run) / (cp6 - stock) in perplexity; "
              "a study mode's 'gap left' is the part of cp6's gap its gradients alone cost.", "",
              "| run | question | final val PPL | vs stock | a2a bytes vs stock | gap closed | gap left |",
@@ -226,7 +230,8 @@ def _gradient_section(corpus: str, ablations: Dict[str, Dict], runs: Dict[str, D
     spread = _seed_spread(ablations, stock)
     if spread:
         low, high, count = spread
-        lines += ["", f"For scale: one setting at {count} hash seeds spans {100 * (high - low):.1f} points of perplexity "
+        lines += ["", f"For scale: one setting at {count} hash seeds spans {100 * (high - low):.1f} points of "
+                      "perplexity "
                   f"ratio on this corpus, against cp6's gap of {100 * (_ratio(cp6, stock) - 1):.1f}; a run within that "
                   "spread of cp6 is a tie."]
     return lines + ["", "Flags: " + "; ".join(f"{name}: `{' '.join(s['flags'])}`" for name, s in runs.items()), ""]
@@ -286,7 +291,8 @@ def _bound_at_scale(corpus: str, summary: Optional[Dict]) -> List[str]:
     lines = ["### The error bound as tokens per micro-batch grow", "",
              f"`evaluate --lsh --lsh-error-bound {summary['bound']}` on the stock ablation run's model "
              f"({summary['checkpoint_iters']} iterations), one process, every expert's rows together (as many rows per "
-             "expert as a rank dispatches in training at that micro-batch), against the exact model on the same windows.",
+             "expert as a rank dispatches in training at that micro-batch), against the exact model on the same "
+             "windows.",
              "`hash`: clusters split by the next hash function (levels of coarse-to-fine LSH); `bisect` "
              "(`--lsh-split bisect`): in two at the centroid across the widest spread, up to that many times.",
              "", "| tokens per micro-batch | split | hashes or halvings | compression rate | perplexity vs exact |",
@@ -306,7 +312,8 @@ def _bound_at_scale(corpus: str, summary: Optional[Dict]) -> List[str]:
         hashed = next((r for r in by_setting.get(("hash", 16), [])
                        if r["tokens_per_micro_batch"] == bisect["tokens_per_micro_batch"]), None)
         if hashed:
-            lines.append(f"- At {bisect['tokens_per_micro_batch']} tokens, bisection sends {bisect['rate'] / hashed['rate']:.2f}x "
+            lines.append(f"- At {bisect['tokens_per_micro_batch']} tokens, bisection sends "
+                         f"{bisect['rate'] / hashed['rate']:.2f}x "
                          f"the rows of 16 hash levels at the same bound, at {bisect['ppl'] / hashed['ppl']:.4f}x their "
                          "perplexity.")
     return lines + [""]
@@ -331,13 +338,15 @@ def _axis_forward(corpus: str, summary: Optional[Dict]) -> List[str]:
         return []
     exact = summary["exact_ppl"]
     lines = ["### Axis rows against finer hashing, the forward alone", "",
-             f"`evaluate` on the stock ablation run's model ({summary['checkpoint_iters']} iterations, exact perplexity "
+             f"`evaluate` on the stock ablation run's model ({summary['checkpoint_iters']} iterations, exact "
+             "perplexity "
              f"{exact:.2f}), micro-batch {summary['micro_batch']} on one process, fixed cross-polytope hashing "
              "(4 buckets, no compensation, no bound) with and without `--lsh-cluster-axis` (removed since; "
              f"`git checkout {AXIS_COMMIT}` runs it). The rate counts the axis rows.",
              "", "| hashes | axis rows | compression rate | perplexity vs exact |", "|---|---|---|---|"]
     for row in summary["rows"]:
-        lines.append(f"| {row['hashes']} | {'yes' if row['axis'] else 'no'} | {row['rate']:.3f} | {row['ppl'] / exact:.4f}x |")
+        lines.append(f"| {row['hashes']} | {'yes' if row['axis'] else 'no'} | {row['rate']:.3f} | "
+                     f"{row['ppl'] / exact:.4f}x |")
     line = [(row["rate"], row["ppl"] / exact) for row in summary["rows"] if not row["axis"]]
     verdicts = []
     lines.append("")
@@ -349,9 +358,11 @@ def _axis_forward(corpus: str, summary: Optional[Dict]) -> List[str]:
             continue
         difference = row["ppl"] / exact - same_rate
         # Within half a point of perplexity ratio (one model, one hash seed): too close to call.
-        verdict = "as good a use" if abs(difference) < AXIS_TIE else ("the better use" if difference < 0 else "the worse use")
+        verdict = ("as good a use" if abs(difference) < AXIS_TIE
+                   else "the better use" if difference < 0 else "the worse use")
         verdicts.append(verdict)
-        lines.append(f"- {row['hashes']} hashes + axis: {row['ppl'] / exact:.4f}x at rate {row['rate']:.3f}; finer hashing "
+        lines.append(f"- {row['hashes']} hashes + axis: {row['ppl'] / exact:.4f}x at rate {row['rate']:.3f}; finer "
+                     "hashing "
                      f"alone at that rate: {same_rate:.4f}x (interpolated): the axis row is {verdict} of those rows.")
     if verdicts:
         lines += ["", f"Axis rows beat finer hashing at equal rate at {verdicts.count('the better use')} of "
@@ -430,7 +441,8 @@ def _scale_findings(main: Dict[str, Dict], scale: Dict[str, Dict]) -> List[str]:
 
 
 def _warnings(corpus: str, summaries: Dict[str, Dict]) -> List[str]:
-    said = [(s["name"], s["group"], w) for s in summaries.values() if s.get("corpus") == corpus for w in s.get("warnings", [])]
+    said = [(s["name"], s["group"], w) for s in summaries.values() if s.get("corpus") == corpus
+            for w in s.get("warnings", [])]
     if not said:
         return []
     lines = ["What the runs warned:", ""]

@@ -150,10 +150,12 @@ def plan() -> List[Variant]:
         Variant("mxfp8", ["--no-lsh", *MXFP8_ALL], "ablation", "8-bit payloads in all four directions", peer=True),
         Variant("bound 0.3 h16 + mxfp8", stacked(with_flags(bound, lsh_num_hashes="16"), MXFP8_ALL), "ablation",
                 "the bound with 16 levels of hashes, stacked"),
-        Variant("bound 0.2 h16 + mxfp8", stacked(with_flags(bound, lsh_num_hashes="16", lsh_error_bound="0.2"), MXFP8_ALL),
-                "ablation", "a tighter bound with 16 levels, stacked"),
-        Variant("bound 0.5 h16 + mxfp8", stacked(with_flags(bound, lsh_num_hashes="16", lsh_error_bound="0.5"), MXFP8_ALL),
-                "ablation", "a looser bound with 16 levels, stacked"),
+        Variant("bound 0.2 h16 + mxfp8",
+                stacked(with_flags(bound, lsh_num_hashes="16", lsh_error_bound="0.2"), MXFP8_ALL), "ablation",
+                "a tighter bound with 16 levels, stacked"),
+        Variant("bound 0.5 h16 + mxfp8",
+                stacked(with_flags(bound, lsh_num_hashes="16", lsh_error_bound="0.5"), MXFP8_ALL), "ablation",
+                "a looser bound with 16 levels, stacked"),
         Variant("bisect 0.3 h16 + mxfp8",
                 stacked(with_flags(bound, lsh_num_hashes="16", lsh_split="bisect"), MXFP8_ALL), "ablation",
                 "the bound with clusters cut across their widest spread (--lsh-split bisect), stacked"),
@@ -180,7 +182,8 @@ def plan() -> List[Variant]:
         Variant("nvfp4 dispatch", ["--no-lsh", *NVFP4_DISPATCH], "ablation",
                 "4-bit NVFP4 payloads in the field's two directions", peer=True),
         Variant("nvfp4 sr", ["--no-lsh", *NVFP4_ALL, *STOCHASTIC_GRADIENTS], "ablation",
-                "NVFP4 in all four directions, gradients rounded stochastically (the NVFP4 recipe's choice)", peer=True),
+                "NVFP4 in all four directions, gradients rounded stochastically (the NVFP4 recipe's choice)",
+                peer=True),
         Variant("bound 0.2 h16 + mxfp4", stacked(with_flags(h16, lsh_error_bound="0.2"), MXFP4_ALL), "ablation",
                 "LSH over 4-bit MX rows, a tighter bound than the default's"),
         Variant("bound 0.1 h16 + mxfp4", stacked(with_flags(h16, lsh_error_bound="0.1"), MXFP4_ALL), "ablation",
@@ -333,7 +336,8 @@ def bound_at_scale(corpus: str, work: Path, data: Dict[str, str], previous: Opti
     checkpoint_iters = json.loads((SUMMARIES / f"{corpus}-ablation-stock.json").read_text())["iters"]
     kept = {}
     if previous is not None and previous["checkpoint_iters"] == checkpoint_iters:
-        kept = {(r["micro_batch"], r.get("split", "hash"), r["hashes"]): {"split": "hash", **r} for r in previous["rows"]}
+        kept = {(r["micro_batch"], r.get("split", "hash"), r["hashes"]): {"split": "hash", **r}
+                for r in previous["rows"]}
     rows = []
     for micro_batch in SCALE_MICRO_BATCHES:
         exact_ppl = next((r["exact_ppl"] for key, r in kept.items() if key[0] == micro_batch), None)
@@ -406,8 +410,9 @@ def main() -> None:
         previous = None if args.fresh else summaries.get(f"{corpus}-bound_at_scale")
         if "bound_at_scale" in groups and not args.report_only and bound_at_scale_rows_missing(previous, corpus):
             print(f"[{time.time() - study_start:6.0f}s] {corpus}-bound_at_scale", flush=True)
-            summaries[f"{corpus}-bound_at_scale"] = bound_at_scale(corpus, args.work, data or prepare_data(args.work, corpus),
-                                                                   previous)
+            summaries[f"{corpus}-bound_at_scale"] = bound_at_scale(
+                corpus, args.work, data or prepare_data(args.work, corpus), previous
+            )
             write_docs(summaries)
     write_docs(summaries)
 

@@ -43,9 +43,11 @@ def prepare_data(work: Path, corpus: str = "quickstart") -> Dict[str, str]:
     if corpus == "code":
         source = ["--input", str(python_source_jsonl(data / "source" / "python_stdlib.jsonl"))]
     steps = [
-        (data / "corpus" / "valid.jsonl", ["data_tools/prepare_corpus.py", *source, "--output-dir", str(data / "corpus")]),
-        (data / "tokenizer" / "spm.model", ["data_tools/train_tokenizer.py", "--input", str(data / "corpus" / "train.jsonl"),
-                                            "--vocab-size", "8000", "--output-prefix", str(data / "tokenizer" / "spm")]),
+        (data / "corpus" / "valid.jsonl",
+         ["data_tools/prepare_corpus.py", *source, "--output-dir", str(data / "corpus")]),
+        (data / "tokenizer" / "spm.model",
+         ["data_tools/train_tokenizer.py", "--input", str(data / "corpus" / "train.jsonl"),
+          "--vocab-size", "8000", "--output-prefix", str(data / "tokenizer" / "spm")]),
     ]
     for split in ("train", "valid"):
         steps.append((data / "gpt" / f"{split}_text_document.idx",

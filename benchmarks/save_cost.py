@@ -101,7 +101,8 @@ def report(summary: dict) -> str:
     for size, row in summary["sizes"].items():
         first, later = row["first_s"], row["later_s"]
         lines.append(f"| {size} (`{' '.join(SIZES[size][:8])} ...`) | {row['parameters_rank0_m']:.1f}M | "
-                     f"{row['checkpoint_mb']:.0f} MiB | {first['median']:.2f} s ({first['min']:.2f}-{first['max']:.2f}) "
+                     f"{row['checkpoint_mb']:.0f} MiB | {first['median']:.2f} s "
+                     f"({first['min']:.2f}-{first['max']:.2f}) "
                      f"| {later['median']:.2f} s ({later['min']:.2f}-{later['max']:.2f}) |")
     lines += [
         "",

@@ -41,6 +41,7 @@ from quickstart_data import prepare_data
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from megatron_lsh.training.arguments import lsh_settings_of_flags  # noqa: E402
+
 DOCS = REPO / "docs"
 # The last study's results, committed beside the doc so that --report-only works from a fresh clone.
 RESULTS = DOCS / "data" / "speed_study.json"
@@ -203,7 +204,8 @@ def committed_runs() -> Dict[str, Dict]:
     saved = json.loads(RESULTS.read_text())
     if saved.get("version") != 2:
         return {}
-    return {Run(r["setting"], r["rate_mbit"], r["repeat"], r["iters"], r["schedule_iters"]).key: r for r in saved["runs"]}
+    return {Run(r["setting"], r["rate_mbit"], r["repeat"], r["iters"], r["schedule_iters"]).key: r
+            for r in saved["runs"]}
 
 
 def summarize(tensorboard: Path, run: Run, wire_bytes: int, wall: float) -> Dict:
@@ -337,7 +339,8 @@ def report(runs: List[Run], elapsed: float) -> str:
         "dispatch of the same rows in bf16, as a GPU run would send them. wire MB/iter: every byte the kernel",
         "counted on the nodes' links (all-to-alls, the dense gradients' all-reduce, evaluation).",
         "",
-        f"| run | link | step ms | vs stock | a2a share | a2a bytes vs stock | wire MB/iter | val PPL at {schedule} it | vs stock | val PPL at the end |",
+        f"| run | link | step ms | vs stock | a2a share | a2a bytes vs stock | wire MB/iter | val PPL at {schedule} it "
+        "| vs stock | val PPL at the end |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rate in rates:
@@ -352,15 +355,19 @@ def report(runs: List[Run], elapsed: float) -> str:
             lines.append(
                 f"| {setting} | {LINKS[rate]} | {spread_text(step)} | {statistics.median(step) / base_step:.2f}x | "
                 f"{100 * statistics.median(run.results['a2a_share'] for run in group):.0f}% | "
-                f"{r['a2a_bytes_ratio']:.3f} | {statistics.median(run.results['wire_mb_per_iter'] for run in group):.2f} | "
+                f"{r['a2a_bytes_ratio']:.3f} | "
+                f"{statistics.median(run.results['wire_mb_per_iter'] for run in group):.2f} | "
                 f"{r['ppl_at_schedule']:.1f} | {r['ppl_at_schedule'] / base_ppl:.3f}x | "
                 f"{r['final_ppl']:.1f} ({group[0].iters} it) |")
     for rate in rates:
         target = stock_target(runs, rate)
         lines += ["", f"## Wall time to stock's final perplexity, {LINKS[rate]}", "",
-                  "Seconds from the start of the training loop (evaluations included, as on the perplexity-against-time",
-                  "charts in tensorboard and wandb) until validation perplexity first falls to the target (linear between",
-                  f"evaluations), and the speedup over stock (medians). Targets: multiples of stock's final {target:.1f}.", "",
+                  "Seconds from the start of the training loop (evaluations included, as on the "
+                  "perplexity-against-time",
+                  "charts in tensorboard and wandb) until validation perplexity first falls to the target (linear "
+                  "between",
+                  "evaluations), and the speedup over stock (medians). Targets: multiples of stock's final "
+                  f"{target:.1f}.", "",
                   "| run | " + " | ".join(f"PPL {level * target:.1f} ({level:g}x)" for level in TARGET_LEVELS) + " |",
                   "|---|" + "---|" * len(TARGET_LEVELS)]
         for setting in SETTINGS:
@@ -432,9 +439,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke test: 40 iterations, one run per setting and link; docs/ left alone")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "speed_study")
-    parser.add_argument("--fresh", action="store_true", help="run everything again, even runs with results under --work or in the committed summary")
+    parser.add_argument("--fresh", action="store_true", help="run everything again, even runs with results under "
+                                                             "--work or in the committed summary")
     parser.add_argument("--report-only", action="store_true",
-                        help=f"rewrite docs/ from the last study's {RESULTS.relative_to(REPO)}, without running anything")
+                        help=f"rewrite docs/ from the last study's {RESULTS.relative_to(REPO)}, without running "
+                             "anything")
     args = parser.parse_args()
     if args.report_only:
         if not RESULTS.exists():
@@ -468,9 +477,11 @@ def main() -> None:
             execute(run, index, data, args.work, invocation)
             measuring += run.results["wall_s"]
             r = run.results
-            print(f"  [{index + 1}/{len(runs)}] {run.key}: {r['step_ms']:.0f} ms/step, a2a {100 * r['a2a_share']:.0f}%, "
+            print(f"  [{index + 1}/{len(runs)}] {run.key}: {r['step_ms']:.0f} ms/step, "
+                  f"a2a {100 * r['a2a_share']:.0f}%, "
                   f"bytes {r['a2a_bytes_ratio']:.3f}x, PPL {r['ppl_at_schedule']:.1f} at {run.schedule_iters} it, "
-                  f"{r['final_ppl']:.1f} at the end ({time.time() - t:.0f}s; study {(time.time() - start) / 60:.0f} min)",
+                  f"{r['final_ppl']:.1f} at the end ({time.time() - t:.0f}s; study {(time.time() - start) / 60:.0f} "
+                  "min)",
                   flush=True)
     except ClusterUnavailable as error:
         sys.exit(f"error: cannot emulate a cluster here: {error}")

@@ -189,7 +189,8 @@ def write_doc(summaries_dir: Path = SUMMARIES, doc: Path = DOC) -> None:
              "Regenerate with `python benchmarks/training_steps.py --write-doc` (one section per device and dtype; "
              "`--report-only` rewrites this page from docs/data/training_steps/). One GPT-MoE on mock data "
              "(random tokens, whose hidden states cluster less than text's: LSH merges fewer rows than it would "
-             "in a real run), every setting trained for the same steps and repeated interleaved; step time is Megatron-LM's "
+             "in a real run), every setting trained for the same steps and repeated interleaved; step time is "
+             "Megatron-LM's "
              "elapsed time per iteration after the first logging interval, median over repeats with min-max. "
              "On one process nothing crosses between ranks (a2a bytes '-'): the ratio is then LSH's cost in a "
              "training step, with nothing to gain.", ""]

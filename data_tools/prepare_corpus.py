@@ -27,8 +27,12 @@ def parse_args(argv=None):
     p.add_argument("--hf-valid-split", default="validation", help="used when the dataset has it")
     p.add_argument("--json-key", default="text", help="text field of jsonl input and HF rows")
     p.add_argument("--output-dir", type=Path, required=True)
-    p.add_argument("--cache-dir", type=Path, default=None, help="where the embedded archive is kept (default: OUTPUT_DIR/.cache)")
-    p.add_argument("--doc-words", type=int, default=1000, help="paragraphs per document up to about this many words (text input)")
+    p.add_argument(
+        "--cache-dir", type=Path, default=None, help="where the embedded archive is kept (default: OUTPUT_DIR/.cache)"
+    )
+    p.add_argument(
+        "--doc-words", type=int, default=1000, help="paragraphs per document up to about this many words (text input)"
+    )
     p.add_argument("--valid-fraction", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=1234)
     return p.parse_args(argv)

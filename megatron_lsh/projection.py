@@ -34,9 +34,9 @@ from typing import Dict, List, Optional, Sequence, Union
 
 from megatron_lsh.checkpoint.loading import saved_run, tokenizer_model_path
 from megatron_lsh.models.architectures import gpt_moe_pattern
-from megatron_lsh.training.arguments import default_ffn_hidden_size
 from megatron_lsh.moe.config import LSH_PAYLOADS, PAYLOAD_SETTINGS, flag_named_after
 from megatron_lsh.moe.payload import PAYLOAD_FORMATS, PayloadFormatError, check_payload_format, row_bytes
+from megatron_lsh.training.arguments import default_ffn_hidden_size
 from megatron_lsh.training.checkpointing import CheckpointError
 
 # Bytes of a routing probability megatron-core's dispatcher sends with each row (fp32).
@@ -304,8 +304,8 @@ def project(model: ModelShape, cluster: Cluster, compression: Union[None, float,
         "payloads: " + ", ".join(f"{flag_named_after(name)} {f}" for name, f in formats.items())
         + ("; 8-bit encoding without LSH not timed (a pass over the rows)"
            if rates is None and set(formats.values()) != {"bf16"} else ""),
-        "gradients reduced in fp32 (2 (n-1)/n of them per GPU, 2 (N-1)/N per node link over N nodes)" + (", hidden behind the backward pass where it fits"
-                                                          if cluster.overlap_grad_reduce else ", not overlapped"),
+        "gradients reduced in fp32 (2 (n-1)/n of them per GPU, 2 (N-1)/N per node link over N nodes)"
+        + (", hidden behind the backward pass where it fits" if cluster.overlap_grad_reduce else ", not overlapped"),
     ]
     return Projection(step_time(model, cluster), step_time(model, cluster, rates, scope, lsh_overhead, formats),
                       rates, formats, assumptions)
@@ -366,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--load", help="Take the model flags from this megatron-lsh checkpoint directory.")
     model.add_argument("--num-layers", type=int)
     model.add_argument("--hidden-size", type=int)
-    model.add_argument("--ffn-hidden-size", type=int, help="Default Megatron-LM's: 4 x hidden (2/3 of it with --swiglu).")
+    model.add_argument("--ffn-hidden-size", type=int, help="Default Megatron-LM's: 4 x hidden (2/3 of it with "
+                                                           "--swiglu).")
     model.add_argument("--moe-ffn-hidden-size", type=int, help="Default --ffn-hidden-size.")
     model.add_argument("--num-experts", type=int)
     model.add_argument("--moe-router-topk", type=int, help="Default 2.")
@@ -451,7 +452,8 @@ def report(projection: Projection) -> str:
         label, what = "this run", "payloads alone"
     else:
         label = "LSH"
-        rate_text = f"{rates[0]:.3f}" if len(set(rates)) == 1 else f"{sum(rates) / len(rates):.3f} mean of {len(rates)} layers"
+        rate_text = (f"{rates[0]:.3f}" if len(set(rates)) == 1
+                     else f"{sum(rates) / len(rates):.3f} mean of {len(rates)} layers")
         what = f"LSH at compression {rate_text}"
     if set(projection.payloads.values()) != {"bf16"}:
         what += " with " + "/".join(sorted(set(projection.payloads.values()))) + " payloads"

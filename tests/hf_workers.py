@@ -43,10 +43,10 @@ def convert_then_compare(rank, world_size, load_dir, hf_dir, jsonl_path):
 def compare_with_transformers(rank, world_size, load_dir, hf_dir, jsonl_path):
     """Logits of the megatron model (every expert, LSH off) and of the exported transformers model
     on the same tokens, the loading report, and the tokenizer round trip."""
-    import megatron_lsh  # noqa: F401
     from megatron.core.datasets.t5_dataset import T5MaskedWordPieceDataset
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    import megatron_lsh  # noqa: F401
     from megatron_lsh.checkpoint.loading import load_for_inference
 
     loaded = load_for_inference(load_dir)
@@ -93,7 +93,6 @@ def continuation_log_likelihoods(rank, world_size, load_dir, pairs):
     """log P(continuation | context) from the megatron model (every expert, LSH off), with the
     token split lm-evaluation-harness makes: the whole text encoded, the context's ids first."""
     import megatron_lsh  # noqa: F401
-
     from megatron_lsh.checkpoint.loading import load_for_inference
 
     loaded = load_for_inference(load_dir)
@@ -118,10 +117,9 @@ def evaluation_against_plain_forwards(rank, world_size, load_dir, work_dir, wind
     cross-entropies summed over every predicted token and divided once. (Megatron's softmax
     spans the padded vocabulary, so this is the megatron model's own forward, not the export's.)"""
     import numpy
-
-    import megatron_lsh  # noqa: F401
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+    import megatron_lsh  # noqa: F401
     from megatron_lsh.checkpoint.evaluate import evaluate
     from megatron_lsh.checkpoint.loading import load_for_inference, saved_run
 
@@ -183,15 +181,13 @@ def import_one(hf_dir, save_dir, back_dir, upcycle):
     """Import a Hugging Face model (upcycling a dense one when ``upcycle``), and compare logits:
     megatron-lsh's of the import against transformers' of the original, and (no upcycling)
     transformers' of the import converted back against the original's."""
-    import megatron_lsh  # noqa: F401
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from megatron.core.datasets.t5_dataset import T5MaskedWordPieceDataset
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    import megatron_lsh  # noqa: F401
     from megatron_lsh.checkpoint.convert import convert
     from megatron_lsh.checkpoint.import_hf import import_hf
     from megatron_lsh.checkpoint.loading import load_for_inference
-
-    from megatron.core.datasets.t5_dataset import T5MaskedWordPieceDataset
-    from transformers import AutoModelForSeq2SeqLM
 
     flags = import_hf(hf_dir, save_dir, upcycle=upcycle)
     loaded = load_for_inference(save_dir)
@@ -231,9 +227,9 @@ def logits_on_random_ids(rank, world_size, load_dir, hf_dir):
     """The megatron model's (every expert, LSH off) and the exported model's logits on the same
     random token ids (a checkpoint without a tokenizer to export): the largest difference, the
     logits' scale and the loading report."""
-    import megatron_lsh  # noqa: F401
     from transformers import AutoModelForCausalLM
 
+    import megatron_lsh  # noqa: F401
     from megatron_lsh.checkpoint.loading import load_for_inference
 
     loaded = load_for_inference(load_dir)

@@ -43,7 +43,8 @@ def gpt2_bpe_files(directory: Path, vocab_size: int = 400) -> tuple:
         tokenizer = Tokenizer(models.BPE())
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.train_from_iterator(TEXT, trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+            vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
         tokenizer.model.save(str(directory), "gpt2")
     return vocab, merges
 

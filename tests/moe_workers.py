@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-
-import megatron_lsh  # noqa: F401  (CPU workarounds)
 from megatron.core.transformer.spec_utils import build_module
 
+import megatron_lsh  # noqa: F401  (CPU workarounds)
 from megatron_lsh.moe import LSHTransformerConfig, get_lsh_moe_module_spec
 from megatron_lsh.training.initialize import initialize_distributed
 
@@ -199,7 +198,8 @@ def clustered_traffic(rank, world_size, num_experts, topk, distinct, payload_for
             expected = tokens.float() * probs.float().sum(dim=1, keepdim=True)
             stock_error = ((restored.float() - expected).norm() / expected.norm()).item()
     local = num_experts // world_size
-    pairs = {(p, e) for t, p in enumerate(prototype_of_token.tolist()) for e in routing_map[t].nonzero().flatten().tolist()}
+    pairs = {(p, e) for t, p in enumerate(prototype_of_token.tolist())
+             for e in routing_map[t].nonzero().flatten().tolist()}
     remote_pairs = [pe for pe in pairs if pe[1] // local != rank]
     remote_rows = int(sum(routing_map[:, e].sum() for e in range(num_experts) if e // local != rank))
     return {

@@ -54,8 +54,7 @@ def test_spherical_hashing_accepts_odd_bucket_counts():
 
 # -- one home per setting: the flags, the evaluation CLI and old checkpoints follow the fields --
 
-from megatron_lsh.moe.config import (  # noqa: E402
-    PAYLOAD_SETTINGS, added_settings, flag_of, settings_before_they_existed)
+from megatron_lsh.moe.config import PAYLOAD_SETTINGS, added_settings, flag_of, settings_before_they_existed  # noqa: E402
 from megatron_lsh.training.arguments import build_parser, lsh_config_kwargs, parse_args  # noqa: E402
 from megatron_lsh.training.config import in_flag_terms  # noqa: E402
 
@@ -75,7 +74,8 @@ def test_every_lsh_setting_is_a_flag_of_its_own_name_except_the_listed_ones():
 def test_flag_defaults_are_the_config_defaults_except_the_training_default():
     """Training's --lsh: the bound, 16 levels of hashes, 8-bit payloads; --no-lsh: stock bf16."""
     expected = {f.name: f.default for f in added_settings() if flag_of(f)}
-    with_lsh = {**expected, "lsh_error_bound": 0.3, "lsh_num_hashes": 16, **{name: "mxfp8" for name in PAYLOAD_SETTINGS}}
+    with_lsh = {**expected, "lsh_error_bound": 0.3, "lsh_num_hashes": 16,
+                **{name: "mxfp8" for name in PAYLOAD_SETTINGS}}
     assert lsh_config_kwargs(parse_args("test", TRAINING_FLAGS)) == with_lsh
     assert lsh_config_kwargs(parse_args("test", TRAINING_FLAGS + ["--no-lsh"])) == {
         **with_lsh, "lsh_enabled": False, **{name: "bf16" for name in PAYLOAD_SETTINGS}}

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import pytest
 
+from megatron_lsh.moe import LSHTransformerConfig
 from megatron_lsh.moe.controller import DEAD_BAND, CompressionController
 from megatron_lsh.moe.dispatcher import INITIAL_MERGE_THRESHOLD, initial_merge_threshold
-from megatron_lsh.moe import LSHTransformerConfig
 from tests.distributed import run_distributed
 
 

@@ -71,8 +71,8 @@ def test_prepare_corpus_cli_from_text_files(tmp_path):
         (tmp_path / f"book{i}.txt").write_text("\n\n".join(f"Book {i} paragraph {j}." for j in range(40)))
     prepare_corpus.main(["--input", *map(str, sorted(tmp_path.glob("*.txt"))), "--output-dir",
                          str(tmp_path / "out"), "--doc-words", "20", "--valid-fraction", "0.2"])
-    train = [json.loads(l)["text"] for l in open(tmp_path / "out" / "train.jsonl")]
-    valid = [json.loads(l)["text"] for l in open(tmp_path / "out" / "valid.jsonl")]
+    train = [json.loads(line)["text"] for line in open(tmp_path / "out" / "train.jsonl")]
+    valid = [json.loads(line)["text"] for line in open(tmp_path / "out" / "valid.jsonl")]
     assert train and valid and not set(train) & set(valid)
 
 

@@ -48,7 +48,9 @@ def test_nodes_talk_over_links_shaped_to_the_rate_and_the_kernel_counts_the_byte
     payload = 3_000_000
     with EmulatedCluster(num_nodes=2, rate_mbit=40) as cluster:
         assert cluster.exists()
-        receiver = cluster.popen(1, [sys.executable, "-c", RECEIVER, cluster.address(1)], stdout=subprocess.PIPE, text=True)
+        receiver = cluster.popen(
+            1, [sys.executable, "-c", RECEIVER, cluster.address(1)], stdout=subprocess.PIPE, text=True
+        )
         before = cluster.interface_bytes(0)["tx_bytes"]
         start = time.time()
         sender = cluster.popen(0, [sys.executable, "-c", SENDER, cluster.address(1), str(payload)])
@@ -66,7 +68,9 @@ def test_nodes_talk_over_links_shaped_to_the_rate_and_the_kernel_counts_the_byte
 def test_processes_of_one_node_talk_over_its_loopback_not_its_shaped_link():
     payload = 3_000_000
     with EmulatedCluster(num_nodes=2, rate_mbit=10) as cluster:
-        receiver = cluster.popen(0, [sys.executable, "-c", RECEIVER, cluster.address(0)], stdout=subprocess.PIPE, text=True)
+        receiver = cluster.popen(
+            0, [sys.executable, "-c", RECEIVER, cluster.address(0)], stdout=subprocess.PIPE, text=True
+        )
         link, loopback = cluster.interface_bytes(0)["tx_bytes"], cluster.interface_bytes(0, "lo")["tx_bytes"]
         start = time.time()
         sender = cluster.popen(0, [sys.executable, "-c", SENDER, cluster.address(0), str(payload)])

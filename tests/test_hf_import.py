@@ -97,7 +97,8 @@ def test_the_printed_flags_build_the_imported_model():
     config = dict(model_type="qwen3_moe", hidden_act="silu", num_hidden_layers=4, hidden_size=64,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
                   moe_intermediate_size=32, intermediate_size=96, mlp_only_layers=[1, 3], norm_topk_prob=True,
-                  max_position_embeddings=128, vocab_size=300, rope_parameters={"rope_theta": 1e6, "rope_type": "default"})
+                  max_position_embeddings=128, vocab_size=300,
+                  rope_parameters={"rope_theta": 1e6, "rope_type": "default"})
     flags = model_flags(config, "hf")
     value = {flag: flags[i + 1] for i, flag in enumerate(flags[:-1]) if flag.startswith("--")}
     assert value["--moe-layer-freq"] == "[1,0,1,0]" and value["--rotary-base"] == "1000000"
@@ -119,10 +120,12 @@ MIXTRAL = dict(model_type="mixtral", hidden_act="silu", num_hidden_layers=2, hid
 
 @pytest.mark.parametrize("fields, message", [
     (dict(MIXTRAL, model_type="gpt2"), "model_type 'gpt2' is not importable"),
-    (dict(MIXTRAL, model_type="llama"), "llama is a dense model and megatron-lsh trains MoE models; pass --moe-upcycle"),
+    (dict(MIXTRAL, model_type="llama"),
+     "llama is a dense model and megatron-lsh trains MoE models; pass --moe-upcycle"),
     (dict(MIXTRAL, hidden_act="gelu"), 'hidden_act="gelu" cannot be expressed'),
     (dict(MIXTRAL, sliding_window=4096), "sliding_window=4096 cannot be expressed"),
-    (dict(MIXTRAL, rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope type 'yarn' (rope scaling) cannot be expressed"),
+    (dict(MIXTRAL, rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope type 'yarn' (rope scaling) cannot be "
+                                                                       "expressed"),
     (dict(MIXTRAL, attention_bias=True), "attention_bias=true cannot be expressed"),
     (dict(MIXTRAL, num_local_experts=None), "has no num_local_experts or num_experts"),
 ])
@@ -168,7 +171,8 @@ def test_missing_or_misshaped_weights_fail_in_one_line_and_write_nothing(corpus,
         (lambda w: w.pop("model.layers.1.block_sparse_moe.experts.3.w2.weight"),
          "weight model.layers.1.block_sparse_moe.experts.3.w2.weight is missing from its safetensors files", True),
         (lambda w: w.update({"model.norm.weight": w["model.norm.weight"][:32]}),
-         "decoder.final_layernorm.weight comes out (32,) from the safetensors files, the model of config.json has (64,)",
+         "decoder.final_layernorm.weight comes out (32,) from the safetensors files, the model of config.json "
+         "has (64,)",
          False),
     ]:
         broken = dict(weights)

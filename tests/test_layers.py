@@ -9,7 +9,6 @@
 import ast
 from pathlib import Path
 
-
 PACKAGE = Path(__file__).resolve().parent.parent / "megatron_lsh"
 
 # What each part of the package may import from megatron_lsh (besides itself).

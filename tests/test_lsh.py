@@ -7,16 +7,16 @@ import torch
 
 from megatron_lsh.lsh import (
     HASH_TYPES,
-    adaptive_bucket_ids,
-    bisecting_bucket_ids,
-    fit_expert_gains,
-    relative_errors,
     CrossPolytopeHash,
     SphericalHash,
+    adaptive_bucket_ids,
+    bisecting_bucket_ids,
     build_hash_family,
     cluster_tokens,
     expand_to_tokens,
+    fit_expert_gains,
     hash_and_cluster,
+    relative_errors,
 )
 
 DIM = 64

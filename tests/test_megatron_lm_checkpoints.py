@@ -75,7 +75,8 @@ def test_a_megatron_lm_checkpoint_resumes_and_what_we_write_beside_it_megatron_l
     assert read["rng_keys"] == ["cuda_rng_state", "np_rng_state", "random_rng_state", "rng_tracker_states",
                                 "torch_rng_state"]
     sums = {name: tensor.float().sum().item() for name, tensor in saved.items()}
-    assert sums["embedding.word_embeddings.weight"] == pytest.approx(read["weights"]["embedding.word_embeddings.weight"])
+    embedding = "embedding.word_embeddings.weight"
+    assert sums[embedding] == pytest.approx(read["weights"][embedding])
 
 
 @pytest.mark.slow

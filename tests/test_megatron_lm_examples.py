@@ -116,8 +116,9 @@ def test_a_run_on_gpt2_bpe_exports_with_its_tokenizer(tmp_path):
 
     files = gpt2_data(tmp_path)
     run_ranks(["--hf-architecture", "qwen3_moe", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads",
-               "4", "--seq-length", "64", "--micro-batch-size", "2", "--num-experts", "4", "--expert-model-parallel-size",
-               "2", "--lr", "1e-3", "--train-iters", "2", "--eval-iters", "0", "--num-workers", "0",
+               "4", "--seq-length", "64", "--micro-batch-size", "2", "--num-experts", "4",
+               "--expert-model-parallel-size", "2", "--lr", "1e-3", "--train-iters", "2", "--eval-iters", "0",
+               "--num-workers", "0",
                "--data-path", files["data_path"], "--vocab-file", files["vocab_file"], "--merge-file",
                files["merge_file"], "--tokenizer-type", "GPT2BPETokenizer", "--save", str(tmp_path / "run")])
     finished = convert(tmp_path / "run", tmp_path / "hf")

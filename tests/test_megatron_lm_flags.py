@@ -118,7 +118,11 @@ def test_vocabulary_files_without_a_tokenizer_type_are_gpt2_bpe(tmp_path):
     for suffix in (".bin", ".idx"):
         (tmp_path / f"data_text_document{suffix}").write_bytes(b"")
     flags = [flag for flag in MOCK if flag not in ("--mock-data", "--vocab-size", "128")]
-    args = parse_args("test", [*flags, "--data-path", str(data), "--vocab-file", str(vocab), "--merge-file", str(merges)])
+    args = parse_args(
+        "test", [*flags, "--data-path", str(data), "--vocab-file", str(vocab), "--merge-file", str(merges)]
+    )
     validate_args(args, world_size=1)
     assert args.tokenizer_type == "GPT2BPETokenizer"
-    assert any(note.startswith("no --tokenizer-type: --vocab-file with --merge-file") for note in satisfied_flag_notes(args))
+    assert any(
+        note.startswith("no --tokenizer-type: --vocab-file with --merge-file") for note in satisfied_flag_notes(args)
+    )

@@ -9,7 +9,8 @@ import pytest
 from tests.launch import losses, run_ranks
 
 TINY = ["--mock-data", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
-        "--micro-batch-size", "2", "--global-batch-size", "8", "--num-experts", "4", "--expert-model-parallel-size", "2",
+        "--micro-batch-size", "2", "--global-batch-size", "8", "--num-experts", "4",
+        "--expert-model-parallel-size", "2",
         "--vocab-size", "128", "--lr", "1e-3", "--num-workers", "0", "--log-interval", "1", "--eval-iters", "0",
         "--train-iters", "4", "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
 

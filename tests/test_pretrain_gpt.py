@@ -24,6 +24,7 @@ from tests.launch import (
     torchrun_command,
 )
 
+
 @pytest.fixture(scope="module")
 def logged_run(corpus, tmp_path_factory):
     work = tmp_path_factory.mktemp("run")
@@ -43,7 +44,8 @@ def test_two_ranks_train_thirty_steps_with_falling_loss(logged_run):
     logged = losses(output)
     assert sorted(logged) == [5, 10, 15, 20, 25, 30]
     assert logged[30] < logged[5] - 0.5, logged
-    perplexities = [float(p) for p in re.findall(r"validation loss at iteration \d+ \|.* lm loss PPL: ([0-9.E+-]+)", output)]
+    perplexities = [float(p) for p in
+                    re.findall(r"validation loss at iteration \d+ \|.* lm loss PPL: ([0-9.E+-]+)", output)]
     assert len(perplexities) == 4 and perplexities[-1] < perplexities[0]
     assert "lsh compression rate" in output and "a2a share" in output
     # Centroids in 8 bits forward, bf16 backward: about 2 x 66 + 2 x 128 bytes a centroid against
@@ -203,11 +205,15 @@ def test_tokenizer_that_does_not_match_the_data_is_refused(corpus, tmp_path, cap
 @pytest.mark.parametrize(
     "overrides, world_size, expected",
     [
-        ({"--global-batch-size": "12"}, 2, "--global-batch-size 12 must be a multiple of --micro-batch-size 4 x data-parallel size 2"),
-        ({"--num-experts": "6", "--expert-model-parallel-size": "4"}, 4, "--expert-model-parallel-size 4 must divide --num-experts 6"),
-        ({"--expert-model-parallel-size": "2"}, 3, "--expert-model-parallel-size 2 must divide the number of processes (3)"),
+        ({"--global-batch-size": "12"}, 2, "--global-batch-size 12 must be a multiple of --micro-batch-size 4 x "
+                                           "data-parallel size 2"),
+        ({"--num-experts": "6", "--expert-model-parallel-size": "4"}, 4, "--expert-model-parallel-size 4 must divide "
+                                                                         "--num-experts 6"),
+        ({"--expert-model-parallel-size": "2"}, 3, "--expert-model-parallel-size 2 must divide the number of processes "
+                                                   "(3)"),
         ({"--lsh-num-hashes": "0"}, 2, "--lsh-num-hashes"),
-        ({"--tensor-model-parallel-size": "2"}, 2, "--tensor-model-parallel-size 2 with MoE layers needs --sequence-parallel"),
+        ({"--tensor-model-parallel-size": "2"}, 2, "--tensor-model-parallel-size 2 with MoE layers needs "
+                                                   "--sequence-parallel"),
         ({"--tensor-model-parallel-size": "2", "--sequence-parallel": True, "--pipeline-model-parallel-size": "2"}, 2,
          "--tensor-model-parallel-size 2 x --pipeline-model-parallel-size 2 must divide the number of processes (2)"),
         ({"--tensor-model-parallel-size": "2", "--sequence-parallel": True, "--expert-model-parallel-size": "2"}, 2,
@@ -248,7 +254,8 @@ def test_the_controller_brings_the_rate_to_the_target_and_logs_each_layers_thres
     assert len(rates) == 4 and abs(rates[-1] - 0.3) < 0.06, rates
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
-    thresholds = {tag for tag in events.Tags()["scalars"] if tag.startswith("lsh merge threshold/") and " vs " not in tag}
+    thresholds = {tag for tag in events.Tags()["scalars"]
+                  if tag.startswith("lsh merge threshold/") and " vs " not in tag}
     assert thresholds == {"lsh merge threshold/layer_1", "lsh merge threshold/layer_2"}
 
 

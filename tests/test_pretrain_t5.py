@@ -67,7 +67,8 @@ def test_about_fifteen_percent_of_tokens_are_masked(samples):
         pytest.skip("a decoder too short for 15% of the encoder masks less, by design")
     original = sum(len(s["original"]) for s in samples["samples"])
     targets = sum(
-        sum(1 for t, m in zip(s["labels"], s["loss_mask"]) if m and t not in samples["sentinels"] and t != samples["eos"])
+        sum(1 for t, m in zip(s["labels"], s["loss_mask"])
+            if m and t not in samples["sentinels"] and t != samples["eos"])
         for s in samples["samples"]
     )
     assert 0.08 < targets / original < 0.2
@@ -97,8 +98,10 @@ def test_two_ranks_train_t5_moe_with_falling_loss(corpus, lsh):
     [
         ({"--decoder-seq-length": "2"}, "--decoder-seq-length 2 is too short: <s>, a sentinel and a masked token"),
         ({"--decoder-seq-length": None}, "--decoder-seq-length"),
-        ({"--encoder-seq-length": "400", "--decoder-seq-length": "200"}, "--vocab-extra-ids 40 sentinels cannot mark up to 60"),
-        ({"--vocab-extra-ids": "100", "--encoder-seq-length": "400", "--decoder-seq-length": "200"}, "holds 40 sentinel pieces but --vocab-extra-ids is 100"),
+        ({"--encoder-seq-length": "400", "--decoder-seq-length": "200"}, "--vocab-extra-ids 40 sentinels cannot mark "
+                                                                         "up to 60"),
+        ({"--vocab-extra-ids": "100", "--encoder-seq-length": "400", "--decoder-seq-length": "200"},
+         "holds 40 sentinel pieces but --vocab-extra-ids is 100"),
         ({"--moe-layer-freq": "[1,0,1]"}, "--moe-layer-freq has 3 entries"),
         ({"--global-batch-size": "12"}, "--global-batch-size 12 must be a multiple"),
         ({"--expert-model-parallel-size": "3"}, "--expert-model-parallel-size 3 must divide --num-experts 4"),

@@ -166,7 +166,8 @@ def test_payloads_alone_keep_every_row_and_its_probs_and_cost_no_hashing():
     peer = project(model(bytes_per_value=2), cluster(), None, payloads={
         "moe_dispatch_fwd_dtype": "mxfp8", "moe_dispatch_bwd_dtype": "mxfp8",
         "moe_combine_fwd_dtype": "mxfp8", "moe_combine_bwd_dtype": "mxfp8"})
-    assert peer.projected.a2a_inter_bytes == pytest.approx(peer.stock.a2a_inter_bytes * (4 * 66 + 2 * 4) / (4 * 128 + 2 * 4))
+    assert peer.projected.a2a_inter_bytes == pytest.approx(
+        peer.stock.a2a_inter_bytes * (4 * 66 + 2 * 4) / (4 * 128 + 2 * 4))
     assert peer.projected.compute_s == peer.stock.compute_s
     assert "no LSH" in " ".join(peer.assumptions)
 

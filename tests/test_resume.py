@@ -95,7 +95,8 @@ def test_exit_interval_then_the_time_limit_then_sigterm_then_resume_give_the_sam
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
     assert all(loss == uninterrupted[0][i] for i, loss in {**first, **losses(output)}.items())
 
-    output = sigterm_job_at(flags(**LSH, **{"--save": str(save), "--load": str(save), "--exit-signal-handler": True}), 8)
+    output = sigterm_job_at(
+        flags(**LSH, **{"--save": str(save), "--load": str(save), "--exit-signal-handler": True}), 8)
     assert "resuming at iteration 6" in output
     stopped = re.search(r"stopping at iteration (\d+): received SIGTERM", output)
     assert stopped, output[-3000:]
@@ -179,10 +180,11 @@ STOPPED_AFTER_SAVES = {
 def test_sigterm_to_the_whole_job_after_periodic_saves_saves_and_resumes_exactly(case, corpus, tmp_path):
     """SIGTERM to every process of a job (torchrun included, as SLURM sends it) that has saved
     twice already (megatron-core's checkpoint writer kept a helper process the same signal killed):
-    every rank finishes its step, saves and ends cleanly; the resubmitted job's losses and final checkpoint are the uninterrupted run's; only
+    every rank finishes its step, saves and ends cleanly; the resubmitted job's losses and final checkpoint are the
+    uninterrupted run's; only
     the newest two checkpoints are kept; RNG files load with weights_only; the time axis is one line."""
-    from tests.test_pretrain_t5 import t5_flags
     from megatron_lsh.training.checkpointing import complete_iterations
+    from tests.test_pretrain_t5 import t5_flags
 
     script, nproc, extra = STOPPED_AFTER_SAVES[case]
 

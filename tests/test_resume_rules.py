@@ -164,7 +164,8 @@ def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
 @pytest.mark.parametrize("flag, value, message", [
     ("--eval-interval", "0", "--eval-interval 0 must be positive; --eval-iters 0 turns evaluation off"),
     ("--log-interval", "0", "--log-interval 0 must be positive"),
-    ("--save-interval", "-5", "--save-interval -5 must be positive; leave it out to save only at the end (and on a stop)"),
+    ("--save-interval", "-5", "--save-interval -5 must be positive; leave it out to save only at the end (and on a "
+                              "stop)"),
     ("--micro-batch-size", "0", "--micro-batch-size 0 must be positive"),
     ("--global-batch-size", "-8", "--global-batch-size -8 must be positive"),
     ("--eval-iters", "-1", "--eval-iters -1 must be zero or more"),
@@ -199,7 +200,7 @@ def test_resume_flags_that_find_nothing_are_refused_before_the_first_step(tmp_pa
 
 
 def test_a_split_that_leaves_a_needed_split_without_documents_is_refused(corpus, capfd, monkeypatch):
-    from megatron_lsh.data.gpt_data import DataError, SPLIT_NAMES  # noqa: F401 - the names the error uses
+    from megatron_lsh.data.gpt_data import SPLIT_NAMES, DataError  # noqa: F401 - the names the error uses
 
     flags = ["--num-layers", "1", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
              "--micro-batch-size", "2", "--num-experts", "2", "--train-iters", "4", "--lr", "1e-3",

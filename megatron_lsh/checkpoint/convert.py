@@ -19,8 +19,6 @@ import sys
 
 import torch
 
-from megatron_lsh.training.checkpointing import CheckpointError
-from megatron_lsh.models.architectures import NotExportableError, exportable_architecture
 from megatron_lsh.checkpoint.hf_export import (
     mixtral_config,
     mixtral_state_dict,
@@ -31,8 +29,10 @@ from megatron_lsh.checkpoint.hf_export import (
     switch_state_dict,
 )
 from megatron_lsh.checkpoint.hf_tokenizer import save_hf_tokenizer
-from megatron_lsh.data.tokenizer import HuggingFaceTokenizer, MegatronCoreTokenizer, NullTokenizer
 from megatron_lsh.checkpoint.loading import load_for_inference, saved_run
+from megatron_lsh.data.tokenizer import HuggingFaceTokenizer, MegatronCoreTokenizer, NullTokenizer
+from megatron_lsh.models.architectures import NotExportableError, exportable_architecture
+from megatron_lsh.training.checkpointing import CheckpointError
 
 MODEL_OF_TASK = {"GPT-MoE": "gpt", "T5-MoE": "t5"}
 EXPORTERS = {
@@ -69,7 +69,8 @@ def convert(load_dir: str, output_dir: str, dtype: str = "fp32") -> str:
     save_safetensors(weights, output_dir, DTYPES[dtype])
     if not has_tokenizer:
         print(f"warning: {load_dir} holds no tokenizer (a NullTokenizer run: imported without one, or "
-              f"mock data): {output_dir} has the model only; copy the tokenizer files of its model beside it", file=sys.stderr)
+              f"mock data): {output_dir} has the model only; copy the tokenizer files of its model beside it",
+              file=sys.stderr)
     elif isinstance(tokenizer, HuggingFaceTokenizer):  # the model's own, as it came
         tokenizer.save(output_dir)
     elif isinstance(tokenizer, MegatronCoreTokenizer) and tokenizer.hugging_face() is not None:

@@ -19,14 +19,14 @@ import time
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_lsh.training.checkpointing import CheckpointError
-from megatron_lsh.data.tokenizer import tokenizer_settings
 from megatron_lsh.checkpoint.loading import load_for_inference, saved_run, task_of_run, tokenizer_model_path
 from megatron_lsh.data.gpt_data import DataError, data_iterator
 from megatron_lsh.data.preprocess import preprocess_jsonl
+from megatron_lsh.data.tokenizer import tokenizer_settings
 from megatron_lsh.moe import CompressionStats, get_compression_tracker
 from megatron_lsh.moe.config import added_settings
 from megatron_lsh.training.arguments import ArgumentError, add_setting_flag
+from megatron_lsh.training.checkpointing import CheckpointError
 from megatron_lsh.training.t5_task import T5_TASK
 from megatron_lsh.training.task import perplexity, summed_token_loss
 

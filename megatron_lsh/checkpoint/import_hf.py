@@ -39,13 +39,13 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron_lsh.data.tokenizer import HuggingFaceTokenizer, TokenizerError
+from megatron_lsh.models.architectures import switch_sparse_pattern
 from megatron_lsh.training.arguments import ArgumentError, parse_args, validate_args
 from megatron_lsh.training.checkpointing import CheckpointError, find_latest_checkpoint, save_checkpoint
 from megatron_lsh.training.config import transformer_config_from_args
-from megatron_lsh.models.architectures import switch_sparse_pattern
 from megatron_lsh.training.gpt_task import GPT_TASK
-from megatron_lsh.training.t5_task import T5_TASK, add_t5_args
 from megatron_lsh.training.initialize import free_port, initialize_distributed
+from megatron_lsh.training.t5_task import T5_TASK, add_t5_args
 from megatron_lsh.training.task import padded_vocab_size
 
 logger = logging.getLogger(__name__)
@@ -233,7 +233,8 @@ def _fused_qkv(q: Tensor, k: Tensor, v: Tensor, groups: int, head_dim: int) -> T
 def _fused_kv(k: Tensor, v: Tensor, groups: int, head_dim: int) -> Tensor:
     """Cross-attention's k and v as megatron-core's fused rows, [k, v] per group."""
     hidden = k.size(-1)
-    return torch.cat([k.reshape(groups, head_dim, hidden), v.reshape(groups, head_dim, hidden)], dim=1).reshape(-1, hidden)
+    fused = torch.cat([k.reshape(groups, head_dim, hidden), v.reshape(groups, head_dim, hidden)], dim=1)
+    return fused.reshape(-1, hidden)
 
 
 def switch_megatron_state_dict(weights: Dict[str, Tensor], config: dict, args) -> Dict[str, Tensor]:
@@ -253,7 +254,8 @@ def switch_megatron_state_dict(weights: Dict[str, Tensor], config: dict, args) -
         "decoder.final_layernorm.weight": weights["decoder.final_layer_norm.weight"],
     }
     pattern = list(args.moe_layer_freq)
-    stacks = (("encoder", pattern[:args.encoder_num_layers], False), ("decoder", pattern[args.encoder_num_layers:], True))
+    stacks = (("encoder", pattern[:args.encoder_num_layers], False),
+              ("decoder", pattern[args.encoder_num_layers:], True))
     for stack, sparse_layers, decoder in stacks:
         for i, sparse in enumerate(sparse_layers):
             src, dst = f"{stack}.block.{i}", f"{stack}.layers.{i}"
@@ -277,8 +279,9 @@ def switch_megatron_state_dict(weights: Dict[str, Tensor], config: dict, args) -
             if sparse:
                 out[f"{dst}.mlp.router.weight"] = weights[f"{ff}.mlp.router.classifier.weight"]
                 for e in range(args.num_experts):
-                    out[f"{dst}.mlp.experts.local_experts.{e}.linear_fc1.weight"] = weights[f"{ff}.mlp.experts.expert_{e}.wi.weight"]
-                    out[f"{dst}.mlp.experts.local_experts.{e}.linear_fc2.weight"] = weights[f"{ff}.mlp.experts.expert_{e}.wo.weight"]
+                    ours, theirs = f"{dst}.mlp.experts.local_experts.{e}", f"{ff}.mlp.experts.expert_{e}"
+                    out[f"{ours}.linear_fc1.weight"] = weights[f"{theirs}.wi.weight"]
+                    out[f"{ours}.linear_fc2.weight"] = weights[f"{theirs}.wo.weight"]
             else:
                 out[f"{dst}.mlp.linear_fc1.weight"] = weights[f"{ff}.mlp.wi.weight"]
                 out[f"{dst}.mlp.linear_fc2.weight"] = weights[f"{ff}.mlp.wo.weight"]
@@ -324,12 +327,14 @@ def megatron_state_dict(weights: Dict[str, Tensor], config: dict, args, upcycle:
             fc1 = torch.cat([weights[f"{src}.mlp.gate_proj.weight"], weights[f"{src}.mlp.up_proj.weight"]])
             for e in range(args.num_experts):
                 out[f"{dst}.mlp.experts.local_experts.{e}.linear_fc1.weight"] = fc1.clone()
-                out[f"{dst}.mlp.experts.local_experts.{e}.linear_fc2.weight"] = weights[f"{src}.mlp.down_proj.weight"].clone()
+                out[f"{dst}.mlp.experts.local_experts.{e}.linear_fc2.weight"] = \
+                    weights[f"{src}.mlp.down_proj.weight"].clone()
         else:
             mlps = {f"{dst}.mlp": f"{src}.mlp"}
             if pattern[i]:
                 out[f"{dst}.mlp.router.weight"] = weights[f"{src}.mlp.gate.weight"]
-                mlps = {f"{dst}.mlp.experts.local_experts.{e}": f"{src}.mlp.experts.{e}" for e in range(args.num_experts)}
+                mlps = {f"{dst}.mlp.experts.local_experts.{e}": f"{src}.mlp.experts.{e}"
+                        for e in range(args.num_experts)}
             for ours, theirs in mlps.items():
                 out[f"{ours}.linear_fc1.weight"] = torch.cat(
                     [weights[f"{theirs}.gate_proj.weight"], weights[f"{theirs}.up_proj.weight"]])
@@ -355,7 +360,8 @@ def import_hf(hf_dir: str, save_dir: str, tokenizer_dir: Optional[str] = None, u
     vocab_rows = _field(config, config_path, "vocab_size")
     if tokenizer is not None and tokenizer.vocab_size > vocab_rows:
         raise HFImportError(f"--tokenizer {tokenizer_dir}: {tokenizer.vocab_size} tokens, more than the model's "
-                            f"vocab_size {vocab_rows} ({os.path.join(hf_dir, 'config.json')}); pass the model's own tokenizer")
+                            f"vocab_size {vocab_rows} ({os.path.join(hf_dir, 'config.json')}); pass the model's own "
+                            "tokenizer")
     if find_latest_checkpoint(save_dir) is not None:
         raise HFImportError(f"--save {save_dir} already holds a checkpoint; import into an empty directory")
     weights = read_weights(hf_dir)
@@ -368,7 +374,8 @@ def import_hf(hf_dir: str, save_dir: str, tokenizer_dir: Optional[str] = None, u
                                 "corruption writes its sentinels); pass --tokenizer DIR")
         flags += ["--vocab-extra-ids", str(len(tokenizer.additional_special_tokens_ids))]
     tokenizer_flags = (["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer_dir]
-                       if tokenizer is not None else ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab_rows)])
+                       if tokenizer is not None
+                       else ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab_rows)])
     lengths = (["--encoder-seq-length", "64", "--decoder-seq-length", "32"] if t5 else
                ["--seq-length", str(min(_field(config, config_path, "max_position_embeddings"), 4096))])
     training = [*lengths, "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-5", "--seed", str(seed),
@@ -394,7 +401,8 @@ def import_hf(hf_dir: str, save_dir: str, tokenizer_dir: Optional[str] = None, u
     try:
         state = megatron_state_dict(weights, config, args, upcycle is not None)
     except KeyError as error:
-        raise HFImportError(f"--hf-model {hf_dir}: weight {error.args[0]} is missing from its safetensors files") from None
+        raise HFImportError(
+            f"--hf-model {hf_dir}: weight {error.args[0]} is missing from its safetensors files") from None
     ours = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     if upcycle is not None:  # the routers keep the fresh model's initialisation
         state.update({k: v for k, v in ours.items() if k.endswith("mlp.router.weight")})
@@ -425,7 +433,8 @@ def main(argv=None) -> None:
     parser.add_argument("--hf-model", required=True, help="Hugging Face model directory (config.json, *.safetensors).")
     parser.add_argument("--save", required=True, help="Checkpoint directory to write (training's --load).")
     parser.add_argument("--tokenizer", default=None, help="Tokenizer directory (default: the model's own).")
-    parser.add_argument("--moe-upcycle", action="store_true", help="A dense model: experts start as copies of its MLPs.")
+    parser.add_argument("--moe-upcycle", action="store_true",
+                        help="A dense model: experts start as copies of its MLPs.")
     parser.add_argument("--num-experts", type=int, default=None, help="With --moe-upcycle: experts per layer.")
     parser.add_argument("--moe-router-topk", type=int, default=2, help="With --moe-upcycle: experts per token.")
     parser.add_argument("--seed", type=int, default=1234, help="Initialises the upcycled routers.")
@@ -442,9 +451,15 @@ def main(argv=None) -> None:
         flags = import_hf(args.hf_model, args.save, args.tokenizer, upcycle, args.seed)
     except (HFImportError, CheckpointError) as error:
         sys.exit(f"error: {error}")
-    script = "pretrain_t5_moe.py" if read_config(args.hf_model)["model_type"] == "switch_transformers" else "pretrain_gpt_moe.py"
-    print(f"wrote iteration 0 of {args.save}; continue it with {script} --load {args.save} --finetune "
-          "and these model flags:")
+    script = (
+        "pretrain_t5_moe.py"
+        if read_config(args.hf_model)["model_type"] == "switch_transformers"
+        else "pretrain_gpt_moe.py"
+    )
+    print(
+        f"wrote iteration 0 of {args.save}; continue it with {script} --load {args.save} --finetune "
+        "and these model flags:"
+    )
     print(" ".join(f"'{f}'" if f.startswith("[") else f for f in flags))
 
 

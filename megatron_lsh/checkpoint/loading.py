@@ -12,6 +12,10 @@ from typing import Optional
 import torch
 from megatron.core import dist_checkpointing
 
+from megatron_lsh.data.tokenizer import SENTENCEPIECE_TYPES, tokenizer_from_args
+from megatron_lsh.moe.config import PAYLOAD_SETTINGS, settings_before_they_existed
+from megatron_lsh.moe.controller import CompressionController
+from megatron_lsh.training.arguments import flag_defaults
 from megatron_lsh.training.checkpointing import (
     TOKENIZER_COPY,
     TOKENIZER_DIR_COPY,
@@ -19,14 +23,10 @@ from megatron_lsh.training.checkpointing import (
     checkpoint_to_load,
     vocabulary_rows,
 )
-from megatron_lsh.training.megatron_lm_format import saved_arguments
-from megatron_lsh.data.tokenizer import SENTENCEPIECE_TYPES, tokenizer_from_args
-from megatron_lsh.moe.config import PAYLOAD_SETTINGS, settings_before_they_existed
-from megatron_lsh.moe.controller import CompressionController
-from megatron_lsh.training.arguments import flag_defaults
 from megatron_lsh.training.config import transformer_config_from_args
 from megatron_lsh.training.gpt_task import GPT_TASK
 from megatron_lsh.training.initialize import free_port, initialize_distributed
+from megatron_lsh.training.megatron_lm_format import saved_arguments
 from megatron_lsh.training.t5_task import T5_TASK, add_t5_args
 from megatron_lsh.training.task import padded_vocab_size
 

@@ -4,8 +4,8 @@ the files are whole and match the tokenizer, and a resumable data-parallel sampl
 from __future__ import annotations
 
 import atexit
-import logging
 import json
+import logging
 import os
 import signal
 import weakref
@@ -58,7 +58,8 @@ def check_indexed_dataset(prefix: str, tokenizer, flag: str) -> None:
             made_with = json.load(f)
         if made_with.get("tokenizer_fingerprint") != tokenizer.fingerprint:
             raise DataError(
-                f"{flag} {prefix} was tokenized with {made_with.get('tokenizer_model') or made_with.get('tokenizer_type')} "
+                f"{flag} {prefix} was tokenized with "
+                f"{made_with.get('tokenizer_model') or made_with.get('tokenizer_type')} "
                 f"(vocabulary {made_with.get('vocab_size')}), not with this --tokenizer-model "
                 f"(vocabulary {tokenizer.vocab_size}); pass the tokenizer the data was made with, "
                 "or re-run data_tools/preprocess_data.py with this one"

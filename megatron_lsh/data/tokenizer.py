@@ -18,7 +18,6 @@ from collections import OrderedDict
 from functools import cached_property
 from typing import Dict, Iterable, List, Sequence
 
-
 # Megatron-LM's names (its --tokenizer-type choices that apply to text pretraining).
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer", "GPT2BPETokenizer",
                    "BertWordPieceCase", "BertWordPieceLowerCase", "HuggingFaceTokenizer", "TikTokenizer",

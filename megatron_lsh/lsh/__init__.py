@@ -2,9 +2,9 @@
 communication."""
 
 from megatron_lsh.lsh.clustering import (
+    SPLITS,
     BoundedAssignment,
     ClusterCounts,
-    SPLITS,
     GroupedClusters,
     adaptive_bucket_ids,
     bisecting_bucket_ids,

@@ -307,7 +307,8 @@ def adaptive_bucket_ids(
             if compact:
                 rows = checked.nonzero().squeeze(1)
                 row_coarse = coarse_of_token.index_select(0, rows)
-                row_centroids = sums.index_select(0, row_coarse) / counts.index_select(0, row_coarse).clamp(min=1).unsqueeze(1)
+                row_counts = counts.index_select(0, row_coarse).clamp(min=1).unsqueeze(1)
+                row_centroids = sums.index_select(0, row_coarse) / row_counts
                 distance_sq = (values.index_select(0, rows) - row_centroids).square().sum(dim=1)
                 broken.index_put_((row_coarse,), distance_sq > limits_sq.index_select(0, rows), accumulate=True)
             else:
@@ -399,7 +400,8 @@ def bisecting_bucket_ids(tokens: torch.Tensor, group_ids: torch.Tensor, error_bo
             rest_broken = torch.zeros(num_clusters, dtype=torch.bool, device=device).index_put_(
                 (cluster,), rest_beyond, accumulate=True).index_select(0, cluster)
             exact.index_put_((rows,), (row_broken & beyond) | (rest & rest_broken))
-            bucket_ids.index_put_((rows,), torch.where(rest & ~rest_broken, level_ids, bucket_ids.index_select(0, rows)))
+            kept_ids = bucket_ids.index_select(0, rows)
+            bucket_ids.index_put_((rows,), torch.where(rest & ~rest_broken, level_ids, kept_ids))
             break
         broken_rows = row_broken.nonzero().squeeze(1)  # the level's second read on the host
         if broken_rows.numel() == 0:

@@ -15,7 +15,8 @@ dense layers' SwiGLU width (``intermediate_size``) apart from the experts'
 (``moe_intermediate_size``). Otherwise as Mixtral, plus RMSNorm on each head's queries and keys
 (``--qk-layernorm``); either routing: softmax over the top-k logits (renormalised, ``norm_topk_prob``)
 or, with --moe-router-pre-softmax and for top-1 (which megatron-lsh routes pre-softmax), the
-softmax over all experts' logits kept as it is. Chosen over Qwen2-MoE (always a shared expert, biased QKV) and DeepSeek-V2/V3
+softmax over all experts' logits kept as it is. Chosen over Qwen2-MoE (always a shared expert, biased QKV) and
+DeepSeek-V2/V3
 (MLA attention, dense layers only first), which megatron-lsh's models cannot express.
 
 SwitchTransformersForConditionalGeneration: T5 with RMSNorm (no bias, no mean), ReLU MLPs, no
@@ -105,7 +106,8 @@ _COMMON = [
     Requirement("--disable-bias-linear", lambda a: bool(a.get("disable_bias_linear")), {"disable_bias_linear": True}),
     Requirement("--untie-embeddings-and-output-weights", lambda a: bool(a.get("untie_embeddings_and_output_weights")),
                 {"untie_embeddings_and_output_weights": True}),
-    Requirement("no --moe-expert-capacity-factor (dropless routing)", lambda a: a.get("moe_expert_capacity_factor") is None),
+    Requirement("no --moe-expert-capacity-factor (dropless routing)",
+                lambda a: a.get("moe_expert_capacity_factor") is None),
 ]
 
 _DECODER = [
@@ -122,8 +124,10 @@ REQUIREMENTS = {
     ],
     "mixtral": _COMMON + _DECODER + [
         Requirement("--moe-layer-freq 1 (experts in every layer)",
-                    lambda a: _get(a, "moe_layer_freq", 1) in (1, [1] * _get(a, "num_layers", 0)), {"moe_layer_freq": 1}),
-        Requirement("--moe-router-topk 2 or more", lambda a: _get(a, "moe_router_topk", 2) >= 2, {"moe_router_topk": 2}),
+                    lambda a: _get(a, "moe_layer_freq", 1) in (1, [1] * _get(a, "num_layers", 0)),
+                    {"moe_layer_freq": 1}),
+        Requirement("--moe-router-topk 2 or more", lambda a: _get(a, "moe_router_topk", 2) >= 2,
+                    {"moe_router_topk": 2}),
         Requirement("no --moe-router-pre-softmax", lambda a: not a.get("moe_router_pre_softmax")),
         Requirement("no --qk-layernorm", lambda a: not a.get("qk_layernorm")),
     ],
@@ -147,7 +151,8 @@ def apply_architecture(args, name: str, model: str) -> None:
     """--hf-architecture NAME: set what the user left unset, refuse what contradicts it
     (ArchitectureFlagError)."""
     if MODEL_OF_ARCHITECTURE[name] != model:
-        raise ArchitectureFlagError(f"--hf-architecture {name} is a {MODEL_OF_ARCHITECTURE[name].upper()} architecture, not {model.upper()}")
+        raise ArchitectureFlagError(f"--hf-architecture {name} is a {MODEL_OF_ARCHITECTURE[name].upper()} "
+                                    f"architecture, not {model.upper()}")
     values = vars(args)
     for requirement in REQUIREMENTS[name]:
         if requirement.holds(values):
@@ -156,7 +161,8 @@ def apply_architecture(args, name: str, model: str) -> None:
         if setting and all(values.get(key) in (None, False) for key in setting):
             values.update(setting)
             continue
-        if name == "switch_transformers" and requirement.flag.startswith("--moe-layer-freq") and isinstance(values.get("moe_layer_freq"), int):
+        if (name == "switch_transformers" and requirement.flag.startswith("--moe-layer-freq")
+                and isinstance(values.get("moe_layer_freq"), int)):
             # An every-N-layers request, placed where Hugging Face puts sparse layers.
             step = values["moe_layer_freq"]
             values["moe_layer_freq"] = (switch_sparse_pattern(values["encoder_num_layers"], step)

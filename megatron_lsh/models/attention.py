@@ -1,6 +1,7 @@
 """megatron-core's local DotProductAttention, with an additive attention bias or fused.
 
-BiasedDotProductAttention: T5Model hands each self-attention its relative-position bias, which megatron-core only accepts
+BiasedDotProductAttention: T5Model hands each self-attention its relative-position bias, which megatron-core only
+accepts
 in Transformer Engine's attention; the local one asserts it away. This subclass adds the bias
 to the scaled scores, before the mask and the softmax (TE's "post-scale bias"), by handing the
 softmax a mask that carries it; everything else is megatron-core's own code.

@@ -1,6 +1,7 @@
 """LSH-compressed expert-parallel dispatch for megatron-core MoE layers."""
 
 from megatron_lsh.moe.config import LSH_DISPATCHER_TYPES, LSHConfigError, LSHTransformerConfig
+from megatron_lsh.moe.controller import CompressionController
 from megatron_lsh.moe.dispatcher import LSHAlltoAllTokenDispatcher, PayloadAlltoAllTokenDispatcher
 from megatron_lsh.moe.layer import (
     LSHMoELayer,
@@ -10,7 +11,6 @@ from megatron_lsh.moe.layer import (
     set_lsh_iteration,
     with_lsh_moe,
 )
-from megatron_lsh.moe.controller import CompressionController
 from megatron_lsh.moe.stats import (
     CompressionStats,
     CompressionStatsTracker,

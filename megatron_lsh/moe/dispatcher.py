@@ -38,8 +38,6 @@ from megatron_lsh.moe.payload import BF16_BYTES, payload_all_to_all, row_bytes
 from megatron_lsh.moe.stats import CompressionStats, get_compression_tracker
 from megatron_lsh.moe.topology import nodes_of_group, ranks_per_node
 
-
-
 # Where the controller starts each layer's merge threshold (a cluster's relative squared error).
 INITIAL_MERGE_THRESHOLD = 1.0
 
@@ -181,7 +179,8 @@ class PayloadAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             # each peer its own rows' partial outputs; in bf16, and again in the backward.
             sent_per_peer, stock_per_peer = self._rows_per_tp_peer()
             own_sent, own_stock = sent_per_peer[self.tp_rank], stock_per_peer[self.tp_rank]
-            gather, gather_stock = (own * (self.tp_size - 1) * (stock_row + BF16_BYTES) for own in (own_sent, own_stock))
+            gather, gather_stock = (own * (self.tp_size - 1) * (stock_row + BF16_BYTES)
+                                    for own in (own_sent, own_stock))
             scatter = (sent_per_peer.sum() - own_sent) * stock_row
             scatter_stock = (stock_per_peer.sum() - own_stock) * stock_row
             stats = stats + CompressionStats.vector_of(

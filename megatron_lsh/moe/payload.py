@@ -142,7 +142,8 @@ def _e2m1_values(codes: torch.Tensor) -> torch.Tensor:
     table = _E2M1_VALUES.get(codes.device)
     if table is None:
         table = _E2M1_VALUES[codes.device] = torch.tensor(
-            [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], device=codes.device)
+            [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+            device=codes.device)
     return table[codes.long()]
 
 

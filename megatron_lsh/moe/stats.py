@@ -1,6 +1,7 @@
 """Compression statistics of LSH dispatch, per MoE layer, for training loops to log.
 
-Every dispatch of ours (LSH, or low-precision payloads) records its counts under its layer's name in the process-wide tracker, as a
+Every dispatch of ours (LSH, or low-precision payloads) records its counts under its layer's name in the process-wide
+tracker, as a
 vector on the device (``CompressionStats.vector_of``): adding them up costs no wait for the host,
 which comes once, when the loop takes them with ``take()``. Bytes are
 those crossing between expert-parallel ranks (a rank's rows for its own experts never leave it),

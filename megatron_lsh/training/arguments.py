@@ -10,10 +10,10 @@ import argparse
 import os
 from dataclasses import MISSING
 
-from megatron_lsh.models.architectures import ARCHITECTURES, ArchitectureFlagError, apply_architecture
 from megatron_lsh.data.tokenizer import TOKENIZER_TYPES, VOCAB_FILE_TYPES
-from megatron_lsh.training.batch_schedule import BatchScheduleError, batch_calculator, iterations_for_samples
+from megatron_lsh.models.architectures import ARCHITECTURES, ArchitectureFlagError, apply_architecture
 from megatron_lsh.moe.config import WithAndWithoutLSH, added_settings, flag_of
+from megatron_lsh.training.batch_schedule import BatchScheduleError, batch_calculator, iterations_for_samples
 
 
 class ArgumentError(ValueError):
@@ -504,9 +504,11 @@ def add_logging_args(parser):
                    help="Log model TFLOP/s per GPU (Megatron-LM's count: megatron_lsh/training/flops.py); "
                         "also to tensorboard/wandb as 'throughput' with --log-timers-to-tensorboard.")
     g.add_argument("--log-timers-to-tensorboard", action="store_true",
-                   help="Also write Megatron-LM's 'iteration-time' (seconds) and 'throughput' to tensorboard and wandb.")
+                   help="Also write Megatron-LM's 'iteration-time' (seconds) and 'throughput' to tensorboard and "
+                        "wandb.")
     g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true",
-                   help="Also write Megatron-LM's 'lm loss validation ppl' (ours, 'validation lm loss PPL', always is).")
+                   help="Also write Megatron-LM's 'lm loss validation ppl' (ours, 'validation lm loss PPL', always "
+                        "is).")
     g.add_argument("--log-world-size-to-tensorboard", action="store_true",
                    help="Also write Megatron-LM's 'world-size'.")
     g.add_argument("--wandb-save-dir", default=None)
@@ -648,8 +650,10 @@ def validate_parallel_layout(args, world_size: int) -> int:
             f"must divide the number of processes ({world_size})"
         )
     if world_size % (etp * ep * pp):
+        sizes = product(("--expert-model-parallel-size", ep), ("--expert-tensor-parallel-size", etp),
+                        ("--pipeline-model-parallel-size", pp))
         raise ArgumentError(
-            f"{product(('--expert-model-parallel-size', ep), ('--expert-tensor-parallel-size', etp), ('--pipeline-model-parallel-size', pp))} "
+            f"{sizes} "
             f"must divide the number of processes ({world_size})"
         )
     if tp == 1:

@@ -567,7 +567,8 @@ def _load_megatron_lm(path: str, common: dict, model, load_rng: bool, finetune: 
     try:
         state = dist_checkpointing.load(request, path)
     except Exception as error:
-        raise CheckpointError(f"cannot load Megatron-LM's checkpoint {path} ({type(error).__name__}: {error})") from None
+        raise CheckpointError(
+            f"cannot load Megatron-LM's checkpoint {path} ({type(error).__name__}: {error})") from None
     for key, chunk in zip(_model_keys(model), _chunks(model)):
         chunk.load_state_dict(state[key])
     if finetune or release:

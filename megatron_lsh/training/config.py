@@ -10,7 +10,7 @@ from megatron.core.transformer.enums import AttnBackend
 
 from megatron_lsh.models.architectures import routes_pre_softmax
 from megatron_lsh.moe import LSHConfigError, LSHTransformerConfig
-from megatron_lsh.moe.config import flag_named_after, flag_of, added_settings
+from megatron_lsh.moe.config import added_settings, flag_named_after, flag_of
 from megatron_lsh.training.arguments import ArgumentError, lsh_config_kwargs
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from megatron_lsh.device import compute_device
 from megatron_lsh.data.gpt_data import build_gpt_datasets
+from megatron_lsh.device import compute_device
 from megatron_lsh.models import build_gpt_moe_model
 from megatron_lsh.training.arguments import validate_gpt_args
-from megatron_lsh.training.task import ModelTask
 from megatron_lsh.training.flops import gpt_flops_per_sample
+from megatron_lsh.training.task import ModelTask
 
 
 def build_model(args, config, vocab_size, pre_process=True, post_process=True, vp_stage=None):

@@ -21,12 +21,12 @@ from megatron.core.distributed import (
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
-from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_lsh.device import compute_device
 from megatron_lsh.data.gpt_data import DataError, data_iterator
 from megatron_lsh.data.tokenizer import TokenizerError, tokenizer_from_args
+from megatron_lsh.device import compute_device
 from megatron_lsh.moe import get_compression_tracker, set_lsh_iteration
 from megatron_lsh.moe.config import PAYLOAD_SETTINGS
 from megatron_lsh.moe.controller import CompressionController
@@ -49,9 +49,9 @@ from megatron_lsh.training.checkpointing import (
     vocabulary_rows,
 )
 from megatron_lsh.training.config import transformer_config_from_args
+from megatron_lsh.training.flops import tflops_per_gpu
 from megatron_lsh.training.initialize import destroy_distributed, initialize_distributed
 from megatron_lsh.training.metrics import compression_metrics, moe_aux_loss_metrics
-from megatron_lsh.training.flops import tflops_per_gpu
 from megatron_lsh.training.metrics_logger import MetricsLogger, megatron_lm_metrics, timestamp
 from megatron_lsh.training.nonfinite import NonFiniteWatch
 from megatron_lsh.training.optimizer import TrainingOptimizer, grad_scaler_from_args

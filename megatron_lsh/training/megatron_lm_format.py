@@ -128,7 +128,8 @@ def _rng_layout():
 
 def rng_state_object() -> ShardedObject:
     """This process's RNG streams as Megatron-LM saves them (a one-element list: no
-    --data-parallel-random-init); the same object asks a checkpoint for them. On CPU there is no CUDA stream: None, so a GPU run of
+    --data-parallel-random-init); the same object asks a checkpoint for them. On CPU there is no CUDA stream: None, so a
+    GPU run of
     Megatron-LM loads such a checkpoint with --no-load-rng."""
     state = {
         "random_rng_state": random.getstate(),

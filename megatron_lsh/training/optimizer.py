@@ -24,7 +24,6 @@ from typing import Dict, List, Sequence
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.optimizer import (
@@ -32,6 +31,7 @@ from megatron.core.dist_checkpointing.optimizer import (
     make_sharded_optimizer_tensor,
     optim_state_to_sharding_state,
 )
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
 from megatron_lsh.device import compute_device
 

@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_lsh.training.arguments import ArgumentError
 from megatron_lsh.training import megatron_lm_format as megatron_lm
+from megatron_lsh.training.arguments import ArgumentError
 from megatron_lsh.training.checkpointing import (
     common_state,
     find_latest_checkpoint,

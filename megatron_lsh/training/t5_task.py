@@ -7,13 +7,13 @@ import math
 
 from megatron.core.datasets.t5_dataset import T5MaskedWordPieceDataset
 
-from megatron_lsh.device import compute_device
 from megatron_lsh.data.t5_data import build_t5_datasets
 from megatron_lsh.data.tokenizer import tokenizer_from_args
+from megatron_lsh.device import compute_device
 from megatron_lsh.models.t5 import build_t5_moe_model, moe_layer_patterns
 from megatron_lsh.training.arguments import ArgumentError, apply_hf_architecture
-from megatron_lsh.training.task import ModelTask
 from megatron_lsh.training.flops import t5_flops_per_sample
+from megatron_lsh.training.task import ModelTask
 
 
 def add_t5_args(parser):
@@ -62,7 +62,8 @@ def validate_t5_args(args) -> None:
     if not 0 < args.mask_prob < 1:
         raise ArgumentError(f"--mask-prob {args.mask_prob} must be between 0 and 1")
     if args.encoder_seq_length < 8:
-        raise ArgumentError(f"--encoder-seq-length {args.encoder_seq_length} is too short for span corruption (at least 8)")
+        raise ArgumentError(f"--encoder-seq-length {args.encoder_seq_length} is too short for span corruption (at "
+                            "least 8)")
     masked = max_masked_tokens(args)
     # The decoder reads <s>, then each span's sentinel and tokens; spans that do not fit are left
     # unmasked (data/t5_data.py), but one span of one token must.
@@ -88,11 +89,15 @@ def validate_t5_args(args) -> None:
         )
     args.position_embedding_type = args.position_embedding_type or "relative"
     if args.position_embedding_type == "learned_absolute":
-        args.max_position_embeddings = args.max_position_embeddings or max(args.encoder_seq_length, args.decoder_seq_length)
+        args.max_position_embeddings = args.max_position_embeddings or max(
+            args.encoder_seq_length, args.decoder_seq_length
+        )
         if max(args.encoder_seq_length, args.decoder_seq_length) > args.max_position_embeddings:
             raise ArgumentError("--encoder/--decoder-seq-length exceed --max-position-embeddings")
     else:
-        args.max_position_embeddings = args.max_position_embeddings or max(args.encoder_seq_length, args.decoder_seq_length)
+        args.max_position_embeddings = args.max_position_embeddings or max(
+            args.encoder_seq_length, args.decoder_seq_length
+        )
     try:
         moe_layer_patterns(args.moe_layer_freq, args.encoder_num_layers, args.decoder_num_layers)
     except ValueError as error:
