@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch
@@ -58,66 +59,37 @@ def in_flag_terms(error: LSHConfigError) -> str:
     return message
 
 
+# megatron-core's local layers run unfused here, whatever Megatron-LM's fusion flags (on by default
+# there) say: these TransformerConfig fields are not taken from the flags of the same name.
+_UNFUSED = dict(bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
+                apply_rope_fusion=False, persist_layer_norm=False)
+
+
 def transformer_config_from_args(args, **overrides) -> LSHTransformerConfig:
+    """As Megatron-LM builds it: every TransformerConfig field that a flag of the same name sets
+    (None: megatron-core's default), then the renamed and derived ones listed here, then the LSH
+    settings (moe/config.py). A new megatron-core flag with a same-named field needs nothing here."""
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if getattr(args, "fp16", False) else torch.float32
-    settings = dict(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        kv_channels=args.kv_channels,
-        hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout,
-        attention_backend=AttnBackend[getattr(args, "attention_backend", "auto")],
-        init_method_std=args.init_method_std,
-        normalization=args.normalization,
+    settings = {field.name: getattr(args, field.name) for field in dataclasses.fields(LSHTransformerConfig)
+                if getattr(args, field.name, None) is not None}
+    settings.update(_UNFUSED)
+    settings.update(
+        # Megatron-LM's flag names for these fields (the flag's destination, as there).
+        num_moe_experts=args.num_experts,
         layernorm_epsilon=args.norm_epsilon,
         layernorm_zero_centered_gamma=getattr(args, "apply_layernorm_1p", False),
         add_bias_linear=not args.disable_bias_linear,
         gated_linear_unit=args.swiglu,
-        qk_layernorm=getattr(args, "qk_layernorm", False),
-        activation_func=_ACTIVATIONS[args.activation or ("silu" if args.swiglu else "gelu")],
         softmax_scale=args.attention_softmax_scale,
+        # Derived from several flags.
+        attention_backend=AttnBackend[getattr(args, "attention_backend", "auto")],
+        activation_func=_ACTIVATIONS[args.activation or ("silu" if args.swiglu else "gelu")],
         num_query_groups=args.num_query_groups if args.group_query_attention else None,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        params_dtype=dtype,
-        bf16=args.bf16,
-        fp16=getattr(args, "fp16", False),
-        attention_softmax_in_fp32=getattr(args, "attention_softmax_in_fp32", False),
-        pipeline_dtype=dtype,
-        recompute_granularity=getattr(args, "recompute_granularity", None),
-        recompute_method=getattr(args, "recompute_method", None),
-        recompute_num_layers=getattr(args, "recompute_num_layers", None),
-        **({"recompute_modules": args.recompute_modules} if getattr(args, "recompute_modules", None) else {}),
-        num_moe_experts=args.num_experts,
-        moe_router_topk=args.moe_router_topk,
-        moe_ffn_hidden_size=args.moe_ffn_hidden_size,
-        moe_layer_freq=args.moe_layer_freq,
-        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
-        moe_z_loss_coeff=args.moe_z_loss_coeff,
-        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
         moe_router_pre_softmax=routes_pre_softmax(vars(args)),
-        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
-        moe_expert_capacity_factor=args.moe_expert_capacity_factor,
-        moe_token_drop_policy=getattr(args, "moe_token_drop_policy", "probs"),
-        moe_grouped_gemm=getattr(args, "moe_grouped_gemm", False),
-        moe_router_score_function=getattr(args, "moe_router_score_function", "softmax"),
-        moe_router_topk_scaling_factor=getattr(args, "moe_router_topk_scaling_factor", None),
-        moe_router_enable_expert_bias=getattr(args, "moe_router_enable_expert_bias", False),
-        moe_router_bias_update_rate=getattr(args, "moe_router_bias_update_rate", 1e-3),
-        moe_router_dtype=getattr(args, "moe_router_dtype", None),
-        moe_shared_expert_intermediate_size=getattr(args, "moe_shared_expert_intermediate_size", None),
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        sequence_parallel=getattr(args, "sequence_parallel", False),
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
         expert_tensor_parallel_size=getattr(args, "expert_tensor_parallel_size", None)
         or args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=getattr(args, "pipeline_model_parallel_size", 1),
-        virtual_pipeline_model_parallel_size=getattr(args, "virtual_pipeline_model_parallel_size", None),
         # gloo has no coalesced point-to-point: the pipeline sends one tensor at a time there.
         batch_p2p_comm=torch.cuda.is_available(),
         **lsh_config_kwargs(args),
