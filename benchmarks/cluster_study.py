@@ -40,7 +40,8 @@ from tensorboard_scalars import logged_series
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from megatron_lsh.moe.config import PAYLOAD_SETTINGS  # noqa: E402
-from megatron_lsh.projection import Cluster, ModelShape, compression_from_tensorboard, project  # noqa: E402
+from megatron_lsh.projection import Cluster, ModelShape, project  # noqa: E402
+from megatron_lsh.projection.cli import compression_from_tensorboard  # noqa: E402
 from megatron_lsh.training.arguments import lsh_settings_of_flags  # noqa: E402
 
 DOCS = REPO / "docs"

@@ -6,7 +6,7 @@
 The start is the path a user with an open model takes: the quality study's stock quickstart model
 (verse, 600 iterations to the end of its cosine schedule; ``quality_study.py --only
 quickstart-ablation-stock`` makes it when missing), converted to Hugging Face and imported back with
-``megatron_lsh.checkpoint.import_hf``. It then continues on Python source (the quality study's code
+``megatron_lsh.tools.import_hf``. It then continues on Python source (the quality study's code
 corpus, preprocessed with the model's own Hugging Face tokenizer), expert parallel 2, the same seed
 and data for every run: stock, 8-bit payloads alone (the peer), the LSH default and a tighter bound.
 Output: docs/continued_pretraining.md and its plot, beside the from-scratch numbers of
@@ -70,9 +70,9 @@ def imported_start(work: Path) -> Dict:
     shutil.rmtree(hf, ignore_errors=True)
     shutil.rmtree(imported, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    run([sys.executable, "-m", "megatron_lsh.checkpoint.convert", "--load", str(start), "--output", str(hf)],
+    run([sys.executable, "-m", "megatron_lsh.tools.convert", "--load", str(start), "--output", str(hf)],
         work / "convert.log")
-    run([sys.executable, "-m", "megatron_lsh.checkpoint.import_hf", "--hf-model", str(hf), "--save", str(imported)],
+    run([sys.executable, "-m", "megatron_lsh.tools.import_hf", "--hf-model", str(hf), "--save", str(imported)],
         work / "import.log")
     said = (work / "import.log").read_text().splitlines()
     flags = said[next(i for i, line in enumerate(said) if "continue it with" in line) + 1].replace("'", "").split()
@@ -123,7 +123,7 @@ def write_report(summaries: Dict[str, Dict]) -> None:
              "Regenerate with `python benchmarks/continued_pretraining.py` (about 25 minutes on 2 cores;",
              "`--report-only` rewrites this page from docs/data/continued_pretraining/). The start: the quality",
              "study's stock quickstart model (verse; 600 iterations, the end of its cosine schedule), converted to",
-             "Hugging Face and imported back with `megatron_lsh.checkpoint.import_hf`. Continued on Python source",
+             "Hugging Face and imported back with `megatron_lsh.tools.import_hf`. Continued on Python source",
              "(the quality study's code corpus, preprocessed with the model's own Hugging Face tokenizer), expert",
              "parallel 2, learning rate 3e-4 cosine to 3e-5, same seed and data for every run. Bytes: all four",
              "all-to-alls against bf16 stock, as in docs/quality_study.md.", ""]

@@ -324,7 +324,7 @@ def bound_at_scale(corpus: str, work: Path, data: Dict[str, str], previous: Opti
         raise RuntimeError(f"{checkpoint}: run {corpus}-ablation-stock first (--groups ablation)")
 
     def evaluate(micro_batch: int, *flags: str) -> Dict:
-        command = [sys.executable, "-m", "megatron_lsh.checkpoint.evaluate", "--load", str(checkpoint),
+        command = [sys.executable, "-m", "megatron_lsh.tools.evaluate", "--load", str(checkpoint),
                    "--data-path", data["valid"], "--micro-batch-size", str(micro_batch), *flags]
         output = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout

@@ -7,4 +7,4 @@ if [ $# -lt 2 ]; then
     echo "usage: $0 CHECKPOINT_DIR OUTPUT_DIR [--dtype fp32|bf16|fp16]" >&2
     exit 2
 fi
-exec python -m megatron_lsh.checkpoint.convert --load "$1" --output "$2" "${@:3}"
+exec python -m megatron_lsh.tools.convert --load "$1" --output "$2" "${@:3}"

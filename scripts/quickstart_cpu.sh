@@ -88,9 +88,9 @@ Done. Checkpoints: $WORK/checkpoints-$MODEL, tensorboard: tensorboard --logdir $
 
 Evaluate it:
   # held-out perplexity, the exact MoE (add --lsh for the training-time approximation)
-  python -m megatron_lsh.checkpoint.evaluate --load $WORK/checkpoints-$MODEL --data-path $VALID_DATA
+  python -m megatron_lsh.tools.evaluate --load $WORK/checkpoints-$MODEL --data-path $VALID_DATA
   # a Hugging Face model directory (no custom code), then lm-evaluation-harness on the held-out works
-  python -m megatron_lsh.checkpoint.convert --load $WORK/checkpoints-$MODEL --output $WORK/hf-$MODEL
+  python -m megatron_lsh.tools.convert --load $WORK/checkpoints-$MODEL --output $WORK/hf-$MODEL
   pip install "lm-eval[hf]==$LM_EVAL_VERSION"
   QUICKSTART_VALID=$WORK/corpus/valid.jsonl lm_eval --model hf --model_args $LM_EVAL_MODEL_ARGS \\
       --include_path lm_eval_tasks --tasks quickstart_held_out --device cpu --batch_size 4

@@ -34,7 +34,7 @@ def command_line(rank, world_size, module, argv):
 
 def convert_then_compare(rank, world_size, load_dir, hf_dir, jsonl_path):
     """The convert command line, then ``compare_with_transformers`` on what it wrote."""
-    code, out, err = command_line(rank, world_size, "megatron_lsh.checkpoint.convert",
+    code, out, err = command_line(rank, world_size, "megatron_lsh.tools.convert",
                                   ["--load", load_dir, "--output", hf_dir])
     assert code == 0, err[-3000:]
     return dict(compare_with_transformers(rank, world_size, load_dir, hf_dir, jsonl_path), convert_output=out)
@@ -47,7 +47,7 @@ def compare_with_transformers(rank, world_size, load_dir, hf_dir, jsonl_path):
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     import megatron_lsh  # noqa: F401
-    from megatron_lsh.checkpoint.loading import load_for_inference
+    from megatron_lsh.tools.loading import load_for_inference
 
     loaded = load_for_inference(load_dir)
     vocab = loaded.tokenizer.vocab_size
@@ -93,7 +93,7 @@ def continuation_log_likelihoods(rank, world_size, load_dir, pairs):
     """log P(continuation | context) from the megatron model (every expert, LSH off), with the
     token split lm-evaluation-harness makes: the whole text encoded, the context's ids first."""
     import megatron_lsh  # noqa: F401
-    from megatron_lsh.checkpoint.loading import load_for_inference
+    from megatron_lsh.tools.loading import load_for_inference
 
     loaded = load_for_inference(load_dir)
     vocab = loaded.tokenizer.vocab_size
@@ -111,7 +111,7 @@ def continuation_log_likelihoods(rank, world_size, load_dir, pairs):
 
 
 def evaluation_against_plain_forwards(rank, world_size, load_dir, work_dir, windows=3):
-    """checkpoint.evaluate's loss on a held-out document of windows x seq-length + 1 tokens,
+    """tools.evaluate's loss on a held-out document of windows x seq-length + 1 tokens,
     and the same loss computed apart: the loaded model's logits on each window (megatron's GPT
     samples are consecutive windows of seq-length + 1 tokens that overlap by one), float64
     cross-entropies summed over every predicted token and divided once. (Megatron's softmax
@@ -120,8 +120,8 @@ def evaluation_against_plain_forwards(rank, world_size, load_dir, work_dir, wind
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     import megatron_lsh  # noqa: F401
-    from megatron_lsh.checkpoint.evaluate import evaluate
-    from megatron_lsh.checkpoint.loading import load_for_inference, saved_run
+    from megatron_lsh.tools.evaluate import evaluate
+    from megatron_lsh.tools.loading import load_for_inference, saved_run
 
     saved, _, _ = saved_run(load_dir)
     length = saved["seq_length"]
@@ -150,8 +150,8 @@ def one_process_runs(rank, world_size, gpt_flags, t5_flags, work_dir, valid_json
     (Qwen3-MoE layout) and T5-MoE train a few steps with LSH, log, save, resume; then
     evaluation with LSH and the conversion to Hugging Face read the GPT checkpoint back."""
     import megatron_lsh  # noqa: F401
-    from megatron_lsh.checkpoint.convert import main as convert
-    from megatron_lsh.checkpoint.evaluate import evaluate
+    from megatron_lsh.tools.convert import main as convert
+    from megatron_lsh.tools.evaluate import evaluate
     from megatron_lsh.training.arguments import parse_args
     from megatron_lsh.training.gpt_task import GPT_TASK
     from megatron_lsh.training.initialize import destroy_distributed
@@ -185,9 +185,9 @@ def import_one(hf_dir, save_dir, back_dir, upcycle):
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     import megatron_lsh  # noqa: F401
-    from megatron_lsh.checkpoint.convert import convert
-    from megatron_lsh.checkpoint.import_hf import import_hf
-    from megatron_lsh.checkpoint.loading import load_for_inference
+    from megatron_lsh.tools.convert import convert
+    from megatron_lsh.tools.import_hf import import_hf
+    from megatron_lsh.tools.loading import load_for_inference
 
     flags = import_hf(hf_dir, save_dir, upcycle=upcycle)
     loaded = load_for_inference(save_dir)
@@ -230,7 +230,7 @@ def logits_on_random_ids(rank, world_size, load_dir, hf_dir):
     from transformers import AutoModelForCausalLM
 
     import megatron_lsh  # noqa: F401
-    from megatron_lsh.checkpoint.loading import load_for_inference
+    from megatron_lsh.tools.loading import load_for_inference
 
     loaded = load_for_inference(load_dir)
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(3))

@@ -108,9 +108,9 @@ def exit_status(stop: SystemExit) -> int:
 
 
 def convert(load, output):
-    """The Hugging Face export as a user runs it: `python -m megatron_lsh.checkpoint.convert`."""
+    """The Hugging Face export as a user runs it: `python -m megatron_lsh.tools.convert`."""
     return subprocess.run(
-        [sys.executable, "-m", "megatron_lsh.checkpoint.convert", "--load", str(load), "--output", str(output)],
+        [sys.executable, "-m", "megatron_lsh.tools.convert", "--load", str(load), "--output", str(output)],
         cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300,
     )
 

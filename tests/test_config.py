@@ -132,7 +132,7 @@ def test_a_run_saved_before_a_setting_existed_loads_with_what_it_ran_with():
 
 
 def test_evaluation_overrides_only_the_lsh_settings_given_and_off_means_no_bound():
-    from megatron_lsh.checkpoint.evaluate import parse_args as evaluation_args
+    from megatron_lsh.tools.evaluate import parse_args as evaluation_args
 
     _, overrides = evaluation_args(["--load", "ckpt", "--input", "held_out.jsonl", "--lsh"])
     assert overrides == {}

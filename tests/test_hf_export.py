@@ -96,7 +96,7 @@ def test_qwen3_moe_export_keeps_dense_layers_dense(qwen3_moe):
 
 
 def test_evaluation_reports_the_token_weighted_loss_of_every_window(qwen3_moe_export, tmp_path):
-    """checkpoint.evaluate's loss and perplexity against the cross-entropy of the same token
+    """tools.evaluate's loss and perplexity against the cross-entropy of the same token
     windows computed apart: one plain forward per window, summed over tokens, divided once."""
     result = run_distributed(evaluation_against_plain_forwards, 1, str(qwen3_moe_export / "ckpt"), str(tmp_path))[0]
     evaluated = result["evaluate"]
@@ -110,9 +110,9 @@ def test_evaluation_cli_prints_the_loss_exact_and_with_lsh(corpus, qwen3_moe_exp
     for mode in ([], ["--lsh"]):
         argv = ["--load", str(qwen3_moe_export / "ckpt"), "--input", str(corpus["jsonl"]["valid"]), *mode]
         if mode:  # the same main() in a forked process
-            code, stdout, stderr = run_distributed(command_line, 1, "megatron_lsh.checkpoint.evaluate", argv)[0]
+            code, stdout, stderr = run_distributed(command_line, 1, "megatron_lsh.tools.evaluate", argv)[0]
         else:
-            result = subprocess.run([sys.executable, "-m", "megatron_lsh.checkpoint.evaluate", *argv], cwd=REPO,
+            result = subprocess.run([sys.executable, "-m", "megatron_lsh.tools.evaluate", *argv], cwd=REPO,
                                     env=environment(), capture_output=True, text=True, timeout=300)
             code, stdout, stderr = result.returncode, result.stdout, result.stderr
         assert code == 0, stderr[-3000:]

@@ -26,7 +26,7 @@ def save_tiny(kind, directory, tokenizer, **overrides):
     import torch
     import transformers
 
-    from megatron_lsh.checkpoint.hf_tokenizer import save_hf_tokenizer
+    from megatron_lsh.tools.hf_tokenizer import save_hf_tokenizer
 
     config_class, model_class, settings = {
         "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
@@ -92,7 +92,7 @@ def test_an_upcycled_dense_model_starts_as_the_dense_model(imports, kind):
 
 
 def test_the_printed_flags_build_the_imported_model():
-    from megatron_lsh.checkpoint.import_hf import model_flags
+    from megatron_lsh.tools.import_hf import model_flags
 
     config = dict(model_type="qwen3_moe", hidden_act="silu", num_hidden_layers=4, hidden_size=64,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
@@ -130,7 +130,7 @@ MIXTRAL = dict(model_type="mixtral", hidden_act="silu", num_hidden_layers=2, hid
     (dict(MIXTRAL, num_local_experts=None), "has no num_local_experts or num_experts"),
 ])
 def test_a_model_that_does_not_fit_is_refused_naming_what(tmp_path, fields, message):
-    from megatron_lsh.checkpoint.import_hf import HFImportError, import_hf
+    from megatron_lsh.tools.import_hf import HFImportError, import_hf
 
     with pytest.raises(HFImportError, match=re.escape(message)):
         import_hf(str(write_config(tmp_path / "hf", **fields)), str(tmp_path / "ckpt"))
@@ -138,8 +138,8 @@ def test_a_model_that_does_not_fit_is_refused_naming_what(tmp_path, fields, mess
 
 
 def test_a_directory_without_a_model_or_with_a_foreign_tokenizer_is_refused(tmp_path, corpus):
-    from megatron_lsh.checkpoint.hf_tokenizer import save_hf_tokenizer
-    from megatron_lsh.checkpoint.import_hf import HFImportError, import_hf
+    from megatron_lsh.tools.hf_tokenizer import save_hf_tokenizer
+    from megatron_lsh.tools.import_hf import HFImportError, import_hf
 
     with pytest.raises(HFImportError, match="no config.json there; not a Hugging Face model directory"):
         import_hf(str(tmp_path), str(tmp_path / "ckpt"))
@@ -154,8 +154,8 @@ def run_import(*flags, fresh_interpreter=True):
     """(exit code, stdout, stderr) of the import command line: as a user runs it, or its main() in a
     forked process (seconds instead of a fresh interpreter's imports)."""
     if not fresh_interpreter:
-        return run_distributed(command_line, 1, "megatron_lsh.checkpoint.import_hf", list(flags))[0]
-    result = subprocess.run([sys.executable, "-m", "megatron_lsh.checkpoint.import_hf", *flags], cwd=REPO,
+        return run_distributed(command_line, 1, "megatron_lsh.tools.import_hf", list(flags))[0]
+    result = subprocess.run([sys.executable, "-m", "megatron_lsh.tools.import_hf", *flags], cwd=REPO,
                             env=environment(), capture_output=True, text=True, timeout=300)
     return result.returncode, result.stdout, result.stderr
 
@@ -230,8 +230,8 @@ def test_an_imported_model_continues_training_at_tp2_ep2_and_at_pp2_from_the_sam
 
 
 def test_the_hugging_face_tokenizer_reads_a_model_directory_and_names_a_wrong_one(tmp_path, corpus):
-    from megatron_lsh.checkpoint.hf_tokenizer import save_hf_tokenizer
     from megatron_lsh.data.tokenizer import SentencePieceTokenizer, TokenizerError, build_tokenizer
+    from megatron_lsh.tools.hf_tokenizer import save_hf_tokenizer
 
     with pytest.raises(TokenizerError, match=r"--tokenizer-model .*: not a Hugging Face tokenizer directory"):
         build_tokenizer("HuggingFaceTokenizer", str(tmp_path))

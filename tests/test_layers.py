@@ -1,6 +1,6 @@
-"""The package's layers import only downwards (DESIGN.md):
+"""The package's layers import only downwards (the README's layout map):
 
-    lsh, data -> moe -> models -> training -> checkpoint -> projection
+    lsh, data -> moe -> models -> training -> tools -> projection
 
 `compat` and `device` sit under everything; `data` sits beside the bottom and imports neither
 `lsh` nor anything above it. Every import counts, also one inside a function body.
@@ -21,8 +21,8 @@ MAY_IMPORT = {
     "moe": BASE | {"lsh"},
     "models": BASE | {"lsh", "moe"},
     "training": BASE | {"lsh", "data", "moe", "models"},
-    "checkpoint": BASE | {"lsh", "data", "moe", "models", "training"},
-    "projection": BASE | {"lsh", "data", "moe", "models", "training", "checkpoint"},
+    "tools": BASE | {"lsh", "data", "moe", "models", "training"},
+    "projection": BASE | {"lsh", "data", "moe", "models", "training", "tools"},
 }
 
 

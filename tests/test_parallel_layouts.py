@@ -97,7 +97,7 @@ def test_checkpoint_saved_at_tp2_ep2_resumes_at_tp1_ep4_with_a_sharded_optimizer
 
 def evaluated_loss(checkpoint_dir, corpus) -> float:
     result = subprocess.run(
-        [sys.executable, "-m", "megatron_lsh.checkpoint.evaluate", "--load", str(checkpoint_dir),
+        [sys.executable, "-m", "megatron_lsh.tools.evaluate", "--load", str(checkpoint_dir),
          "--input", str(corpus["jsonl"]["valid"])],
         cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300,
     )

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from megatron_lsh.projection import Cluster, ModelShape, ProjectionError, main, project, step_time
+from megatron_lsh.projection import Cluster, ModelShape, ProjectionError, project, step_time
+from megatron_lsh.projection.cli import main
 
 
 def model(**overrides):
@@ -220,7 +221,7 @@ def test_compression_from_a_directory_without_lsh_logs_is_a_clear_error(tmp_path
 def test_per_layer_rates_come_from_a_runs_tensorboard_logs_second_half(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
-    from megatron_lsh.projection import compression_from_tensorboard
+    from megatron_lsh.projection.cli import compression_from_tensorboard
 
     writer = SummaryWriter(str(tmp_path))
     for step, (first, tenth) in enumerate([(0.9, 0.9), (0.9, 0.9), (0.2, 0.4), (0.3, 0.5)]):

@@ -77,7 +77,7 @@ def setting(default, doc: str, *, value_type: Optional[type] = None, choices: Op
     off: the word the flag takes for None ('off'), for settings that None switches off.
     flag_default: the flag's default where it differs from the config's (a WithAndWithoutLSH:
         one for each of --lsh and --no-lsh).
-    evaluation_override: ``checkpoint.evaluate`` may replace the run's value with ``--lsh``.
+    evaluation_override: ``tools.evaluate`` may replace the run's value with ``--lsh``.
     before_it_existed: what a checkpoint saved before the setting existed ran with: a value, or
         a callable of the saved arguments.
     """

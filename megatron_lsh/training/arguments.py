@@ -119,7 +119,7 @@ def add_model_args(parser):
                    help="Scale of q.k (default 1/sqrt(head size); T5/Switch use 1.0).")
     g.add_argument("--hf-architecture", choices=ARCHITECTURES, default=None,
                    help="Set every flag the Hugging Face architecture needs, so that "
-                        "megatron_lsh.checkpoint.convert can export the checkpoint: mixtral (GPT, MoE in "
+                        "megatron_lsh.tools.convert can export the checkpoint: mixtral (GPT, MoE in "
                         "every layer), qwen3_moe (GPT, any --moe-layer-freq), switch_transformers (T5).")
     g.add_argument("--qk-layernorm", action="store_true",
                    help="Normalise each head's queries and keys (GPT; Qwen3's q_norm / k_norm).")

@@ -1,7 +1,7 @@
 """A Hugging Face model as a megatron-lsh checkpoint, to continue pretraining it.
 
-    python -m megatron_lsh.checkpoint.import_hf --hf-model hf/Qwen3-30B-A3B --save checkpoints/qwen3
-    python -m megatron_lsh.checkpoint.import_hf --hf-model hf/Qwen3-0.6B --save checkpoints/up \\
+    python -m megatron_lsh.tools.import_hf --hf-model hf/Qwen3-30B-A3B --save checkpoints/qwen3
+    python -m megatron_lsh.tools.import_hf --hf-model hf/Qwen3-0.6B --save checkpoints/up \\
         --moe-upcycle --num-experts 8 --moe-router-topk 2
 
 Reads config.json and the safetensors weights (the hub's layout) of MixtralForCausalLM,

@@ -1,6 +1,6 @@
 """Convert a megatron-lsh checkpoint to a Hugging Face model directory.
 
-    python -m megatron_lsh.checkpoint.convert --load checkpoints/gpt-moe --output hf/gpt-moe
+    python -m megatron_lsh.tools.convert --load checkpoints/gpt-moe --output hf/gpt-moe
 
 Merges the expert-parallel shards of the newest complete checkpoint and writes config.json,
 safetensors weights and the tokenizer: a GPT-MoE as MixtralForCausalLM (MoE in every layer) or
@@ -19,7 +19,9 @@ import sys
 
 import torch
 
-from megatron_lsh.checkpoint.hf_export import (
+from megatron_lsh.data.tokenizer import HuggingFaceTokenizer, MegatronCoreTokenizer, NullTokenizer
+from megatron_lsh.models.architectures import NotExportableError, exportable_architecture
+from megatron_lsh.tools.hf_export import (
     mixtral_config,
     mixtral_state_dict,
     qwen3_moe_config,
@@ -28,10 +30,8 @@ from megatron_lsh.checkpoint.hf_export import (
     switch_config,
     switch_state_dict,
 )
-from megatron_lsh.checkpoint.hf_tokenizer import save_hf_tokenizer
-from megatron_lsh.checkpoint.loading import load_for_inference, saved_run
-from megatron_lsh.data.tokenizer import HuggingFaceTokenizer, MegatronCoreTokenizer, NullTokenizer
-from megatron_lsh.models.architectures import NotExportableError, exportable_architecture
+from megatron_lsh.tools.hf_tokenizer import save_hf_tokenizer
+from megatron_lsh.tools.loading import load_for_inference, saved_run
 from megatron_lsh.training.checkpointing import CheckpointError
 
 MODEL_OF_TASK = {"GPT-MoE": "gpt", "T5-MoE": "t5"}

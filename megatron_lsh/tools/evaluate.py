@@ -1,7 +1,7 @@
 """Validation loss and perplexity of a checkpoint on held-out text, one pass over all of it.
 
-    python -m megatron_lsh.checkpoint.evaluate --load checkpoints/gpt-moe --input held_out.jsonl
-    python -m megatron_lsh.checkpoint.evaluate --load checkpoints/t5-moe --data-path data/t5/valid_text_sentence
+    python -m megatron_lsh.tools.evaluate --load checkpoints/gpt-moe --input held_out.jsonl
+    python -m megatron_lsh.tools.evaluate --load checkpoints/t5-moe --data-path data/t5/valid_text_sentence
 
 GPT: next-token perplexity over windows of the training sequence length. T5: span-corruption
 loss and perplexity of the decoder targets. Runs on one process with every expert merged; the
@@ -19,12 +19,12 @@ import time
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_lsh.checkpoint.loading import load_for_inference, saved_run, task_of_run, tokenizer_model_path
 from megatron_lsh.data.gpt_data import DataError, data_iterator
 from megatron_lsh.data.preprocess import preprocess_jsonl
 from megatron_lsh.data.tokenizer import tokenizer_settings
 from megatron_lsh.moe import CompressionStats, get_compression_tracker
 from megatron_lsh.moe.config import added_settings
+from megatron_lsh.tools.loading import load_for_inference, saved_run, task_of_run, tokenizer_model_path
 from megatron_lsh.training.arguments import ArgumentError, add_setting_flag
 from megatron_lsh.training.checkpointing import CheckpointError
 from megatron_lsh.training.t5_task import T5_TASK
