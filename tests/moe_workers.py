@@ -29,7 +29,8 @@ def moe_config(ep_size: int, lsh_enabled: bool = True, **overrides) -> LSHTransf
 
 
 def build_moe_layer(config: LSHTransformerConfig):
-    spec = get_lsh_moe_module_spec(config.num_moe_experts)
+    spec = get_lsh_moe_module_spec(config.num_moe_experts,
+                                   gradient_study=getattr(config, "lsh_gradient_study", None) is not None)
     layer = build_module(spec, config=config)
     layer.set_layer_number(1)
     return layer

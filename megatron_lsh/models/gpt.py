@@ -12,7 +12,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_lsh.models.attention import FusedDotProductAttention, fused_attention_wanted
 from megatron_lsh.models.norm import with_sequence_parallel_norms
-from megatron_lsh.moe.layer import replace_modules, with_lsh_moe
+from megatron_lsh.moe.specs import replace_modules, with_lsh_moe
 
 
 def gpt_moe_block_spec(config: TransformerConfig, use_transformer_engine: bool = False,
@@ -33,6 +33,7 @@ def gpt_moe_block_spec(config: TransformerConfig, use_transformer_engine: bool =
             vp_stage=vp_stage,
         ),
         grouped_gemm=ours,
+        gradient_study=getattr(config, "lsh_gradient_study", None) is not None,
     ))
     if not use_transformer_engine and fused_attention_wanted(config.attention_backend):
         spec = replace_modules(spec, {DotProductAttention: FusedDotProductAttention})

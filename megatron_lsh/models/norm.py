@@ -13,7 +13,7 @@ import copy
 
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-from megatron_lsh.moe.layer import replace_modules
+from megatron_lsh.moe.specs import replace_modules
 
 
 class SequenceParallelTorchNorm:

@@ -26,7 +26,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_lsh.device import compute_device
 from megatron_lsh.models.attention import BiasedDotProductAttention
 from megatron_lsh.models.norm import with_sequence_parallel_norms
-from megatron_lsh.moe.layer import get_lsh_moe_module_spec, lsh_moe_layers
+from megatron_lsh.moe.layer import lsh_moe_layers
+from megatron_lsh.moe.specs import get_lsh_moe_module_spec
 
 MoELayerFreq = Union[int, Sequence[int]]
 
@@ -68,7 +69,8 @@ def _layer_specs(dense_spec, config: TransformerConfig, pattern: List[int]):
     if not config.num_moe_experts:  # a dense T5 (Megatron-LM's T5 example)
         return [dense] * len(pattern), norm
     moe = copy.deepcopy(dense)
-    moe.submodules.mlp = get_lsh_moe_module_spec(config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm)
+    moe.submodules.mlp = get_lsh_moe_module_spec(config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm,
+                                                 gradient_study=getattr(config, "lsh_gradient_study", None) is not None)
     return [moe if is_moe else dense for is_moe in pattern], norm
 
 
