@@ -210,76 +210,8 @@ class LSHTransformerConfig(TransformerConfig):
                 f"num_moe_experts={experts} is not divisible by expert_model_parallel_size="
                 f"{ep_size}; every expert-parallel rank must hold the same number of experts"
             )
-        if self.lsh_hash_type not in HASH_TYPES:
-            raise LSHConfigError(
-                f"lsh_hash_type={self.lsh_hash_type!r} is not supported; "
-                f"use one of {', '.join(repr(t) for t in HASH_TYPES)}"
-            )
-        if not isinstance(self.lsh_num_hashes, int) or self.lsh_num_hashes < 1:
-            raise LSHConfigError(
-                f"lsh_num_hashes={self.lsh_num_hashes!r} must be an integer of at least 1"
-            )
-        if not isinstance(self.lsh_num_buckets, int) or self.lsh_num_buckets < 2:
-            raise LSHConfigError(
-                f"lsh_num_buckets={self.lsh_num_buckets!r} must be an integer of at least 2"
-            )
-        if self.lsh_hash_type == "cross_polytope" and self.lsh_num_buckets % 2:
-            raise LSHConfigError(
-                f"lsh_num_buckets={self.lsh_num_buckets} must be even for "
-                "lsh_hash_type='cross_polytope' (each projection gives two buckets, one per sign)"
-            )
-        if self.lsh_num_buckets**self.lsh_num_hashes * max(experts or 1, 1) > MAX_TOTAL_BUCKETS:
-            raise LSHConfigError(
-                f"lsh_num_buckets={self.lsh_num_buckets} and lsh_num_hashes="
-                f"{self.lsh_num_hashes} give more bucket ids per expert than int64 cluster keys "
-                "hold; lower lsh_num_hashes or lsh_num_buckets"
-            )
-        if not isinstance(self.lsh_redraw_interval, int) or self.lsh_redraw_interval < 0:
-            raise LSHConfigError(
-                f"lsh_redraw_interval={self.lsh_redraw_interval!r} must be 0 (never) or a "
-                "positive number of iterations"
-            )
-        if self.lsh_compensation not in COMPENSATIONS:
-            raise LSHConfigError(
-                f"lsh_compensation={self.lsh_compensation!r} is not supported; "
-                f"use one of {', '.join(repr(c) for c in COMPENSATIONS)}"
-            )
-        bound = self.lsh_error_bound
-        if bound is not None and not (isinstance(bound, (int, float)) and math.isfinite(bound) and bound > 0):
-            raise LSHConfigError(
-                f"lsh_error_bound={bound!r} must be a positive number (a relative distance "
-                "||x - c|| / ||x||, e.g. 0.5), or None for no bound"
-            )
-        target = self.lsh_target_compression
-        if target is not None and not (isinstance(target, (int, float)) and 0 < target <= 1):
-            raise LSHConfigError(
-                f"lsh_target_compression={target!r} must be in (0, 1] (centroids per token row, "
-                "e.g. 0.2), or None for fixed hashing"
-            )
-        if self.lsh_scope not in LSH_SCOPES:
-            raise LSHConfigError(
-                f"lsh_scope={self.lsh_scope!r} is not supported; use one of "
-                f"{', '.join(repr(s) for s in LSH_SCOPES)}"
-            )
-        per_node = self.lsh_ranks_per_node
-        if per_node is not None and not (isinstance(per_node, int) and per_node >= 1):
-            raise LSHConfigError(f"lsh_ranks_per_node={per_node!r} must be a positive integer or None")
-        if self.lsh_gradient_study not in (None, *GRADIENT_STUDIES):
-            raise LSHConfigError(
-                f"lsh_gradient_study={self.lsh_gradient_study!r} is not supported; use one of "
-                f"{', '.join(repr(s) for s in GRADIENT_STUDIES)} or None"
-            )
-        if self.lsh_split not in SPLITS:
-            raise LSHConfigError(
-                f"lsh_split={self.lsh_split!r} is not supported; use one of {', '.join(repr(s) for s in SPLITS)}")
-        if self.lsh_split == "bisect" and bound is None:
-            raise LSHConfigError(
-                "lsh_split='bisect' halves clusters until every member is within lsh_error_bound=None: set "
-                "lsh_error_bound (e.g. 0.3), or use lsh_split='hash'")
-        if self.lsh_split == "bisect" and target is not None:
-            raise LSHConfigError(
-                f"lsh_split='bisect' cannot hold lsh_target_compression={target} (the controller steers how far "
-                "hashes split): set lsh_target_compression=None, or use lsh_split='hash'")
+        self._check_hashing()
+        self._check_clustering()
         self._check_payload_formats()
         if not self.lsh_enabled:
             if self.lsh_gradient_study is not None:
@@ -312,6 +244,82 @@ class LSHTransformerConfig(TransformerConfig):
                 "lsh_enabled=True cannot be combined with moe_router_padding_for_quantization: "
                 "unset one of them"
             )
+
+    def _check_hashing(self) -> None:
+        """The hash functions: their type, how many, how many buckets, and when they are redrawn."""
+        experts = self.num_moe_experts
+        if self.lsh_hash_type not in HASH_TYPES:
+            raise LSHConfigError(
+                f"lsh_hash_type={self.lsh_hash_type!r} is not supported; "
+                f"use one of {', '.join(repr(t) for t in HASH_TYPES)}"
+            )
+        if not isinstance(self.lsh_num_hashes, int) or self.lsh_num_hashes < 1:
+            raise LSHConfigError(
+                f"lsh_num_hashes={self.lsh_num_hashes!r} must be an integer of at least 1"
+            )
+        if not isinstance(self.lsh_num_buckets, int) or self.lsh_num_buckets < 2:
+            raise LSHConfigError(
+                f"lsh_num_buckets={self.lsh_num_buckets!r} must be an integer of at least 2"
+            )
+        if self.lsh_hash_type == "cross_polytope" and self.lsh_num_buckets % 2:
+            raise LSHConfigError(
+                f"lsh_num_buckets={self.lsh_num_buckets} must be even for "
+                "lsh_hash_type='cross_polytope' (each projection gives two buckets, one per sign)"
+            )
+        if self.lsh_num_buckets**self.lsh_num_hashes * max(experts or 1, 1) > MAX_TOTAL_BUCKETS:
+            raise LSHConfigError(
+                f"lsh_num_buckets={self.lsh_num_buckets} and lsh_num_hashes="
+                f"{self.lsh_num_hashes} give more bucket ids per expert than int64 cluster keys "
+                "hold; lower lsh_num_hashes or lsh_num_buckets"
+            )
+        if not isinstance(self.lsh_redraw_interval, int) or self.lsh_redraw_interval < 0:
+            raise LSHConfigError(
+                f"lsh_redraw_interval={self.lsh_redraw_interval!r} must be 0 (never) or a "
+                "positive number of iterations"
+            )
+
+    def _check_clustering(self) -> None:
+        """What merges rows: the bound, the target, the split, the scope, the compensation."""
+        if self.lsh_compensation not in COMPENSATIONS:
+            raise LSHConfigError(
+                f"lsh_compensation={self.lsh_compensation!r} is not supported; "
+                f"use one of {', '.join(repr(c) for c in COMPENSATIONS)}"
+            )
+        bound, target = self.lsh_error_bound, self.lsh_target_compression
+        if bound is not None and not (isinstance(bound, (int, float)) and math.isfinite(bound) and bound > 0):
+            raise LSHConfigError(
+                f"lsh_error_bound={bound!r} must be a positive number (a relative distance "
+                "||x - c|| / ||x||, e.g. 0.5), or None for no bound"
+            )
+        if target is not None and not (isinstance(target, (int, float)) and 0 < target <= 1):
+            raise LSHConfigError(
+                f"lsh_target_compression={target!r} must be in (0, 1] (centroids per token row, "
+                "e.g. 0.2), or None for fixed hashing"
+            )
+        if self.lsh_scope not in LSH_SCOPES:
+            raise LSHConfigError(
+                f"lsh_scope={self.lsh_scope!r} is not supported; use one of "
+                f"{', '.join(repr(s) for s in LSH_SCOPES)}"
+            )
+        per_node = self.lsh_ranks_per_node
+        if per_node is not None and not (isinstance(per_node, int) and per_node >= 1):
+            raise LSHConfigError(f"lsh_ranks_per_node={per_node!r} must be a positive integer or None")
+        if self.lsh_gradient_study not in (None, *GRADIENT_STUDIES):
+            raise LSHConfigError(
+                f"lsh_gradient_study={self.lsh_gradient_study!r} is not supported; use one of "
+                f"{', '.join(repr(s) for s in GRADIENT_STUDIES)} or None"
+            )
+        if self.lsh_split not in SPLITS:
+            raise LSHConfigError(
+                f"lsh_split={self.lsh_split!r} is not supported; use one of {', '.join(repr(s) for s in SPLITS)}")
+        if self.lsh_split == "bisect" and bound is None:
+            raise LSHConfigError(
+                "lsh_split='bisect' halves clusters until every member is within lsh_error_bound=None: set "
+                "lsh_error_bound (e.g. 0.3), or use lsh_split='hash'")
+        if self.lsh_split == "bisect" and target is not None:
+            raise LSHConfigError(
+                f"lsh_split='bisect' cannot hold lsh_target_compression={target} (the controller steers how far "
+                "hashes split): set lsh_target_compression=None, or use lsh_split='hash'")
 
     def payload_formats(self) -> Dict[str, str]:
         """The all-to-alls' payload formats by direction."""

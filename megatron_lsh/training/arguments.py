@@ -873,6 +873,12 @@ def validate_args(args, world_size: int) -> None:
     args.data_parallel_size = data_parallel
     _batch_calculator(args)  # a ramp-up the layout cannot follow is refused here, samples or iterations
     set_schedule_steps(args)
+    _check_schedule_and_checkpoint_flags(args)
+    _check_data_flags(args)
+    _check_tokenizer_files(args)
+
+
+def _check_schedule_and_checkpoint_flags(args) -> None:
     if not 0 <= args.min_lr <= args.lr:
         raise ArgumentError(f"--min-lr {args.min_lr} must be between 0 and --lr {args.lr}")
     if args.save_interval is not None and args.save is None:
@@ -886,6 +892,10 @@ def validate_args(args, world_size: int) -> None:
         raise ArgumentError("--ckpt-step needs --load DIR")
     if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
         raise ArgumentError(f"--exit-duration-in-mins {args.exit_duration_in_mins} must be positive")
+
+
+def _check_data_flags(args) -> None:
+    """--mock-data, or data files that exist and a tokenizer type for them."""
     if args.mock_data:
         if args.tokenizer_type is None:
             args.tokenizer_type = "NullTokenizer"
@@ -907,6 +917,10 @@ def validate_args(args, world_size: int) -> None:
             args.tokenizer_type, args.tokenizer_type_inferred = "GPT2BPETokenizer", True
         if args.tokenizer_type is None:
             raise ArgumentError("--tokenizer-type is required with data files")
+
+
+def _check_tokenizer_files(args) -> None:
+    """The files --tokenizer-type needs, named by their flag (made absolute: saved with the run)."""
     if args.tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
                                "TikTokenizer"):
         if not args.tokenizer_model:

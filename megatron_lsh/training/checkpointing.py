@@ -332,14 +332,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, cons
             os.makedirs(root, exist_ok=True)
             shutil.rmtree(partial, ignore_errors=True)
             os.makedirs(partial)  # dist_checkpointing writes into an existing, empty directory
-            # The run's tokenizer travels with its checkpoints, for conversion and evaluation.
-            tokenizer = getattr(args, "tokenizer_model", None)
-            if tokenizer and os.path.isdir(tokenizer):
-                _copy_tokenizer_dir(tokenizer, os.path.join(root, TOKENIZER_DIR_COPY))
-            elif (tokenizer and getattr(args, "tokenizer_type", None) in SENTENCEPIECE_TYPES
-                  and not os.path.isfile(os.path.join(root, TOKENIZER_COPY))):
-                shutil.copy(tokenizer, os.path.join(root, TOKENIZER_COPY + ".tmp"))
-                os.replace(os.path.join(root, TOKENIZER_COPY + ".tmp"), os.path.join(root, TOKENIZER_COPY))
+            _copy_run_tokenizer(args, root)
         except OSError as failure:
             error = failure
     _agree(error, final, previous, root)
@@ -409,6 +402,17 @@ def prune_checkpoints(root: str, keep_last: int) -> list:
         os.replace(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
     return doomed
+
+
+def _copy_run_tokenizer(args, root: str) -> None:
+    """The run's tokenizer travels with its checkpoints (once), for conversion and evaluation."""
+    tokenizer = getattr(args, "tokenizer_model", None)
+    if tokenizer and os.path.isdir(tokenizer):
+        _copy_tokenizer_dir(tokenizer, os.path.join(root, TOKENIZER_DIR_COPY))
+    elif (tokenizer and getattr(args, "tokenizer_type", None) in SENTENCEPIECE_TYPES
+          and not os.path.isfile(os.path.join(root, TOKENIZER_COPY))):
+        shutil.copy(tokenizer, os.path.join(root, TOKENIZER_COPY + ".tmp"))
+        os.replace(os.path.join(root, TOKENIZER_COPY + ".tmp"), os.path.join(root, TOKENIZER_COPY))
 
 
 def _copy_tokenizer_dir(source: str, target: str) -> None:

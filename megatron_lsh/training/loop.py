@@ -135,6 +135,28 @@ class Trainer:
         # The batch of each step (--rampup-batch-size grows it; evaluation uses the full one).
         self.batches = batch_calculator(args, self.dp_size, self.rank)
         self.log = MetricsLogger(args, enabled=self.rank == 0, run_config=vars(args))
+        self._say_settings()
+        # Megatron-LM's stages: model and optimizer, the checkpoint, the data.
+        self._setup_model_and_optimizer(resume_plan)
+        self.lsh_controller = CompressionController.for_model(self.model, self.config)
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.loaded_iteration: Optional[int] = None  # the iteration of the checkpoint this run started from
+        self.history: list = []  # every logged row of metrics, for callers and tests
+        self.restart_gap_metrics: Optional[Dict[str, float]] = None  # logged once, at the first row
+        if resume_plan is not None:
+            self._resume(resume_plan)
+        self._say_model()
+        self._build_data_iterators()
+        if args.timing_log_level >= a2a_timer.TIMING_LOG_LEVEL:
+            a2a_timer.install()
+        self._signal_received: Optional[int] = None
+        if args.exit_signal_handler:
+            signal.signal(signal.SIGTERM, self._note_signal)
+
+    def _say_settings(self) -> None:
+        """The first lines: flags accepted as satisfied, the LSH and payload settings."""
+        args = self.args
         for line in satisfied_flag_notes(args) + [lsh_settings_line(args)]:
             self.log.console(line)
         if args.lsh_enabled and args.lsh_scope == "inter-node" and self.rank == 0:
@@ -144,8 +166,11 @@ class Trainer:
                                "(LOCAL_WORLD_SIZE=%d), so LSH merges nothing; use --lsh-scope all "
                                "to compress intra-node traffic", ranks_per_node())
 
+    def _setup_model_and_optimizer(self, resume_plan: Optional[ResumePlan]) -> None:
+        """The tokenizer, the model chunks in megatron-core's DDP, the optimizer and its schedule."""
+        args, task = self.args, self.task
         self.tokenizer = tokenizer_from_args(args)
-        vocab = self._vocabulary_rows(resume_plan)
+        self.vocab = vocab = self._vocabulary_rows(resume_plan)
         # One chunk per virtual pipeline stage (one without interleaving), each in megatron-core's
         # DDP; its schedules run the micro-batches and its finalize_model_grads reduces gradients
         # over data parallel, sequence-parallel copies and tied embeddings across stages.
@@ -203,43 +228,36 @@ class Trainer:
             use_checkpoint_opt_param_scheduler=not args.override_opt_param_scheduler,
             override_opt_param_scheduler=args.override_opt_param_scheduler,
         )
-        self.lsh_controller = CompressionController.for_model(self.model, self.config)
-        self.iteration = 0
-        self.consumed_samples = 0
-        self.loaded_iteration: Optional[int] = None  # the iteration of the checkpoint this run started from
-        self.history: list = []  # every logged row of metrics, for callers and tests
-        self.restart_gap_metrics: Optional[Dict[str, float]] = None  # logged once, at the first row
-        if resume_plan is not None:
-            self._resume(resume_plan)
 
+    def _say_model(self) -> None:
+        args = self.args
         parameters = sum(p.numel() for chunk in self.model for p in chunk.parameters())
         self.log.console(
-            f"{task.name}: {parameters / 1e6:.2f}M parameters on rank 0 ({self.layout()}; experts: "
+            f"{self.task.name}: {parameters / 1e6:.2f}M parameters on rank 0 ({self.layout()}; experts: "
             + (f"{args.num_experts // args.expert_model_parallel_size} of {args.num_experts} local), "
                if args.num_experts else "none: a dense model), ")
-            + f"vocabulary {self.tokenizer.vocab_size} (padded {vocab}), "
+            + f"vocabulary {self.tokenizer.vocab_size} (padded {self.vocab}), "
             f"{self.num_microbatches} micro-batches of {args.micro_batch_size} x {self.dp_size} ranks "
             f"per step, LSH {'on' if args.lsh_enabled else 'off'}; optimizer state "
             + ("sharded over data parallel" if self.optimizer.sharded else "replicated")
         )
+
+    def _build_data_iterators(self) -> None:
+        """The datasets (megatron-core's) and the training iterator from the consumed samples on."""
+        args = self.args
         eval_runs = args.train_iters // args.eval_interval + 1 if args.eval_iters else 0
         num_samples = [
             args.train_iters * args.global_batch_size,
             args.eval_iters * args.global_batch_size * max(eval_runs, 1),
             args.eval_iters * args.global_batch_size,
         ]
-        self.train_ds, self.valid_ds, self.test_ds = task.build_datasets(args, self.tokenizer, num_samples)
+        self.train_ds, self.valid_ds, self.test_ds = self.task.build_datasets(args, self.tokenizer, num_samples)
         if self.train_ds is None:
             raise DataError("no training data: check --split or --train-data-path")
         self.train_iter = self._iterators(data_iterator(
             self.train_ds, self.consumed_samples, args.micro_batch_size, self.dp_rank, self.dp_size,
             args.num_workers,
         ))
-        if args.timing_log_level >= a2a_timer.TIMING_LOG_LEVEL:
-            a2a_timer.install()
-        self._signal_received: Optional[int] = None
-        if args.exit_signal_handler:
-            signal.signal(signal.SIGTERM, self._note_signal)
 
     def _vocabulary_rows(self, plan: Optional[ResumePlan]) -> int:
         """The embedding's rows: the tokenizer's vocabulary padded by Megatron-LM's rule, or those
