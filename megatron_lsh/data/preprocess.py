@@ -104,6 +104,36 @@ def preprocess_jsonl(
     builders = {key: IndexedDatasetBuilder(get_bin_path(partial[key]), dtype=dtype) for key in json_keys}
     counts = {key: {"documents": 0, "tokens": 0} for key in json_keys}
 
+    initargs = (tokenizer_type, tokenizer_model, vocab_size, tokenizer_options, list(json_keys), append_eod,
+                split_sentences)
+    _tokenize(inputs, initargs, workers, builders, counts, dtype, progress)
+
+    made_with = {
+        "tokenizer_type": tokenizer_type,
+        "tokenizer_model": os.path.abspath(tokenizer_model) if tokenizer_model else None,
+        **{name: os.path.abspath(path) for name, path in tokenizer_options.items()
+           if name in ("vocab_file", "merge_file") and path},
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        "vocab_size": tokenizer.vocab_size,
+        "append_eod": append_eod,
+        "split_sentences": split_sentences,
+    }
+    return {key: _finish(builder, partial[key], prefixes[key], {**made_with, **counts[key]})
+            for key, builder in builders.items()}
+
+
+def _finish(builder, partial: str, prefix: str, sidecar: dict) -> dict:
+    """One key's files under their final names, with the sidecar saying what made them."""
+    builder.finalize(get_idx_path(partial))
+    os.replace(get_bin_path(partial), get_bin_path(prefix))
+    os.replace(get_idx_path(partial), get_idx_path(prefix))
+    with open(data_sidecar_path(prefix), "w") as f:
+        json.dump(sidecar, f, indent=2)
+    return {"prefix": prefix, "documents": sidecar["documents"], "tokens": sidecar["tokens"]}
+
+
+def _tokenize(inputs, initargs: tuple, workers: int, builders: dict, counts: dict, dtype, progress: bool) -> None:
+    """Every line of the inputs encoded (by `workers` processes, in input order) into the builders."""
     total_bytes = sum(os.path.getsize(p) for p in inputs)
     bar = None
     if progress:
@@ -116,8 +146,6 @@ def preprocess_jsonl(
             with open(path, encoding="utf-8") as f:
                 yield from f
 
-    initargs = (tokenizer_type, tokenizer_model, vocab_size, tokenizer_options, list(json_keys), append_eod,
-                split_sentences)
     if workers > 1:
         context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
         pool = context.Pool(workers, initializer=_init_worker, initargs=initargs)
@@ -145,24 +173,3 @@ def preprocess_jsonl(
             pool.join()
     if bar is not None:
         bar.close()
-
-    results = {}
-    for key, builder in builders.items():
-        builder.finalize(get_idx_path(partial[key]))
-        os.replace(get_bin_path(partial[key]), get_bin_path(prefixes[key]))
-        os.replace(get_idx_path(partial[key]), get_idx_path(prefixes[key]))
-        sidecar = {
-            "tokenizer_type": tokenizer_type,
-            "tokenizer_model": os.path.abspath(tokenizer_model) if tokenizer_model else None,
-            **{name: os.path.abspath(path) for name, path in tokenizer_options.items()
-               if name in ("vocab_file", "merge_file") and path},
-            "tokenizer_fingerprint": tokenizer.fingerprint,
-            "vocab_size": tokenizer.vocab_size,
-            "append_eod": append_eod,
-            "split_sentences": split_sentences,
-            **counts[key],
-        }
-        with open(data_sidecar_path(prefixes[key]), "w") as f:
-            json.dump(sidecar, f, indent=2)
-        results[key] = {"prefix": prefixes[key], **counts[key]}
-    return results

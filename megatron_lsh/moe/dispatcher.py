@@ -269,22 +269,7 @@ class LSHAlltoAllTokenDispatcher(PayloadAlltoAllTokenDispatcher):
         if self.shared_experts is not None:
             self.shared_experts.pre_forward_comm(hidden_states.view(self.hidden_shape))
 
-        rows_per_expert = routing_map.sum(dim=0)
-        if self.config.moe_expert_capacity_factor is None:
-            num_rows = routing_map.size(0) * self.config.moe_router_topk
-        else:  # dropped tokens make the row count data-dependent
-            num_rows = int(rows_per_expert.sum())
-        token_rows, token_row_probs, self.reversed_local_input_permutation_mapping = permute(
-            hidden_states,
-            routing_map,
-            probs=probs,
-            num_out_tokens=num_rows,
-            fused=self.config.moe_permute_fusion,
-        )
-        if self.config.moe_apply_probs_on_input:
-            token_rows = (token_row_probs.unsqueeze(-1) * token_rows).to(token_rows.dtype)
-            token_row_probs = torch.ones_like(token_row_probs)
-
+        token_rows, token_row_probs, rows_per_expert, num_rows = self._rows_by_expert(hidden_states, routing_map, probs)
         expert_of_row = torch.repeat_interleave(
             torch.arange(self.num_experts, device=token_rows.device),
             rows_per_expert,
@@ -298,20 +283,7 @@ class LSHAlltoAllTokenDispatcher(PayloadAlltoAllTokenDispatcher):
             token_rows, family, expert_of_row, self.num_experts, self.merge_threshold,
             self.config.lsh_error_bound, exact_experts, self.config.lsh_split,
         )
-        # Rows LSH may merge and their centroids: what the compression rate is a rate of. Kept
-        # on the device, as every count here: the host reads them when the loop logs.
-        if exact_experts is None:  # sizes the host already knows
-            rows_in_scope, centroids_in_scope = clusters.num_tokens, clusters.num_clusters
-        else:
-            in_scope = ~exact_experts
-            rows_in_scope = (rows_per_expert * in_scope).sum()
-            centroids_in_scope = (clusters.clusters_per_group * in_scope).sum()
-        self._error_stats = (errors.sum(), cluster_counts.exact_rows, rows_in_scope, centroids_in_scope)
-        if self.training:
-            self.window_rows = self.window_rows + rows_in_scope
-            self.window_centroids = self.window_centroids + centroids_in_scope
-            self.window_threshold_splits = self.window_threshold_splits + cluster_counts.threshold_splits
-            self.window_threshold_kept = self.window_threshold_kept + cluster_counts.threshold_kept
+        self._count_merges(clusters, errors, cluster_counts, rows_per_expert, exact_experts)
         self._clusters = clusters
         # Kept for the residual x - c only when compensation needs it.
         self._token_rows = token_rows if self.config.lsh_compensation != "none" else None
@@ -339,6 +311,43 @@ class LSHAlltoAllTokenDispatcher(PayloadAlltoAllTokenDispatcher):
             clusters.num_clusters, dtype=probs.dtype, device=clusters.centroids.device
         )
         return clusters.centroids, centroid_probs
+
+    def _rows_by_expert(self, hidden_states, routing_map, probs):
+        """megatron-core's permutation: one row per (token, expert) pair, grouped by expert; with
+        the routing probabilities on the input if the config applies them there."""
+        rows_per_expert = routing_map.sum(dim=0)
+        if self.config.moe_expert_capacity_factor is None:
+            num_rows = routing_map.size(0) * self.config.moe_router_topk
+        else:  # dropped tokens make the row count data-dependent
+            num_rows = int(rows_per_expert.sum())
+        token_rows, token_row_probs, self.reversed_local_input_permutation_mapping = permute(
+            hidden_states,
+            routing_map,
+            probs=probs,
+            num_out_tokens=num_rows,
+            fused=self.config.moe_permute_fusion,
+        )
+        if self.config.moe_apply_probs_on_input:
+            token_rows = (token_row_probs.unsqueeze(-1) * token_rows).to(token_rows.dtype)
+            token_row_probs = torch.ones_like(token_row_probs)
+        return token_rows, token_row_probs, rows_per_expert, num_rows
+
+    def _count_merges(self, clusters, errors, cluster_counts, rows_per_expert, exact_experts) -> None:
+        """Rows LSH may merge and their centroids (what the compression rate is a rate of), the
+        merge errors, and the controller's window. Kept on the device, as every count here: the
+        host reads them when the loop logs."""
+        if exact_experts is None:  # sizes the host already knows
+            rows_in_scope, centroids_in_scope = clusters.num_tokens, clusters.num_clusters
+        else:
+            in_scope = ~exact_experts
+            rows_in_scope = (rows_per_expert * in_scope).sum()
+            centroids_in_scope = (clusters.clusters_per_group * in_scope).sum()
+        self._error_stats = (errors.sum(), cluster_counts.exact_rows, rows_in_scope, centroids_in_scope)
+        if self.training:
+            self.window_rows = self.window_rows + rows_in_scope
+            self.window_centroids = self.window_centroids + centroids_in_scope
+            self.window_threshold_splits = self.window_threshold_splits + cluster_counts.threshold_splits
+            self.window_threshold_kept = self.window_threshold_kept + cluster_counts.threshold_kept
 
     def _dispatch_probs(self, centroid_probs, num_global_rows: int):
         """Probs stay home: the experts get ones."""

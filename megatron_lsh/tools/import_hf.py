@@ -342,13 +342,9 @@ def megatron_state_dict(weights: Dict[str, Tensor], config: dict, args, upcycle:
     return out
 
 
-def import_hf(hf_dir: str, save_dir: str, tokenizer_dir: Optional[str] = None, upcycle: Optional[dict] = None,
-              seed: int = 1234) -> List[str]:
-    """Write iteration 0 of a checkpoint in save_dir; returns the model flags training needs."""
-    config = read_config(hf_dir)
-    config_path = os.path.join(hf_dir, "config.json")
-    flags = model_flags(config, hf_dir, upcycle)
-    tokenizer_dir = tokenizer_dir or hf_dir
+def _tokenizer(hf_dir: str, tokenizer_dir: str, vocab_rows: int) -> Optional[HuggingFaceTokenizer]:
+    """The tokenizer to save with the model: --tokenizer's, or the model's own; None (said once)
+    when the model directory has none."""
     try:
         tokenizer = HuggingFaceTokenizer(tokenizer_dir)
     except TokenizerError as error:
@@ -356,12 +352,46 @@ def import_hf(hf_dir: str, save_dir: str, tokenizer_dir: Optional[str] = None, u
             raise HFImportError(str(error)) from None
         logger.warning("%s has no tokenizer (%s): the checkpoint is written without one; pass "
                        "--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR when training", hf_dir, error)
-        tokenizer = None
-    vocab_rows = _field(config, config_path, "vocab_size")
-    if tokenizer is not None and tokenizer.vocab_size > vocab_rows:
+        return None
+    if tokenizer.vocab_size > vocab_rows:
         raise HFImportError(f"--tokenizer {tokenizer_dir}: {tokenizer.vocab_size} tokens, more than the model's "
                             f"vocab_size {vocab_rows} ({os.path.join(hf_dir, 'config.json')}); pass the model's own "
                             "tokenizer")
+    return tokenizer
+
+
+def _load_weights(model, weights: dict, config: dict, args, hf_dir: str, upcycle: bool) -> None:
+    """The Hugging Face weights into our model, every tensor placed and of its shape, or one error
+    naming the first that is not."""
+    try:
+        state = megatron_state_dict(weights, config, args, upcycle)
+    except KeyError as error:
+        raise HFImportError(
+            f"--hf-model {hf_dir}: weight {error.args[0]} is missing from its safetensors files") from None
+    ours = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    if upcycle:  # the routers keep the fresh model's initialisation
+        state.update({k: v for k, v in ours.items() if k.endswith("mlp.router.weight")})
+    unexpected = sorted(set(state) - set(ours))
+    missing = sorted(set(ours) - set(state))
+    if missing or unexpected:
+        raise HFImportError(f"--hf-model {hf_dir}: the weights do not make this model (missing {missing[:3]}, "
+                            f"not placed {unexpected[:3]})")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(ours[name].shape):
+            raise HFImportError(f"--hf-model {hf_dir}: {name} comes out {tuple(tensor.shape)} from the safetensors "
+                                f"files, the model of config.json has {tuple(ours[name].shape)}")
+    model.load_state_dict({**state, **{k: v for k, v in model.state_dict().items() if k.endswith("_extra_state")}})
+
+
+def import_hf(hf_dir: str, save_dir: str, tokenizer_dir: Optional[str] = None, upcycle: Optional[dict] = None,
+              seed: int = 1234) -> List[str]:
+    """Write iteration 0 of a checkpoint in save_dir; returns the model flags training needs."""
+    config = read_config(hf_dir)
+    config_path = os.path.join(hf_dir, "config.json")
+    flags = model_flags(config, hf_dir, upcycle)
+    tokenizer_dir = tokenizer_dir or hf_dir
+    vocab_rows = _field(config, config_path, "vocab_size")
+    tokenizer = _tokenizer(hf_dir, tokenizer_dir, vocab_rows)
     if find_latest_checkpoint(save_dir) is not None:
         raise HFImportError(f"--save {save_dir} already holds a checkpoint; import into an empty directory")
     weights = read_weights(hf_dir)
@@ -398,24 +428,7 @@ def import_hf(hf_dir: str, save_dir: str, tokenizer_dir: Optional[str] = None, u
     model_config = transformer_config_from_args(args, hidden_dropout=0.0, attention_dropout=0.0)
     vocab = padded_vocab_size(tokenizer.vocab_size if tokenizer else vocab_rows, args.make_vocab_size_divisible_by)
     model = task.build_model(args, model_config, vocab)
-    try:
-        state = megatron_state_dict(weights, config, args, upcycle is not None)
-    except KeyError as error:
-        raise HFImportError(
-            f"--hf-model {hf_dir}: weight {error.args[0]} is missing from its safetensors files") from None
-    ours = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    if upcycle is not None:  # the routers keep the fresh model's initialisation
-        state.update({k: v for k, v in ours.items() if k.endswith("mlp.router.weight")})
-    unexpected = sorted(set(state) - set(ours))
-    missing = sorted(set(ours) - set(state))
-    if missing or unexpected:
-        raise HFImportError(f"--hf-model {hf_dir}: the weights do not make this model (missing {missing[:3]}, "
-                            f"not placed {unexpected[:3]})")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(ours[name].shape):
-            raise HFImportError(f"--hf-model {hf_dir}: {name} comes out {tuple(tensor.shape)} from the safetensors "
-                                f"files, the model of config.json has {tuple(ours[name].shape)}")
-    model.load_state_dict({**state, **{k: v for k, v in model.state_dict().items() if k.endswith("_extra_state")}})
+    _load_weights(model, weights, config, args, hf_dir, upcycle is not None)
 
     # Everything checked: only now is anything written, and a failure removes what was.
     existed = os.path.isdir(save_dir)
