@@ -67,7 +67,7 @@ def _cpu_alltoall_dispatcher_sync() -> None:
             for name in ("input_splits", "output_splits", "output_splits_tp"):
                 value = getattr(self, name)
                 if torch.is_tensor(value):
-                    setattr(self, name, value.numpy())
+                    setattr(self, name, value.numpy())  # NOTE: device-to-host sync (megatron-core's)
         return tokens_per_expert
 
     MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = host_split_sizes

@@ -288,24 +288,45 @@ class HostSyncCounter(torch.overrides.TorchFunctionMode):
 
     READS = {"item", "tolist", "__int__", "__float__", "__bool__", "__index__", "numpy", "cpu"}
     DATA_SIZED = {"nonzero", "argwhere", "unique", "unique_consecutive", "_unique2", "masked_select", "bincount"}
+    MARKER = "# NOTE: device-to-host sync"
 
     def __init__(self):
         super().__init__()
         self.calls = []
+        self.our_sites = []  # (file, line, source) of each call made from megatron_lsh's own code
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", str(func))
+        counted = None
         if name in self.READS or name in self.DATA_SIZED:
-            self.calls.append(name)
+            counted = name
         elif name in ("__getitem__", "__setitem__") and self._has_mask(args[1]):
-            self.calls.append(f"{name}[mask]")
+            counted = f"{name}[mask]"
         elif name == "repeat_interleave" and kwargs.get("output_size") is None and len(args) > 1 \
                 and isinstance(args[1], torch.Tensor):
-            self.calls.append("repeat_interleave")
+            counted = "repeat_interleave"
         elif name == "to" and any(str(a) == "cpu" for a in (*args[1:], kwargs.get("device"))):
-            self.calls.append("to(cpu)")
+            counted = "to(cpu)"
+        if counted is not None:
+            self.calls.append(counted)
+            self._note_site()
         return func(*args, **kwargs)
+
+    def _note_site(self):
+        import linecache
+        import sys
+
+        frame = sys._getframe(2)
+        while frame is not None and "/torch/" in frame.f_code.co_filename:  # torch's own wrappers
+            frame = frame.f_back
+        if frame is not None and "/megatron_lsh/" in frame.f_code.co_filename:  # not megatron-core's
+            path, line = frame.f_code.co_filename, frame.f_lineno
+            self.our_sites.append((path, line, linecache.getline(path, line).strip()))
+
+    def unmarked_sites(self):
+        """Our syncs whose line lacks the marker every host sync on the training path carries."""
+        return sorted({site for site in self.our_sites if self.MARKER not in site[2]})
 
     @staticmethod
     def _has_mask(index):
@@ -336,6 +357,7 @@ def host_syncs_per_layer_step(rank, world_size, cases):
                     out, _ = layer(x)
                     out.sum().backward()
             counts[name] = counter.calls
+            counts[f"{name} unmarked"] = counter.unmarked_sites()
         results.append(counts)
     return results
 

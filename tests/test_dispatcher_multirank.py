@@ -299,3 +299,5 @@ def test_lsh_dispatch_waits_for_the_host_at_most_twice_more_than_stock_megatron_
         for call in counts["stock"]:
             extra.remove(call)
         assert sorted(extra) == sorted(added), counts
+        assert counts["lsh unmarked"] == [], counts  # each of ours marked '# NOTE: device-to-host sync'
+        assert counts["stock unmarked"] == [], counts

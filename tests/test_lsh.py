@@ -408,6 +408,7 @@ def test_coarse_to_fine_clustering_decides_on_the_device_without_host_syncs(thre
     with HostSyncCounter() as counter:
         hash_and_cluster(tokens, family, groups, 4, threshold, bound, exact_groups=torch.tensor([1, 0, 0, 1]).bool())
     assert counter.calls == ["__int__", "unique"]  # and the cluster count, which sizes the centroids
+    assert counter.unmarked_sites() == [] and len(counter.our_sites) == 2  # each line says it syncs
     with HostSyncCounter() as counter:
         hash_and_cluster(tokens, family, groups, 4)
     assert counter.calls == ["unique"]
@@ -511,3 +512,20 @@ def test_hash_and_cluster_bisects_on_request_with_exact_groups_and_refuses_it_wi
     assert clusters.clusters_per_group[0] == everything.clusters_per_group[0]
     with pytest.raises(ValueError, match="needs error_bound"):
         hash_and_cluster(tokens, family, groups, 2, None, None, split="bisect")
+
+
+@pytest.mark.parametrize("split", ["hash", "bisect"])
+def test_every_host_sync_of_lsh_says_so_where_it_happens(split):
+    """On a CPU (rows gathered, levels cut short) and when bisecting, the host reads more: each
+    read in megatron_lsh carries the greppable marker '# NOTE: device-to-host sync'."""
+    from tests.moe_workers import HostSyncCounter
+
+    tokens, groups = torch.randn(300, 16), torch.randint(0, 4, (300,))
+    family = build_hash_family("cross_polytope", 16, 6, 4, seed=3)
+    settings = dict(merge_threshold=0.5 if split == "hash" else None, error_bound=0.3,
+                    exact_groups=torch.tensor([1, 0, 0, 1]).bool(), split=split)
+    hash_and_cluster(tokens, family, groups, 4, **settings)  # warm-up: the projections move to the device once
+    with HostSyncCounter() as counter:
+        hash_and_cluster(tokens, family, groups, 4, **settings)
+    assert len(counter.our_sites) >= 2
+    assert counter.unmarked_sites() == []

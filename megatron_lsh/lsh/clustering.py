@@ -3,6 +3,15 @@
 Tokens are grouped by (group, bucket): in the dispatcher a group is the destination expert, so
 clusters never cross experts. Centroids are exact means of their members (half precision is
 summed in fp32), built with ordinary differentiable ops, so gradients reach every member token.
+
+Shapes:
+    N  tokens (the dispatcher's token rows);  H  hidden size;  G  groups (experts)
+    L  hash functions (levels);  B  buckets per hash;  C  clusters (centroids), C <= N
+    S  finest clusters of adaptive_bucket_ids (all L hashes equal, one group), C <= S <= N
+    tokens [N, H], codes [N, L] in [0, B), group ids [N] -> bucket ids [N] -> clusters:
+    token_to_cluster [N], centroids [C, H] (grouped by group), clusters_per_group [G]
+Every host sync is marked ``# NOTE: device-to-host sync``; on a GPU the hashed path reads two
+numbers (the finest clusters' count, the clusters' count), whatever the data.
 """
 
 from __future__ import annotations
@@ -60,8 +69,9 @@ def cluster_tokens(
             f"{num_groups} groups x {total_buckets} buckets overflows int64 cluster keys"
         )
     keys = group_ids.long() * total_buckets + bucket_ids.long()
-    # Sorted unique keys put clusters in group order, which is the order the all-to-all needs.
-    unique_keys, token_to_cluster, cluster_sizes = torch.unique(
+    # Sorted unique keys put clusters in group order, which is the order the all-to-all needs;
+    # their number, read on the host, sizes the centroids.
+    unique_keys, token_to_cluster, cluster_sizes = torch.unique(  # NOTE: device-to-host sync
         keys, sorted=True, return_inverse=True, return_counts=True
     )
     cluster_groups = torch.div(unique_keys, total_buckets, rounding_mode="floor")
@@ -172,12 +182,12 @@ def _members_beyond_bound(values, limits_sq, cluster_of_token, members, num_slot
     cluster's members only, than their bound."""
     if _compacts_rows(values.device):
         beyond = torch.zeros_like(members)
-        rows = members.nonzero().squeeze(1)
+        rows = members.nonzero().squeeze(1)  # NOTE: device-to-host sync (CPU only)
         if rows.numel() == 0:
             return beyond
         points = values.index_select(0, rows)
         clusters = _dense_ids(cluster_of_token.index_select(0, rows))  # only the clusters these rows are in
-        num_clusters = int(clusters.max()) + 1
+        num_clusters = int(clusters.max()) + 1  # NOTE: device-to-host sync (CPU only)
         counts = _per_slot(torch.ones_like(rows, dtype=values.dtype), clusters, num_clusters)
         sums = _per_slot(points, clusters, num_clusters)
         centroids = sums.index_select(0, clusters) / counts.index_select(0, clusters).unsqueeze(1)
@@ -233,6 +243,51 @@ def adaptive_bucket_ids(
     """
     num_tokens, num_hashes = codes.shape
     device = codes.device
+    fine = _finest_clusters(tokens, codes, group_ids, num_buckets, error_bound)
+    bucket_ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    threshold_splits = threshold_kept = torch.zeros((), dtype=torch.long, device=device)
+    dissolved = torch.zeros(fine.slots, dtype=torch.bool, device=device)  # finest clusters sent as rows
+    undecided = fine.counts > 0  # finest clusters not yet taken (empty slots never are)
+    compact = _compacts_rows(device)
+    for level in range(num_hashes):
+        if compact and not bool(undecided.any()):  # NOTE: device-to-host sync (CPU only)
+            break  # every cluster taken: the levels left would decide nothing
+        taken, level_dissolved, splits, kept = _level_decision(
+            fine, level, undecided, merge_threshold, error_bound, uncounted_groups, compact)
+        threshold_splits, threshold_kept = threshold_splits + splits, threshold_kept + kept
+        if level_dissolved is not None:
+            dissolved = level_dissolved
+        bucket_ids = torch.where(taken.index_select(0, fine.of_token),
+                                 level * fine.level_buckets + fine.prefixes[:, level], bucket_ids)
+        undecided &= ~taken
+    bucket_ids, exact = _finish_last_level(fine, undecided, dissolved, bucket_ids, error_bound)
+    return BoundedAssignment(bucket_ids, fine.total_buckets, exact.sum(), threshold_splits, threshold_kept)
+
+
+@dataclass
+class _FinestClusters:
+    """What every level of adaptive_bucket_ids adds up: per finest cluster (all L hashes equal,
+    one expert) its row count, sums of rows, of squared norms and of squared bound limits; per
+    token its finest cluster. Shapes: [N] per token, [S] or [S, hidden] per finest cluster."""
+
+    values: torch.Tensor  # [N, hidden] fp32 rows
+    limits_sq: Optional[torch.Tensor]  # [N] (bound ||x||)^2, None without a bound
+    prefixes: torch.Tensor  # [N, L] bucket id under the first l+1 hashes
+    of_token: torch.Tensor  # [N] finest cluster of each token
+    slots: int  # S
+    counts: torch.Tensor
+    sums: torch.Tensor
+    squares: torch.Tensor
+    limits: Optional[torch.Tensor]
+    cluster_prefixes: torch.Tensor  # [S, L]
+    cluster_groups: torch.Tensor  # [S]
+    level_buckets: int
+    total_buckets: int
+
+
+def _finest_clusters(tokens, codes, group_ids, num_buckets: int, error_bound: Optional[float]) -> _FinestClusters:
+    num_tokens, num_hashes = codes.shape
+    device = codes.device
     level_buckets = num_buckets**num_hashes
     radix = num_buckets ** torch.arange(num_hashes, dtype=torch.int64, device=device)
     prefixes = (codes * radix).cumsum(dim=1)  # [N, L]: bucket id under the first l+1 hashes
@@ -242,101 +297,113 @@ def adaptive_bucket_ids(
     squared_norms = values.square().sum(dim=1)
     limits_sq = error_bound**2 * squared_norms if error_bound is not None else None
     groups = group_ids.long()
-    bucket_ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
     # The finest clusters, whose sums make every coarser cluster's. Their number is the one
     # value read on the host: it sizes every array below.
-    fine_of_token = _dense_ids(groups * total_buckets + prefixes[:, -1])
-    slots = int(fine_of_token.max()) + 1 if num_tokens else 0
-    fine_counts = _per_slot(torch.ones_like(squared_norms), fine_of_token, slots)
-    fine_sums = _per_slot(values, fine_of_token, slots)
-    fine_squares = _per_slot(squared_norms, fine_of_token, slots)
-    fine_limits = _per_slot(limits_sq, fine_of_token, slots) if error_bound is not None else None
+    of_token = _dense_ids(groups * total_buckets + prefixes[:, -1])
+    slots = int(of_token.max()) + 1 if num_tokens else 0  # NOTE: device-to-host sync (sizes the arrays)
     representative = torch.full((slots,), num_tokens - 1, dtype=torch.long, device=device).scatter_reduce_(
-        0, fine_of_token, torch.arange(num_tokens, device=device), reduce="amin")
-    fine_prefixes, fine_groups = prefixes.index_select(0, representative), groups.index_select(0, representative)
-    threshold_splits = threshold_kept = torch.zeros((), dtype=torch.long, device=device)
-    dissolved = torch.zeros(slots, dtype=torch.bool, device=device)  # finest clusters sent as rows
+        0, of_token, torch.arange(num_tokens, device=device), reduce="amin")
+    return _FinestClusters(
+        values=values, limits_sq=limits_sq, prefixes=prefixes, of_token=of_token, slots=slots,
+        counts=_per_slot(torch.ones_like(squared_norms), of_token, slots),
+        sums=_per_slot(values, of_token, slots),
+        squares=_per_slot(squared_norms, of_token, slots),
+        limits=_per_slot(limits_sq, of_token, slots) if error_bound is not None else None,
+        cluster_prefixes=prefixes.index_select(0, representative),
+        cluster_groups=groups.index_select(0, representative),
+        level_buckets=level_buckets, total_buckets=total_buckets,
+    )
 
-    undecided = fine_counts > 0  # finest clusters not yet taken (empty slots never are)
-    compact = _compacts_rows(device)
-    for level in range(num_hashes):
-        last_level = level == num_hashes - 1
-        if compact and not bool(undecided.any()):
-            break  # every cluster taken: the levels left would decide nothing
-        # Decided and empty slots share one key below every real one, and their sums go to a
-        # spare slot past the end: undecided clusters' sums add up as if the others were gone.
-        keys = torch.where(undecided, fine_groups * total_buckets + level * level_buckets + fine_prefixes[:, level],
-                           torch.full_like(fine_groups, -1))
-        coarse_of_fine = _dense_ids(keys)
-        # Sized by the level's clusters where reading their count is free (a CPU), else by the
-        # finest ones; and, on a CPU, only undecided clusters' sums are added up (a level's
-        # clusters nest in the one before's, so a cluster is undecided as a whole).
-        coarse = int(coarse_of_fine.max()) + 1 if compact else slots
-        into = torch.where(undecided, coarse_of_fine, torch.full_like(coarse_of_fine, coarse))
-        active = undecided.nonzero().squeeze(1) if compact else None
 
-        def per_coarse(fine_values):
-            if active is not None:
-                return _per_slot(fine_values.index_select(0, active), into.index_select(0, active), coarse + 1)[:coarse]
-            return _per_slot(fine_values, into, coarse + 1)[:coarse]
+def _level_decision(fine: _FinestClusters, level: int, undecided, merge_threshold, error_bound, uncounted_groups,
+                    compact: bool):
+    """One level: which undecided finest clusters its clusters take ([S] bool), which the last
+    level dissolves into rows ([S] bool, None before it), and the threshold's split and kept
+    counts. Decided and empty slots share one key below every real one, and their sums go to a
+    spare slot past the end: undecided clusters' sums add up as if the others were gone."""
+    device = undecided.device
+    last_level = level == fine.prefixes.size(1) - 1
+    keys = torch.where(undecided, fine.cluster_groups * fine.total_buckets + level * fine.level_buckets
+                       + fine.cluster_prefixes[:, level], torch.full_like(fine.cluster_groups, -1))
+    coarse_of_fine = _dense_ids(keys)
+    # Sized by the level's clusters where reading their count is free (a CPU), else by the
+    # finest ones; and, on a CPU, only undecided clusters' sums are added up (a level's
+    # clusters nest in the one before's, so a cluster is undecided as a whole).
+    coarse = int(coarse_of_fine.max()) + 1 if compact else fine.slots  # NOTE: device-to-host sync (CPU only)
+    into = torch.where(undecided, coarse_of_fine, torch.full_like(coarse_of_fine, coarse))
+    active = undecided.nonzero().squeeze(1) if compact else None  # NOTE: device-to-host sync (CPU only)
 
-        counts, sums, squares = per_coarse(fine_counts), per_coarse(fine_sums), per_coarse(fine_squares)
-        # sum ||x - c||^2 = sum ||x||^2 - ||sum x||^2 / n: no centroid over all clusters' width.
-        spread = (squares - sums.square().sum(dim=1) / counts.clamp(min=1)).clamp(min=0)
-        candidate = torch.ones(coarse, dtype=torch.bool, device=device)
-        if error_bound is not None:
-            # Slack for cancellation in the spread: a candidate let through wrongly is checked below.
-            candidate &= spread <= per_coarse(fine_limits) * (1 + 1e-3) + 1e-6 * squares
-        if merge_threshold is not None:
-            within = counts * spread <= merge_threshold * squares.clamp(min=1e-30)
-            if uncounted_groups is not None:
-                counted = per_coarse((~uncounted_groups.index_select(0, fine_groups)).long()) > 0
-            else:
-                counted = torch.ones(coarse, dtype=torch.bool, device=device)
-            several = counted & (counts > 1)
-            threshold_splits = threshold_splits + (several & candidate & ~within).sum()
-            threshold_kept = threshold_kept + (several & within & (spread > 0)).sum()
-            if last_level:
-                dissolved = undecided & ~within.index_select(0, coarse_of_fine)
-            candidate &= within
-        if error_bound is not None:
-            # Each token of a candidate cluster, checked against its centroid.
-            coarse_of_token = coarse_of_fine.index_select(0, fine_of_token)
-            checked = undecided.index_select(0, fine_of_token) & candidate.index_select(0, coarse_of_token)
-            broken = torch.zeros(coarse, dtype=torch.bool, device=device)
-            if compact:
-                rows = checked.nonzero().squeeze(1)
-                row_coarse = coarse_of_token.index_select(0, rows)
-                row_counts = counts.index_select(0, row_coarse).clamp(min=1).unsqueeze(1)
-                row_centroids = sums.index_select(0, row_coarse) / row_counts
-                distance_sq = (values.index_select(0, rows) - row_centroids).square().sum(dim=1)
-                broken.index_put_((row_coarse,), distance_sq > limits_sq.index_select(0, rows), accumulate=True)
-            else:
-                centroids = sums / counts.clamp(min=1).unsqueeze(1)
-                distance_sq = (values - centroids.index_select(0, coarse_of_token)).square().sum(dim=1)
-                broken.index_put_((coarse_of_token,), checked & (distance_sq > limits_sq), accumulate=True)
-            candidate &= ~broken
-        taken = undecided & candidate.index_select(0, coarse_of_fine)
-        bucket_ids = torch.where(taken.index_select(0, fine_of_token),
-                                 level * level_buckets + prefixes[:, level], bucket_ids)
-        undecided &= ~taken
-    exact = dissolved.index_select(0, fine_of_token)
-    if error_bound is None:  # the last level took every cluster left within the threshold
-        bucket_ids = torch.where(undecided.index_select(0, fine_of_token) & ~exact,
-                                 (num_hashes - 1) * level_buckets + prefixes[:, -1], bucket_ids)
+    def per_coarse(fine_values):
+        if active is not None:
+            return _per_slot(fine_values.index_select(0, active), into.index_select(0, active), coarse + 1)[:coarse]
+        return _per_slot(fine_values, into, coarse + 1)[:coarse]
+
+    counts, sums, squares = per_coarse(fine.counts), per_coarse(fine.sums), per_coarse(fine.squares)
+    # sum ||x - c||^2 = sum ||x||^2 - ||sum x||^2 / n: no centroid over all clusters' width.
+    spread = (squares - sums.square().sum(dim=1) / counts.clamp(min=1)).clamp(min=0)
+    candidate = torch.ones(coarse, dtype=torch.bool, device=device)
+    splits = kept = torch.zeros((), dtype=torch.long, device=device)
+    dissolved = None
+    if error_bound is not None:
+        # Slack for cancellation in the spread: a candidate let through wrongly is checked below.
+        candidate &= spread <= per_coarse(fine.limits) * (1 + 1e-3) + 1e-6 * squares
+    if merge_threshold is not None:
+        within = counts * spread <= merge_threshold * squares.clamp(min=1e-30)
+        if uncounted_groups is not None:
+            counted = per_coarse((~uncounted_groups.index_select(0, fine.cluster_groups)).long()) > 0
+        else:
+            counted = torch.ones(coarse, dtype=torch.bool, device=device)
+        several = counted & (counts > 1)
+        splits = (several & candidate & ~within).sum()
+        kept = (several & within & (spread > 0)).sum()
+        if last_level:
+            dissolved = undecided & ~within.index_select(0, coarse_of_fine)
+        candidate &= within
+    if error_bound is not None:
+        candidate &= ~_broken_by_a_member(fine, undecided, candidate, coarse_of_fine, counts, sums, coarse, compact)
+    return undecided & candidate.index_select(0, coarse_of_fine), dissolved, splits, kept
+
+
+def _broken_by_a_member(fine: _FinestClusters, undecided, candidate, coarse_of_fine, counts, sums, coarse: int,
+                        compact: bool):
+    """[coarse] bool: candidate clusters one of whose tokens is beyond the bound from its centroid."""
+    coarse_of_token = coarse_of_fine.index_select(0, fine.of_token)
+    checked = undecided.index_select(0, fine.of_token) & candidate.index_select(0, coarse_of_token)
+    broken = torch.zeros(coarse, dtype=torch.bool, device=candidate.device)
+    if compact:
+        rows = checked.nonzero().squeeze(1)  # NOTE: device-to-host sync (CPU only)
+        row_coarse = coarse_of_token.index_select(0, rows)
+        row_counts = counts.index_select(0, row_coarse).clamp(min=1).unsqueeze(1)
+        row_centroids = sums.index_select(0, row_coarse) / row_counts
+        distance_sq = (fine.values.index_select(0, rows) - row_centroids).square().sum(dim=1)
+        broken.index_put_((row_coarse,), distance_sq > fine.limits_sq.index_select(0, rows), accumulate=True)
     else:
-        # The bound leaves clusters undecided after the last level: their members beyond it travel
-        # exact, the rest is averaged again, and a rest that still breaks it travels exact.
-        left = undecided.index_select(0, fine_of_token) & ~exact
-        outliers = _members_beyond_bound(values, limits_sq, fine_of_token, left, slots)
+        centroids = sums / counts.clamp(min=1).unsqueeze(1)
+        distance_sq = (fine.values - centroids.index_select(0, coarse_of_token)).square().sum(dim=1)
+        broken.index_put_((coarse_of_token,), checked & (distance_sq > fine.limits_sq), accumulate=True)
+    return broken
+
+
+def _finish_last_level(fine: _FinestClusters, undecided, dissolved, bucket_ids, error_bound):
+    """The clusters no level took: without a bound, the last level's (within the threshold);
+    with one, their members beyond it travel exact, the rest is averaged again, and a rest that
+    still breaks it travels exact. Returns the bucket ids and which tokens travel as themselves."""
+    num_tokens, num_hashes = fine.prefixes.shape
+    exact = dissolved.index_select(0, fine.of_token)
+    last = (num_hashes - 1) * fine.level_buckets + fine.prefixes[:, -1]
+    if error_bound is None:
+        bucket_ids = torch.where(undecided.index_select(0, fine.of_token) & ~exact, last, bucket_ids)
+    else:
+        left = undecided.index_select(0, fine.of_token) & ~exact
+        outliers = _members_beyond_bound(fine.values, fine.limits_sq, fine.of_token, left, fine.slots)
         rest = left & ~outliers
-        rest_broken = _members_beyond_bound(values, limits_sq, fine_of_token, rest, slots)
-        broken = torch.zeros(slots, dtype=torch.bool, device=device).index_put_(
-            (fine_of_token,), rest_broken, accumulate=True)
-        exact = exact | outliers | (rest & broken.index_select(0, fine_of_token))
-        bucket_ids = torch.where(left, (num_hashes - 1) * level_buckets + prefixes[:, -1], bucket_ids)
-    bucket_ids = torch.where(exact, num_hashes * level_buckets + torch.arange(num_tokens, device=device), bucket_ids)
-    return BoundedAssignment(bucket_ids, total_buckets, exact.sum(), threshold_splits, threshold_kept)
+        rest_broken = _members_beyond_bound(fine.values, fine.limits_sq, fine.of_token, rest, fine.slots)
+        broken = torch.zeros(fine.slots, dtype=torch.bool, device=bucket_ids.device).index_put_(
+            (fine.of_token,), rest_broken, accumulate=True)
+        exact = exact | outliers | (rest & broken.index_select(0, fine.of_token))
+        bucket_ids = torch.where(left, last, bucket_ids)
+    own_ids = num_hashes * fine.level_buckets + torch.arange(num_tokens, device=bucket_ids.device)
+    return torch.where(exact, own_ids, bucket_ids), exact
 
 
 @torch.no_grad()
@@ -373,12 +440,13 @@ def bisecting_bucket_ids(tokens: torch.Tensor, group_ids: torch.Tensor, error_bo
     bucket_ids = exact_ids.clone()
     rows = torch.arange(num_tokens, device=device)  # undecided rows, and below their values and clusters
     if skipped_groups is not None:
-        rows = (~skipped_groups.index_select(0, group_ids.long())).nonzero().squeeze(1)
+        counted = ~skipped_groups.index_select(0, group_ids.long())
+        rows = counted.nonzero().squeeze(1)  # NOTE: device-to-host sync (bisect)
     points, row_limits_sq = values.index_select(0, rows), limits_sq.index_select(0, rows)
     cluster = _dense_ids(group_ids.long().index_select(0, rows))
     exact = torch.zeros(num_tokens, dtype=torch.bool, device=device)
     for level in range(max_levels + 1 if rows.numel() else 0):
-        num_clusters = int(cluster.max()) + 1
+        num_clusters = int(cluster.max()) + 1  # NOTE: device-to-host sync (bisect)
         counts = _per_slot(torch.ones_like(row_limits_sq), cluster, num_clusters)
         centroids = _per_slot(points, cluster, num_clusters) / counts.unsqueeze(1)
         deviations = points - centroids.index_select(0, cluster)
@@ -403,7 +471,7 @@ def bisecting_bucket_ids(tokens: torch.Tensor, group_ids: torch.Tensor, error_bo
             kept_ids = bucket_ids.index_select(0, rows)
             bucket_ids.index_put_((rows,), torch.where(rest & ~rest_broken, level_ids, kept_ids))
             break
-        broken_rows = row_broken.nonzero().squeeze(1)  # the level's second read on the host
+        broken_rows = row_broken.nonzero().squeeze(1)  # NOTE: device-to-host sync (bisect: the level's second read)
         if broken_rows.numel() == 0:
             break
         if broken_rows.numel() < rows.numel():  # (at the first levels every cluster breaks: nothing to gather)

@@ -12,11 +12,22 @@ experts get ones and each token's probability is applied here, on its source ran
 
 Everything between the two all-to-alls (sorting by local expert, expert tensor parallelism,
 the expert computation) is megatron-core's, unchanged: it sees fewer rows.
+
+Shapes, as megatron-core's token_dispatcher.py writes them:
+    S, B   sequence length (per tensor-parallel rank with sequence parallelism), micro-batch
+    T      tokens of this rank, S x B;  K  --moe-router-topk;  H  hidden size
+    R      token rows, one per (token, expert) pair: T x K without dropped tokens
+    C      centroids (clusters) of those rows, C <= R;  E  experts;  E_local  this rank's
+    hidden_states [S, B, H] -> token rows [R, H] (by expert) -> centroids [C, H] -> all-to-all
+    -> expert outputs [C, H] -> all-to-all back -> token rows [R, H] -> [S, B, H]
+Every host sync on this path is marked ``# NOTE: device-to-host sync`` (tests/test_lsh.py and
+tests/test_dispatcher_multirank.py fail on an unmarked one).
 """
 
 from __future__ import annotations
 
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 from megatron.core import utils
@@ -194,6 +205,21 @@ class PayloadAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         get_compression_tracker().record(self.layer_name, stats)
 
 
+@dataclass
+class LSHForward:
+    """What one forward carries from dispatch_preprocess (which sets it) to combine_postprocess
+    (which clears it); the statistics read it in between."""
+
+    clusters: GroupedClusters  # R token rows -> C centroids, grouped by expert
+    token_rows: Optional[torch.Tensor]  # [R, H], kept for the residual x - c (compensation only)
+    token_row_probs: torch.Tensor  # [R] each row's routing probability, applied at the combine
+    # On the device: sum of relative errors, rows sent exact, rows LSH may merge, their centroids.
+    error_stats: Tuple[torch.Tensor, ...]
+    stock_rows_per_tp_peer: Optional[torch.Tensor] = None  # [ETP] rows per peer in stock's dispatch
+    expert_inputs: Optional[tuple] = None  # expert_gain: ([C_local, H] rows, rows per local expert)
+    expert_gains: Optional[torch.Tensor] = None  # expert_gain: [E] each expert's gain
+
+
 class LSHAlltoAllTokenDispatcher(PayloadAlltoAllTokenDispatcher):
     """All-to-all token dispatcher whose both all-to-alls carry LSH centroids.
 
@@ -214,12 +240,7 @@ class LSHAlltoAllTokenDispatcher(PayloadAlltoAllTokenDispatcher):
         self.iteration = 0
         self._hash_family: Optional[LSHFamily] = None
         self._hash_family_key = None
-        # State of one forward pass, between dispatch_preprocess and combine_postprocess.
-        self._clusters: Optional[GroupedClusters] = None
-        self._token_rows: Optional[torch.Tensor] = None
-        self._token_row_probs: Optional[torch.Tensor] = None
-        self._expert_inputs: Optional[torch.Tensor] = None
-        self._expert_gains: Optional[torch.Tensor] = None
+        self._forward: Optional[LSHForward] = None  # one forward's state, dispatch to combine
         # The merge threshold in force (None: no controller), which the compression controller
         # steers towards the target rate.
         self.merge_threshold: Optional[float] = initial_merge_threshold(config)
@@ -283,11 +304,12 @@ class LSHAlltoAllTokenDispatcher(PayloadAlltoAllTokenDispatcher):
             token_rows, family, expert_of_row, self.num_experts, self.merge_threshold,
             self.config.lsh_error_bound, exact_experts, self.config.lsh_split,
         )
-        self._count_merges(clusters, errors, cluster_counts, rows_per_expert, exact_experts)
-        self._clusters = clusters
-        # Kept for the residual x - c only when compensation needs it.
-        self._token_rows = token_rows if self.config.lsh_compensation != "none" else None
-        self._token_row_probs = token_row_probs
+        self._forward = LSHForward(
+            clusters=clusters,
+            token_rows=token_rows if self.config.lsh_compensation != "none" else None,
+            token_row_probs=token_row_probs,
+            error_stats=self._count_merges(clusters, errors, cluster_counts, rows_per_expert, exact_experts),
+        )
         self._token_rows_per_expert = rows_per_expert
         if self.tp_size > 1:
             # Rows each expert-tensor-parallel peer will hold for this rank's experts had every
@@ -296,7 +318,7 @@ class LSHAlltoAllTokenDispatcher(PayloadAlltoAllTokenDispatcher):
                 rows_per_expert, group=self.tp_ep_group
             ).reshape(self.ep_size, self.tp_size, self.num_experts)
             first, last = self.local_expert_indices[0], self.local_expert_indices[-1] + 1
-            self._stock_rows_per_tp_peer = token_counts[:, :, first:last].sum(dim=(0, 2))
+            self._forward.stock_rows_per_tp_peer = token_counts[:, :, first:last].sum(dim=(0, 2))
 
         # megatron-core's own metadata step (splits, per-expert counts, the count all-gather),
         # fed a routing map with one row per centroid.
@@ -319,7 +341,7 @@ class LSHAlltoAllTokenDispatcher(PayloadAlltoAllTokenDispatcher):
         if self.config.moe_expert_capacity_factor is None:
             num_rows = routing_map.size(0) * self.config.moe_router_topk
         else:  # dropped tokens make the row count data-dependent
-            num_rows = int(rows_per_expert.sum())
+            num_rows = int(rows_per_expert.sum())  # NOTE: device-to-host sync (capacity factor only)
         token_rows, token_row_probs, self.reversed_local_input_permutation_mapping = permute(
             hidden_states,
             routing_map,
@@ -332,7 +354,7 @@ class LSHAlltoAllTokenDispatcher(PayloadAlltoAllTokenDispatcher):
             token_row_probs = torch.ones_like(token_row_probs)
         return token_rows, token_row_probs, rows_per_expert, num_rows
 
-    def _count_merges(self, clusters, errors, cluster_counts, rows_per_expert, exact_experts) -> None:
+    def _count_merges(self, clusters, errors, cluster_counts, rows_per_expert, exact_experts) -> tuple:
         """Rows LSH may merge and their centroids (what the compression rate is a rate of), the
         merge errors, and the controller's window. Kept on the device, as every count here: the
         host reads them when the loop logs."""
@@ -342,12 +364,12 @@ class LSHAlltoAllTokenDispatcher(PayloadAlltoAllTokenDispatcher):
             in_scope = ~exact_experts
             rows_in_scope = (rows_per_expert * in_scope).sum()
             centroids_in_scope = (clusters.clusters_per_group * in_scope).sum()
-        self._error_stats = (errors.sum(), cluster_counts.exact_rows, rows_in_scope, centroids_in_scope)
         if self.training:
             self.window_rows = self.window_rows + rows_in_scope
             self.window_centroids = self.window_centroids + centroids_in_scope
             self.window_threshold_splits = self.window_threshold_splits + cluster_counts.threshold_splits
             self.window_threshold_kept = self.window_threshold_kept + cluster_counts.threshold_kept
+        return errors.sum(), cluster_counts.exact_rows, rows_in_scope, centroids_in_scope
 
     def _dispatch_probs(self, centroid_probs, num_global_rows: int):
         """Probs stay home: the experts get ones."""
@@ -356,51 +378,48 @@ class LSHAlltoAllTokenDispatcher(PayloadAlltoAllTokenDispatcher):
     def dispatch_postprocess(self, global_centroids, global_probs):
         dispatched, tokens_per_expert, probs = super().dispatch_postprocess(global_centroids, global_probs)
         if self.config.lsh_compensation == "expert_gain":
-            self._expert_inputs = (dispatched.detach(), torch.as_tensor(tokens_per_expert).tolist())
+            rows = torch.as_tensor(tokens_per_expert).tolist()  # NOTE: device-to-host sync (expert_gain)
+            self._forward.expert_inputs = (dispatched.detach(), rows)
         return dispatched, tokens_per_expert, probs
 
     def combine_preprocess(self, expert_outputs):
         """With expert-gain compensation, fit each local expert's gain on the rows it just
         computed (still sorted by local expert) and share the gains over expert parallel."""
-        if self._expert_inputs is not None:
-            inputs, rows_per_local_expert = self._expert_inputs
+        forward = self._forward
+        if forward.expert_inputs is not None:
+            inputs, rows_per_local_expert = forward.expert_inputs
             local_gains = fit_expert_gains(
                 inputs, expert_outputs, torch.tensor(rows_per_local_expert, device=expert_outputs.device)
             )
-            self._expert_inputs = None
+            forward.expert_inputs = None
             if self.ep_size > 1:
                 gathered = [torch.empty_like(local_gains) for _ in range(self.ep_size)]
                 torch.distributed.all_gather(gathered, local_gains, group=self.ep_group)
                 local_gains = torch.cat(gathered)
-            self._expert_gains = local_gains
+            forward.expert_gains = local_gains
         return super().combine_preprocess(expert_outputs)
 
     def combine_postprocess(self, centroid_outputs):
         """One output per token row from its centroid's output, weighted by its own prob."""
-        clusters, token_rows, token_row_probs = (
-            self._clusters,
-            self._token_rows,
-            self._token_row_probs,
-        )
-        self._clusters = self._token_rows = self._token_row_probs = None
+        forward, self._forward = self._forward, None
         residual_scale = None
         if self.config.lsh_compensation == "expert_gain":
-            residual_scale = self._expert_gains.to(centroid_outputs.device).index_select(
-                0, clusters.cluster_groups
+            residual_scale = forward.expert_gains.to(centroid_outputs.device).index_select(
+                0, forward.clusters.cluster_groups
             )
-            self._expert_gains = None
-        row_outputs = expand_to_tokens(centroid_outputs, clusters, token_rows, residual_scale)
-        row_outputs = (row_outputs * token_row_probs.unsqueeze(-1)).to(centroid_outputs.dtype)
+        row_outputs = expand_to_tokens(centroid_outputs, forward.clusters, forward.token_rows, residual_scale)
+        row_outputs = (row_outputs * forward.token_row_probs.unsqueeze(-1)).to(centroid_outputs.dtype)
         return super().combine_postprocess(row_outputs)
 
     def _sent_rows_per_expert(self) -> torch.Tensor:
-        return self._clusters.clusters_per_group
+        return self._forward.clusters.clusters_per_group
 
     def _rows_per_tp_peer(self):
         sent, _ = super()._rows_per_tp_peer()  # centroids; stock would have sent every token row
-        return sent.to(self._stock_rows_per_tp_peer.device), self._stock_rows_per_tp_peer
+        stock = self._forward.stock_rows_per_tp_peer
+        return sent.to(stock.device), stock
 
     def _compression_counts(self) -> dict:
-        relative_error_sum, exact_rows, rows_in_scope, centroids_in_scope = self._error_stats
+        relative_error_sum, exact_rows, rows_in_scope, centroids_in_scope = self._forward.error_stats
         return dict(lsh_dispatches=1, tokens=rows_in_scope, centroids=centroids_in_scope, exact_rows=exact_rows,
                     relative_error_sum=relative_error_sum)
