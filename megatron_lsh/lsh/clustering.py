@@ -456,20 +456,11 @@ def bisecting_bucket_ids(tokens: torch.Tensor, group_ids: torch.Tensor, error_bo
             (cluster,), beyond, accumulate=True).index_select(0, cluster)
         level_ids = level * num_tokens + cluster
         bucket_ids.index_put_((rows,), torch.where(row_broken, bucket_ids.index_select(0, rows), level_ids))
-        if level == max_levels:
-            # Out of levels: members beyond the bound travel exact, the rest of their cluster is
-            # averaged again and what still breaks the bound travels exact too.
-            rest = row_broken & ~beyond
-            weights = rest.to(points.dtype)
-            rest_centroids = _per_slot(points * weights.unsqueeze(1), cluster, num_clusters) / _per_slot(
-                weights, cluster, num_clusters).clamp(min=1).unsqueeze(1)
-            rest_deviations = points - rest_centroids.index_select(0, cluster)
-            rest_beyond = rest & (torch.linalg.vecdot(rest_deviations, rest_deviations) > row_limits_sq)
-            rest_broken = torch.zeros(num_clusters, dtype=torch.bool, device=device).index_put_(
-                (cluster,), rest_beyond, accumulate=True).index_select(0, cluster)
-            exact.index_put_((rows,), (row_broken & beyond) | (rest & rest_broken))
+        if level == max_levels:  # out of levels
+            row_exact, rest_kept = _bisection_finish(points, row_limits_sq, cluster, num_clusters, row_broken, beyond)
+            exact.index_put_((rows,), row_exact)
             kept_ids = bucket_ids.index_select(0, rows)
-            bucket_ids.index_put_((rows,), torch.where(rest & ~rest_broken, level_ids, kept_ids))
+            bucket_ids.index_put_((rows,), torch.where(rest_kept, level_ids, kept_ids))
             break
         broken_rows = row_broken.nonzero().squeeze(1)  # NOTE: device-to-host sync (bisect: the level's second read)
         if broken_rows.numel() == 0:
@@ -477,20 +468,43 @@ def bisecting_bucket_ids(tokens: torch.Tensor, group_ids: torch.Tensor, error_bo
         if broken_rows.numel() < rows.numel():  # (at the first levels every cluster breaks: nothing to gather)
             rows, cluster, points, row_limits_sq, deviations, distance_sq = (
                 t.index_select(0, broken_rows) for t in (rows, cluster, points, row_limits_sq, deviations, distance_sq))
-        # The member farthest from each broken cluster's centroid (the first among ties).
-        farthest_sq = torch.zeros(num_clusters, device=device).scatter_reduce_(
-            0, cluster, distance_sq, reduce="amax", include_self=False)
-        position = torch.arange(rows.numel(), device=device)
-        candidates = torch.where(distance_sq == farthest_sq.index_select(0, cluster), position, rows.numel() - 1)
-        farthest = torch.full((num_clusters,), rows.numel() - 1, dtype=torch.long, device=device).scatter_reduce_(
-            0, cluster, candidates, reduce="amin")
-        start = deviations.index_select(0, farthest).index_select(0, cluster)
-        direction = _per_slot(deviations * torch.linalg.vecdot(deviations, start).unsqueeze(1), cluster, num_clusters)
-        side = torch.linalg.vecdot(deviations, direction.index_select(0, cluster)) > 0
-        cluster = _dense_ids(cluster * 2 + side.long())
+        cluster = _halved(cluster, num_clusters, deviations, distance_sq)
     bucket_ids = torch.where(exact, exact_ids, bucket_ids)
     zero = torch.zeros((), dtype=torch.long, device=device)
     return BoundedAssignment(bucket_ids, total_buckets, exact.sum(), zero, zero)
+
+
+def _halved(cluster, num_clusters: int, deviations, distance_sq):
+    """[M] each row's cluster after cutting every cluster across its principal direction (one
+    power-iteration step from its member farthest from the centroid, the first among ties)."""
+    device = cluster.device
+    rows = cluster.numel()
+    farthest_sq = torch.zeros(num_clusters, device=device).scatter_reduce_(
+        0, cluster, distance_sq, reduce="amax", include_self=False)
+    position = torch.arange(rows, device=device)
+    candidates = torch.where(distance_sq == farthest_sq.index_select(0, cluster), position, rows - 1)
+    farthest = torch.full((num_clusters,), rows - 1, dtype=torch.long, device=device).scatter_reduce_(
+        0, cluster, candidates, reduce="amin")
+    start = deviations.index_select(0, farthest).index_select(0, cluster)
+    direction = _per_slot(deviations * torch.linalg.vecdot(deviations, start).unsqueeze(1), cluster, num_clusters)
+    side = torch.linalg.vecdot(deviations, direction.index_select(0, cluster)) > 0
+    return _dense_ids(cluster * 2 + side.long())
+
+
+def _bisection_finish(points, row_limits_sq, cluster, num_clusters: int, row_broken, beyond):
+    """Out of levels: members beyond the bound travel exact, the rest of their cluster is
+    averaged again and what still breaks the bound travels exact too. Returns, per row, whether
+    it travels exact and whether it stays in its (re-averaged) cluster."""
+    device = points.device
+    rest = row_broken & ~beyond
+    weights = rest.to(points.dtype)
+    rest_centroids = _per_slot(points * weights.unsqueeze(1), cluster, num_clusters) / _per_slot(
+        weights, cluster, num_clusters).clamp(min=1).unsqueeze(1)
+    rest_deviations = points - rest_centroids.index_select(0, cluster)
+    rest_beyond = rest & (torch.linalg.vecdot(rest_deviations, rest_deviations) > row_limits_sq)
+    rest_broken = torch.zeros(num_clusters, dtype=torch.bool, device=device).index_put_(
+        (cluster,), rest_beyond, accumulate=True).index_select(0, cluster)
+    return (row_broken & beyond) | (rest & rest_broken), rest & ~rest_broken
 
 
 @torch.no_grad()
