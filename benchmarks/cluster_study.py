@@ -282,6 +282,13 @@ def predict(run: Run, calibration: Dict) -> Dict:
 
 
 def report(runs: List[Run], calibration: Dict, elapsed: float) -> str:
+    validation = [r for r in runs if r.part == "validation"]
+    lines = [*_calibration_section(calibration, elapsed), *_validation_section(validation),
+             *_projection_misses(validation), *_speedups(validation), *_scope_section(runs)]
+    return "\n".join(lines) + "\n"
+
+
+def _calibration_section(calibration: Dict, elapsed: float) -> List[str]:
     compute = calibration["compute"]
     lines = [
         "# Nodes of several processes: inter-node scope and the speedup projection",
@@ -327,8 +334,11 @@ def report(runs: List[Run], calibration: Dict, elapsed: float) -> str:
         lines.append(f"| {layout.replace('x', ' x ')} | {link} | {size} | {measured['latency_us']:.0f} us | "
                      f"{measured['latency_under_load_us']:.0f} us | {bandwidth} |")
 
-    validation = [r for r in runs if r.part == "validation"]
-    lines += [
+    return lines
+
+
+def _validation_section(validation: List[Run]) -> List[str]:
+    lines = [
         "",
         "## Validation: predicted against measured step time",
         "",
@@ -359,6 +369,12 @@ def report(runs: List[Run], calibration: Dict, elapsed: float) -> str:
     lines += ["", f"Within {100 * VALIDATION_TOLERANCE:.0f}%: {within} of {len(errors)} runs; largest error "
               f"{100 * max(errors):.0f}%, median {100 * statistics.median(errors):.0f}%."
               + (f" Outside: {', '.join(misses)}." if misses else ""), ""]
+    return lines
+
+
+def _projection_misses(validation: List[Run]) -> List[str]:
+    """Where the projection overshoots LSH's step at the slowest link, set beside stock's miss."""
+    lines = []
     slowest = min(run.rate_mbit for run in validation if run.nodes > 1)
     over = [run for run in validation if run.kind == "lsh" and run.nodes > 1 and run.rate_mbit == slowest
             and run.results["predicted"]["step_ms"] > run.results["step_ms"]]
@@ -386,6 +402,11 @@ def report(runs: List[Run], calibration: Dict, elapsed: float) -> str:
     lines += ["The measured a2a share counts the wait for the slowest rank inside each all-to-all, which the "
               "projection "
               "books as latency.", ""]
+    return lines
+
+
+def _speedups(validation: List[Run]) -> List[str]:
+    lines = []
     speedups = []
     for run in validation:
         if run.kind != "lsh":
@@ -399,6 +420,11 @@ def report(runs: List[Run], calibration: Dict, elapsed: float) -> str:
         link = f"{run.rate_mbit / 1000:g} Gbit/s" if run.nodes > 1 else "-"
         lines.append(f"| {run.nodes} x {run.procs} | {link} | {measured:.2f}x | {predicted:.2f}x |")
 
+    return lines
+
+
+def _scope_section(runs: List[Run]) -> List[str]:
+    lines = []
     scope = [r for r in runs if r.part == "scope"]
     if scope:
         stock = scope[0].results
@@ -428,7 +454,7 @@ def report(runs: List[Run], calibration: Dict, elapsed: float) -> str:
                 f"| {name} | {r['step_ms']:.0f} | {r['step_ms'] / stock['step_ms']:.2f}x | {inter} | {total} | "
                 f"{r['link_mb_per_node_iter']:.2f} | {r['loopback_mb_per_node_iter']:.2f} | {r['compression']:.3f} | "
                 f"{r['final_ppl']:.1f} | {r['final_ppl'] / stock['final_ppl']:.3f} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> None:
