@@ -15,31 +15,18 @@ Evaluation sees the values the study trains with.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 import torch
-from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.transformer.moe.moe_layer import MoESubmodules
-from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
-from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_lsh.moe.layer import LSHMoELayer
 
 
 class GradientStudyMoELayer(LSHMoELayer):
-    def __init__(
-        self,
-        config: TransformerConfig,
-        submodules: Optional[MoESubmodules] = None,
-        layer_number: Optional[int] = None,
-        pg_collection: Optional[ProcessGroupCollection] = None,
-    ):
-        if pg_collection is None:
-            pg_collection = get_default_pg_collection()
-        super().__init__(config, submodules, layer_number, pg_collection)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._exact_dispatcher = MoEAlltoAllTokenDispatcher(
-            self.num_local_experts, self.local_expert_indices, config=self.config, pg_collection=pg_collection,
+            self.num_local_experts, self.local_expert_indices, config=self.config, pg_collection=self.pg_collection,
         )
 
     def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):

@@ -48,6 +48,7 @@ class LSHMoELayer(MoELayer):
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
         super().__init__(config, submodules, layer_number, pg_collection)
+        self.pg_collection = pg_collection
         _skip_expert_reduce_without_expert_parallelism(self.experts, pg_collection)
         if getattr(config, "lsh_enabled", False):
             self.token_dispatcher = LSHAlltoAllTokenDispatcher(
