@@ -100,10 +100,11 @@ def megatron_lm_checkpoint(root: str, step: Optional[int] = None) -> Optional[st
     if entry is None or not (entry.isdigit() or entry == megatron_lm.RELEASE):
         return None
     path = megatron_lm.checkpoint_dir(root, entry)
-    return path if megatron_lm.is_distributed(path) and not _is_complete(path) else None
+    return path if is_megatron_lm_checkpoint(path) else None
 
 
 def is_megatron_lm_checkpoint(path: str) -> bool:
+    """A whole torch_dist checkpoint without our marker."""
     return megatron_lm.is_distributed(path) and not _is_complete(path)
 
 
@@ -129,10 +130,8 @@ def foreign_checkpoints(root: str) -> list:
 
 def vocabulary_rows(path: str) -> Optional[int]:
     """The padded vocabulary (rows of the word embedding) a checkpoint holds, from its index."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     try:
-        metadata = FileSystemReader(path).read_metadata().state_dict_metadata
+        metadata = _tensor_index(path)
     except Exception:  # noqa: BLE001 - a damaged index is named by damaged_file before any load
         return None
     for key, item in metadata.items():
@@ -491,7 +490,7 @@ def load_checkpoint(
             "resume with a 16-bit setting again, or pass --no-load-optim to start a fresh optimizer"
         )
     request = _sharded_state_dict(model, optimizer, is_loading=True)
-    _check_shapes(request, path)
+    _check_shapes(request, path, _tensor_index(path))
     try:
         state = dist_checkpointing.load(request, path)
     except Exception as error:
@@ -529,13 +528,18 @@ def load_checkpoint(
                             common.get("lsh_merge_thresholds"), common.get("run_clock"))
 
 
-def _check_shapes(request: dict, path: str) -> None:
-    """One line naming the first model tensor whose shape differs from the checkpoint's (or that
-    it lacks), before megatron-core's loader would fail deep inside."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
+def _tensor_index(path: str) -> dict:
+    """The checkpoint's index (.metadata): each saved key and, for tensors, its global size."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    saved = FileSystemReader(path).read_metadata().state_dict_metadata
+    return FileSystemReader(path).read_metadata().state_dict_metadata
+
+
+def _check_shapes(request: dict, path: str, saved: dict) -> None:
+    """One line naming the first model tensor whose shape differs from the checkpoint's (``saved``:
+    its index) or that it lacks, before megatron-core's loader would fail deep inside."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
     for key in [k for k in request if k.startswith("model")]:
         for item in nested_values(request[key]):
             if not isinstance(item, dist_checkpointing.ShardedTensor):
@@ -556,16 +560,15 @@ def _load_megatron_lm(path: str, common: dict, model, load_rng: bool, finetune: 
     """A checkpoint Megatron-LM wrote (torch_dist): its weights, and unless fine-tuning its
     iteration, consumed samples and RNG streams. Its optimizer state is never read (its own
     layout): the resume rules ask for --no-load-optim or --finetune before anything starts."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     saved = saved_arguments(common)
     release = os.path.basename(os.path.normpath(path)) == megatron_lm.RELEASE
+    index = _tensor_index(path)
     request = _sharded_state_dict(model, None, is_loading=True)
-    _check_shapes(request, path)
+    _check_shapes(request, path, index)
     rng = megatron_lm.rng_state_object()
     keep_rng = load_rng and not (finetune or release)
     # Its RNG streams carry over only to the layout that wrote them (as in Megatron-LM).
-    rng_saved = rng.unique_key in FileSystemReader(path).read_metadata().state_dict_metadata
+    rng_saved = rng.unique_key in index
     if keep_rng and rng_saved:
         request["rng_state"] = rng
     try:
